@@ -1,0 +1,1 @@
+"""The cloud server process: global encoders, distillation, round orchestration."""

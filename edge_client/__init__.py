@@ -1,0 +1,1 @@
+"""The edge device process: local training, feature upload, ONNX export."""

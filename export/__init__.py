@@ -1,0 +1,1 @@
+"""Turns a trained client into ONNX and runs it with ONNX Runtime."""

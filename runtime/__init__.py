@@ -1,0 +1,1 @@
+"""What both processes share: wire messages, transport, config, data, model zoo, metrics."""

@@ -1,0 +1,1 @@
+"""Real data sets that ship in Debian packages, prepared into one tensor format per modality."""
