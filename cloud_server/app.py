@@ -1,0 +1,382 @@
+"""The cloud server process: admit clients, run rounds (stage 1, downlink, collect, stage 3, evaluate),
+checkpoint, and write one JSONL metrics record per round. Learning maths lives in stages.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fedafd.cloud_server.stages import (
+    MODALITIES, GlobalModel, build_teacher, distill_epoch, evaluate_retrieval, extract_features,
+    train_contrastive_epoch,
+)
+from fedafd.runtime.accounting import ByteCounter, Received, ServerMessenger
+from fedafd.runtime.errors import FedafdError
+from fedafd.runtime.config import ServerConfig, config_to_dict
+from fedafd.runtime.data.modal import ModalData, load_public_data
+from fedafd.runtime.data.partition import cap_indices
+from fedafd.runtime.torch_utils import (
+    configure_threads, load_checkpoint, resolve_device, save_checkpoint, seeded_generator,
+)
+from fedafd.runtime.transport import PeerGone, ServerTransport
+from fedafd.runtime.wire import (
+    Ack, Bye, Error, ErrorCode, FeatureUpload, Heartbeat, Join, RoundStart, Welcome,
+)
+
+log = logging.getLogger("fedafd.cloud")
+
+MODALITIES_OF_KIND = {"image": ("image",), "text": ("text",), "multimodal": ("image", "text")}
+CHECKPOINT_FILE = "checkpoint/server.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+class ServerError(FedafdError):
+    """The federation cannot go on; the message names the setting to change."""
+
+
+@dataclass
+class ClientRecord:
+    client_id: str
+    kind: str
+    archs: dict[str, str]
+    num_private: int
+    joined_round: int
+    last_seen: float = field(default_factory=time.monotonic)
+    tower_version_sent: int = -1
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return MODALITIES_OF_KIND[self.kind]
+
+
+@dataclass
+class RoundOutcome:
+    uploads: dict[str, FeatureUpload] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)  # client id -> why
+
+
+class ServerApp:
+    def __init__(self, config: ServerConfig, transport: ServerTransport, run_dir: Path,
+                 dead_clients: Callable[[], dict[str, int]] = dict, resume: bool = False):
+        self.config = config
+        self.run_dir = run_dir
+        self.counter = ByteCounter()
+        self.messenger = ServerMessenger(transport, self.counter)
+        self.dead_clients = dead_clients  # --local: child processes that exited (client id -> exit code)
+        self.device = resolve_device(config.device)
+        configure_threads(config.threads)
+        torch.manual_seed(config.seed)
+        self.public_all = load_public_data("train")
+        self.public_rows = np.sort(cap_indices(np.arange(len(self.public_all)), config.public_size, config.seed))
+        self.public = self.public_all.select(self.public_rows)
+        self.public_test = load_public_data("test")
+        self.model = GlobalModel(config.image_arch, config.text_arch, config.feature_dim,
+                                 config.contrastive_loss).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.clients: dict[str, ClientRecord] = {}
+        self.rejected: list[dict] = []  # malformed or refused messages since the last round record
+        self.next_round = 0
+        self.round_in_progress = -1
+        if resume:
+            self._restore()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def run(self, on_round: Callable[[dict], None] = lambda record: None) -> list[dict]:
+        records = []
+        try:
+            self._wait_for_clients()
+            while self.next_round < self.config.rounds:
+                record = self._run_round(self.next_round)
+                records.append(record)
+                on_round(record)
+                self.next_round += 1
+        finally:
+            self._say_bye()
+        return records
+
+    def _wait_for_clients(self) -> None:
+        c = self.config
+        deadline = time.monotonic() + c.join_timeout_s
+        while True:
+            enough = len(self.clients) >= max(c.expected_clients, c.min_clients)
+            if enough and c.expected_clients:
+                return
+            if time.monotonic() >= deadline:
+                if len(self.clients) >= c.min_clients:
+                    return
+                raise ServerError(f"only {len(self.clients)} client(s) joined within join_timeout_s={c.join_timeout_s:g}s, "
+                                  f"min_clients={c.min_clients}; start more clients or lower min_clients")
+            failed = self.dead_clients()
+            if failed and c.expected_clients and len(self.clients) + len(failed) >= c.expected_clients:
+                if len(self.clients) >= c.min_clients:
+                    return
+                raise ServerError(f"client process(es) exited before joining: {failed}; see their logs in {self.run_dir}")
+            received = self.messenger.recv(0.2)
+            if received is not None:
+                self._handle_outside_round(received)
+
+    def _say_bye(self) -> None:
+        for client_id in list(self.clients):
+            self._send(client_id, Bye(reason="federation finished"), self.next_round)
+
+    # -- one round -------------------------------------------------------------------------------
+    def _run_round(self, round_: int) -> dict:
+        c = self.config
+        self.round_in_progress = round_
+        self.messenger.current_round = round_
+        timings: dict[str, float] = {}
+        generator = seeded_generator(c.seed * 1_000_003 + round_)
+        federated = c.strategy != "local"
+
+        started = time.perf_counter()
+        stage1_loss = 0.0
+        for _ in range(c.server_epochs):
+            stage1_loss = train_contrastive_epoch(self.model, self.optimizer, self.public, c.batch_size, generator, self.device)
+        global_features = {m: extract_features(self.model.encoders[m], self.public, m, self.device).cpu() for m in MODALITIES}
+        timings["stage1"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        selected = list(self.clients)
+        tower_version = round_ + 1  # the encoders change every round (stage 1 and stage 3)
+        for client_id in selected:
+            self._send_round_start(self.clients[client_id], round_, tower_version, global_features, federated)
+        timings["downlink"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        outcome = self._collect(round_, selected)
+        timings["collect"] = time.perf_counter() - started
+
+        needed = math.ceil(c.quorum * len(selected))
+        quorum_met = len(outcome.uploads) >= needed and len(outcome.uploads) > 0
+        started = time.perf_counter()
+        distill_loss, sed_summary = 0.0, {}
+        if federated and quorum_met:
+            teachers = {}
+            for modality in MODALITIES:
+                feats = [torch.from_numpy(np.array(u.features[modality], dtype=np.float32))
+                         for u in outcome.uploads.values() if modality in u.features]
+                if not feats:
+                    continue  # no client sent this modality: skipped, never a crash
+                teacher, weights = build_teacher(feats, global_features[modality], c.sed, c.sed_chunk)
+                teachers[modality] = teacher.to(self.device)
+                senders = [cid for cid, u in outcome.uploads.items() if modality in u.features]
+                if weights is not None:
+                    sed_summary[modality] = dict(zip(senders, weights.mean(dim=1).tolist()))
+            for _ in range(c.distill_epochs):
+                distill_loss = distill_epoch(self.model, self.optimizer, self.public, teachers, c.gamma,
+                                             c.batch_size, generator, self.device)
+        timings["stage3"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        server_metrics = evaluate_retrieval(self.model, self.public_test, self.device)
+        timings["eval"] = time.perf_counter() - started
+
+        record = {
+            "round": round_,
+            "strategy": c.strategy,
+            "clients": {cid: {"kind": self.clients[cid].kind if cid in self.clients else "?",
+                              "metrics": dict(u.metrics), "losses": dict(u.losses), "train_seconds": u.train_seconds}
+                        for cid, u in outcome.uploads.items()},
+            "server": dict(server_metrics, stage1_loss=stage1_loss, distill_loss=distill_loss),
+            "sed_mean_weights": sed_summary,
+            "selected": selected,
+            "dropped": outcome.dropped,
+            "rejected": self._take_rejected(),
+            "quorum_met": quorum_met,
+            "public_size": len(self.public),
+            "bytes": self.counter.for_round(round_),
+            "timings": timings,
+        }
+        # Metrics first, then the checkpoint: a crash between the two re-runs the round on resume, and
+        # _restore drops the orphan record, so every round appears exactly once.
+        self._append_metrics(record)
+        self._checkpoint(round_)
+        self.round_in_progress = -1
+        return record
+
+    def _send_round_start(self, client: ClientRecord, round_: int, tower_version: int,
+                          global_features: dict[str, torch.Tensor], federated: bool) -> None:
+        c = self.config
+        tower: dict[str, np.ndarray] = {}
+        if federated and client.tower_version_sent != tower_version:
+            # Only the towers of the client's modalities, only when they changed.
+            tower = {k: v.numpy() for k, v in self.model.tower_state(client.modalities).items()}
+        message = RoundStart(
+            round=round_,
+            local_epochs=c.local_epochs,
+            tower_version=tower_version,
+            public_indices=self.public_rows.astype(np.int64),
+            global_features={m: f.numpy() for m, f in global_features.items()} if federated else {},
+            tower=tower,
+            tower_arch={m: self.model.archs[m] for m in client.modalities} if federated else {},
+            settings={"strategy": c.strategy, "baa": c.baa, "gff": c.gff, "sed": c.sed, "beta": c.beta},
+        )
+        if self._send(client.client_id, message, round_):
+            client.tower_version_sent = tower_version if tower else client.tower_version_sent
+
+    def _collect(self, round_: int, selected: list[str]) -> RoundOutcome:
+        """Uploads until every selected client answered, or the deadline; silent or dead clients drop."""
+        c = self.config
+        outcome = RoundOutcome()
+        deadline = time.monotonic() + c.round_deadline_s
+        for client_id in selected:
+            self.clients[client_id].last_seen = time.monotonic()
+        while True:
+            waiting = [cid for cid in selected if cid not in outcome.uploads and cid not in outcome.dropped]
+            if not waiting:
+                break
+            now = time.monotonic()
+            if now >= deadline:
+                for cid in waiting:
+                    outcome.dropped[cid] = f"no upload by the round deadline (round_deadline_s={c.round_deadline_s:g})"
+                break
+            for cid, code in self.dead_clients().items():
+                if cid in waiting:
+                    outcome.dropped[cid] = f"process exited with code {code}"
+            for cid in waiting:
+                if cid in self.clients and now - self.clients[cid].last_seen > c.heartbeat_timeout_s:
+                    outcome.dropped[cid] = f"silent for {c.heartbeat_timeout_s:g}s (heartbeat_timeout_s)"
+            received = self.messenger.recv(min(0.5, max(deadline - now, 0.01)))
+            if received is None:
+                continue
+            if isinstance(received.msg, FeatureUpload) and received.error is None:
+                self._accept_upload(received, round_, selected, outcome)
+            else:
+                self._handle_outside_round(received, outcome)
+        for cid in outcome.dropped:
+            log.warning("round %d: %s dropped: %s", round_, cid, outcome.dropped[cid])
+        return outcome
+
+    def _accept_upload(self, received: Received, round_: int, selected: list[str], outcome: RoundOutcome) -> None:
+        upload: FeatureUpload = received.msg
+        peer = received.peer
+        problem = self._check_upload(upload, peer, round_, selected)
+        if problem is not None:
+            self._reject(peer, *problem)
+            return
+        self.clients[peer].last_seen = time.monotonic()
+        if peer in outcome.uploads:  # a duplicate (e.g. resent after a reconnect): acknowledged, ignored
+            self._send(peer, Ack(round=round_), round_)
+            return
+        outcome.uploads[peer] = upload
+        outcome.dropped.pop(peer, None)
+        self._send(peer, Ack(round=round_), round_)
+
+    def _check_upload(self, upload: FeatureUpload, peer: str, round_: int,
+                      selected: list[str]) -> tuple[ErrorCode, str] | None:
+        if peer not in self.clients:
+            return ErrorCode.UNKNOWN_CLIENT, f"{peer!r} has not joined; send Join first"
+        if upload.client_id != peer:
+            return ErrorCode.BAD_FIELD, f"client_id {upload.client_id!r} does not match the sender {peer!r}"
+        if upload.round != round_ or peer not in selected:
+            return ErrorCode.UNEXPECTED, f"upload for round {upload.round}, but round {round_} is running" + (
+                "" if peer in selected else f" without {peer!r}")
+        if self.config.strategy == "local":
+            return None
+        expected = set(self.clients[peer].modalities)
+        if set(upload.features) != expected:
+            return ErrorCode.BAD_FIELD, f"features {sorted(upload.features)} but a {self.clients[peer].kind} client sends {sorted(expected)}"
+        want = (len(self.public), self.config.feature_dim)
+        for modality, tensor in upload.features.items():
+            if tuple(tensor.shape) != want:
+                return ErrorCode.BAD_SHAPE, f"features/{modality} has shape {tuple(tensor.shape)}, expected {want} (|P| x d)"
+        return None
+
+    def _handle_outside_round(self, received: Received, outcome: RoundOutcome | None = None) -> None:
+        """Joins, heartbeats, byes and errors, at any time; malformed input gets an Error reply."""
+        peer, message = received.peer, received.msg
+        if received.error is not None:
+            self._reject(peer, received.error.code, received.error.reason)
+            return
+        if peer in self.clients:
+            self.clients[peer].last_seen = time.monotonic()
+        if isinstance(message, Join):
+            self._admit(peer, message)
+        elif isinstance(message, Heartbeat):
+            pass
+        elif isinstance(message, Bye):
+            if peer in self.clients:
+                del self.clients[peer]
+                if outcome is not None:
+                    outcome.dropped[peer] = f"left: {message.reason}"
+        elif isinstance(message, FeatureUpload):
+            self._reject(peer, ErrorCode.UNEXPECTED, f"upload for round {message.round} outside a round")
+        else:
+            self._reject(peer, ErrorCode.UNEXPECTED, f"a client does not send {type(message).__name__}")
+
+    def _admit(self, peer: str, join: Join) -> None:
+        if join.client_id != peer:
+            self._reject(peer, ErrorCode.BAD_FIELD, f"client_id {join.client_id!r} does not match the sender {peer!r}")
+            return
+        if join.kind not in MODALITIES_OF_KIND:
+            self._reject(peer, ErrorCode.BAD_FIELD, f"kind must be one of {sorted(MODALITIES_OF_KIND)}, got {join.kind!r}")
+            return
+        rejoined = peer in self.clients
+        self.clients[peer] = ClientRecord(peer, join.kind, {"image": join.image_arch, "text": join.text_arch},
+                                          join.num_private, joined_round=self.next_round)
+        log.info("%s %s (%s, %d private samples)", "rejoined:" if rejoined else "joined:", peer, join.kind, join.num_private)
+        self._send(peer, Welcome(client_id=peer, run_id=self.run_dir.name, feature_dim=self.config.feature_dim,
+                                 rounds=self.config.rounds), self.next_round)
+
+    def _reject(self, peer: str, code: ErrorCode | str, reason: str) -> None:
+        """Errors are values: the peer gets an Error naming the problem, the run records it, serving goes on."""
+        log.warning("rejected a message from %s: %s: %s", peer, code, reason)
+        self.rejected.append({"peer": peer, "code": str(code), "reason": reason})
+        self._send(peer, Error(code=str(code), reason=reason, round=self.round_in_progress), self.next_round)
+
+    def _take_rejected(self) -> list[dict]:
+        taken, self.rejected = self.rejected, []
+        return taken
+
+    def _send(self, peer: str, message, round_: int) -> bool:
+        try:
+            self.messenger.send(peer, message, round_)
+            return True
+        except PeerGone:
+            log.warning("cannot reach %s (disconnected)", peer)
+            return False
+
+    # -- persistence ----------------------------------------------------------------------------
+    def _checkpoint(self, round_: int) -> None:
+        tensors = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        meta = {"round": round_, "config": config_to_dict(self.config), "format": 1}
+        save_checkpoint(self.run_dir / CHECKPOINT_FILE, tensors, meta)
+
+    def _restore(self) -> None:
+        path = self.run_dir / CHECKPOINT_FILE
+        if not path.exists():
+            raise ServerError(f"--resume: no checkpoint at {path}")
+        tensors, meta = load_checkpoint(path)
+        self.model.load_state_dict(tensors["model"])
+        self.optimizer.load_state_dict(tensors["optimizer"])
+        self.next_round = meta["round"] + 1
+        # Keep exactly the records of finished rounds (a crash may have happened after the metrics line
+        # of a round whose checkpoint did not land, or the reverse).
+        metrics = self.run_dir / METRICS_FILE
+        if metrics.exists():
+            kept = [line for line in metrics.read_text().splitlines() if _finished_record(line, meta["round"])]
+            metrics.write_text("".join(line + "\n" for line in kept))
+        log.info("resumed from %s after round %d", path, meta["round"])
+
+    def _append_metrics(self, record: dict) -> None:
+        with open(self.run_dir / METRICS_FILE, "a") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def close(self) -> None:
+        self.messenger.close()
+
+
+def _finished_record(line: str, last_round: int) -> bool:
+    """A complete JSON record of a round up to the checkpointed one (a crash can leave half a line)."""
+    try:
+        return json.loads(line)["round"] <= last_round
+    except (ValueError, KeyError, TypeError):
+        return False

@@ -1,0 +1,135 @@
+"""`fedafd-cloud`: serve a federation, fetch the bundled data, read a run's results."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fedafd.runtime.cli_support import cli_errors, setup_logging
+from fedafd.runtime.config import ServerConfig, load_config, write_config
+
+app = typer.Typer(help="The fedafd cloud server.", no_args_is_help=True, add_completion=False)
+data_app = typer.Typer(help="The bundled real data sets (from Debian packages, offline at run time).",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@app.command()
+def serve(
+    bind: Annotated[Optional[str], typer.Option(help="ZeroMQ address to bind, e.g. tcp://0.0.0.0:5555 "
+                                                     "(default tcp://127.0.0.1:5555; with --local a free loopback port).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (metrics.jsonl, checkpoint, config, client states). "
+                                                     "Default: runs/<timestamp>.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of ServerConfig values.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("-c", "--set", help="key=value override, repeatable "
+                                                           "(e.g. -c rounds=5 -c device=cuda).")] = None,
+    local: Annotated[Optional[str], typer.Option(help="Also start clients on this machine, e.g. "
+                                                      "image=3,text=3,multimodal=4.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last finished round.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every message event.")] = False,
+) -> None:
+    """Run a federation: wait for clients, then stage 1, downlink, collect, stage 3, evaluate, every round."""
+    setup_logging(verbose)
+    with cli_errors():
+        from fedafd.cloud_server.app import ServerApp
+        from fedafd.cloud_server.fleet import LocalFleet, client_ids, parse_fleet
+        from fedafd.runtime.report import progress_line
+        from fedafd.runtime.transport import ZmqServerTransport
+
+        fleet_spec = parse_fleet(local) if local else None
+        explicit = {"expected_clients": len(client_ids(fleet_spec))} if fleet_spec else {}
+        server_config = load_config(ServerConfig, config, overrides, **explicit)
+        if resume and out is None:
+            raise typer.BadParameter("--resume needs --out RUN_DIR")
+        run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(server_config, run_dir / "config.json")
+        transport = ZmqServerTransport(bind or ("tcp://127.0.0.1:*" if fleet_spec else "tcp://127.0.0.1:5555"))
+        (run_dir / "server.json").write_text(json.dumps({"endpoint": transport.endpoint}) + "\n")
+        fleet = LocalFleet(fleet_spec, transport.endpoint, run_dir, server_config) if fleet_spec else None
+        typer.echo(f"fedafd-cloud: serving on {transport.endpoint}, run folder {run_dir}", err=True)
+        if fleet:
+            fleet.start()
+            typer.echo(f"started {len(fleet.processes)} local clients: {', '.join(fleet.processes)}", err=True)
+        server = None
+        try:
+            server = ServerApp(server_config, transport, run_dir,
+                               dead_clients=fleet.dead if fleet else dict, resume=resume)
+            started = time.perf_counter()
+            server.run(on_round=lambda record: typer.echo(progress_line(record, server_config.rounds)))
+            typer.echo(f"done: {server_config.rounds} rounds in {time.perf_counter() - started:.0f}s; "
+                       f"metrics in {run_dir / 'metrics.jsonl'}")
+            if fleet:
+                failed = {cid: code for cid, code in fleet.stop().items() if code != 0}
+                if failed:
+                    typer.echo(f"warning: clients exited with errors {failed}; see {run_dir}/clients/*/log.txt", err=True)
+        except BaseException:
+            if fleet:
+                fleet.kill()
+            raise
+        finally:
+            if server is not None:
+                server.close()
+            else:
+                transport.close()
+
+
+@data_app.command("fetch")
+def data_fetch() -> None:
+    """Install the Debian data packages into the cache (apt-get download + dpkg-deb -x) and prepare
+    the arrays every process reads. Idempotent."""
+    setup_logging(False)
+    with cli_errors():
+        from fedafd.runtime.data.datasets import prepare_all
+        from fedafd.runtime.data.fetch import fetch
+
+        fetch()
+        prepare_all()
+        typer.echo("data ready")
+
+
+@data_app.command("info")
+def data_info(fmt: Annotated[str, typer.Option("--format", help="text or json")] = "text") -> None:
+    """Sizes of every data set and split (prepares them first if needed)."""
+    with cli_errors():
+        from fedafd.edge_client.private_data import TASK_LOADERS
+        from fedafd.runtime.data.modal import load_public_data
+
+        loaders = {"public pairs (emoji)": load_public_data, "image task (Fashion-MNIST)": TASK_LOADERS["image"],
+                   "text task (WordNet topics)": TASK_LOADERS["text"],
+                   "multimodal task (Tux Paint stamps)": TASK_LOADERS["multimodal"]}
+        info = {name: {split: len(load(split)) for split in ("train", "test")} for name, load in loaders.items()}
+        typer.echo(json.dumps(info, indent=2) if fmt == "json" else
+                   "\n".join(f"{name}: {sizes['train']} train / {sizes['test']} test" for name, sizes in info.items()))
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `serve`.")],
+    fmt: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+) -> None:
+    """Per-round summary of a run: client-kind means, server retrieval, bytes per client."""
+    with cli_errors():
+        from fedafd.runtime.report import read_metrics, summarize_round
+
+        path = run_dir / "metrics.jsonl"
+        if not path.exists():
+            raise typer.BadParameter(f"no metrics.jsonl in {run_dir}")
+        rows = [summarize_round(record) for record in read_metrics(path)]
+        if fmt == "json":
+            typer.echo(json.dumps(rows, indent=2))
+            return
+        keys = list(dict.fromkeys(k for row in rows for k in row))
+        typer.echo(" | ".join(keys))
+        for row in rows:
+            typer.echo(" | ".join(f"{row[k]:.4g}" if k in row else "-" for k in keys))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,101 @@
+"""`--local KIND=N,...`: start real `fedafd-edge join` processes against this server on loopback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from fedafd.runtime.config import CLIENT_KINDS, ConfigError, ServerConfig
+
+# Devices differ in architecture on purpose (that is what FedAFD is for): they take turns through these.
+IMAGE_ARCH_CYCLE = ("cnn_small", "resnet_tiny")
+TEXT_ARCH_CYCLE = ("gru", "transformer_tiny")
+
+
+def parse_fleet(spec: str) -> dict[str, int]:
+    """'image=3,text=3,multimodal=4' -> {'image': 3, 'text': 3, 'multimodal': 4}."""
+    fleet: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        kind, sep, count = part.partition("=")
+        if not sep or kind not in CLIENT_KINDS or not count.isdigit():
+            raise ConfigError(f"--local takes KIND=N[,KIND=N...] with KIND in {', '.join(CLIENT_KINDS)}; got {part!r}")
+        if kind in fleet:
+            raise ConfigError(f"--local names {kind!r} twice")
+        fleet[kind] = int(count)
+    if sum(fleet.values()) == 0:
+        raise ConfigError("--local must start at least one client")
+    return fleet
+
+
+def client_ids(fleet: dict[str, int]) -> list[str]:
+    return [f"{kind}-{i}" for kind, count in fleet.items() for i in range(count)]
+
+
+class LocalFleet:
+    """Child processes, one per device; each logs to RUN_DIR/clients/ID/log.txt and keeps its state there."""
+
+    def __init__(self, fleet: dict[str, int], endpoint: str, run_dir: Path, config: ServerConfig):
+        self.fleet = fleet
+        self.endpoint = endpoint
+        self.run_dir = run_dir
+        self.config = config
+        self.processes: dict[str, subprocess.Popen] = {}
+        self._logs: list = []
+
+    def command(self, kind: str, index: int) -> list[str]:
+        c = self.config
+        overrides = {
+            "alpha": c.alpha, "seed": c.seed, "max_private": c.max_private, "max_test": c.max_test,
+            "image_arch": IMAGE_ARCH_CYCLE[index % len(IMAGE_ARCH_CYCLE)],
+            "text_arch": TEXT_ARCH_CYCLE[index % len(TEXT_ARCH_CYCLE)],
+            "round_wait_s": c.round_deadline_s * 4 + c.join_timeout_s,
+        }
+        command = [sys.executable, "-m", "fedafd.edge_client.cli", "join", "--server", self.endpoint, "--kind", kind,
+                   "--partition", str(index), "--num-partitions", str(self.fleet[kind]),
+                   "--state-dir", str(self.state_dir(f"{kind}-{index}"))]
+        for key, value in overrides.items():
+            command += ["-c", f"{key}={value}"]
+        return command
+
+    def state_dir(self, client_id: str) -> Path:
+        return self.run_dir / "clients" / client_id
+
+    def start(self) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        for kind, count in self.fleet.items():
+            for index in range(count):
+                client_id = f"{kind}-{index}"
+                self.state_dir(client_id).mkdir(parents=True, exist_ok=True)
+                log = open(self.state_dir(client_id) / "log.txt", "ab")
+                self._logs.append(log)
+                self.processes[client_id] = subprocess.Popen(self.command(kind, index), stdout=log,
+                                                             stderr=subprocess.STDOUT, env=env)
+
+    def dead(self) -> dict[str, int]:
+        """Children that exited with an error (client id -> exit code)."""
+        return {cid: p.returncode for cid, p in self.processes.items() if p.poll() is not None and p.returncode != 0}
+
+    def stop(self, grace_s: float = 20.0) -> dict[str, int]:
+        """Wait for the children to leave after Bye; terminate stragglers. Returns exit codes."""
+        codes = {}
+        for client_id, process in self.processes.items():
+            try:
+                codes[client_id] = process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                process.terminate()
+                try:
+                    codes[client_id] = process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    codes[client_id] = process.wait()
+        for log in self._logs:
+            log.close()
+        return codes
+
+    def kill(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+        self.stop(grace_s=5)

@@ -1,0 +1,106 @@
+"""The server's learning stages as plain functions over models and tensors (no sockets here).
+
+Stage 1 trains the global encoders on the public pairs and extracts their features; stage 3 distils the
+global encoders toward the clients' (similarity-weighted) public features; evaluation is retrieval on the
+held-out public split.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fedafd.cloud_server.contrastive import build_contrastive_loss
+from fedafd.cloud_server.distill import distillation_loss, mean_teacher, sed_scores, sed_teacher, sed_weights
+from fedafd.runtime.data.modal import ModalData
+from fedafd.runtime.models import build_image_encoder, build_text_encoder
+from fedafd.runtime.retrieval import retrieval_metrics
+from fedafd.runtime.torch_utils import batch_indices
+
+MODALITIES = ("image", "text")
+
+
+class GlobalModel(nn.Module):
+    """The server's global image and text encoders and the stage-1 loss (whose a, b are learnable)."""
+
+    def __init__(self, image_arch: str, text_arch: str, feature_dim: int, contrastive_loss: str):
+        super().__init__()
+        self.archs = {"image": image_arch, "text": text_arch}
+        self.encoders = nn.ModuleDict({
+            "image": build_image_encoder(image_arch, feature_dim),
+            "text": build_text_encoder(text_arch, feature_dim),
+        })
+        self.loss = build_contrastive_loss(contrastive_loss)
+
+    def tower_state(self, modalities: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """Flat 'MODALITY.param' weights of the given towers, on the CPU (the downlink's tower tensors)."""
+        return {f"{m}.{name}": t.detach().cpu().contiguous()
+                for m in modalities for name, t in self.encoders[m].state_dict().items()}
+
+
+def train_contrastive_epoch(model: GlobalModel, optimizer: torch.optim.Optimizer, public: ModalData,
+                            batch_size: int, generator: torch.Generator, device: torch.device) -> float:
+    """Stage 1: one epoch of the image-text contrastive loss over the public pairs; mean loss."""
+    model.train()
+    total, steps = 0.0, 0
+    for rows in batch_indices(len(public), batch_size, generator):
+        if len(rows) < 2:  # a contrastive batch needs negatives
+            continue
+        image = model.encoders["image"](*public.batch("image", rows, device))  # (B, d)
+        text = model.encoders["text"](*public.batch("text", rows, device))  # (B, d)
+        loss = model.loss(image, text)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total, steps = total + float(loss), steps + 1
+    return total / max(steps, 1)
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, data: ModalData, modality: str, device: torch.device,
+                     batch_size: int = 256) -> torch.Tensor:
+    """(N, d) L2-normalised features in eval mode, rows in order."""
+    encoder.eval()
+    chunks = [encoder(*data.batch(modality, rows, device)) for rows in batch_indices(len(data), batch_size)]
+    return torch.cat(chunks)
+
+
+def build_teacher(client_features: list[torch.Tensor], server_features: torch.Tensor, use_sed: bool,
+                  chunk_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The aggregated teacher (P, d) of one modality and, with SED, the per-sample client weights (C, P)."""
+    stacked = torch.stack(client_features)  # (C, P, d)
+    if not use_sed:
+        return mean_teacher(stacked), None
+    weights = sed_weights(sed_scores(stacked, server_features, chunk_size=chunk_size))
+    return sed_teacher(stacked, weights), weights
+
+
+def distill_epoch(model: GlobalModel, optimizer: torch.optim.Optimizer, public: ModalData,
+                  teachers: dict[str, torch.Tensor], gamma: float, batch_size: int, generator: torch.Generator,
+                  device: torch.device) -> float:
+    """Stage 3: gamma * MSE between each global encoder's output and its modality's teacher, over P.
+    Modalities without a teacher (no client sent them this round) are skipped."""
+    if not teachers:
+        return 0.0
+    model.train()
+    total, steps = 0.0, 0
+    for rows in batch_indices(len(public), batch_size, generator):
+        if len(rows) < 2:  # BatchNorm cannot train on a batch of one
+            continue
+        loss = sum(
+            distillation_loss(model.encoders[m](*public.batch(m, rows, device)), teacher[rows.to(teacher.device)], gamma)
+            for m, teacher in teachers.items()
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total, steps = total + float(loss), steps + 1
+    return total / max(steps, 1)
+
+
+@torch.no_grad()
+def evaluate_retrieval(model: GlobalModel, test: ModalData, device: torch.device) -> dict[str, float]:
+    """Server retrieval on the held-out public split (row i's image matches row i's caption)."""
+    image = extract_features(model.encoders["image"], test, "image", device)
+    text = extract_features(model.encoders["text"], test, "text", device)
+    return retrieval_metrics(image, text, torch.arange(len(test)))

@@ -1,0 +1,42 @@
+"""A device's private data: its non-IID share of the task's train split, and the task's test split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedafd.runtime.data import datasets
+from fedafd.runtime.data.modal import ModalData, from_image_classes, from_pairs, from_text_classes
+from fedafd.runtime.data.partition import cap_indices, dirichlet_partition
+
+# What stands in for the paper's data sets (see the README's data section).
+TASK_LOADERS = {
+    "image": lambda split: from_image_classes(datasets.load_fashion_mnist(split)),  # for CIFAR-100
+    "text": lambda split: from_text_classes(datasets.load_wordnet_topics(split)),  # for AG News
+    "multimodal": lambda split: from_pairs(datasets.load_tuxpaint_pairs(split)),  # for Flickr30k
+}
+
+
+@dataclass(frozen=True)
+class PrivateData:
+    train: ModalData
+    test: ModalData
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.train.class_names)
+
+
+def load_private_data(kind: str, partition: int, num_partitions: int, alpha: float, seed: int,
+                      max_private: int, max_test: int, min_size: int = 10) -> PrivateData:
+    """Dirichlet(alpha) over labels (multimodal: over category folders), the same split on every device
+    of this kind given the same seed, then capped to `max_private` samples; the test split is shared."""
+    train = TASK_LOADERS[kind]("train")
+    test = TASK_LOADERS[kind]("test")
+    assert train.labels is not None
+    shares = dirichlet_partition(train.labels, num_partitions, alpha, seed, min_size=min_size)
+    mine = cap_indices(shares[partition], max_private, seed + 1 + partition)
+    test_rows = cap_indices(np.arange(len(test)), max_test, seed)
+    return PrivateData(train=train.select(mine), test=test.select(test_rows))
+

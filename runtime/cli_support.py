@@ -1,0 +1,37 @@
+"""What both CLIs share: one place that turns known failures into clear one-line errors."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from typing import Iterator
+
+import typer
+
+
+def setup_logging(verbose: bool, default_level: str = "WARNING") -> None:
+    level = logging.DEBUG if verbose else getattr(logging, default_level)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+@contextlib.contextmanager
+def cli_errors() -> Iterator[None]:
+    """Config mistakes, missing data, transport failures and refused peers end with 'error: ...' and exit 2
+    (exit 1 for anything else), never a traceback for a known cause."""
+    from fedafd.runtime.config import ConfigError
+    from fedafd.runtime.data.fetch import DataMissingError
+    from fedafd.runtime.transport import TransportError
+
+    from fedafd.runtime.errors import FedafdError
+
+    known = (ConfigError, DataMissingError, TransportError, FedafdError)
+    try:
+        yield
+    except known as err:
+        typer.secho(f"error: {err}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.secho("interrupted", fg="yellow", err=True)
+        raise typer.Exit(130) from None

@@ -1,0 +1,281 @@
+"""Typed configuration for both processes: defaults in code, an optional TOML file, `-c key=value` overrides.
+
+Every field has a default and a one-line docstring. Unknown keys and bad values raise `ConfigError`
+naming the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+CLIENT_KINDS = ("image", "text", "multimodal")
+STRATEGIES = ("fedafd", "local")
+CONTRASTIVE_LOSSES = ("pcme", "infonce")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names the key."""
+
+
+@dataclass
+class ServerConfig:
+    """What the cloud server runs: the federation's method settings live here and reach clients in RoundStart."""
+
+    rounds: int = 3
+    """Number of federated rounds."""
+    min_clients: int = 1
+    """Fewest joined clients to start with once `join_timeout_s` has passed."""
+    expected_clients: int = 0
+    """Start as soon as this many clients joined (0: wait for join_timeout_s; --local sets it)."""
+    join_timeout_s: float = 300.0
+    """Seconds to wait for clients to join before starting with at least `min_clients`."""
+    round_deadline_s: float = 1800.0
+    """Seconds after RoundStart by which uploads must arrive; later ones are cut."""
+    heartbeat_timeout_s: float = 120.0
+    """A client silent (no heartbeat, no upload) for this long is counted as dropped for the round."""
+    quorum: float = 0.5
+    """Fraction of the round's clients whose uploads must arrive for the round to count."""
+    local_epochs: int = 1
+    """Local epochs E each client trains per round (paper: 5)."""
+    seed: int = 0
+    """Seed for the server's models, public subset and client partitions."""
+    device: str = "auto"
+    """Torch device for the server: auto (cuda if available), cpu or cuda."""
+    threads: int = 0
+    """Torch CPU threads for the server (0: torch's default)."""
+    feature_dim: int = 256
+    """Width d of every encoder's feature (paper: 256)."""
+    public_size: int = 0
+    """Number of public pairs P used every round (0: the whole public train split)."""
+    image_arch: str = "resnet_tiny"
+    """Server's global image encoder (a name from runtime.models.IMAGE_ARCHS)."""
+    text_arch: str = "transformer_tiny"
+    """Server's global text encoder (a name from runtime.models.TEXT_ARCHS)."""
+    contrastive_loss: str = "pcme"
+    """Stage-1 loss: pcme (paper's soft contrastive) or infonce (CLIP)."""
+    server_epochs: int = 1
+    """Stage-1 epochs over the public set per round."""
+    distill_epochs: int = 1
+    """Stage-3 distillation epochs over the public set per round."""
+    gamma: float = 0.4
+    """Weight of the distillation MSE (paper: 0.4)."""
+    batch_size: int = 64
+    """Server batch size for stage 1, stage 3 and feature extraction."""
+    lr: float = 1e-3
+    """Server Adam learning rate."""
+    sed_chunk: int = 512
+    """Rows per chunk when computing SED scores (memory O(chunk x P))."""
+    strategy: str = "fedafd"
+    """fedafd, or local (the no-federation baseline: no alignment, no fusion, no server influence)."""
+    baa: bool = True
+    """Bi-level adversarial alignment on the clients (ablation switch)."""
+    gff: bool = True
+    """Granularity-aware feature fusion on the clients (ablation switch)."""
+    sed: bool = True
+    """Similarity-guided ensemble distillation; off: distil toward the plain mean (ablation switch)."""
+    beta: float = 0.5
+    """Weight of the adversarial losses (paper: 0.5)."""
+    alpha: float = 0.1
+    """Dirichlet concentration of the non-IID client partitions (--local; paper: 0.1)."""
+    max_private: int = 2000
+    """Cap on each --local client's private training samples (0: no cap)."""
+    max_test: int = 1000
+    """Cap on each --local client's test samples (0: the whole test split)."""
+
+    def validate(self) -> None:
+        _check_positive(self, "rounds", "min_clients", "local_epochs", "feature_dim", "server_epochs",
+                        "batch_size", "sed_chunk")
+        _check_non_negative(self, "expected_clients", "public_size", "distill_epochs", "threads",
+                            "max_private", "max_test", "gamma", "beta")
+        _check_positive(self, "join_timeout_s", "round_deadline_s", "heartbeat_timeout_s", "lr", "alpha")
+        _check_choice(self, "device", DEVICES)
+        _check_choice(self, "strategy", STRATEGIES)
+        _check_choice(self, "contrastive_loss", CONTRASTIVE_LOSSES)
+        if not 0.0 < self.quorum <= 1.0:
+            raise ConfigError(f"quorum must be in (0, 1], got {self.quorum}")
+        if self.feature_dim % 4:
+            raise ConfigError(f"feature_dim must be divisible by 4 (fusion bottleneck d/4), got {self.feature_dim}")
+        from fedafd.runtime.models import IMAGE_ARCHS, TEXT_ARCHS
+
+        _check_choice(self, "image_arch", IMAGE_ARCHS)
+        _check_choice(self, "text_arch", TEXT_ARCHS)
+
+
+@dataclass
+class ClientConfig:
+    """What one edge device runs: its data, its model, its hardware. Method settings come from the server."""
+
+    kind: str = "image"
+    """Task of this device: image (classification), text (classification) or multimodal (retrieval)."""
+    client_id: str = ""
+    """Unique id of this device (default: KIND-PARTITION)."""
+    partition: int = 0
+    """Which share of the non-IID split this device holds (0-based)."""
+    num_partitions: int = 1
+    """How many devices of this kind share the data set."""
+    alpha: float = 0.1
+    """Dirichlet concentration of the non-IID split (must match the other devices of this kind)."""
+    seed: int = 0
+    """Seed of the split and of this device's models (must match the other devices for the split)."""
+    max_private: int = 2000
+    """Cap on private training samples (0: the whole share)."""
+    max_test: int = 1000
+    """Cap on test samples (0: the whole test split)."""
+    image_arch: str = "cnn_small"
+    """Local image encoder (image and multimodal devices)."""
+    text_arch: str = "gru"
+    """Local text encoder (text and multimodal devices)."""
+    batch_size: int = 64
+    """Batch size for local training."""
+    lr: float = 1e-3
+    """Adam learning rate of the local model, heads and fusion."""
+    disc_lr: float = 1e-3
+    """Adam learning rate of the discriminators."""
+    device: str = "cpu"
+    """Torch device: cpu, cuda or auto."""
+    threads: int = 1
+    """Torch CPU threads (1 keeps many devices on one machine from fighting over cores; 0: torch's default)."""
+    heartbeat_s: float = 2.0
+    """Seconds between heartbeats while training."""
+    round_wait_s: float = 3600.0
+    """Seconds to wait for the server's next message before giving up."""
+    connect_timeout_s: float = 60.0
+    """Seconds to wait for the server's Welcome after joining."""
+
+    def validate(self) -> None:
+        _check_choice(self, "kind", CLIENT_KINDS)
+        _check_choice(self, "device", DEVICES)
+        _check_positive(self, "num_partitions", "batch_size")
+        _check_non_negative(self, "partition", "max_private", "max_test", "threads")
+        _check_positive(self, "alpha", "lr", "disc_lr", "heartbeat_s", "round_wait_s", "connect_timeout_s")
+        if self.partition >= self.num_partitions:
+            raise ConfigError(f"partition must be < num_partitions ({self.num_partitions}), got {self.partition}")
+        from fedafd.runtime.models import IMAGE_ARCHS, TEXT_ARCHS
+
+        _check_choice(self, "image_arch", IMAGE_ARCHS)
+        _check_choice(self, "text_arch", TEXT_ARCHS)
+        if not self.client_id:
+            self.client_id = f"{self.kind}-{self.partition}"
+        if not self.client_id.replace("-", "").replace("_", "").isalnum() or len(self.client_id) > 64:
+            raise ConfigError(f"client_id must be 1-64 letters, digits, '-' or '_', got {self.client_id!r}")
+
+
+ConfigT = TypeVar("ConfigT", ServerConfig, ClientConfig)
+
+
+def load_config(cls: type[ConfigT], path: Path | None = None, overrides: list[str] | None = None,
+                **explicit: Any) -> ConfigT:
+    """Defaults, then the TOML file, then `explicit` keyword values, then `key=value` overrides; validated."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as handle:
+                values.update(tomllib.load(handle))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    values.update({key: value for key, value in explicit.items() if value is not None})
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override must look like key=value, got {item!r}")
+        values[key.strip()] = raw.strip()
+    return build_config(cls, values)
+
+
+def build_config(cls: type[ConfigT], values: dict[str, Any]) -> ConfigT:
+    """Typed construction: each value is converted to its field's type or rejected naming the key."""
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    converted = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"unknown config key {key!r} for {cls.__name__}; valid keys: {', '.join(fields)}")
+        converted[key] = _convert(key, value, hints[key])
+    config = cls(**converted)
+    config.validate()
+    return config
+
+
+def config_to_dict(config: ServerConfig | ClientConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def write_config(config: ServerConfig | ClientConfig, path: Path) -> None:
+    """The effective config, as TOML-free JSON (readable back with build_config)."""
+    path.write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True) + "\n")
+
+
+def help_for(cls: type) -> dict[str, str]:
+    """Field name -> its one-line docstring (read from the source), for CLI help and the README."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) \
+                and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str):
+            docs[node.target.id] = following.value.value  # type: ignore[attr-defined]
+    return docs
+
+
+def _convert(key: str, value: Any, target: Any) -> Any:
+    if isinstance(target, types.UnionType):
+        target = next(arg for arg in typing.get_args(target) if arg is not type(None))
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if target is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value))
+        except ValueError:
+            raise ConfigError(f"{key} must be an integer, got {value!r}") from None
+    if target is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if target is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key} has an unsupported type {target}")
+
+
+def _check_positive(config: object, *keys: str) -> None:
+    for key in keys:
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"{key} must be > 0, got {getattr(config, key)}")
+
+
+def _check_non_negative(config: object, *keys: str) -> None:
+    for key in keys:
+        if getattr(config, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {getattr(config, key)}")
+
+
+def _check_choice(config: object, key: str, choices: tuple[str, ...]) -> None:
+    if getattr(config, key) not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {getattr(config, key)!r}")

@@ -1,0 +1,73 @@
+"""One view over every data set: arrays grouped by modality, so training code never branches on the data set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedafd.runtime.data.datasets import ImageClassData, PairData, TextClassData, load_emoji_pairs
+
+
+@dataclass(frozen=True)
+class ModalData:
+    """inputs['image'] = (images uint8 (N,3,32,32),); inputs['text'] = (input_ids, attention_mask) int64 (N,L)."""
+
+    inputs: dict[str, tuple[np.ndarray, ...]]
+    labels: np.ndarray | None = None
+    class_names: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        first = next(iter(self.inputs.values()))
+        return len(first[0])
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.inputs)
+
+    def select(self, indices: np.ndarray) -> "ModalData":
+        indices = np.asarray(indices, dtype=np.int64)
+        return ModalData(
+            inputs={m: tuple(array[indices] for array in arrays) for m, arrays in self.inputs.items()},
+            labels=None if self.labels is None else self.labels[indices],
+            class_names=self.class_names,
+        )
+
+    def batch(self, modality: str, indices: torch.Tensor | np.ndarray | slice, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Tensors for the encoder of `modality`: images as float in [0,1], token ids as int64."""
+        if isinstance(indices, torch.Tensor):
+            indices = indices.numpy()
+        arrays = [array[indices] for array in self.inputs[modality]]
+        if modality == "image":
+            return (torch.from_numpy(np.ascontiguousarray(arrays[0])).to(device, torch.float32).div_(255.0),)
+        return tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device, torch.int64) for a in arrays)
+
+    def label_batch(self, indices: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
+        assert self.labels is not None, "this data set has no labels"
+        if isinstance(indices, torch.Tensor):
+            indices = indices.numpy()
+        return torch.from_numpy(np.ascontiguousarray(self.labels[indices])).to(device, torch.int64)
+
+
+def from_image_classes(data: ImageClassData) -> ModalData:
+    return ModalData({"image": (data.images,)}, data.labels, tuple(data.class_names))
+
+
+def from_text_classes(data: TextClassData) -> ModalData:
+    return ModalData({"text": (data.input_ids, data.attention_mask)}, data.labels, tuple(data.class_names))
+
+
+def from_pairs(data: PairData) -> ModalData:
+    """Row i's image and caption are a matched pair; `labels` carries the category for partitioning."""
+    return ModalData(
+        {"image": (data.images,), "text": (data.input_ids, data.attention_mask)},
+        data.groups,
+        tuple(data.group_names),
+    )
+
+
+def load_public_data(split: str = "train") -> ModalData:
+    """The public image-text set (emoji pictures with their names): split "train" is P, which the server
+    and every device hold; "test" is the server's held-out retrieval split."""
+    return from_pairs(load_emoji_pairs(split))

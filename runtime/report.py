@@ -1,0 +1,53 @@
+"""Reading a run's metrics.jsonl: per-round summaries by client kind (the CLI's progress line, the
+benchmarks' tables)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from statistics import mean
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summarize_round(record: dict) -> dict[str, float]:
+    """Means per client kind of the task metrics, the server's retrieval, and bytes per client."""
+    by_kind: dict[str, list[dict]] = {}
+    for client in record["clients"].values():
+        by_kind.setdefault(client["kind"], []).append(client["metrics"])
+    summary: dict[str, float] = {"round": record["round"]}
+    if "image" in by_kind:
+        summary["image_top1"] = mean(m["top1"] for m in by_kind["image"])
+    if "text" in by_kind:
+        summary["text_top1"] = mean(m["top1"] for m in by_kind["text"])
+    if "multimodal" in by_kind:
+        summary["mm_i2t_r1"] = mean(m["i2t_r1"] for m in by_kind["multimodal"])
+        summary["mm_t2i_r1"] = mean(m["t2i_r1"] for m in by_kind["multimodal"])
+    summary["server_r1_sum"] = record["server"]["r1_sum"]
+    summary["server_rsum"] = record["server"]["rsum"]
+    per_client = [c for c in record["bytes"].values()]
+    if per_client:
+        summary["up_bytes_per_client"] = mean(sum(c.get("up", {}).values()) for c in per_client)
+        summary["down_bytes_per_client"] = mean(sum(c.get("down", {}).values()) for c in per_client)
+    summary["seconds"] = sum(record["timings"].values())
+    return summary
+
+
+def progress_line(record: dict, rounds: int) -> str:
+    s = summarize_round(record)
+    parts = [f"round {record['round'] + 1}/{rounds}",
+             f"server R@1 sum {s['server_r1_sum']:.1f} rsum {s['server_rsum']:.1f}"]
+    if "image_top1" in s:
+        parts.append(f"image top-1 {s['image_top1']:.1f}")
+    if "text_top1" in s:
+        parts.append(f"text top-1 {s['text_top1']:.1f}")
+    if "mm_i2t_r1" in s:
+        parts.append(f"multimodal i2t R@1 {s['mm_i2t_r1']:.1f}")
+    if "up_bytes_per_client" in s:
+        parts.append(f"{s['up_bytes_per_client'] / 1e6:.2f} MB up / {s['down_bytes_per_client'] / 1e6:.2f} MB down per client")
+    parts.append(f"{s['seconds']:.0f}s")
+    if record["dropped"]:
+        parts.append(f"dropped {sorted(record['dropped'])}")
+    return " | ".join(parts)

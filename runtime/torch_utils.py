@@ -1,0 +1,78 @@
+"""Small torch helpers both processes use: device choice, seeding, batching, safe checkpoint files."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks cuda when one is usable; 'cuda' without a GPU is an error that says so."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for but torch sees no CUDA GPU; use -c device=cpu or auto")
+    return torch.device(name)
+
+
+def configure_threads(threads: int) -> None:
+    """0 keeps torch's default; several processes on one machine each want 1."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def batch_indices(count: int, batch_size: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Index batches over range(count), shuffled when a generator is given; the last batch may be short."""
+    order = torch.randperm(count, generator=generator) if generator is not None else torch.arange(count)
+    for start in range(0, count, batch_size):
+        yield order[start:start + batch_size]
+
+
+def images_to_float(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (B,3,32,32) -> float32 in [0,1] on the device; encoders normalise internally."""
+    tensor = torch.as_tensor(images)
+    return tensor.to(device=device, dtype=torch.float32).div_(255.0)
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: Path, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Weights (state dicts: tensors and plain numbers only) beside a small JSON of metadata, both atomic."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path.with_suffix(".json"), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Never unpickles code: weights_only=True, and the metadata is JSON."""
+    tensors = torch.load(path, map_location="cpu", weights_only=True)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    return tensors, meta

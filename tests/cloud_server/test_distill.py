@@ -1,0 +1,132 @@
+"""SED maths (method.md step 5) against hand-computed numbers."""
+
+import math
+
+import pytest
+import torch
+
+from fedafd.cloud_server.distill import (
+    distillation_loss,
+    mean_teacher,
+    sed_scores,
+    sed_teacher,
+    sed_weights,
+)
+
+E = math.e
+
+
+def _hand_case():
+    # Server features g_0 = [1, 0], g_1 = [0, 1], g_2 = [-1, 0] (already unit vectors).
+    server = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    # Client A is the server; client B points "up" for samples 0 and 1 and "down" for sample 2.
+    # B is scaled by 3 to check that the functions L2-normalise it first.
+    client_a = server.clone()
+    client_b = 3.0 * torch.tensor([[0.0, 1.0], [0.0, 1.0], [0.0, -1.0]])
+    return torch.stack([client_a, client_b]), server
+
+
+def test_sed_scores_weights_teacher_by_hand():
+    # Prepare
+    clients, server = _hand_case()
+    # Execute
+    scores = sed_scores(clients, server)
+    weights = sed_weights(scores)
+    teacher = sed_teacher(clients, weights)
+    # Assert
+    # Client A, sample 0: <v, g_j> = [1, 0, -1] -> s = 1 - log(e + 1 + 1/e) = 1 - 1.40761 = -0.40761
+    # Client A, sample 1: <v, g_j> = [0, 1, 0]  -> s = 1 - log(2 + e) = 1 - 1.55144 = -0.55144
+    # Client A, sample 2: <v, g_j> = [-1, 0, 1] -> s = 1 - log(e + 1 + 1/e) = -0.40761
+    # Client B, sample 0: v = [0, 1], sims [0, 1, 0], <v, g_0> = 0 -> s = -log(2 + e) = -1.55144
+    # Client B, sample 1: same sims, <v, g_1> = 1 -> s = 1 - log(2 + e) = -0.55144
+    # Client B, sample 2: v = [0, -1], sims [0, -1, 0], <v, g_2> = 0 -> -log(2 + 1/e) = -0.86199
+    lse_a = math.log(E + 1 + 1 / E)
+    lse_up = math.log(2 + E)
+    lse_down = math.log(2 + 1 / E)
+    expected_scores = torch.tensor(
+        [[1 - lse_a, 1 - lse_up, 1 - lse_a], [-lse_up, 1 - lse_up, -lse_down]]
+    )
+    torch.testing.assert_close(scores, expected_scores, atol=1e-5, rtol=0)
+    # Weights: w_A = 1 / (1 + exp(s_B - s_A)).
+    # sample 0: s_A - s_B = 1.14384 -> w_A = 0.75838; sample 1: equal scores -> 0.5;
+    # sample 2: s_A - s_B = 0.45439 -> w_A = 0.61168.
+    w_a = torch.tensor([0.7583837, 0.5, 0.6116822])
+    torch.testing.assert_close(weights, torch.stack([w_a, 1 - w_a]), atol=1e-5, rtol=0)
+    # Teacher t_k = w_A * v_A + w_B * v_B (unit vectors):
+    # t_0 = 0.75838 * [1, 0] + 0.24162 * [0, 1]   = [0.75838, 0.24162]
+    # t_1 = 0.5 * [0, 1] + 0.5 * [0, 1]           = [0, 1]
+    # t_2 = 0.61168 * [-1, 0] + 0.38832 * [0, -1] = [-0.61168, -0.38832]
+    expected_teacher = torch.tensor(
+        [[0.7583837, 0.2416163], [0.0, 1.0], [-0.6116822, -0.3883178]]
+    )
+    torch.testing.assert_close(teacher, expected_teacher, atol=1e-5, rtol=0)
+
+
+def test_mean_teacher_is_plain_mean_of_unit_vectors():
+    # Prepare
+    clients, _ = _hand_case()
+    # Execute
+    teacher = mean_teacher(clients)
+    # Assert: ([1,0] + [0,1]) / 2, ([0,1] + [0,1]) / 2, ([-1,0] + [0,-1]) / 2
+    torch.testing.assert_close(teacher, torch.tensor([[0.5, 0.5], [0.0, 1.0], [-0.5, -0.5]]))
+
+
+def test_chunked_scores_equal_unchunked_reference():
+    # Prepare
+    gen = torch.Generator().manual_seed(0)
+    clients = torch.randn(3, 1000, 16, generator=gen)
+    server = torch.randn(1000, 16, generator=gen)
+    v = torch.nn.functional.normalize(clients, dim=-1)
+    g = torch.nn.functional.normalize(server, dim=-1)
+    sims = v @ g.T  # (C, P, P), fine for a reference at this size
+    reference = sims.diagonal(dim1=1, dim2=2) - torch.logsumexp(sims, dim=-1)
+    # Execute
+    chunked = sed_scores(clients, server, chunk_size=64)
+    whole = sed_scores(clients, server, chunk_size=1000)
+    # Assert
+    assert chunked.shape == (3, 1000)
+    torch.testing.assert_close(chunked, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
+
+
+def test_client_identical_to_server_gets_larger_weight():
+    # Prepare
+    gen = torch.Generator().manual_seed(1)
+    server = torch.randn(50, 32, generator=gen)
+    stranger = torch.randn(50, 32, generator=gen)
+    clients = torch.stack([server.clone(), stranger])
+    # Execute
+    weights = sed_weights(sed_scores(clients, server))
+    # Assert
+    assert bool((weights[0] > weights[1]).all())
+    torch.testing.assert_close(weights.sum(0), torch.ones(50))
+
+
+def test_sed_rejects_no_clients_and_mismatched_shapes():
+    server = torch.randn(4, 2)
+    with pytest.raises(ValueError, match="C == 0"):
+        sed_scores(torch.empty(0, 4, 2), server)
+    with pytest.raises(ValueError, match="C == 0"):
+        sed_weights(torch.empty(0, 4))
+    with pytest.raises(ValueError, match="C == 0"):
+        mean_teacher(torch.empty(0, 4, 2))
+    with pytest.raises(ValueError, match="does not match"):
+        sed_scores(torch.randn(2, 5, 2), server)  # P differs
+    with pytest.raises(ValueError, match="does not match"):
+        sed_scores(torch.randn(2, 4, 3), server)  # d differs
+    with pytest.raises(ValueError, match=r"\(C, P, d\)"):
+        sed_scores(torch.randn(4, 2), server)
+    with pytest.raises(ValueError, match="does not match"):
+        sed_teacher(torch.randn(2, 4, 2), torch.rand(3, 4))
+
+
+def test_distillation_loss_is_gamma_times_mse():
+    # Prepare: differences [1, -1, 2, 0] -> squares [1, 1, 4, 0] -> MSE = 6 / 4 = 1.5
+    student = torch.tensor([[1.0, 0.0], [2.0, 3.0]], requires_grad=True)
+    teacher = torch.tensor([[0.0, 1.0], [0.0, 3.0]])
+    # Execute
+    loss = distillation_loss(student, teacher, gamma=0.4)
+    loss.backward()
+    # Assert: 0.4 * 1.5 = 0.6; d/ds = gamma * 2 * (s - t) / 4 = 0.2 * (s - t)
+    assert loss.item() == pytest.approx(0.6)
+    torch.testing.assert_close(student.grad, torch.tensor([[0.2, -0.2], [0.4, 0.0]]))

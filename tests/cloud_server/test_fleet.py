@@ -1,0 +1,28 @@
+from pathlib import Path
+
+import pytest
+
+from fedafd.cloud_server.fleet import LocalFleet, client_ids, parse_fleet
+from fedafd.runtime.config import ConfigError, ServerConfig
+
+
+def test_parse_fleet_spec() -> None:
+    fleet = parse_fleet("image=3,text=3,multimodal=4")
+    assert fleet == {"image": 3, "text": 3, "multimodal": 4}
+    assert client_ids(fleet)[:4] == ["image-0", "image-1", "image-2", "text-0"]
+    assert len(client_ids(fleet)) == 10
+
+
+@pytest.mark.parametrize("spec", ["image", "audio=2", "image=-1", "image=2,image=1", "image=0"])
+def test_bad_fleet_spec(spec: str) -> None:
+    with pytest.raises(ConfigError, match="--local"):
+        parse_fleet(spec)
+
+
+def test_client_commands_vary_architectures_and_pass_the_split(tmp_path: Path) -> None:
+    fleet = LocalFleet({"image": 2}, "tcp://127.0.0.1:5000", tmp_path, ServerConfig(alpha=0.3, max_private=50))
+    first, second = fleet.command("image", 0), fleet.command("image", 1)
+    assert "image_arch=cnn_small" in first and "image_arch=resnet_tiny" in second
+    assert "alpha=0.3" in first and "max_private=50" in first
+    assert first[first.index("--num-partitions") + 1] == "2"
+    assert second[second.index("--partition") + 1] == "1"
