@@ -52,7 +52,7 @@ def train_contrastive_epoch(model: GlobalModel, optimizer: torch.optim.Optimizer
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total, steps = total + float(loss), steps + 1
+        total, steps = total + loss.item(), steps + 1
     return total / max(steps, 1)
 
 
@@ -94,7 +94,7 @@ def distill_epoch(model: GlobalModel, optimizer: torch.optim.Optimizer, public: 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total, steps = total + float(loss), steps + 1
+        total, steps = total + loss.item(), steps + 1
     return total / max(steps, 1)
 
 

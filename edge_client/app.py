@@ -125,7 +125,7 @@ class EdgeApp:
         if start.tower:
             state.towers.load(start.tower_version, dict(start.tower_arch),
                               {name: torch.from_numpy(np.array(t)) for name, t in start.tower.items()})
-        rows = torch.from_numpy(np.asarray(start.public_indices, dtype=np.int64))
+        rows = torch.from_numpy(np.array(start.public_indices, dtype=np.int64))
         plan = RoundPlan(
             round=start.round,
             local_epochs=start.local_epochs,

@@ -13,6 +13,12 @@ from fedafd.runtime.config import ClientConfig, load_config, write_config
 app = typer.Typer(help="A fedafd edge device.", no_args_is_help=True, add_completion=False)
 
 
+@app.callback()
+def main() -> None:
+    """A fedafd edge device: join a federation, export its model, run it with ONNX Runtime."""
+    # A callback keeps `join` a named subcommand (typer runs a lone command without its name).
+
+
 @app.command()
 def join(
     server: Annotated[str, typer.Option(help="The server's ZeroMQ address, e.g. tcp://127.0.0.1:5555.")],

@@ -98,12 +98,12 @@ def train_step(model: LocalModel, optimizers: Optimizers, private: ModalData, pr
         disc.backward()
         optimizers.discriminator.step()
         adversarial = sum(generator_loss(intra, cross, local, beta) for local in locals_.values())
-        parts["disc"], parts["adv_gen"] = float(disc), float(adversarial)
+        parts["disc"], parts["adv_gen"] = disc.item(), adversarial.item()
     task = task_loss(model, private, private_rows, global_cache, device)
     optimizers.task.zero_grad(set_to_none=True)
     (task + adversarial).backward()
     optimizers.task.step()
-    parts["task"] = float(task)
+    parts["task"] = task.item()
     return parts
 
 
