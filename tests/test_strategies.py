@@ -1,0 +1,138 @@
+"""Each strategy and ablation switch, two rounds through the in-process transport (still through the wire's
+encode/decode): the loss parts are finite, and each switch really changes what runs."""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+
+import pytest
+
+from fedafd.cloud_server.app import ServerApp
+from fedafd.edge_client.app import EdgeApp
+from fedafd.runtime.config import ClientConfig, ServerConfig, build_config
+from fedafd.runtime.transport import InprocHub
+
+KINDS = ("image", "text", "multimodal")
+ROUNDS = 2
+FEATURE_DIM = 16
+
+VARIANTS = {
+    "fedafd": {},
+    "local": {"strategy": "local"},
+    "no_baa": {"baa": False},
+    "no_gff": {"gff": False},
+    "no_sed": {"sed": False},
+}
+
+
+def run_federation(tmp_path: Path, switches: dict) -> tuple[list[dict], dict[str, EdgeApp]]:
+    """A server and one device of each kind on an in-process hub; returns the round records and the devices."""
+    server_config = build_config(ServerConfig, dict(
+        rounds=ROUNDS, expected_clients=len(KINDS), min_clients=len(KINDS), public_size=48, feature_dim=FEATURE_DIM,
+        image_arch="cnn_small", text_arch="gru", batch_size=16, device="cpu", join_timeout_s=60,
+        round_deadline_s=120, **switches))
+    hub = InprocHub()
+    server = ServerApp(server_config, hub.server(), tmp_path / "run")
+    (tmp_path / "run").mkdir(exist_ok=True)
+    edges = {}
+    for kind in KINDS:
+        config = build_config(ClientConfig, dict(kind=kind, max_private=48, max_test=32, batch_size=16,
+                                                 image_arch="cnn_small", text_arch="gru"))
+        edges[kind] = EdgeApp(config, hub.client(config.client_id), tmp_path / kind)
+    threads = [threading.Thread(target=edge.run, daemon=True) for edge in edges.values()]
+    for thread in threads:
+        thread.start()
+    try:
+        records = server.run()
+    finally:
+        for thread in threads:
+            thread.join(timeout=60)
+        server.close()
+        for edge in edges.values():
+            edge.close()
+    assert not any(thread.is_alive() for thread in threads), "a device did not finish"
+    return records, edges
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[list[dict], dict[str, EdgeApp]]]:
+    return {name: run_federation(tmp_path_factory.mktemp(name), switches) for name, switches in VARIANTS.items()}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_round_has_finite_loss_parts_from_every_device(runs, name: str) -> None:
+    records, _ = runs[name]
+    assert [r["round"] for r in records] == list(range(ROUNDS))
+    for record in records:
+        assert record["quorum_met"]
+        assert len(record["clients"]) == len(KINDS)
+        for client in record["clients"].values():
+            assert set(client["losses"]) == {"task", "adv_gen", "disc"}
+            assert all(math.isfinite(v) for v in client["losses"].values())
+        assert math.isfinite(record["server"]["stage1_loss"]) and math.isfinite(record["server"]["distill_loss"])
+
+
+def _disc_stepped(edge: EdgeApp) -> bool:
+    # Adam keeps per-parameter state only for parameters it has stepped.
+    optimizer = edge.state.optimizers.discriminator
+    return any(p in optimizer.state for p in edge.state.model.discriminator_parameters())
+
+
+def _fusion_stepped(edge: EdgeApp) -> bool:
+    optimizer = edge.state.optimizers.task
+    return any(p in optimizer.state for p in edge.state.model.fusions.parameters())
+
+
+def test_fedafd_runs_alignment_fusion_and_similarity_weights(runs) -> None:
+    records, edges = runs["fedafd"]
+    for edge in edges.values():
+        assert _disc_stepped(edge) and _fusion_stepped(edge)
+        assert edge.state.towers.version == ROUNDS  # the tower of the last round was received
+    for record in records:
+        assert all(c["losses"]["disc"] > 0 and c["losses"]["adv_gen"] > 0 for c in record["clients"].values())
+        assert record["server"]["distill_loss"] > 0
+        # Per sample the SED weights sum to 1 over the clients of a modality, so their means do too.
+        weights = record["sed_mean_weights"]
+        assert set(weights) == {"image", "text"}
+        assert set(weights["image"]) == {"image-0", "multimodal-0"}
+        assert set(weights["text"]) == {"text-0", "multimodal-0"}
+        for by_client in weights.values():
+            assert sum(by_client.values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_without_baa_no_discriminator_parameter_changes(runs) -> None:
+    records, edges = runs["no_baa"]
+    for edge in edges.values():
+        assert not _disc_stepped(edge)
+        assert _fusion_stepped(edge)
+    for record in records:
+        assert all(c["losses"]["disc"] == 0 and c["losses"]["adv_gen"] == 0 for c in record["clients"].values())
+
+
+def test_without_gff_the_fusion_never_trains(runs) -> None:
+    _, edges = runs["no_gff"]
+    for edge in edges.values():
+        assert _disc_stepped(edge)
+        assert not _fusion_stepped(edge)
+
+
+def test_without_sed_the_server_distils_toward_the_plain_mean(runs) -> None:
+    records, _ = runs["no_sed"]
+    for record in records:
+        assert record["sed_mean_weights"] == {}
+        assert record["server"]["distill_loss"] > 0
+
+
+def test_local_baseline_shares_nothing(runs) -> None:
+    records, edges = runs["local"]
+    for edge in edges.values():
+        assert not _disc_stepped(edge) and not _fusion_stepped(edge)
+        assert edge.state.towers.version == -1  # no tower ever came down
+    for record in records:
+        assert record["server"]["distill_loss"] == 0
+        for client_id, by_direction in record["bytes"].items():
+            # No features go up (a LOCAL upload carries metrics only) and no tower or features come down.
+            assert sum(by_direction["up"].values()) < 4_000, client_id
+            assert sum(by_direction["down"].values()) < 4_000, client_id
