@@ -30,6 +30,8 @@ from typing import Any, ClassVar, NamedTuple
 import msgpack
 import numpy as np
 
+from . import codecs as _codecs
+
 MAGIC = b"FAFD"
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
@@ -41,7 +43,8 @@ MAX_TENSOR_ELEMENTS = 1 << 28
 MAX_NDIM = 8
 """Most dimensions a tensor may declare."""
 ALLOWED_DTYPES = ("float32", "float16", "int64", "int32", "uint8")
-CODECS = ("raw",)
+CODECS = _codecs.CODECS
+"""How a tensor frame may store its data (runtime.codecs: raw, fp16, int8_row, int8_col)."""
 CLIENT_KINDS = ("image", "text", "multimodal")
 MODALITIES = ("image", "text")
 
@@ -363,30 +366,27 @@ def _check_scalars(layout: _Layout, values: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Tensors. Codec handling lives in `_encode_tensor` / `_frame_nbytes` / `_decode_tensor` only: a new
-# codec (fp16, int8) adds one branch to each. `dtype` in a descriptor is always the dtype of the
-# decoded array; the codec says how the frame stores it.
+# Tensors. Codec handling lives in runtime.codecs; these three wrappers turn its CodecError into a
+# WireError. `dtype` in a descriptor is always the dtype of the decoded array; the codec says how the
+# frame stores it.
 
 
-def _encode_tensor(arr: np.ndarray, codec: str) -> memoryview:
-    if codec == "raw":
-        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
-        return memoryview(arr.reshape(-1).view(np.uint8))  # zero-copy bytes of the buffer
-    raise WireError(ErrorCode.BAD_HEADER, f"unknown codec {codec!r}")
+def _encode_tensor(arr: np.ndarray, codec: str, name: str = "?") -> memoryview:
+    try:
+        return _codecs.encode(arr, codec)
+    except _codecs.CodecError as e:
+        raise WireError(ErrorCode.BAD_FIELD, f"tensor '{name}': {e}") from None
 
 
-def _frame_nbytes(codec: str, dtype: str, count: int) -> int:
-    if codec == "raw":
-        return count * np.dtype(dtype).itemsize
-    raise WireError(ErrorCode.BAD_HEADER, f"unknown codec {codec!r} (known: {', '.join(CODECS)})")
+def _frame_nbytes(codec: str, dtype: str, shape: tuple[int, ...], name: str = "?") -> int:
+    try:
+        return _codecs.frame_nbytes(codec, dtype, shape)
+    except _codecs.CodecError as e:
+        raise WireError(ErrorCode.BAD_HEADER, f"tensor '{name}': {e}") from None
 
 
 def _decode_tensor(codec: str, dtype: str, shape: tuple[int, ...], buf: memoryview) -> np.ndarray:
-    if codec == "raw":
-        arr = np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
-        arr.flags.writeable = False
-        return arr
-    raise WireError(ErrorCode.BAD_HEADER, f"unknown codec {codec!r}")
+    return _codecs.decode(codec, dtype, shape, buf)
 
 
 def _check_shape(name: str, spec: TensorSpec, shape: tuple[int, ...]) -> int:
@@ -480,10 +480,13 @@ class _TensorSet:
 # encode / decode
 
 
-def encode(msg: Message, msg_id: str | None = None) -> list[bytes | memoryview]:
-    """Frames of `msg`: magic, header, then one zero-copy frame per tensor.
+def encode(msg: Message, msg_id: str | None = None,
+           codecs: dict[str, str] | None = None) -> list[bytes | memoryview]:
+    """Frames of `msg`: magic, header, then one frame per tensor.
 
-    The tensor frames are views of the message's arrays: do not modify them until the send is done.
+    `codecs` maps a tensor field ("features", "global_features", "tower") to the codec its float32
+    tensors travel with (runtime.codecs; default raw); each descriptor names the codec actually used.
+    Raw tensor frames are views of the message's arrays: do not modify them until the send is done.
     Raises WireError (same codes as decode) when the message would be rejected by the receiver.
     """
     layout = _LAYOUTS.get(getattr(type(msg), "TYPE", None))
@@ -509,8 +512,11 @@ def encode(msg: Message, msg_id: str | None = None) -> list[bytes | memoryview]:
             _check_shape(name, spec, arr.shape)
             _check_finite(name, arr)
             tensors.add(name, spec, arr)
-            descs.append({"name": name, "dtype": arr.dtype.name, "shape": list(arr.shape), "codec": "raw"})
-            frames.append(_encode_tensor(arr, "raw"))
+            codec = _codecs.choose((codecs or {}).get(fname, "raw"), arr)
+            if codec not in CODECS:
+                raise WireError(ErrorCode.BAD_FIELD, f"tensor '{name}': unknown codec {codec!r}")
+            descs.append({"name": name, "dtype": arr.dtype.name, "shape": list(arr.shape), "codec": codec})
+            frames.append(_encode_tensor(arr, codec, name))
     tensors.finish()
 
     header = msgpack.packb({"type": msg.TYPE.value, "msg_id": msg_id, "fields": scalars, "tensors": descs})
@@ -611,7 +617,7 @@ def decode(frames: list) -> Decoded:
         spec = tensors.spec_for(name)
         _check_dtype(name, spec, dtype)
         count = _check_shape(name, spec, shape)
-        expected = _frame_nbytes(codec, dtype, count)  # checked before any array exists
+        expected = _frame_nbytes(codec, dtype, shape, name)  # checked before any array exists
         if len(buf) != expected:
             raise WireError(ErrorCode.BAD_SHAPE, f"tensor '{name}' {dtype}{list(shape)} needs {expected} bytes, "
                                                  f"frame has {len(buf)}")
