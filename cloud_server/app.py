@@ -15,10 +15,11 @@ import numpy as np
 import torch
 
 from fedafd.cloud_server.stages import (
-    MODALITIES, GlobalModel, build_teacher, distill_epoch, evaluate_retrieval, extract_features,
-    train_contrastive_epoch,
+    MODALITIES, GlobalModel, distill_epoch, evaluate_retrieval, extract_features, train_contrastive_epoch,
 )
+from fedafd.cloud_server.strategies import build_strategy
 from fedafd.runtime.accounting import ByteCounter, Received, ServerMessenger
+from fedafd.runtime.codecs import wire_codec
 from fedafd.runtime.errors import FedafdError
 from fedafd.runtime.config import ServerConfig, config_to_dict
 from fedafd.runtime.data.modal import ModalData, load_public_data
@@ -51,6 +52,8 @@ class ClientRecord:
     joined_round: int
     last_seen: float = field(default_factory=time.monotonic)
     tower_version_sent: int = -1
+    round_start_sent_at: float = 0.0
+    """time.monotonic() when this round's RoundStart was handed to the transport."""
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -61,6 +64,7 @@ class ClientRecord:
 class RoundOutcome:
     uploads: dict[str, FeatureUpload] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)  # client id -> why
+    arrived_at: dict[str, float] = field(default_factory=dict)  # client id -> time.monotonic() of its upload
 
 
 class ServerApp:
@@ -81,6 +85,7 @@ class ServerApp:
         self.model = GlobalModel(config.image_arch, config.text_arch, config.feature_dim,
                                  config.contrastive_loss).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.strategy = build_strategy(config)
         self.clients: dict[str, ClientRecord] = {}
         self.rejected: list[dict] = []  # malformed or refused messages since the last round record
         self.next_round = 0
@@ -134,7 +139,9 @@ class ServerApp:
         self.messenger.current_round = round_
         timings: dict[str, float] = {}
         generator = seeded_generator(c.seed * 1_000_003 + round_)
-        federated = c.strategy != "local"
+        if c.public_resample and c.public_size:
+            self._resample_public(round_)
+        federated = self.strategy.shares_global_model()
 
         started = time.perf_counter()
         stage1_loss = 0.0
@@ -159,17 +166,10 @@ class ServerApp:
         started = time.perf_counter()
         distill_loss, sed_summary = 0.0, {}
         if federated and quorum_met:
-            teachers = {}
-            for modality in MODALITIES:
-                feats = [torch.from_numpy(np.array(u.features[modality], dtype=np.float32))
-                         for u in outcome.uploads.values() if modality in u.features]
-                if not feats:
-                    continue  # no client sent this modality: skipped, never a crash
-                teacher, weights = build_teacher(feats, global_features[modality], c.sed, c.sed_chunk)
-                teachers[modality] = teacher.to(self.device)
-                senders = [cid for cid, u in outcome.uploads.items() if modality in u.features]
-                if weights is not None:
-                    sed_summary[modality] = dict(zip(senders, weights.mean(dim=1).tolist()))
+            uploads = {cid: {m: torch.from_numpy(np.array(f, dtype=np.float32)) for m, f in u.features.items()}
+                       for cid, u in outcome.uploads.items()}
+            teachers, sed_summary = self.strategy.teachers(uploads, global_features)
+            teachers = {m: t.to(self.device) for m, t in teachers.items()}
             for _ in range(c.distill_epochs):
                 distill_loss = distill_epoch(self.model, self.optimizer, self.public, teachers, c.gamma,
                                              c.batch_size, generator, self.device)
@@ -193,6 +193,9 @@ class ServerApp:
             "quorum_met": quorum_met,
             "public_size": len(self.public),
             "bytes": self.counter.for_round(round_),
+            "bytes_by_part": self.counter.parts_for_round(round_),
+            "codecs": {"features": c.feature_codec, "tower": c.tower_codec},
+            "link": link_times(outcome, self.clients),
             "timings": timings,
         }
         # Metrics first, then the checkpoint: a crash between the two re-runs the round on resume, and
@@ -217,9 +220,11 @@ class ServerApp:
             global_features={m: f.numpy() for m, f in global_features.items()} if federated else {},
             tower=tower,
             tower_arch={m: self.model.archs[m] for m in client.modalities} if federated else {},
-            settings={"strategy": c.strategy, "baa": c.baa, "gff": c.gff, "sed": c.sed, "beta": c.beta},
+            settings={**self.strategy.device_settings(), "feature_codec": c.feature_codec},
         )
-        if self._send(client.client_id, message, round_):
+        client.round_start_sent_at = time.monotonic()
+        codecs = {"global_features": wire_codec(c.feature_codec), "tower": wire_codec(c.tower_codec)}
+        if self._send(client.client_id, message, round_, codecs):
             client.tower_version_sent = tower_version if tower else client.tower_version_sent
 
     def _collect(self, round_: int, selected: list[str]) -> RoundOutcome:
@@ -267,6 +272,7 @@ class ServerApp:
             self._send(peer, Ack(round=round_), round_)
             return
         outcome.uploads[peer] = upload
+        outcome.arrived_at[peer] = time.monotonic()
         outcome.dropped.pop(peer, None)
         self._send(peer, Ack(round=round_), round_)
 
@@ -279,7 +285,7 @@ class ServerApp:
         if upload.round != round_ or peer not in selected:
             return ErrorCode.UNEXPECTED, f"upload for round {upload.round}, but round {round_} is running" + (
                 "" if peer in selected else f" without {peer!r}")
-        if self.config.strategy == "local":
+        if not self.strategy.shares_global_model():
             return None
         expected = set(self.clients[peer].modalities)
         if set(upload.features) != expected:
@@ -336,13 +342,19 @@ class ServerApp:
         taken, self.rejected = self.rejected, []
         return taken
 
-    def _send(self, peer: str, message, round_: int) -> bool:
+    def _send(self, peer: str, message, round_: int, codecs: dict[str, str] | None = None) -> bool:
         try:
-            self.messenger.send(peer, message, round_)
+            self.messenger.send(peer, message, round_, codecs=codecs)
             return True
         except PeerGone:
             log.warning("cannot reach %s (disconnected)", peer)
             return False
+
+    def _resample_public(self, round_: int) -> None:
+        """public_resample: a fresh subset of public_size rows this round, the same for every client."""
+        rows = cap_indices(np.arange(len(self.public_all)), self.config.public_size, self.config.seed * 7907 + round_ + 1)
+        self.public_rows = np.sort(rows)
+        self.public = self.public_all.select(self.public_rows)
 
     # -- persistence ----------------------------------------------------------------------------
     def _checkpoint(self, round_: int) -> None:
@@ -372,6 +384,21 @@ class ServerApp:
 
     def close(self) -> None:
         self.messenger.close()
+
+
+def link_times(outcome: RoundOutcome, clients: dict[str, ClientRecord]) -> dict[str, dict[str, float]]:
+    """Per client: seconds from handing it RoundStart to receiving its upload (`round_trip`), of which the
+    device reports `compute` (training, evaluation, feature extraction); the rest is `comm` (the
+    downlink and uplink transfers on its link, shaped or real, plus waiting)."""
+    out = {}
+    for cid, upload in outcome.uploads.items():
+        if cid not in clients or cid not in outcome.arrived_at:
+            continue
+        round_trip = outcome.arrived_at[cid] - clients[cid].round_start_sent_at
+        compute = float(upload.metrics.get("compute_seconds", upload.train_seconds))
+        out[cid] = {"round_trip": round_trip, "compute": compute, "comm": max(round_trip - compute, 0.0),
+                    "num_params": float(upload.metrics.get("num_params", 0.0))}
+    return out
 
 
 def _finished_record(line: str, last_round: int) -> bool:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fedafd.cloud_server.contrastive import build_contrastive_loss
-from fedafd.cloud_server.distill import distillation_loss, mean_teacher, sed_scores, sed_teacher, sed_weights
+from fedafd.cloud_server.distill import distillation_loss
 from fedafd.runtime.data.modal import ModalData
 from fedafd.runtime.models import build_image_encoder, build_text_encoder
 from fedafd.runtime.retrieval import retrieval_metrics
@@ -63,16 +63,6 @@ def extract_features(encoder: nn.Module, data: ModalData, modality: str, device:
     encoder.eval()
     chunks = [encoder(*data.batch(modality, rows, device)) for rows in batch_indices(len(data), batch_size)]
     return torch.cat(chunks)
-
-
-def build_teacher(client_features: list[torch.Tensor], server_features: torch.Tensor, use_sed: bool,
-                  chunk_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The aggregated teacher (P, d) of one modality and, with SED, the per-sample client weights (C, P)."""
-    stacked = torch.stack(client_features)  # (C, P, d)
-    if not use_sed:
-        return mean_teacher(stacked), None
-    weights = sed_weights(sed_scores(stacked, server_features, chunk_size=chunk_size))
-    return sed_teacher(stacked, weights), weights
 
 
 def distill_epoch(model: GlobalModel, optimizer: torch.optim.Optimizer, public: ModalData,
