@@ -65,14 +65,22 @@ def save_checkpoint(path: Path, tensors: dict[str, Any], meta: dict[str, Any]) -
     """Weights (state dicts: tensors and plain numbers only) beside a small JSON of metadata, both atomic."""
     import io
 
+    meta_json = json.dumps(meta, indent=2, sort_keys=True) + "\n"
     buffer = io.BytesIO()
-    torch.save(tensors, buffer)
+    # The metadata also travels inside the weights file, so the pair can never disagree: a kill between
+    # the two renames leaves new weights with an old .json, and the loader trusts the embedded copy.
+    torch.save({**tensors, _META_KEY: meta_json}, buffer)
     atomic_write_bytes(path, buffer.getvalue())
-    atomic_write_bytes(path.with_suffix(".json"), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path.with_suffix(".json"), meta_json.encode())
+
+
+_META_KEY = "__meta_json__"
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Never unpickles code: weights_only=True, and the metadata is JSON."""
+    """Never unpickles code: weights_only=True, and the metadata is JSON (the copy inside the weights
+    file when there is one; the .json beside it is for people and for files written before)."""
     tensors = torch.load(path, map_location="cpu", weights_only=True)
-    meta = json.loads(path.with_suffix(".json").read_text())
+    embedded = tensors.pop(_META_KEY, None)
+    meta = json.loads(embedded if isinstance(embedded, str) else path.with_suffix(".json").read_text())
     return tensors, meta

@@ -7,18 +7,33 @@ inside one process for fast tests, so no test skips the encode/decode boundary.
 
 Every wait has a timeout; nothing blocks forever. Sending to a peer the server does not know (never
 connected, or gone) raises `PeerGone` on both implementations.
+
+Security (ZMQ): with `CurveServerKeys` the ROUTER speaks CURVE (encrypted, authenticated) and a ZAP
+handler admits only public keys in an allow-list that is read again for every new connection, so a
+revoked key is refused from its next connection on. The allow-list names each key's client id; it
+becomes the ZAP User-Id of every message from that connection, and a message whose routing id (the
+id the peer claims) differs from it is refused. A second connection that claims an id already connected
+is ignored until the first one goes (no ROUTER_HANDOVER): it cannot take over the first one's round.
+Without keys the transport is plain text and says so (`insecure`).
 """
 
 from __future__ import annotations
 
+import collections
+import logging
 import queue
 import threading
 import time
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
-from .wire import MAX_MESSAGE_BYTES
+from .wire import MAX_MESSAGE_BYTES, Error, ErrorCode, encode
+
+log = logging.getLogger("fedafd.transport")
 
 Frames = list  # list[bytes | memoryview]
 
@@ -32,6 +47,26 @@ class TransportError(RuntimeError):
 
 class PeerGone(TransportError):
     """The server tried to send to a peer that is not connected (never joined, or went away)."""
+
+
+@dataclass(frozen=True)
+class CurveServerKeys:
+    """What a CURVE server needs: its own key pair (z85) and who may connect."""
+
+    public: bytes
+    secret: bytes
+    client_of_key: Callable[[str], str | None]
+    """z85 public key of a connecting peer -> its client id, or None to refuse it; called for every
+    new connection, so it should read the allow-list as it is now (revocation without restart)."""
+
+
+@dataclass(frozen=True)
+class CurveClientKeys:
+    """What a CURVE client needs: its own key pair and the server's public key (all z85)."""
+
+    public: bytes
+    secret: bytes
+    server_public: bytes
 
 
 class ServerTransport(Protocol):
@@ -56,7 +91,8 @@ class ClientTransport(Protocol):
 # ZeroMQ
 
 
-def _harden(sock: zmq.Socket, hwm: int, send_timeout_s: float, heartbeat_s: float) -> None:
+def _harden(sock: zmq.Socket, hwm: int, send_timeout_s: float, heartbeat_s: float,
+            max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
     # Close drops unsent messages at once instead of hanging the process on exit.
     sock.setsockopt(zmq.LINGER, 0)
     # Bound queued messages per peer (messages are up to MAX_MESSAGE_BYTES, so keep this small);
@@ -65,7 +101,7 @@ def _harden(sock: zmq.Socket, hwm: int, send_timeout_s: float, heartbeat_s: floa
     sock.setsockopt(zmq.RCVHWM, hwm)
     # A peer sending a frame over the limit is disconnected before it is buffered. libzmq checks
     # each frame, so the whole-message limit is enforced again by wire.decode.
-    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
     # A send that cannot be queued (peer's HWM full) fails after this instead of blocking forever.
     sock.setsockopt(zmq.SNDTIMEO, int(send_timeout_s * 1000))
     # ZMTP heartbeats: a peer that silently vanished (crash, cable) is noticed and its pipe dropped
@@ -83,6 +119,10 @@ class _ZmqSocket:
         self.sock = self._ctx.socket(kind)
         self.lock = threading.Lock()
         self.closed = False
+
+    @property
+    def context(self) -> zmq.Context:
+        return self._ctx
 
     def poll_recv(self, timeout_s: float) -> list[zmq.Frame] | None:
         deadline = time.monotonic() + max(timeout_s, 0.0)
@@ -111,32 +151,76 @@ class _ZmqSocket:
                     raise PeerGone(f"peer {what} is not connected") from None
                 raise TransportError(f"send to {what} failed: {e}") from None
 
-    def close(self) -> None:
+    def close(self, before_term: Callable[[], None] = lambda: None) -> None:
         with self.lock:
             if self.closed:
                 return
             self.closed = True
             self.sock.close(linger=0)  # sockets before the context, or term() waits on them
+            before_term()  # e.g. the ZAP handler's socket, which lives in the same context
             self._ctx.term()
 
 
-class ZmqServerTransport:
-    """ROUTER socket bound at `bind` ("tcp://127.0.0.1:0" or ":*" picks a free port; see `.endpoint`)."""
+class _AllowListAuthenticator(ThreadAuthenticator):
+    """ZAP handler: admits a CURVE key only if the allow-list names it, and makes that name the User-Id."""
 
-    def __init__(self, bind: str, *, hwm: int = 64, send_timeout_s: float = 10.0, heartbeat_s: float = 1.0):
+    def __init__(self, context: zmq.Context, client_of_key: Callable[[str], str | None]):
+        super().__init__(context, log=logging.getLogger("fedafd.zap"))
+        self._client_of_key = client_of_key
+        self._names: dict[bytes, str] = {}
+
+    def callback(self, domain: str, z85_key: bytes) -> bool:
+        """pyzmq's credentials-provider hook, run for every new connection (so revocation is immediate)."""
+        try:
+            name = self._client_of_key(z85_key.decode("ascii"))
+        except Exception as e:  # an unreadable allow-list refuses everyone rather than crashing the handler
+            log.error("allow-list unreadable, refusing %s: %s", z85_key.decode("ascii"), e)
+            name = None
+        if name is None:
+            log.warning("refused a connection: key %s is not in the allow-list (or was revoked)", z85_key.decode("ascii"))
+            return False
+        self._names[z85_key] = name
+        return True
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self._names.get(z85.encode(client_public_key), "")
+
+
+class ZmqServerTransport:
+    """ROUTER socket bound at `bind` ("tcp://127.0.0.1:0" or ":*" picks a free port; see `.endpoint`).
+
+    With `curve`, only allow-listed keys connect and each message's claimed id must match its key;
+    refused messages are answered with an Error and kept in `refused` (newest 1000) for the run record.
+    `max_message_bytes` caps every incoming frame before libzmq buffers it (the peer is disconnected).
+    """
+
+    def __init__(self, bind: str, *, hwm: int = 64, send_timeout_s: float = 10.0, heartbeat_s: float = 1.0,
+                 curve: CurveServerKeys | None = None, max_message_bytes: int = MAX_MESSAGE_BYTES):
         self._s = _ZmqSocket(zmq.ROUTER)
         sock = self._s.sock
-        _harden(sock, hwm, send_timeout_s, heartbeat_s)
+        _harden(sock, hwm, send_timeout_s, heartbeat_s, max_message_bytes)
         # Sending to an unknown or vanished routing id raises EHOSTUNREACH (-> PeerGone) instead of
         # ZMQ's default of dropping the message silently.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # A client that reconnects with the same id (restart after a crash) takes over its id at once
-        # instead of being ignored until the old connection times out.
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # No ROUTER_HANDOVER: a second connection claiming a connected id is ignored until the first one
+        # goes, so it cannot take over that client's round. A crashed client's connection closes with
+        # its process (and a silent one within HEARTBEAT_TIMEOUT); restarted clients open a fresh
+        # connection when they get no answer (ZmqClientTransport.reconnect).
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 0)
+        self.insecure = curve is None
+        self.refused: collections.deque[dict] = collections.deque(maxlen=1000)
+        self._auth: _AllowListAuthenticator | None = None
+        if curve is not None:
+            self._auth = _AllowListAuthenticator(self._s.context, curve.client_of_key)
+            self._auth.start()
+            self._auth.configure_curve_callback(domain="*", credentials_provider=self._auth)
+            sock.curve_secretkey = curve.secret
+            sock.curve_publickey = curve.public
+            sock.curve_server = True
         try:
             sock.bind(bind)
         except zmq.ZMQError as e:
-            self._s.close()
+            self.close()
             raise TransportError(f"cannot bind {bind}: {e} (change the server's bind address)") from None
         self.endpoint: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
@@ -144,38 +228,80 @@ class ZmqServerTransport:
         self._s.send([peer.encode("utf-8", "surrogateescape"), *frames], repr(peer))
 
     def recv(self, timeout_s: float) -> tuple[str, Frames] | None:
-        parts = self._s.poll_recv(timeout_s)
-        if parts is None:
-            return None
-        peer = parts[0].bytes.decode("utf-8", "surrogateescape")
-        return peer, [p.buffer for p in parts[1:]]
+        deadline = time.monotonic() + max(timeout_s, 0.0)
+        while True:
+            parts = self._s.poll_recv(max(deadline - time.monotonic(), 0.0))
+            if parts is None:
+                return None
+            peer = parts[0].bytes.decode("utf-8", "surrogateescape")
+            if self._auth is None or self._identity_matches(peer, parts):
+                return peer, [p.buffer for p in parts[1:]]
+
+    def _identity_matches(self, peer: str, parts: list[zmq.Frame]) -> bool:
+        try:
+            user = parts[-1].get("User-Id")
+        except zmq.ZMQError:
+            user = ""
+        if user == peer:
+            return True
+        reason = f"the connection claims client id {peer!r} but its key is allow-listed as {user!r}"
+        log.warning("refused a message: %s", reason)
+        self.refused.append({"peer": peer, "code": ErrorCode.UNKNOWN_CLIENT.value, "reason": reason})
+        try:
+            self.send(peer, encode(Error(code=ErrorCode.UNKNOWN_CLIENT.value, reason=reason, round=-1)))
+        except TransportError:
+            pass
+        return False
 
     def close(self) -> None:
-        self._s.close()
+        self._s.close(before_term=self._stop_auth)
+
+    def _stop_auth(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
 
 
 class ZmqClientTransport:
-    """DEALER socket connected to `connect`, identified to the server by `client_id`."""
+    """DEALER socket connected to `connect`, identified to the server by `client_id` (CURVE with `curve`)."""
 
     def __init__(self, connect: str, client_id: str, *, hwm: int = 64, send_timeout_s: float = 10.0,
-                 heartbeat_s: float = 1.0, reconnect_ivl_s: float = 0.1, reconnect_ivl_max_s: float = 5.0):
+                 heartbeat_s: float = 1.0, reconnect_ivl_s: float = 0.1, reconnect_ivl_max_s: float = 5.0,
+                 curve: CurveClientKeys | None = None):
         if not client_id or len(client_id.encode()) > 255:
             raise TransportError(f"client id {client_id!r} must be 1 to 255 bytes (ZMQ routing id)")
-        self._s = _ZmqSocket(zmq.DEALER)
-        sock = self._s.sock
+        self.endpoint = connect
+        self.client_id = client_id
+        self.insecure = curve is None
+        self._options = (hwm, send_timeout_s, heartbeat_s, reconnect_ivl_s, reconnect_ivl_max_s, curve)
+        self._s = self._open()
+
+    def _open(self) -> _ZmqSocket:
+        hwm, send_timeout_s, heartbeat_s, reconnect_ivl_s, reconnect_ivl_max_s, curve = self._options
+        s = _ZmqSocket(zmq.DEALER)
+        sock = s.sock
         _harden(sock, hwm, send_timeout_s, heartbeat_s)
         # The server routes replies by this id, so it is the client id itself (not ZMQ's random one).
-        sock.setsockopt(zmq.ROUTING_ID, client_id.encode())
+        sock.setsockopt(zmq.ROUTING_ID, self.client_id.encode())
         # Retry quickly after a drop, backing off to RECONNECT_IVL_MAX while the server is down.
         sock.setsockopt(zmq.RECONNECT_IVL, int(reconnect_ivl_s * 1000))
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(reconnect_ivl_max_s * 1000))
+        if curve is not None:
+            sock.curve_secretkey = curve.secret
+            sock.curve_publickey = curve.public
+            sock.curve_serverkey = curve.server_public
         try:
-            sock.connect(connect)
+            sock.connect(self.endpoint)
         except zmq.ZMQError as e:
-            self._s.close()
-            raise TransportError(f"cannot connect to {connect}: {e} (check the server address)") from None
-        self.endpoint = connect
-        self.client_id = client_id
+            s.close()
+            raise TransportError(f"cannot connect to {self.endpoint}: {e} (check the server address)") from None
+        return s
+
+    def reconnect(self) -> None:
+        """A fresh connection under the same id (queued messages are dropped): what a client does when
+        the server stops answering, e.g. after it restarted or while an old connection still holds the id."""
+        old, self._s = self._s, self._open()
+        old.close()
 
     def send(self, frames: Frames) -> None:
         self._s.send(list(frames), "server")
@@ -215,9 +341,15 @@ class InprocHub:
 
     def client(self, client_id: str) -> ClientTransport:
         with self._lock:
-            # Like ROUTER_HANDOVER on the ZMQ side: a new client with a known id takes over the id.
-            client = self._clients[client_id] = _InprocClient(self, client_id)
+            # As on the ZMQ side (no ROUTER_HANDOVER): while a client with this id is open, a second one
+            # is ignored (its sends are dropped); it takes the id once the first one closed.
+            client = _InprocClient(self, client_id)
+            self._clients.setdefault(client_id, client)
             return client
+
+    def _owns(self, client: _InprocClient) -> bool:
+        with self._lock:
+            return self._clients.setdefault(client.client_id, client) is client
 
     def _drop(self, client: _InprocClient) -> None:
         with self._lock:
@@ -272,7 +404,11 @@ class _InprocClient:
         if self._closed.is_set():
             raise TransportError("transport is closed")
         # Queued even before the server exists, as a DEALER queues until it connects.
-        self._hub._server_inbox.put((self.client_id, _freeze(frames)))
+        if self._hub._owns(self):
+            self._hub._server_inbox.put((self.client_id, _freeze(frames)))
+
+    def reconnect(self) -> None:
+        """Nothing to renew in process (the ZMQ client opens a fresh connection)."""
 
     def recv(self, timeout_s: float) -> Frames | None:
         return _get(self._inbox, timeout_s, self._closed)
