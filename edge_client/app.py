@@ -15,6 +15,7 @@ from fedafd.edge_client.private_data import load_private_data
 from fedafd.edge_client.state import ClientState, load_state, save_state
 from fedafd.edge_client.training import Optimizers, RoundPlan, evaluate, public_features, train_round
 from fedafd.runtime.accounting import ByteCounter, ClientMessenger
+from fedafd.runtime.codecs import FEATURE_CODECS, wire_codec
 from fedafd.runtime.errors import FedafdError
 from fedafd.runtime.config import ClientConfig
 from fedafd.runtime.data.modal import ModalData, load_public_data
@@ -150,16 +151,27 @@ class EdgeApp:
         # The model's size travels with the metrics so the server can price FedAvg for the same model.
         metrics["num_params"] = float(count_parameters(state.model))
         uploads = public_features(state.model, self.public, rows, self.device) if federated else {}
+        # Training + evaluation + feature extraction: what the server subtracts from the round trip to
+        # get this device's communication time.
+        metrics["compute_seconds"] = time.perf_counter() - started
         state.last_round = start.round
         save_state(self.state_dir, state, self._identity(state.towers.feature_dim))
         sent = self.messenger.send(FeatureUpload(
             round=start.round, client_id=c.client_id,
             features={m: f.numpy().astype(np.float32, copy=False) for m, f in uploads.items()},
             metrics=metrics, losses=losses, train_seconds=train_seconds,
-        ), round=start.round)
+        ), round=start.round, codecs={"features": self._uplink_codec(settings)})
         self.reports.append(RoundReport(start.round, metrics, losses, train_seconds, sent))
         log.info("%s round %d: %s | losses %s | %.1fs train | %d bytes up", c.client_id, start.round,
                  _fmt(metrics), _fmt(losses), train_seconds, sent)
+
+    def _uplink_codec(self, settings: dict) -> str:
+        """The wire codec of this round's feature upload, as the server's feature_codec setting says."""
+        name = settings.get("feature_codec", "fp32")
+        if name not in FEATURE_CODECS:
+            log.warning("%s: server asked for unknown feature codec %r; sending fp32", self.config.client_id, name)
+            name = "fp32"
+        return wire_codec(name)
 
     def close(self) -> None:
         self.messenger.close()

@@ -19,6 +19,8 @@ CLIENT_KINDS = ("image", "text", "multimodal")
 STRATEGIES = ("fedafd", "local")
 CONTRASTIVE_LOSSES = ("pcme", "infonce")
 DEVICES = ("auto", "cpu", "cuda")
+FEATURE_CODECS = ("fp32", "fp16", "int8_row", "int8_col")
+TOWER_CODECS = ("fp32", "fp16", "int8_row")
 
 
 class ConfigError(ValueError):
@@ -89,8 +91,16 @@ class ServerConfig:
     """Cap on each --local client's private training samples (0: no cap)."""
     max_test: int = 1000
     """Cap on each --local client's test samples (0: the whole test split)."""
+    feature_codec: str = "fp32"
+    """How public features travel both ways (uplink features, downlink global features): fp32, fp16, int8_row, int8_col."""
+    tower_codec: str = "fp32"
+    """How the downlink's global tower weights travel: fp32, fp16 or int8_row (int8 per output row; 1-d tensors fp16)."""
+    public_resample: bool = False
+    """Draw a fresh random subset of public_size pairs every round (same rows for every client; paper: one fixed subset)."""
 
     def validate(self) -> None:
+        _check_choice(self, "feature_codec", FEATURE_CODECS)
+        _check_choice(self, "tower_codec", TOWER_CODECS)
         _check_positive(self, "rounds", "min_clients", "local_epochs", "feature_dim", "server_epochs",
                         "batch_size", "sed_chunk")
         _check_non_negative(self, "expected_clients", "public_size", "distill_epochs", "threads",
@@ -149,6 +159,8 @@ class ClientConfig:
     """Seconds to wait for the server's next message before giving up."""
     connect_timeout_s: float = 60.0
     """Seconds to wait for the server's Welcome after joining."""
+    profile: str = ""
+    """Device profile whose link to emulate (a shipped name such as phone_lte, or a TOML path; "": no shaping)."""
 
     def validate(self) -> None:
         _check_choice(self, "kind", CLIENT_KINDS)
