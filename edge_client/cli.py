@@ -30,6 +30,9 @@ def join(
                                                            "(default edge_state/<client id>).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of ClientConfig values.")] = None,
     overrides: Annotated[Optional[list[str]], typer.Option("-c", "--set", help="key=value override, repeatable.")] = None,
+    profile: Annotated[Optional[str], typer.Option(help="Emulate this device profile's link (delay + token-bucket "
+                                                        "bandwidth): a shipped name (phone_lte, raspberry_pi_wifi, "
+                                                        "workstation_ethernet) or a TOML path.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Join a federation: train each round, upload public-set features (never data, never weights)."""
@@ -39,11 +42,20 @@ def join(
         from fedafd.runtime.transport import ZmqClientTransport
 
         client_config = load_config(ClientConfig, config, overrides, kind=kind, partition=partition,
-                                    num_partitions=num_partitions, client_id=client_id)
+                                    num_partitions=num_partitions, client_id=client_id, profile=profile)
+        link = None
+        if client_config.profile:
+            from fedafd.runtime.shaping import load_profile
+
+            link = load_profile(client_config.profile)
         folder = state_dir or Path("edge_state") / client_config.client_id
         folder.mkdir(parents=True, exist_ok=True)
         write_config(client_config, folder / "config.json")
         transport = ZmqClientTransport(server, client_config.client_id)
+        if link is not None:
+            from fedafd.runtime.shaping import ShapedClientTransport
+
+            transport = ShapedClientTransport(transport, link)
         edge = None
         try:
             edge = EdgeApp(client_config, transport, folder)
@@ -54,6 +66,34 @@ def join(
                 edge.close()
             else:
                 transport.close()
+
+
+@app.command()
+def bench(
+    kind: Annotated[str, typer.Option(help="image, text or multimodal: which task model to time.")] = "image",
+    onnx_dir: Annotated[Optional[Path], typer.Option(help="A folder of exported .onnx graphs to time with ONNX "
+                                                          "Runtime (skipped when not given).")] = None,
+    out: Annotated[Path, typer.Option(help="Profile file (TOML) to write.")] = Path("device_profile.toml"),
+    name: Annotated[str, typer.Option(help="Name of the written profile.")] = "this_device",
+    link: Annotated[str, typer.Option(help="Shipped profile or TOML whose link values (bandwidth, RTT, "
+                                           "availability) the written profile keeps.")] = "workstation_ethernet",
+    reference_ms: Annotated[float, typer.Option(help="Training ms per sample of the reference machine (compute "
+                                                     "factor 1); 0: write compute_factor 1.")] = 0.0,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of ClientConfig values.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("-c", "--set", help="key=value override, repeatable.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+) -> None:
+    """Time this device's training step, feature extraction and (with --onnx-dir) ONNX inference; write a
+    device profile from what was measured."""
+    with cli_errors():
+        import json
+
+        from fedafd.edge_client.bench import run_bench
+
+        client_config = load_config(ClientConfig, config, overrides, kind=kind)
+        result = run_bench(client_config, onnx_dir, out, name, link, reference_ms)
+        typer.echo(json.dumps(result, indent=2) if fmt == "json" else
+                   "\n".join(f"{k}: {v}" for k, v in result.items()))
 
 
 if __name__ == "__main__":
