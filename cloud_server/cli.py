@@ -131,5 +131,24 @@ def report(
             typer.echo(" | ".join(f"{row[k]:.4g}" if k in row else "-" for k in keys))
 
 
+@app.command()
+def profile(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `serve`.")],
+    fmt: Annotated[str, typer.Option("--format", help="markdown or json")] = "markdown",
+    out: Annotated[Optional[Path], typer.Option(help="Where profile.md/.json/.png go (default: RUN_DIR).")] = None,
+) -> None:
+    """Bytes per round and client kind by what they carry (public features, global features, global tower,
+    control), beside FedAvg for the same model, the crossover model size, and a PNG of cumulative bytes."""
+    with cli_errors():
+        from fedafd.runtime.bandwidth import profile_markdown, write_profile
+
+        if not (run_dir / "metrics.jsonl").exists():
+            raise typer.BadParameter(f"no metrics.jsonl in {run_dir}")
+        result = write_profile(run_dir, out)
+        typer.echo(json.dumps(result, indent=2) if fmt == "json" else profile_markdown(result))
+        if fmt != "json":
+            typer.echo(f"written: {Path(result['plot']).with_suffix('.md')}, .json, {result['plot']}", err=True)
+
+
 if __name__ == "__main__":
     app()
