@@ -25,11 +25,11 @@ from fedafd.runtime.config import ServerConfig, config_to_dict
 from fedafd.runtime.data.modal import ModalData, load_public_data
 from fedafd.runtime.data.partition import cap_indices
 from fedafd.runtime.torch_utils import (
-    configure_threads, load_checkpoint, resolve_device, save_checkpoint, seeded_generator,
+    atomic_write_bytes, configure_threads, load_checkpoint, resolve_device, save_checkpoint, seeded_generator,
 )
 from fedafd.runtime.transport import PeerGone, ServerTransport
 from fedafd.runtime.wire import (
-    Ack, Bye, Error, ErrorCode, FeatureUpload, Heartbeat, Join, RoundStart, Welcome,
+    MAX_HEADER_BYTES, Ack, Bye, Error, ErrorCode, FeatureUpload, Heartbeat, Join, RoundStart, Welcome, new_msg_id,
 )
 
 log = logging.getLogger("fedafd.cloud")
@@ -65,6 +65,33 @@ class RoundOutcome:
     uploads: dict[str, FeatureUpload] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)  # client id -> why
     arrived_at: dict[str, float] = field(default_factory=dict)  # client id -> time.monotonic() of its upload
+    duplicates: int = 0
+    """Uploads acknowledged but ignored: a resend of an accepted message id, or a second upload."""
+
+
+@dataclass
+class _LiveRound:
+    round: int
+    tower_version: int
+    global_features: dict[str, torch.Tensor]
+    federated: bool
+    selected: list[str]
+    outcome: RoundOutcome
+    round_start_ids: dict[str, str] = field(default_factory=dict)
+
+
+_SEEN_IDS = 100_000
+"""Accepted upload message ids remembered to refuse replays (about 3 MB)."""
+
+_MAX_PUBLIC_ROWS = 1 << 16
+"""Upper bound on |P| used to size the server's per-message limit when public_size is 0 (all)."""
+
+
+def max_upload_bytes(config: ServerConfig) -> int:
+    """The largest message a device ever sends this server: two float32 (|P|, d) feature tensors plus
+    headers. The server's socket drops any bigger frame before buffering it (ZMQ MAXMSGSIZE)."""
+    rows = config.public_size or _MAX_PUBLIC_ROWS
+    return 2 * rows * config.feature_dim * 4 + 2 * MAX_HEADER_BYTES
 
 
 class ServerApp:
@@ -90,6 +117,8 @@ class ServerApp:
         self.rejected: list[dict] = []  # malformed or refused messages since the last round record
         self.next_round = 0
         self.round_in_progress = -1
+        self._live: _LiveRound | None = None  # the round being collected, to resend RoundStart on a rejoin
+        self._accepted_ids: dict[str, int] = {}  # msg_id of accepted uploads -> round (newest _SEEN_IDS)
         if resume:
             self._restore()
 
@@ -153,12 +182,16 @@ class ServerApp:
         started = time.perf_counter()
         selected = list(self.clients)
         tower_version = round_ + 1  # the encoders change every round (stage 1 and stage 3)
+        outcome = RoundOutcome()
+        self._live = _LiveRound(round_, tower_version, global_features, federated, selected, outcome)
         for client_id in selected:
-            self._send_round_start(self.clients[client_id], round_, tower_version, global_features, federated)
+            if not self._send_round_start(self.clients[client_id], round_, tower_version, global_features, federated):
+                outcome.dropped[client_id] = "not connected when the round started"
         timings["downlink"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        outcome = self._collect(round_, selected)
+        self._collect(round_, selected, outcome)
+        self._live = None
         timings["collect"] = time.perf_counter() - started
 
         needed = math.ceil(c.quorum * len(selected))
@@ -191,6 +224,7 @@ class ServerApp:
             "dropped": outcome.dropped,
             "rejected": self._take_rejected(),
             "quorum_met": quorum_met,
+            "duplicates": outcome.duplicates,
             "public_size": len(self.public),
             "bytes": self.counter.for_round(round_),
             "bytes_by_part": self.counter.parts_for_round(round_),
@@ -206,7 +240,7 @@ class ServerApp:
         return record
 
     def _send_round_start(self, client: ClientRecord, round_: int, tower_version: int,
-                          global_features: dict[str, torch.Tensor], federated: bool) -> None:
+                          global_features: dict[str, torch.Tensor], federated: bool) -> bool:
         c = self.config
         tower: dict[str, np.ndarray] = {}
         if federated and client.tower_version_sent != tower_version:
@@ -224,13 +258,18 @@ class ServerApp:
         )
         client.round_start_sent_at = time.monotonic()
         codecs = {"global_features": wire_codec(c.feature_codec), "tower": wire_codec(c.tower_codec)}
-        if self._send(client.client_id, message, round_, codecs):
+        # One message id per client and round: a RoundStart resent after a rejoin is the same message,
+        # so a client that already served it resends its upload instead of training twice.
+        msg_id = self._live.round_start_ids.setdefault(client.client_id, new_msg_id()) if self._live else None
+        if self._send(client.client_id, message, round_, codecs, msg_id):
             client.tower_version_sent = tower_version if tower else client.tower_version_sent
+            return True
+        return False
 
-    def _collect(self, round_: int, selected: list[str]) -> RoundOutcome:
-        """Uploads until every selected client answered, or the deadline; silent or dead clients drop."""
+    def _collect(self, round_: int, selected: list[str], outcome: RoundOutcome) -> RoundOutcome:
+        """Uploads until every selected client answered, or the deadline; silent or dead clients drop
+        (and are forgotten until they join again, so the next round does not wait for them)."""
         c = self.config
-        outcome = RoundOutcome()
         deadline = time.monotonic() + c.round_deadline_s
         for client_id in selected:
             self.clients[client_id].last_seen = time.monotonic()
@@ -256,21 +295,32 @@ class ServerApp:
                 self._accept_upload(received, round_, selected, outcome)
             else:
                 self._handle_outside_round(received, outcome)
-        for cid in outcome.dropped:
-            log.warning("round %d: %s dropped: %s", round_, cid, outcome.dropped[cid])
+        for cid, why in outcome.dropped.items():
+            log.warning("round %d: %s dropped: %s", round_, cid, why)
+            if not why.startswith("no upload by the round deadline"):  # a straggler stays for the next round
+                self.clients.pop(cid, None)
         return outcome
 
     def _accept_upload(self, received: Received, round_: int, selected: list[str], outcome: RoundOutcome) -> None:
         upload: FeatureUpload = received.msg
         peer = received.peer
+        seen_in = self._accepted_ids.get(received.msg_id)
+        if seen_in is not None and seen_in != round_:
+            self._reject(peer, ErrorCode.UNEXPECTED, f"replayed upload: message {received.msg_id} was accepted in round {seen_in}")
+            return
         problem = self._check_upload(upload, peer, round_, selected)
         if problem is not None:
             self._reject(peer, *problem)
             return
         self.clients[peer].last_seen = time.monotonic()
-        if peer in outcome.uploads:  # a duplicate (e.g. resent after a reconnect): acknowledged, ignored
+        if peer in outcome.uploads:  # idempotent: a resend (same message id) or a second upload is acked, ignored
+            outcome.duplicates += 1
+            log.info("round %d: duplicate upload from %s (message %s) ignored", round_, peer, received.msg_id)
             self._send(peer, Ack(round=round_), round_)
             return
+        self._accepted_ids[received.msg_id] = round_
+        while len(self._accepted_ids) > _SEEN_IDS:
+            del self._accepted_ids[next(iter(self._accepted_ids))]
         outcome.uploads[peer] = upload
         outcome.arrived_at[peer] = time.monotonic()
         outcome.dropped.pop(peer, None)
@@ -306,8 +356,10 @@ class ServerApp:
             self.clients[peer].last_seen = time.monotonic()
         if isinstance(message, Join):
             self._admit(peer, message)
+            self._resend_round_start(peer)
         elif isinstance(message, Heartbeat):
-            pass
+            if peer not in self.clients:  # e.g. this server restarted, or dropped it as dead: it must join again
+                self._reject(peer, ErrorCode.UNKNOWN_CLIENT, f"{peer!r} has not joined (or was dropped); send Join")
         elif isinstance(message, Bye):
             if peer in self.clients:
                 del self.clients[peer]
@@ -332,6 +384,18 @@ class ServerApp:
         self._send(peer, Welcome(client_id=peer, run_id=self.run_dir.name, feature_dim=self.config.feature_dim,
                                  rounds=self.config.rounds), self.next_round)
 
+    def _resend_round_start(self, peer: str) -> None:
+        """A client that (re)joins while its round is collected and has not answered gets the round's
+        RoundStart again (same message id): a restarted device resumes from its saved state and can
+        still make the round."""
+        live = self._live
+        if live is None or peer not in self.clients or peer not in live.selected:
+            return
+        if peer in live.outcome.uploads or peer in live.outcome.dropped:
+            return
+        log.info("round %d: resending RoundStart to %s after its rejoin", live.round, peer)
+        self._send_round_start(self.clients[peer], live.round, live.tower_version, live.global_features, live.federated)
+
     def _reject(self, peer: str, code: ErrorCode | str, reason: str) -> None:
         """Errors are values: the peer gets an Error naming the problem, the run records it, serving goes on."""
         log.warning("rejected a message from %s: %s: %s", peer, code, reason)
@@ -339,12 +403,16 @@ class ServerApp:
         self._send(peer, Error(code=str(code), reason=reason, round=self.round_in_progress), self.next_round)
 
     def _take_rejected(self) -> list[dict]:
+        refused = getattr(self.messenger.transport, "refused", None)  # identity mismatches seen by the transport
+        while refused:
+            self.rejected.append(refused.popleft())
         taken, self.rejected = self.rejected, []
         return taken
 
-    def _send(self, peer: str, message, round_: int, codecs: dict[str, str] | None = None) -> bool:
+    def _send(self, peer: str, message, round_: int, codecs: dict[str, str] | None = None,
+              msg_id: str | None = None) -> bool:
         try:
-            self.messenger.send(peer, message, round_, codecs=codecs)
+            self.messenger.send(peer, message, round_, msg_id=msg_id, codecs=codecs)
             return True
         except PeerGone:
             log.warning("cannot reach %s (disconnected)", peer)
@@ -375,7 +443,7 @@ class ServerApp:
         metrics = self.run_dir / METRICS_FILE
         if metrics.exists():
             kept = [line for line in metrics.read_text().splitlines() if _finished_record(line, meta["round"])]
-            metrics.write_text("".join(line + "\n" for line in kept))
+            atomic_write_bytes(metrics, "".join(line + "\n" for line in kept).encode())
         log.info("resumed from %s after round %d", path, meta["round"])
 
     def _append_metrics(self, record: dict) -> None:

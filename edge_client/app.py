@@ -21,10 +21,18 @@ from fedafd.runtime.config import ClientConfig
 from fedafd.runtime.data.modal import ModalData, load_public_data
 from fedafd.runtime.models import count_parameters
 from fedafd.runtime.torch_utils import configure_threads, resolve_device
-from fedafd.runtime.transport import ClientTransport
-from fedafd.runtime.wire import Ack, Bye, Error, FeatureUpload, Heartbeat, Join, RoundStart, Welcome
+from fedafd.runtime.transport import ClientTransport, TransportError
+from fedafd.runtime.wire import (
+    Ack, Bye, Error, ErrorCode, FeatureUpload, Heartbeat, Join, RoundStart, Welcome, new_msg_id,
+)
 
 log = logging.getLogger("fedafd.edge")
+
+
+JOIN_BACKOFF_S = 2.0
+"""First wait for a Welcome before opening a fresh connection and joining again."""
+JOIN_BACKOFF_MAX_S = 16.0
+"""Longest wait between join attempts (the wait doubles each attempt)."""
 
 
 class EdgeError(FedafdError):
@@ -54,6 +62,7 @@ class EdgeApp:
         self.public: ModalData = load_public_data("train")
         self.state: ClientState | None = None
         self.reports: list[RoundReport] = []
+        self._last_upload: tuple | None = None  # (RoundStart msg id, FeatureUpload, its msg id, codecs)
 
     # -- protocol -------------------------------------------------------------------------------
     def run(self) -> list[RoundReport]:
@@ -62,13 +71,18 @@ class EdgeApp:
             welcome = self._join()
             self._build_state(welcome.feature_dim)
             while True:
-                received = self._recv(self.config.round_wait_s, "the server's next round")
+                received = self._recv(self.config.round_wait_s, "the server's next round", idle_beats=True)
                 message = received.msg
                 if isinstance(message, RoundStart):
-                    self._serve_round(message)
+                    self._serve_round(message, received.msg_id)
                 elif isinstance(message, Bye):
                     log.info("%s: server says bye (%s)", self.config.client_id, message.reason)
                     return self.reports
+                elif isinstance(message, Error) and message.code == ErrorCode.UNKNOWN_CLIENT:
+                    # The server restarted (or dropped us as dead): join again, keep the local state.
+                    log.warning("%s: server does not know us (%s); joining again", self.config.client_id, message.reason)
+                    if self._join().feature_dim != welcome.feature_dim:
+                        raise EdgeError("the server came back with another feature_dim; start this device afresh")
                 elif isinstance(message, Error):
                     log.warning("%s: server error %s: %s", self.config.client_id, message.code, message.reason)
                 elif not isinstance(message, (Ack, Welcome)):
@@ -78,31 +92,71 @@ class EdgeApp:
             raise
 
     def _join(self) -> Welcome:
+        """Join, and when no Welcome comes, open a fresh connection and join again with exponential backoff
+        (JOIN_BACKOFF_S doubling up to JOIN_BACKOFF_MAX_S) until connect_timeout_s."""
         c = self.config
         archs = {"image": c.image_arch if c.kind != "text" else "", "text": c.text_arch if c.kind != "image" else ""}
-        self.messenger.send(Join(client_id=c.client_id, kind=c.kind, image_arch=archs["image"], text_arch=archs["text"],
-                                 num_params=0, num_private=len(self.private.train)), round=-1)
-        received = self._recv(c.connect_timeout_s, "the server's Welcome (is `fedafd-cloud serve` running at that "
-                                                  "address? raise connect_timeout_s to wait longer)")
-        if isinstance(received.msg, Error):
-            raise EdgeError(f"server refused {c.client_id}: {received.msg.code}: {received.msg.reason}")
-        if not isinstance(received.msg, Welcome):
-            raise EdgeError(f"expected Welcome from the server, got {type(received.msg).__name__}")
-        return received.msg
+        join = Join(client_id=c.client_id, kind=c.kind, image_arch=archs["image"], text_arch=archs["text"],
+                    num_params=0, num_private=len(self.private.train))
+        what = ("the server's Welcome (is `fedafd-cloud serve` running at that address? with CURVE: is the server "
+                "key right and this device's key allow-listed? raise connect_timeout_s to wait longer)")
+        deadline = time.monotonic() + c.connect_timeout_s
+        wait_s, attempt = JOIN_BACKOFF_S, 0
+        while True:
+            if attempt:
+                log.info("%s: no Welcome yet; reconnecting (attempt %d, next wait %.0fs)", c.client_id, attempt + 1, wait_s)
+                reconnect = getattr(self.messenger.transport, "reconnect", None)
+                if reconnect is not None:
+                    reconnect()  # a fresh connection: the old one may be dead or refused
+            try:
+                self.messenger.send(join, round=-1)
+                received = self._recv_until(min(deadline, time.monotonic() + wait_s), c.connect_timeout_s, what,
+                                            lambda r: isinstance(r.msg, Welcome) or (
+                                                isinstance(r.msg, Error) and r.msg.code != ErrorCode.UNKNOWN_CLIENT))
+            except (EdgeError, TransportError):
+                if time.monotonic() >= deadline:
+                    raise EdgeError(f"{c.client_id}: timed out after {c.connect_timeout_s:.0f}s waiting for {what}") from None
+                attempt, wait_s = attempt + 1, min(wait_s * 2, JOIN_BACKOFF_MAX_S)
+                continue
+            if isinstance(received.msg, Error):
+                raise EdgeError(f"server refused {c.client_id}: {received.msg.code}: {received.msg.reason}")
+            return received.msg
 
-    def _recv(self, timeout_s: float, what: str):
+    def _recv_until(self, deadline: float, timeout_s: float, what: str, wanted) -> object:
+        """The first message `wanted(received)` accepts before `deadline`; others (stale errors, a
+        RoundStart for a round we missed) are skipped."""
+        while True:
+            received = self._recv(max(deadline - time.monotonic(), 0.001), what, timeout_label=timeout_s)
+            if wanted(received):
+                return received
+
+    def _recv(self, timeout_s: float, what: str, idle_beats: bool = False, timeout_label: float | None = None):
+        """The next well-formed message. With `idle_beats`, a Heartbeat goes out every heartbeat_s while
+        waiting, so a server that restarted answers unknown_client and this device joins again."""
         deadline = time.monotonic() + timeout_s
+        next_beat = time.monotonic() + self.config.heartbeat_s
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise EdgeError(f"{self.config.client_id}: timed out after {timeout_s:.0f}s waiting for {what}")
-            received = self.messenger.recv(min(left, 1.0))
+                raise EdgeError(f"{self.config.client_id}: timed out after "
+                                f"{timeout_label if timeout_label is not None else timeout_s:.0f}s waiting for {what}")
+            if idle_beats and time.monotonic() >= next_beat:
+                self._beat(self.messenger.current_round, "idle")
+                next_beat = time.monotonic() + self.config.heartbeat_s
+            received = self.messenger.recv(min(left, 1.0, self.config.heartbeat_s) if idle_beats else min(left, 1.0))
             if received is None:
                 continue
             if received.error is not None:
                 log.warning("%s: dropped a malformed message: %s", self.config.client_id, received.error)
                 continue
             return received
+
+    def _beat(self, round_: int, stage: str) -> None:
+        """A heartbeat that never stops the device: a full queue (server busy or gone) skips this one."""
+        try:
+            self.messenger.send(Heartbeat(client_id=self.config.client_id, round=max(round_, -1), stage=stage), round=round_)
+        except TransportError as e:
+            log.debug("%s: heartbeat not sent: %s", self.config.client_id, e)
 
     # -- one round ------------------------------------------------------------------------------
     def _build_state(self, feature_dim: int) -> None:
@@ -117,9 +171,17 @@ class EdgeApp:
         return {"client_id": c.client_id, "kind": c.kind, "image_arch": c.image_arch, "text_arch": c.text_arch,
                 "feature_dim": feature_dim}
 
-    def _serve_round(self, start: RoundStart) -> None:
+    def _serve_round(self, start: RoundStart, start_id: str = "") -> None:
         assert self.state is not None
         c, state = self.config, self.state
+        if start_id and self._last_upload is not None and self._last_upload[0] == start_id:
+            # The same RoundStart again (the server resent it after we rejoined): resend the same upload,
+            # same message id, so the server keeps exactly one; never train a round twice.
+            _, upload, upload_id, codecs = self._last_upload
+            log.info("%s round %d: RoundStart again; resending upload %s", c.client_id, start.round, upload_id)
+            self.messenger.send(upload, round=start.round, msg_id=upload_id, codecs=codecs)
+            return
+        log.info("%s round %d: training", c.client_id, start.round)
         self.messenger.current_round = start.round
         settings = start.settings
         federated = settings.get("strategy", "fedafd") != "local"
@@ -140,7 +202,7 @@ class EdgeApp:
 
         def heartbeat() -> None:
             if time.monotonic() - last_beat[0] >= c.heartbeat_s:
-                self.messenger.send(Heartbeat(client_id=c.client_id, round=start.round, stage="train"), round=start.round)
+                self._beat(start.round, "train")
                 last_beat[0] = time.monotonic()
 
         started = time.perf_counter()
@@ -156,11 +218,14 @@ class EdgeApp:
         metrics["compute_seconds"] = time.perf_counter() - started
         state.last_round = start.round
         save_state(self.state_dir, state, self._identity(state.towers.feature_dim))
-        sent = self.messenger.send(FeatureUpload(
+        upload = FeatureUpload(
             round=start.round, client_id=c.client_id,
             features={m: f.numpy().astype(np.float32, copy=False) for m, f in uploads.items()},
             metrics=metrics, losses=losses, train_seconds=train_seconds,
-        ), round=start.round, codecs={"features": self._uplink_codec(settings)})
+        )
+        codecs, upload_id = {"features": self._uplink_codec(settings)}, new_msg_id()
+        self._last_upload = (start_id, upload, upload_id, codecs)
+        sent = self.messenger.send(upload, round=start.round, msg_id=upload_id, codecs=codecs)
         self.reports.append(RoundReport(start.round, metrics, losses, train_seconds, sent))
         log.info("%s round %d: %s | losses %s | %.1fs train | %d bytes up", c.client_id, start.round,
                  _fmt(metrics), _fmt(losses), train_seconds, sent)
