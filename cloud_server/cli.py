@@ -18,6 +18,12 @@ app = typer.Typer(help="The fedafd cloud server.", no_args_is_help=True, add_com
 data_app = typer.Typer(help="The bundled real data sets (from Debian packages, offline at run time).",
                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
+nodes_app = typer.Typer(help="The allow-list of edge public keys this server admits over CURVE "
+                             "(changes apply to the next connection, no restart).", no_args_is_help=True)
+app.add_typer(nodes_app, name="nodes")
+
+INSECURE_WARNING = ("warning: --insecure: plain-text transport without authentication; anyone who can reach "
+                    "the address can join and read what is sent. Use it on loopback only.")
 
 
 @app.command()
@@ -32,15 +38,21 @@ def serve(
     local: Annotated[Optional[str], typer.Option(help="Also start clients on this machine, e.g. "
                                                       "image=3,text=3,multimodal=4.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last finished round.")] = False,
+    keys: Annotated[Optional[Path], typer.Option(help="Folder with server.key and allowed_clients.json (see "
+                                                      "`fedafd-cloud keys` and `nodes add`): CURVE encryption, "
+                                                      "allow-listed devices only. Default with --local: "
+                                                      "RUN_DIR/keys, generated.")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Plain text, no authentication (prints a warning).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every message event.")] = False,
 ) -> None:
     """Run a federation: wait for clients, then stage 1, downlink, collect, stage 3, evaluate, every round."""
     setup_logging(verbose)
     with cli_errors():
-        from fedafd.cloud_server.app import ServerApp
+        from fedafd.cloud_server.app import ServerApp, max_upload_bytes
         from fedafd.cloud_server.fleet import LocalFleet, client_ids, parse_fleet
+        from fedafd.runtime.keys import ALLOW_LIST, SERVER_KEY, AllowList, generate_keypair, load_keypair
         from fedafd.runtime.report import progress_line
-        from fedafd.runtime.transport import ZmqServerTransport
+        from fedafd.runtime.transport import CurveServerKeys, ZmqServerTransport
 
         fleet_spec = parse_fleet(local) if local else None
         explicit = {"expected_clients": len(client_ids(fleet_spec))} if fleet_spec else {}
@@ -50,9 +62,25 @@ def serve(
         run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(server_config, run_dir / "config.json")
-        transport = ZmqServerTransport(bind or ("tcp://127.0.0.1:*" if fleet_spec else "tcp://127.0.0.1:5555"))
+        if insecure and keys is not None:
+            raise typer.BadParameter("--insecure and --keys exclude each other")
+        if not insecure and keys is None and fleet_spec is None:
+            raise typer.BadParameter("pass --keys DIR (CURVE; create it with `fedafd-cloud keys --out DIR` and "
+                                     "`fedafd-cloud nodes add`) or --insecure for plain text")
+        curve = None
+        if insecure:
+            typer.secho(INSECURE_WARNING, fg="yellow", err=True)
+        else:
+            keys = keys or run_dir / "keys"
+            if fleet_spec is not None and not (keys / SERVER_KEY).exists():
+                generate_keypair(keys / SERVER_KEY)
+            pair = load_keypair(keys / SERVER_KEY)
+            curve = CurveServerKeys(pair.public, pair.secret, AllowList(keys / ALLOW_LIST).client_of_key)
+        transport = ZmqServerTransport(bind or ("tcp://127.0.0.1:*" if fleet_spec else "tcp://127.0.0.1:5555"),
+                                       curve=curve, max_message_bytes=max_upload_bytes(server_config))
         (run_dir / "server.json").write_text(json.dumps({"endpoint": transport.endpoint}) + "\n")
-        fleet = LocalFleet(fleet_spec, transport.endpoint, run_dir, server_config) if fleet_spec else None
+        fleet = LocalFleet(fleet_spec, transport.endpoint, run_dir, server_config,
+                           keys_dir=None if insecure else keys) if fleet_spec else None
         typer.echo(f"fedafd-cloud: serving on {transport.endpoint}, run folder {run_dir}", err=True)
         if fleet:
             fleet.start()
@@ -78,6 +106,61 @@ def serve(
                 server.close()
             else:
                 transport.close()
+
+
+@app.command("keys")
+def keys_cmd(
+    out: Annotated[Path, typer.Option(help="Folder for server.key (the pair, 0600) and server.pub.")] = Path("server_keys"),
+    force: Annotated[bool, typer.Option(help="Overwrite an existing key pair.")] = False,
+) -> None:
+    """Generate the server's CURVE key pair; give server.pub to every device (`fedafd-edge join --server-key`)."""
+    with cli_errors():
+        from fedafd.runtime.keys import SERVER_KEY, generate_keypair
+
+        pair = generate_keypair(out / SERVER_KEY, overwrite=force)
+        typer.echo(f"wrote {out / SERVER_KEY} and {out / 'server.pub'}; public key: {pair.public.decode()}")
+
+
+def _allow_list(keys: Path):
+    from fedafd.runtime.keys import ALLOW_LIST, AllowList
+
+    return AllowList(keys / ALLOW_LIST)
+
+
+_KEYS_DIR = Annotated[Path, typer.Option(help="The server's key folder (holds allowed_clients.json).")]
+
+
+@nodes_app.command("add")
+def nodes_add(
+    client_id: Annotated[str, typer.Argument(help="The device's client id (what it joins as).")],
+    key: Annotated[str, typer.Argument(help="Its public key: a .pub/.key file from `fedafd-edge keys`, or the z85 text.")],
+    keys: _KEYS_DIR = Path("server_keys"),
+) -> None:
+    """Admit a device: its key may connect, and only as this client id."""
+    with cli_errors():
+        from fedafd.runtime.keys import load_public_key
+
+        _allow_list(keys).add(client_id, load_public_key(key).decode())
+        typer.echo(f"allowed {client_id}")
+
+
+@nodes_app.command("list")
+def nodes_list(keys: _KEYS_DIR = Path("server_keys"),
+               fmt: Annotated[str, typer.Option("--format", help="text or json")] = "text") -> None:
+    """The admitted devices and their public keys."""
+    with cli_errors():
+        entries = _allow_list(keys).entries()
+        typer.echo(json.dumps(entries, indent=2) if fmt == "json" else
+                   "\n".join(f"{cid} {key}" for cid, key in entries.items()))
+
+
+@nodes_app.command("revoke")
+def nodes_revoke(client_id: Annotated[str, typer.Argument(help="The device to refuse from now on.")],
+                 keys: _KEYS_DIR = Path("server_keys")) -> None:
+    """Refuse a device from its next connection on (a running server reads the list for every connection)."""
+    with cli_errors():
+        _allow_list(keys).revoke(client_id)
+        typer.echo(f"revoked {client_id}")
 
 
 @data_app.command("fetch")

@@ -36,8 +36,11 @@ def client_ids(fleet: dict[str, int]) -> list[str]:
 class LocalFleet:
     """Child processes, one per device; each logs to RUN_DIR/clients/ID/log.txt and keeps its state there."""
 
-    def __init__(self, fleet: dict[str, int], endpoint: str, run_dir: Path, config: ServerConfig):
+    def __init__(self, fleet: dict[str, int], endpoint: str, run_dir: Path, config: ServerConfig,
+                 keys_dir: Path | None = None):
         self.fleet = fleet
+        self.keys_dir = keys_dir
+        """CURVE: the server's key folder; each device gets a generated key, allow-listed there. None: --insecure."""
         self.endpoint = endpoint
         self.run_dir = run_dir
         self.config = config
@@ -55,9 +58,24 @@ class LocalFleet:
         command = [sys.executable, "-m", "fedafd.edge_client.cli", "join", "--server", self.endpoint, "--kind", kind,
                    "--partition", str(index), "--num-partitions", str(self.fleet[kind]),
                    "--state-dir", str(self.state_dir(f"{kind}-{index}"))]
+        if self.keys_dir is None:
+            command.append("--insecure")
+        else:
+            command += ["--server-key", str(self.keys_dir / "server.pub"),
+                        "--key", str(self.client_key(f"{kind}-{index}"))]
         for key, value in overrides.items():
             command += ["-c", f"{key}={value}"]
         return command
+
+    def client_key(self, client_id: str) -> Path:
+        return self.keys_dir / "clients" / f"{client_id}.key"
+
+    def _ensure_keys(self, client_id: str) -> None:
+        from fedafd.runtime.keys import ALLOW_LIST, AllowList, generate_keypair, load_keypair
+
+        path = self.client_key(client_id)
+        pair = load_keypair(path) if path.exists() else generate_keypair(path)
+        AllowList(self.keys_dir / ALLOW_LIST).add(client_id, pair.public.decode())
 
     def state_dir(self, client_id: str) -> Path:
         return self.run_dir / "clients" / client_id
@@ -68,6 +86,8 @@ class LocalFleet:
             for index in range(count):
                 client_id = f"{kind}-{index}"
                 self.state_dir(client_id).mkdir(parents=True, exist_ok=True)
+                if self.keys_dir is not None:
+                    self._ensure_keys(client_id)
                 log = open(self.state_dir(client_id) / "log.txt", "ab")
                 self._logs.append(log)
                 self.processes[client_id] = subprocess.Popen(self.command(kind, index), stdout=log,

@@ -33,6 +33,10 @@ def join(
     profile: Annotated[Optional[str], typer.Option(help="Emulate this device profile's link (delay + token-bucket "
                                                         "bandwidth): a shipped name (phone_lte, raspberry_pi_wifi, "
                                                         "workstation_ethernet) or a TOML path.")] = None,
+    key: Annotated[Optional[Path], typer.Option(help="This device's CURVE key pair (from `fedafd-edge keys`); "
+                                                     "the server must allow-list its public key.")] = None,
+    server_key: Annotated[Optional[str], typer.Option(help="The server's public key: server.pub or its z85 text.")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Plain text, no authentication (prints a warning).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Join a federation: train each round, upload public-set features (never data, never weights)."""
@@ -51,7 +55,7 @@ def join(
         folder = state_dir or Path("edge_state") / client_config.client_id
         folder.mkdir(parents=True, exist_ok=True)
         write_config(client_config, folder / "config.json")
-        transport = ZmqClientTransport(server, client_config.client_id)
+        transport = ZmqClientTransport(server, client_config.client_id, curve=_curve_keys(key, server_key, insecure))
         if link is not None:
             from fedafd.runtime.shaping import ShapedClientTransport
 
@@ -66,6 +70,38 @@ def join(
                 edge.close()
             else:
                 transport.close()
+
+
+def _curve_keys(key: Optional[Path], server_key: Optional[str], insecure: bool):
+    """CURVE keys from --key/--server-key, or None with --insecure (after a warning); anything else is an error."""
+    from fedafd.runtime.keys import load_keypair, load_public_key
+    from fedafd.runtime.transport import CurveClientKeys
+
+    if insecure:
+        if key is not None or server_key is not None:
+            raise typer.BadParameter("--insecure excludes --key and --server-key")
+        typer.secho("warning: --insecure: plain-text transport without authentication; use it on loopback only",
+                    fg="yellow", err=True)
+        return None
+    if key is None or server_key is None:
+        raise typer.BadParameter("pass --key FILE and --server-key FILE (CURVE; create a key with `fedafd-edge keys`) "
+                                 "or --insecure for plain text")
+    pair = load_keypair(key)
+    return CurveClientKeys(pair.public, pair.secret, load_public_key(server_key))
+
+
+@app.command("keys")
+def keys_cmd(
+    out: Annotated[Path, typer.Option(help="Key pair file to write (0600); the public key goes beside it as .pub.")] = Path("client.key"),
+    force: Annotated[bool, typer.Option(help="Overwrite an existing key pair.")] = False,
+) -> None:
+    """Generate this device's CURVE key pair; the server operator allow-lists the .pub with `fedafd-cloud nodes add`."""
+    with cli_errors():
+        from fedafd.runtime.keys import generate_keypair
+
+        pair = generate_keypair(out, overwrite=force)
+        typer.echo(f"wrote {out} and {out.with_suffix('.pub')}; public key: {pair.public.decode()}\n"
+                   f"on the server: fedafd-cloud nodes add CLIENT_ID {pair.public.decode()}")
 
 
 @app.command()

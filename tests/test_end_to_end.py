@@ -56,14 +56,14 @@ def test_federation_over_zeromq(tmp_path: Path) -> None:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     run_dir = tmp_path / "run"
     server = subprocess.Popen(
-        [sys.executable, "-m", "fedafd.cloud_server.cli", "serve", "--bind", endpoint, "--out", str(run_dir),
+        [sys.executable, "-m", "fedafd.cloud_server.cli", "serve", "--bind", endpoint, "--out", str(run_dir), "--insecure",
          "-c", f"rounds={ROUNDS}", "-c", "expected_clients=3", "-c", "min_clients=3", "-c", f"public_size={PUBLIC_SIZE}",
          "-c", f"feature_dim={FEATURE_DIM}", "-c", "image_arch=cnn_small", "-c", "text_arch=gru",
          "-c", "join_timeout_s=120", "-c", "round_deadline_s=300"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     clients = {
         kind: subprocess.Popen(
-            [sys.executable, "-m", "fedafd.edge_client.cli", "join", "--server", endpoint, "--kind", kind,
+            [sys.executable, "-m", "fedafd.edge_client.cli", "join", "--server", endpoint, "--kind", kind, "--insecure",
              "--partition", "0", "--num-partitions", "1", "--state-dir", str(tmp_path / kind),
              "-c", "max_private=160", "-c", "max_test=64", "-c", "heartbeat_s=0.5"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
