@@ -29,6 +29,9 @@ VARIANTS: dict[str, dict[str, str]] = {
     "FedAFD w/o BAA": {"strategy": "fedafd", "baa": "false"},
     "FedAFD w/o GFF": {"strategy": "fedafd", "gff": "false"},
     "FedAFD w/o SED": {"strategy": "fedafd", "sed": "false"},
+    # Feature codecs on the wire (uplink features and downlink global features; runtime/codecs.py).
+    "FedAFD fp16": {"strategy": "fedafd", "feature_codec": "fp16"},
+    "FedAFD int8": {"strategy": "fedafd", "feature_codec": "int8_row"},
 }
 
 SETTINGS: dict[str, dict[str, str]] = {
@@ -45,6 +48,8 @@ COLUMNS = [
     ("mm_t2i_r1", "multimodal t2i R@1"),
     ("server_r1_sum", "server R@1 sum"),
     ("server_rsum", "server rsum"),
+    ("up_bytes_per_client", "up bytes per client-round"),
+    ("down_bytes_per_client", "down bytes per client-round"),
 ]
 
 
