@@ -132,5 +132,56 @@ def bench(
                    "\n".join(f"{k}: {v}" for k, v in result.items()))
 
 
+@app.command("export")
+def export_cmd(
+    state_dir: Annotated[Path, typer.Argument(help="A client's state folder (the --state-dir of `join`), or a "
+                                                   "server run folder / server.pt for the global towers.")],
+    out: Annotated[Path, typer.Option("--out", help="Model folder to write (ONNX graphs, manifest.json, tokenizer).")],
+    quantize: Annotated[bool, typer.Option(help="Also write int8 graphs (ONNX Runtime dynamic quantisation).")] = True,
+    fusion: Annotated[bool, typer.Option(help="Fuse with the global tower (off: the local path only, for "
+                                              "clients trained without GFF).")] = True,
+    parity_samples: Annotated[int, typer.Option(help="Real test samples ORT must match PyTorch on.")] = 64,
+    eval_samples: Annotated[int, typer.Option(help="Test samples for the int8 vs fp32 comparison (0: all).")] = 1000,
+    atol: Annotated[float, typer.Option(help="Largest allowed |ORT - PyTorch| on any output.")] = 1e-4,
+    exporter: Annotated[str, typer.Option(help="torchscript (default) or dynamo.")] = "torchscript",
+    output_format: Annotated[str, typer.Option("--format", help="text or json (the manifest).")] = "text",
+) -> None:
+    """Export a trained client (or the server's global towers) to verified ONNX for on-device inference."""
+    setup_logging(False)
+    with cli_errors():
+        import json
+
+        from fedafd.export.onnx_export import ExportOptions, export_any
+
+        manifest = export_any(state_dir, out, ExportOptions(parity_samples=parity_samples, eval_samples=eval_samples,
+                                                            atol=atol, quantize=quantize, fusion=fusion,
+                                                            exporter=exporter))
+        if output_format == "json":
+            typer.echo(json.dumps(manifest, indent=2))
+        else:
+            typer.echo(f"wrote {out} ({', '.join(sorted(manifest['graphs']))}; run `fedafd-edge infer {out} INPUT...`)")
+
+
+@app.command("infer")
+def infer_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="A folder written by `fedafd-edge export`.")],
+    inputs: Annotated[list[str], typer.Argument(help="Picture files (or .npy uint8 (N,3,32,32)) and/or texts; "
+                                                     "multimodal models rank the texts for each picture.")],
+    precision: Annotated[str, typer.Option(help="fp32 or int8.")] = "fp32",
+    top_k: Annotated[int, typer.Option(help="Classes shown per input.")] = 3,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: all cores).")] = 0,
+    output_format: Annotated[str, typer.Option("--format", help="text or json.")] = "text",
+) -> None:
+    """Classify pictures or texts, or rank captions for a picture, with ONNX Runtime alone (no torch)."""
+    setup_logging(False)
+    with cli_errors():
+        import json
+
+        from fedafd.export.infer import OnnxModel, format_text, predict
+
+        result = predict(OnnxModel(model_dir, precision=precision, threads=threads), inputs, top_k=top_k)
+        typer.echo(json.dumps(result, indent=2) if output_format == "json" else format_text(result))
+
+
 if __name__ == "__main__":
     app()
