@@ -128,6 +128,7 @@ class ServerApp:
         try:
             self._wait_for_clients()
             while self.next_round < self.config.rounds:
+                self._refill()
                 record = self._run_round(self.next_round)
                 records.append(record)
                 on_round(record)
@@ -153,6 +154,24 @@ class ServerApp:
                 if len(self.clients) >= c.min_clients:
                     return
                 raise ServerError(f"client process(es) exited before joining: {failed}; see their logs in {self.run_dir}")
+            received = self.messenger.recv(0.2)
+            if received is not None:
+                self._handle_outside_round(received)
+
+    def _refill(self, max_messages: int = 10_000) -> None:
+        """Between rounds: handle what queued up (joins of restarted devices, heartbeats), and if dead
+        devices were forgotten below min_clients, wait for joins as at the start."""
+        for _ in range(max_messages):
+            received = self.messenger.recv(0.0)
+            if received is None:
+                break
+            self._handle_outside_round(received)
+        c = self.config
+        deadline = time.monotonic() + c.join_timeout_s
+        while len(self.clients) < c.min_clients:
+            if time.monotonic() >= deadline:
+                raise ServerError(f"only {len(self.clients)} client(s) left and none rejoined within join_timeout_s="
+                                  f"{c.join_timeout_s:g}s, min_clients={c.min_clients}")
             received = self.messenger.recv(0.2)
             if received is not None:
                 self._handle_outside_round(received)
@@ -365,6 +384,8 @@ class ServerApp:
                 del self.clients[peer]
                 if outcome is not None:
                     outcome.dropped[peer] = f"left: {message.reason}"
+            else:
+                self._reject(peer, ErrorCode.UNKNOWN_CLIENT, f"Bye from {peer!r}, which has not joined")
         elif isinstance(message, FeatureUpload):
             self._reject(peer, ErrorCode.UNEXPECTED, f"upload for round {message.round} outside a round")
         else:

@@ -29,9 +29,10 @@ from fedafd.runtime.wire import (
 log = logging.getLogger("fedafd.edge")
 
 
-JOIN_BACKOFF_S = 2.0
-"""First wait for a Welcome before opening a fresh connection and joining again."""
-JOIN_BACKOFF_MAX_S = 16.0
+JOIN_BACKOFF_S = 5.0
+"""First wait for a Welcome before opening a fresh connection and joining again (a busy server answers
+between its training stages, so this is not short)."""
+JOIN_BACKOFF_MAX_S = 30.0
 """Longest wait between join attempts (the wait doubles each attempt)."""
 
 

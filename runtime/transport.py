@@ -11,15 +11,17 @@ connected, or gone) raises `PeerGone` on both implementations.
 Security (ZMQ): with `CurveServerKeys` the ROUTER speaks CURVE (encrypted, authenticated) and a ZAP
 handler admits only public keys in an allow-list that is read again for every new connection, so a
 revoked key is refused from its next connection on. The allow-list names each key's client id; it
-becomes the ZAP User-Id of every message from that connection, and a message whose routing id (the
-id the peer claims) differs from it is refused. A second connection that claims an id already connected
-is ignored until the first one goes (no ROUTER_HANDOVER): it cannot take over the first one's round.
-Without keys the transport is plain text and says so (`insecure`).
+becomes the ZAP User-Id of every message from that connection, and that authenticated name is the
+peer: a CURVE client sets no routing id of its own (libzmq gives each connection a random one) and the
+server routes replies to the newest connection authenticated under the name. A peer therefore cannot
+claim another device's id (the server also checks the client_id inside Join and uploads against the
+peer), and a second connection with another key cannot take over a device's round. Without keys the
+transport is plain text, peers are whatever id they claim (ROUTER_HANDOVER: a restarted client takes
+its id over), and `insecure` says so.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import queue
 import threading
@@ -31,7 +33,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
-from .wire import MAX_MESSAGE_BYTES, Error, ErrorCode, encode
+from .wire import MAX_MESSAGE_BYTES
 
 log = logging.getLogger("fedafd.transport")
 
@@ -189,8 +191,7 @@ class _AllowListAuthenticator(ThreadAuthenticator):
 class ZmqServerTransport:
     """ROUTER socket bound at `bind` ("tcp://127.0.0.1:0" or ":*" picks a free port; see `.endpoint`).
 
-    With `curve`, only allow-listed keys connect and each message's claimed id must match its key;
-    refused messages are answered with an Error and kept in `refused` (newest 1000) for the run record.
+    With `curve`, only allow-listed keys connect and a peer is the client id its key is listed under.
     `max_message_bytes` caps every incoming frame before libzmq buffers it (the peer is disconnected).
     """
 
@@ -202,13 +203,12 @@ class ZmqServerTransport:
         # Sending to an unknown or vanished routing id raises EHOSTUNREACH (-> PeerGone) instead of
         # ZMQ's default of dropping the message silently.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # No ROUTER_HANDOVER: a second connection claiming a connected id is ignored until the first one
-        # goes, so it cannot take over that client's round. A crashed client's connection closes with
-        # its process (and a silent one within HEARTBEAT_TIMEOUT); restarted clients open a fresh
-        # connection when they get no answer (ZmqClientTransport.reconnect).
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 0)
+        # Plain text: peers are the ids they claim, and a client that reconnects with its id (restart after
+        # a crash) takes it over at once. CURVE: peers are their authenticated names (see _routes); a
+        # connection that sets a routing id already in use is ignored rather than handed the route.
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 0 if curve is not None else 1)
         self.insecure = curve is None
-        self.refused: collections.deque[dict] = collections.deque(maxlen=1000)
+        self._routes: dict[str, bytes] = {}  # CURVE: client id -> routing id of its newest connection
         self._auth: _AllowListAuthenticator | None = None
         if curve is not None:
             self._auth = _AllowListAuthenticator(self._s.context, curve.client_of_key)
@@ -225,7 +225,18 @@ class ZmqServerTransport:
         self.endpoint: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def send(self, peer: str, frames: Frames) -> None:
-        self._s.send([peer.encode("utf-8", "surrogateescape"), *frames], repr(peer))
+        if self._auth is None:
+            self._s.send([peer.encode("utf-8", "surrogateescape"), *frames], repr(peer))
+            return
+        routing = self._routes.get(peer)
+        if routing is None:
+            raise PeerGone(f"peer {peer!r} is not connected")
+        try:
+            self._s.send([routing, *frames], repr(peer))
+        except PeerGone:
+            if self._routes.get(peer) == routing:
+                del self._routes[peer]
+            raise
 
     def recv(self, timeout_s: float) -> tuple[str, Frames] | None:
         deadline = time.monotonic() + max(timeout_s, 0.0)
@@ -233,25 +244,17 @@ class ZmqServerTransport:
             parts = self._s.poll_recv(max(deadline - time.monotonic(), 0.0))
             if parts is None:
                 return None
-            peer = parts[0].bytes.decode("utf-8", "surrogateescape")
-            if self._auth is None or self._identity_matches(peer, parts):
-                return peer, [p.buffer for p in parts[1:]]
-
-    def _identity_matches(self, peer: str, parts: list[zmq.Frame]) -> bool:
-        try:
-            user = parts[-1].get("User-Id")
-        except zmq.ZMQError:
-            user = ""
-        if user == peer:
-            return True
-        reason = f"the connection claims client id {peer!r} but its key is allow-listed as {user!r}"
-        log.warning("refused a message: %s", reason)
-        self.refused.append({"peer": peer, "code": ErrorCode.UNKNOWN_CLIENT.value, "reason": reason})
-        try:
-            self.send(peer, encode(Error(code=ErrorCode.UNKNOWN_CLIENT.value, reason=reason, round=-1)))
-        except TransportError:
-            pass
-        return False
+            if self._auth is None:
+                return parts[0].bytes.decode("utf-8", "surrogateescape"), [p.buffer for p in parts[1:]]
+            try:
+                peer = parts[-1].get("User-Id")  # set by our ZAP handler: the allow-listed client id
+            except zmq.ZMQError:
+                peer = ""
+            if not peer:
+                log.warning("dropped a message without an authenticated User-Id")
+                continue
+            self._routes[peer] = parts[0].bytes  # replies go to the newest connection of this device
+            return peer, [p.buffer for p in parts[1:]]
 
     def close(self) -> None:
         self._s.close(before_term=self._stop_auth)
@@ -281,8 +284,10 @@ class ZmqClientTransport:
         s = _ZmqSocket(zmq.DEALER)
         sock = s.sock
         _harden(sock, hwm, send_timeout_s, heartbeat_s)
-        # The server routes replies by this id, so it is the client id itself (not ZMQ's random one).
-        sock.setsockopt(zmq.ROUTING_ID, self.client_id.encode())
+        if curve is None:
+            # Plain text: the server routes replies by this id, so it is the client id itself. With CURVE
+            # the server knows us by our key's allow-listed name and libzmq picks a random routing id.
+            sock.setsockopt(zmq.ROUTING_ID, self.client_id.encode())
         # Retry quickly after a drop, backing off to RECONNECT_IVL_MAX while the server is down.
         sock.setsockopt(zmq.RECONNECT_IVL, int(reconnect_ivl_s * 1000))
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(reconnect_ivl_max_s * 1000))
