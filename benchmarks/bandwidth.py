@@ -81,8 +81,10 @@ def run_federation(codec: str, profiles: list[str], kind: str, out_dir: Path, ex
 
 
 def summarize(run_dir: Path, codec: str) -> list[dict]:
-    """One row per device: means over rounds of bytes and seconds, FedAvg equivalents on its link."""
-    records = read_metrics(run_dir / "metrics.jsonl")
+    """One row per device from the run's last round (steady state: the tower is re-sent every round, and a
+    device that joined twice while the server was starting gets round 0's RoundStart twice), with FedAvg
+    equivalents on its link."""
+    records = read_metrics(run_dir / "metrics.jsonl")[-1:]
     rows = []
     devices = sorted({cid for r in records for cid in r["clients"]})
     critical = [max(r["link"][c]["round_trip"] for c in r["link"]) for r in records if r.get("link")]
@@ -136,6 +138,7 @@ def main(
     kind: Annotated[str, typer.Option(help="Kind of every device (multimodal sends two feature matrices).")] = "multimodal",
     profiles: Annotated[str, typer.Option(help="Comma-separated device profiles, one device each.")] = ",".join(shipped_profiles()),
     overrides: Annotated[list[str], typer.Option("-c", "--set", help="Extra server key=value for every run.")] = [],
+    summarize_only: Annotated[bool, typer.Option(help="Rebuild the table from the runs already in --out.")] = False,
 ) -> None:
     chosen = [p.strip() for p in profiles.split(",") if p.strip()]
     extra = dict(item.split("=", 1) for item in overrides)
@@ -143,14 +146,15 @@ def main(
     rows = []
     started = time.perf_counter()
     for codec in [c.strip() for c in codecs.split(",") if c.strip()]:
-        rows += summarize(run_federation(codec, chosen, kind, out, extra), codec)
+        run_dir = out / f"codec_{codec}" if summarize_only else run_federation(codec, chosen, kind, out, extra)
+        rows += summarize(run_dir, codec)
     setting = {**SETTING, **extra}
     report = {"setting": setting, "client_setting": CLIENT_SETTING, "kind": kind, "rows": rows,
               "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
               "wall_seconds": time.perf_counter() - started}
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = (f"One {kind} device per profile, " + ", ".join(f"{k}={v}" for k, v in setting.items())
-                + ". Per device and round (mean over rounds). comm s = server's RoundStart hand-off to the upload's "
+                + ". Per device, last round. comm s = server's RoundStart hand-off to the upload's "
                   "arrival minus the device's compute (training, evaluation, feature extraction), i.e. the emulated "
                   "link plus message handling; compute projected = compute here x the profile's compute_factor; "
                   "critical path = the slowest device's round trip, measured here. FedAvg = num_params x 4 B each way; "

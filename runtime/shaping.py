@@ -164,6 +164,7 @@ class ShapedClientTransport:
         self._outbox: list[tuple[float, int, list[bytes]]] = []
         self._order = itertools.count()
         self._cv = threading.Condition()
+        self._send_lock = threading.Lock()  # the delivery thread's send vs reconnect
         self._inbox: list[tuple[float, Frames]] = []
         self._closed = False
         self._error: TransportError | None = None
@@ -200,10 +201,19 @@ class ShapedClientTransport:
                     continue
                 heapq.heappop(self._outbox)
             try:
-                self.inner.send(data)
+                with self._send_lock:
+                    self.inner.send(data)
             except TransportError as e:
                 with self._cv:
                     self._error = e
+
+    def reconnect(self) -> None:
+        """A fresh connection of the real transport (when it has one); the emulated link keeps its state."""
+        reconnect = getattr(self.inner, "reconnect", None)
+        with self._send_lock:
+            if reconnect is not None:
+                reconnect()
+            self._error = None
 
     # -- downlink: held until its arrival time ----------------------------------------------------
     def recv(self, timeout_s: float) -> Frames | None:
