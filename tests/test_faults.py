@@ -66,7 +66,7 @@ def test_device_killed_mid_round_is_dropped_and_rejoins(tmp_path: Path) -> None:
     # Prepare: three devices; image-0 has more data so it is still training when we kill it.
     endpoint, run_dir = f"tcp://127.0.0.1:{free_port()}", tmp_path / "run"
     server = start_server(endpoint, run_dir, tmp_path / "server.log", "-c", "rounds=4", "-c", "expected_clients=3",
-                          "-c", "min_clients=2", "-c", "heartbeat_timeout_s=4", "-c", "quorum=0.5")
+                          "-c", "min_clients=2", "-c", "heartbeat_timeout_s=10", "-c", "quorum=0.5")
     logs = {kind: tmp_path / f"{kind}.log" for kind in KINDS}
     clients = {kind: start_client(endpoint, kind, tmp_path / kind, logs[kind], 2000 if kind == "image" else 160)
                for kind in KINDS}
