@@ -325,11 +325,12 @@ class ServerApp:
         peer = received.peer
         seen_in = self._accepted_ids.get(received.msg_id)
         if seen_in is not None and seen_in != round_:
-            self._reject(peer, ErrorCode.UNEXPECTED, f"replayed upload: message {received.msg_id} was accepted in round {seen_in}")
+            self._reject(peer, ErrorCode.UNEXPECTED, f"replayed upload: message {received.msg_id} was accepted in round {seen_in}",
+                         received.msg_id)
             return
         problem = self._check_upload(upload, peer, round_, selected)
         if problem is not None:
-            self._reject(peer, *problem)
+            self._reject(peer, *problem, reply_to=received.msg_id)
             return
         self.clients[peer].last_seen = time.monotonic()
         if peer in outcome.uploads:  # idempotent: a resend (same message id) or a second upload is acked, ignored
@@ -374,29 +375,31 @@ class ServerApp:
         if peer in self.clients:
             self.clients[peer].last_seen = time.monotonic()
         if isinstance(message, Join):
-            self._admit(peer, message)
+            self._admit(peer, message, received.msg_id)
             self._resend_round_start(peer)
         elif isinstance(message, Heartbeat):
             if peer not in self.clients:  # e.g. this server restarted, or dropped it as dead: it must join again
-                self._reject(peer, ErrorCode.UNKNOWN_CLIENT, f"{peer!r} has not joined (or was dropped); send Join")
+                self._reject(peer, ErrorCode.UNKNOWN_CLIENT, f"{peer!r} has not joined (or was dropped); send Join",
+                             received.msg_id)
         elif isinstance(message, Bye):
             if peer in self.clients:
                 del self.clients[peer]
                 if outcome is not None:
                     outcome.dropped[peer] = f"left: {message.reason}"
             else:
-                self._reject(peer, ErrorCode.UNKNOWN_CLIENT, f"Bye from {peer!r}, which has not joined")
+                self._reject(peer, ErrorCode.UNKNOWN_CLIENT, f"Bye from {peer!r}, which has not joined", received.msg_id)
         elif isinstance(message, FeatureUpload):
-            self._reject(peer, ErrorCode.UNEXPECTED, f"upload for round {message.round} outside a round")
+            self._reject(peer, ErrorCode.UNEXPECTED, f"upload for round {message.round} outside a round", received.msg_id)
         else:
-            self._reject(peer, ErrorCode.UNEXPECTED, f"a client does not send {type(message).__name__}")
+            self._reject(peer, ErrorCode.UNEXPECTED, f"a client does not send {type(message).__name__}", received.msg_id)
 
-    def _admit(self, peer: str, join: Join) -> None:
+    def _admit(self, peer: str, join: Join, msg_id: str) -> None:
         if join.client_id != peer:
-            self._reject(peer, ErrorCode.BAD_FIELD, f"client_id {join.client_id!r} does not match the sender {peer!r}")
+            self._reject(peer, ErrorCode.BAD_FIELD, f"client_id {join.client_id!r} does not match the sender {peer!r}", msg_id)
             return
         if join.kind not in MODALITIES_OF_KIND:
-            self._reject(peer, ErrorCode.BAD_FIELD, f"kind must be one of {sorted(MODALITIES_OF_KIND)}, got {join.kind!r}")
+            self._reject(peer, ErrorCode.BAD_FIELD, f"kind must be one of {sorted(MODALITIES_OF_KIND)}, got {join.kind!r}",
+                         msg_id)
             return
         rejoined = peer in self.clients
         self.clients[peer] = ClientRecord(peer, join.kind, {"image": join.image_arch, "text": join.text_arch},
@@ -417,11 +420,13 @@ class ServerApp:
         log.info("round %d: resending RoundStart to %s after its rejoin", live.round, peer)
         self._send_round_start(self.clients[peer], live.round, live.tower_version, live.global_features, live.federated)
 
-    def _reject(self, peer: str, code: ErrorCode | str, reason: str) -> None:
-        """Errors are values: the peer gets an Error naming the problem, the run records it, serving goes on."""
+    def _reject(self, peer: str, code: ErrorCode | str, reason: str, reply_to: str = "") -> None:
+        """Errors are values: the peer gets an Error naming the problem (and the id of the message it
+        refuses), the run records it, serving goes on."""
         log.warning("rejected a message from %s: %s: %s", peer, code, reason)
         self.rejected.append({"peer": peer, "code": str(code), "reason": reason})
-        self._send(peer, Error(code=str(code), reason=reason, round=self.round_in_progress), self.next_round)
+        self._send(peer, Error(code=str(code), reason=reason, round=self.round_in_progress, reply_to=reply_to),
+                   self.next_round)
 
     def _take_rejected(self) -> list[dict]:
         refused = getattr(self.messenger.transport, "refused", None)  # identity mismatches seen by the transport

@@ -110,10 +110,13 @@ class EdgeApp:
                 if reconnect is not None:
                     reconnect()  # a fresh connection: the old one may be dead or refused
             try:
-                self.messenger.send(join, round=-1)
+                join_id = new_msg_id()
+                self.messenger.send(join, round=-1, msg_id=join_id)
+                # Only an Error that answers this Join refuses it; others answer messages sent before
+                # (e.g. an upload the restarted server no longer expects).
                 received = self._recv_until(min(deadline, time.monotonic() + wait_s), c.connect_timeout_s, what,
                                             lambda r: isinstance(r.msg, Welcome) or (
-                                                isinstance(r.msg, Error) and r.msg.code != ErrorCode.UNKNOWN_CLIENT))
+                                                isinstance(r.msg, Error) and r.msg.reply_to == join_id))
             except (EdgeError, TransportError):
                 if time.monotonic() >= deadline:
                     raise EdgeError(f"{c.client_id}: timed out after {c.connect_timeout_s:.0f}s waiting for {what}") from None

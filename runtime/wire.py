@@ -207,7 +207,9 @@ class Ack:
 
 @dataclass(frozen=True)
 class Error:
-    """Either way: a message was rejected. `code` is an ErrorCode value; `round` is -1 if none."""
+    """Either way: a message was rejected. `code` is an ErrorCode value; `round` is -1 if none;
+    `reply_to` is the rejected message's id ("" when it had none that could be read), so a peer can tell
+    which of its messages was refused (a Join, or a stale upload from before a restart)."""
 
     TYPE: ClassVar[MsgType] = MsgType.ERROR
     TENSORS: ClassVar[dict[str, TensorSpec]] = {}
@@ -215,6 +217,7 @@ class Error:
     code: str = _one_of(*ErrorCode)
     reason: str
     round: int = _at_least(-1)
+    reply_to: str = ""
 
 
 @dataclass(frozen=True)
