@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +73,21 @@ def task_loss(model: LocalModel, data: ModalData, rows: torch.Tensor, global_cac
     return retrieval_loss(fused["image"], fused["text"], model.logit_scale)
 
 
+@contextlib.contextmanager
+def batchnorm_statistics_frozen(module: torch.nn.Module) -> Iterator[None]:
+    """Forward passes inside still normalise with their batch's statistics (and back-propagate through
+    them) but leave every BatchNorm's running mean and variance as they were (momentum 0)."""
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        for norm, momentum in zip(norms, saved):
+            norm.momentum = momentum
+
+
 @dataclass(frozen=True)
 class PublicBatch:
     """A batch of public pairs with the server's global features of the same rows."""
@@ -90,7 +106,10 @@ def train_step(model: LocalModel, optimizers: Optimizers, private: ModalData, pr
     if public_batch is not None:
         intra, cross = model.discriminators["intra"], model.discriminators["cross"]
         g = public_batch.global_features
-        locals_ = {m: model.encode(m, public_batch.inputs[m]) for m in model.modalities}
+        # Public pictures (colour emoji) are not what the device classifies: they must not move the
+        # BatchNorm statistics its private task is evaluated with.
+        with batchnorm_statistics_frozen(model):
+            locals_ = {m: model.encode(m, public_batch.inputs[m]) for m in model.modalities}
         # The local features are detached here, so the discriminator step touches no encoder gradient.
         disc = sum(discriminator_loss(intra, cross, local.detach(), g[m], g[other_modality(m)], beta)
                    for m, local in locals_.items())
