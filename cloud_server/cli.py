@@ -181,12 +181,12 @@ def data_fetch() -> None:
 def data_info(fmt: Annotated[str, typer.Option("--format", help="text or json")] = "text") -> None:
     """Sizes of every data set and split (prepares them first if needed)."""
     with cli_errors():
-        from fedafd.edge_client.private_data import TASK_LOADERS
-        from fedafd.runtime.data.modal import load_public_data
+        from fedafd.runtime.data.modal import load_public_data, load_task_data
 
-        loaders = {"public pairs (emoji)": load_public_data, "image task (Fashion-MNIST)": TASK_LOADERS["image"],
-                   "text task (WordNet topics)": TASK_LOADERS["text"],
-                   "multimodal task (Tux Paint stamps)": TASK_LOADERS["multimodal"]}
+        loaders = {"public pairs (emoji)": load_public_data,
+                   "image task (Fashion-MNIST)": lambda split: load_task_data("image", split),
+                   "text task (WordNet topics)": lambda split: load_task_data("text", split),
+                   "multimodal task (Tux Paint stamps)": lambda split: load_task_data("multimodal", split)}
         info = {name: {split: len(load(split)) for split in ("train", "test")} for name, load in loaders.items()}
         typer.echo(json.dumps(info, indent=2) if fmt == "json" else
                    "\n".join(f"{name}: {sizes['train']} train / {sizes['test']} test" for name, sizes in info.items()))

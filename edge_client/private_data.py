@@ -6,16 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedafd.runtime.data import datasets
-from fedafd.runtime.data.modal import ModalData, from_image_classes, from_pairs, from_text_classes
+from fedafd.runtime.data.modal import ModalData, load_task_data
 from fedafd.runtime.data.partition import cap_indices, dirichlet_partition
-
-# What stands in for the paper's data sets (see the README's data section).
-TASK_LOADERS = {
-    "image": lambda split: from_image_classes(datasets.load_fashion_mnist(split)),  # for CIFAR-100
-    "text": lambda split: from_text_classes(datasets.load_wordnet_topics(split)),  # for AG News
-    "multimodal": lambda split: from_pairs(datasets.load_tuxpaint_pairs(split)),  # for Flickr30k
-}
 
 
 @dataclass(frozen=True)
@@ -32,8 +24,8 @@ def load_private_data(kind: str, partition: int, num_partitions: int, alpha: flo
                       max_private: int, max_test: int, min_size: int = 10) -> PrivateData:
     """Dirichlet(alpha) over labels (multimodal: over category folders), the same split on every device
     of this kind given the same seed, then capped to `max_private` samples; the test split is shared."""
-    train = TASK_LOADERS[kind]("train")
-    test = TASK_LOADERS[kind]("test")
+    train = load_task_data(kind, "train")
+    test = load_task_data(kind, "test")
     assert train.labels is not None
     shares = dirichlet_partition(train.labels, num_partitions, alpha, seed, min_size=min_size)
     mine = cap_indices(shares[partition], max_private, seed + 1 + partition)

@@ -164,10 +164,10 @@ def load_client(state_dir: Path) -> LoadedClient:
 
 def client_test_split(kind: str, config: dict[str, Any]) -> ModalData:
     """The client's test split as its device evaluates it (the same cap and seed as `join`)."""
-    from fedafd.edge_client.private_data import TASK_LOADERS
+    from fedafd.runtime.data.modal import load_task_data
     from fedafd.runtime.data.partition import cap_indices
 
-    test = TASK_LOADERS[kind]("test")
+    test = load_task_data(kind, "test")
     rows = cap_indices(np.arange(len(test)), int(config.get("max_test", 1000)), int(config.get("seed", 0)))
     return test.select(rows)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedafd.runtime.data import datasets
 from fedafd.runtime.data.datasets import ImageClassData, PairData, TextClassData, load_emoji_pairs
 
 
@@ -65,6 +66,18 @@ def from_pairs(data: PairData) -> ModalData:
         data.groups,
         tuple(data.group_names),
     )
+
+
+def load_task_data(kind: str, split: str) -> ModalData:
+    """A device kind's task data set, whole (the device takes its share): what stands in for the paper's
+    data sets is in the README's data section."""
+    if kind == "image":
+        return from_image_classes(datasets.load_fashion_mnist(split))  # for CIFAR-100
+    if kind == "text":
+        return from_text_classes(datasets.load_wordnet_topics(split))  # for AG News
+    if kind == "multimodal":
+        return from_pairs(datasets.load_tuxpaint_pairs(split))  # for Flickr30k
+    raise ValueError(f"kind must be image, text or multimodal, got {kind!r}")
 
 
 def load_public_data(split: str = "train") -> ModalData:
