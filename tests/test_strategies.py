@@ -4,15 +4,12 @@ encode/decode): the loss parts are finite, and each switch really changes what r
 from __future__ import annotations
 
 import math
-import threading
 from pathlib import Path
 
 import pytest
 
-from fedafd.cloud_server.app import ServerApp
 from fedafd.edge_client.app import EdgeApp
 from fedafd.runtime.config import ClientConfig, ServerConfig, build_config
-from fedafd.runtime.transport import InprocHub
 
 KINDS = ("image", "text", "multimodal")
 ROUNDS = 2
@@ -27,38 +24,22 @@ VARIANTS = {
 }
 
 
-def run_federation(tmp_path: Path, switches: dict) -> tuple[list[dict], dict[str, EdgeApp]]:
+def run_federation(inproc_federation, run_dir: Path, switches: dict) -> tuple[list[dict], dict[str, EdgeApp]]:
     """A server and one device of each kind on an in-process hub; returns the round records and the devices."""
     server_config = build_config(ServerConfig, dict(
         rounds=ROUNDS, expected_clients=len(KINDS), min_clients=len(KINDS), public_size=48, feature_dim=FEATURE_DIM,
         image_arch="cnn_small", text_arch="gru", batch_size=16, device="cpu", join_timeout_s=60,
         round_deadline_s=120, **switches))
-    hub = InprocHub()
-    server = ServerApp(server_config, hub.server(), tmp_path / "run")
-    (tmp_path / "run").mkdir(exist_ok=True)
-    edges = {}
-    for kind in KINDS:
-        config = build_config(ClientConfig, dict(kind=kind, max_private=48, max_test=32, batch_size=16,
-                                                 image_arch="cnn_small", text_arch="gru"))
-        edges[kind] = EdgeApp(config, hub.client(config.client_id), tmp_path / kind)
-    threads = [threading.Thread(target=edge.run, daemon=True) for edge in edges.values()]
-    for thread in threads:
-        thread.start()
-    try:
-        records = server.run()
-    finally:
-        for thread in threads:
-            thread.join(timeout=60)
-        server.close()
-        for edge in edges.values():
-            edge.close()
-    assert not any(thread.is_alive() for thread in threads), "a device did not finish"
-    return records, edges
+    clients = [build_config(ClientConfig, dict(kind=kind, max_private=48, max_test=32, batch_size=16,
+                                               image_arch="cnn_small", text_arch="gru")) for kind in KINDS]
+    records, _, edges = inproc_federation(server_config, run_dir, clients)
+    return records, {edge.config.kind: edge for edge in edges.values()}
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[list[dict], dict[str, EdgeApp]]]:
-    return {name: run_federation(tmp_path_factory.mktemp(name), switches) for name, switches in VARIANTS.items()}
+def runs(inproc_federation, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[list[dict], dict[str, EdgeApp]]]:
+    return {name: run_federation(inproc_federation, tmp_path_factory.mktemp(name), switches)
+            for name, switches in VARIANTS.items()}
 
 
 @pytest.mark.parametrize("name", VARIANTS)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,48 +12,31 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from fedafd.cloud_server.app import ServerApp
 from fedafd.cloud_server.cli import app as cloud_cli
 from fedafd.cloud_server.stages import GlobalModel
-from fedafd.edge_client.app import EdgeApp
 from fedafd.runtime import codecs
 from fedafd.runtime.config import ClientConfig, ServerConfig, build_config, write_config
 from fedafd.runtime.data.partition import cap_indices
 from fedafd.runtime.shaping import ShapedClientTransport, load_profile
-from fedafd.runtime.transport import InprocHub
 
 P, D, ROUNDS = 48, 16, 2
 KINDS = ("image", "text", "multimodal")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory):
+def run(inproc_federation, tmp_path_factory: pytest.TempPathFactory):
     run_dir = tmp_path_factory.mktemp("run")
     config = build_config(ServerConfig, dict(
         rounds=ROUNDS, expected_clients=3, min_clients=3, public_size=P, feature_dim=D, image_arch="cnn_small",
         text_arch="gru", batch_size=16, device="cpu", join_timeout_s=60, round_deadline_s=120,
         feature_codec="int8_row", tower_codec="fp16", public_resample=True))
     write_config(config, run_dir / "config.json")
-    hub = InprocHub()
-    server = ServerApp(config, hub.server(), run_dir)
-    edges = {}
-    for kind in KINDS:
-        client_config = build_config(ClientConfig, dict(kind=kind, max_private=48, max_test=32, batch_size=16))
-        transport = hub.client(client_config.client_id)
-        if kind == "image":
-            transport = ShapedClientTransport(transport, load_profile("phone_lte"))
-        edges[kind] = EdgeApp(client_config, transport, run_dir / kind)
-    threads = [threading.Thread(target=edge.run, daemon=True) for edge in edges.values()]
-    for thread in threads:
-        thread.start()
-    try:
-        records = server.run()
-    finally:
-        for thread in threads:
-            thread.join(timeout=60)
-        server.close()
-        for edge in edges.values():
-            edge.close()
+    clients = [build_config(ClientConfig, dict(kind=kind, max_private=48, max_test=32, batch_size=16)) for kind in KINDS]
+
+    def shape_the_image_device(client: ClientConfig, transport):
+        return ShapedClientTransport(transport, load_profile("phone_lte")) if client.kind == "image" else transport
+
+    records, server, _ = inproc_federation(config, run_dir, clients, wrap=shape_the_image_device)
     return run_dir, records, server
 
 
