@@ -296,7 +296,7 @@ def predict(model: OnnxModel, inputs: list[str], top_k: int = 3) -> dict[str, An
     if kind in ("image", "text"):
         wrong = texts if kind == "image" else images
         if wrong:
-            raise InputError(f"this is a {kind} classifier; cannot classify {wrong[0]!s}"
+            raise InputError(f"this is {'an' if kind == 'image' else 'a'} {kind} classifier; cannot classify {wrong[0]!s}"
                              + (" (no such image file?)" if kind == "image" else ""))
         if kind == "image":
             probs = model.images(read_images(images))["probs"]
