@@ -99,6 +99,8 @@ class ServerApp:
                  dead_clients: Callable[[], dict[str, int]] = dict, resume: bool = False):
         self.config = config
         self.run_dir = run_dir
+        self.on_stage: Callable[[str], None] = lambda text: None
+        """Told what the server is doing now, in a few words (the CLI shows it as a live status line)."""
         self.counter = ByteCounter()
         self.messenger = ServerMessenger(transport, self.counter)
         self.dead_clients = dead_clients  # --local: child processes that exited (client id -> exit code)
@@ -154,6 +156,7 @@ class ServerApp:
                 if len(self.clients) >= c.min_clients:
                     return
                 raise ServerError(f"client process(es) exited before joining: {failed}; see their logs in {self.run_dir}")
+            self.on_stage(f"waiting for devices: {len(self.clients)}/{max(c.expected_clients, c.min_clients)} joined")
             received = self.messenger.recv(0.2)
             if received is not None:
                 self._handle_outside_round(received)
@@ -191,6 +194,7 @@ class ServerApp:
             self._resample_public(round_)
         federated = self.strategy.shares_global_model()
 
+        self.on_stage(f"round {round_ + 1}/{c.rounds}: stage 1, training the global encoders on {len(self.public)} public pairs")
         started = time.perf_counter()
         stage1_loss = 0.0
         for _ in range(c.server_epochs):
@@ -208,6 +212,7 @@ class ServerApp:
                 outcome.dropped[client_id] = "not connected when the round started"
         timings["downlink"] = time.perf_counter() - started
 
+        self.on_stage(f"round {round_ + 1}/{c.rounds}: devices training, 0/{len(selected)} uploads")
         started = time.perf_counter()
         self._collect(round_, selected, outcome)
         self._live = None
@@ -215,6 +220,7 @@ class ServerApp:
 
         needed = math.ceil(c.quorum * len(selected))
         quorum_met = len(outcome.uploads) >= needed and len(outcome.uploads) > 0
+        self.on_stage(f"round {round_ + 1}/{c.rounds}: stage 3, distilling from {len(outcome.uploads)} uploads")
         started = time.perf_counter()
         distill_loss, sed_summary = 0.0, {}
         if federated and quorum_met:
@@ -342,6 +348,8 @@ class ServerApp:
         while len(self._accepted_ids) > _SEEN_IDS:
             del self._accepted_ids[next(iter(self._accepted_ids))]
         outcome.uploads[peer] = upload
+        self.on_stage(f"round {round_ + 1}/{self.config.rounds}: devices training, "
+                      f"{len(outcome.uploads)}/{len(selected)} uploads")
         outcome.arrived_at[peer] = time.monotonic()
         outcome.dropped.pop(peer, None)
         self._send(peer, Ack(round=round_), round_)

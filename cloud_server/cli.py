@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from fedafd.runtime.cli_support import cli_errors, setup_logging
+from fedafd.runtime.cli_support import cli_errors, live_status, setup_logging
 from fedafd.runtime.config import ServerConfig, load_config, write_config
 
 app = typer.Typer(help="The fedafd cloud server.", no_args_is_help=True, add_completion=False)
@@ -90,7 +90,9 @@ def serve(
             server = ServerApp(server_config, transport, run_dir,
                                dead_clients=fleet.dead if fleet else dict, resume=resume)
             started = time.perf_counter()
-            server.run(on_round=lambda record: typer.echo(progress_line(record, server_config.rounds)))
+            with live_status() as show:
+                server.on_stage = show
+                server.run(on_round=lambda record: typer.echo(progress_line(record, server_config.rounds)))
             typer.echo(f"done: {server_config.rounds} rounds in {time.perf_counter() - started:.0f}s; "
                        f"metrics in {run_dir / 'metrics.jsonl'}")
             if fleet:

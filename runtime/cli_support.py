@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from typing import Iterator
+from typing import Callable, Iterator
 
 import typer
 
@@ -14,6 +14,19 @@ def setup_logging(verbose: bool, default_level: str = "WARNING") -> None:
     level = logging.DEBUG if verbose else getattr(logging, default_level)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
+
+
+@contextlib.contextmanager
+def live_status() -> Iterator[Callable[[str], None]]:
+    """A rich status line (spinner + text) on a terminal's stderr, updated by calling what this yields;
+    off a terminal (logs, pipes, tests) it shows nothing, so the output stays one line per round."""
+    if not sys.stderr.isatty():
+        yield lambda text: None
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status("starting") as status:
+        yield lambda text: status.update(text)
 
 
 @contextlib.contextmanager

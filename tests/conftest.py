@@ -18,12 +18,14 @@ InprocFederation = Callable[..., tuple[list[dict], ServerApp, dict[str, EdgeApp]
 
 def run_inproc_federation(server_config: ServerConfig, run_dir: Path, client_configs: list[ClientConfig],
                           wrap: Callable[[ClientConfig, ClientTransport], ClientTransport] = lambda c, t: t,
+                          on_stage: Callable[[str], None] = lambda text: None,
                           ) -> tuple[list[dict], ServerApp, dict[str, EdgeApp]]:
     """A server and its devices on an in-process hub (still through the wire's encode/decode), each device
     in a thread; returns the round records, the server and the devices by client id once all finished."""
     run_dir.mkdir(parents=True, exist_ok=True)
     hub = InprocHub()
     server = ServerApp(server_config, hub.server(), run_dir)
+    server.on_stage = on_stage
     edges = {c.client_id: EdgeApp(c, wrap(c, hub.client(c.client_id)), run_dir / c.client_id) for c in client_configs}
     threads = [threading.Thread(target=edge.run, daemon=True) for edge in edges.values()]
     for thread in threads:

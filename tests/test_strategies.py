@@ -24,7 +24,8 @@ VARIANTS = {
 }
 
 
-def run_federation(inproc_federation, run_dir: Path, switches: dict) -> tuple[list[dict], dict[str, EdgeApp]]:
+def run_federation(inproc_federation, run_dir: Path, switches: dict, on_stage=lambda text: None
+                   ) -> tuple[list[dict], dict[str, EdgeApp]]:
     """A server and one device of each kind on an in-process hub; returns the round records and the devices."""
     server_config = build_config(ServerConfig, dict(
         rounds=ROUNDS, expected_clients=len(KINDS), min_clients=len(KINDS), public_size=48, feature_dim=FEATURE_DIM,
@@ -32,14 +33,31 @@ def run_federation(inproc_federation, run_dir: Path, switches: dict) -> tuple[li
         round_deadline_s=120, **switches))
     clients = [build_config(ClientConfig, dict(kind=kind, max_private=48, max_test=32, batch_size=16,
                                                image_arch="cnn_small", text_arch="gru")) for kind in KINDS]
-    records, _, edges = inproc_federation(server_config, run_dir, clients)
+    records, _, edges = inproc_federation(server_config, run_dir, clients, on_stage=on_stage)
     return records, {edge.config.kind: edge for edge in edges.values()}
+
+
+STAGES: list[str] = []
+"""What the FedAFD server said it was doing (its live status line), in order."""
 
 
 @pytest.fixture(scope="module")
 def runs(inproc_federation, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[list[dict], dict[str, EdgeApp]]]:
-    return {name: run_federation(inproc_federation, tmp_path_factory.mktemp(name), switches)
+    return {name: run_federation(inproc_federation, tmp_path_factory.mktemp(name), switches,
+                                 STAGES.append if name == "fedafd" else lambda text: None)
             for name, switches in VARIANTS.items()}
+
+
+def test_the_server_reports_each_stage_and_every_upload(runs) -> None:
+    assert "waiting for devices: 3/3 joined" not in STAGES  # it starts as soon as the third joined
+    assert STAGES[0].startswith("waiting for devices: ")
+    for round_ in (1, 2):
+        prefix = f"round {round_}/{ROUNDS}: "
+        in_round = [s[len(prefix):] for s in STAGES if s.startswith(prefix)]
+        assert in_round == ["stage 1, training the global encoders on 48 public pairs",
+                            "devices training, 0/3 uploads", "devices training, 1/3 uploads",
+                            "devices training, 2/3 uploads", "devices training, 3/3 uploads",
+                            "stage 3, distilling from 3 uploads"]
 
 
 @pytest.mark.parametrize("name", VARIANTS)
