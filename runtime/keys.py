@@ -91,11 +91,13 @@ def load_public_key(value: str | Path) -> bytes:
     path = Path(value)
     if path.exists():
         text = path.read_text().strip()
-        if text.startswith("{"):
+        # A .key file is a JSON object; a .pub file is the bare z85 text, which may itself start with "{"
+        # (a z85 character), so the suffix decides, not the first character.
+        if path.suffix == ".key":
             try:
                 text = json.loads(text)["public"]
             except (ValueError, KeyError, TypeError):
-                raise KeyFileError(f"{path} is not a key file") from None
+                raise KeyFileError(f"{path} is not a key pair file written by the `keys` command") from None
         return check_z85_key(text, str(path)).encode()
     return check_z85_key(str(value), "the key").encode()
 
