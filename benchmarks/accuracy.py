@@ -65,7 +65,9 @@ def run_variant(name: str, overrides: dict[str, str], out_dir: Path) -> dict:
         command += ["-c", f"{key}={value}"]
     typer.echo(f"[{name}] {' '.join(command[2:])}", err=True)
     started = time.perf_counter()
-    subprocess.run(command, check=True)
+    if subprocess.run(command).returncode != 0:
+        typer.secho(f"error: the {name} federation failed; see {run_dir}/clients/*/log.txt", fg="red", err=True)
+        raise typer.Exit(1)
     wall = time.perf_counter() - started
     records = read_metrics(run_dir / "metrics.jsonl")
     return {"name": name, "overrides": overrides, "wall_seconds": wall,
