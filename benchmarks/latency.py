@@ -20,12 +20,13 @@ import platform
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import numpy as np
 import typer
+
+from fedafd.runtime.timing import time_calls
 
 ENGINES = ("torch", "fp32", "int8")
 BATCHES = (1, 32)
@@ -41,14 +42,7 @@ def cpu_model() -> str:
 
 
 def timed(call, runs: int) -> dict[str, float]:
-    call()  # warm-up (allocations, ORT's first-run graph work)
-    call()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    ms = 1000.0 * np.asarray(times)
+    ms = 1000.0 * time_calls(call, runs)
     return {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)), "runs": runs}
 
 

@@ -22,7 +22,7 @@ from fedafd.runtime.accounting import ByteCounter, Received, ServerMessenger
 from fedafd.runtime.codecs import wire_codec
 from fedafd.runtime.errors import FedafdError
 from fedafd.runtime.config import ServerConfig, config_to_dict
-from fedafd.runtime.data.modal import ModalData, load_public_data
+from fedafd.runtime.data.modal import load_public_data
 from fedafd.runtime.data.partition import cap_indices
 from fedafd.runtime.torch_utils import (
     atomic_write_bytes, configure_threads, load_checkpoint, resolve_device, save_checkpoint, seeded_generator,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import platform
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -20,19 +19,13 @@ from fedafd.runtime.config import ClientConfig
 from fedafd.runtime.data.modal import load_public_data
 from fedafd.runtime.models import count_parameters
 from fedafd.runtime.shaping import load_profile, profile_to_toml
+from fedafd.runtime.timing import time_calls
 from fedafd.runtime.torch_utils import configure_threads, resolve_device
 
 
 def time_per_call(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
     """Median seconds of one call of `fn` over `repeats` timed calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return float(np.median(times))
+    return float(np.median(time_calls(fn, repeats, warmup)))
 
 
 def onnx_ms_per_sample(onnx_dir: Path, repeats: int = 20) -> dict[str, float]:
@@ -43,7 +36,10 @@ def onnx_ms_per_sample(onnx_dir: Path, repeats: int = 20) -> dict[str, float]:
     kinds = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
              "tensor(bool)": np.bool_, "tensor(float16)": np.float16}
     results = {}
-    for path in sorted(Path(onnx_dir).glob("*.onnx")):
+    # The fp32 inference graphs only: int8 copies and the stand-alone towers are alternatives, not steps.
+    graphs = [p for p in sorted(Path(onnx_dir).glob("*.onnx"))
+              if not p.name.endswith(".int8.onnx") and not p.name.startswith("tower_")]
+    for path in graphs:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         feeds = {}
         for spec in session.get_inputs():
@@ -89,7 +85,8 @@ def run_bench(config: ClientConfig, onnx_dir: Path | None, out: Path, name: str,
         "extract_ms_per_sample": 1000 * extract_s / len(extract_rows),
     }
     onnx = onnx_ms_per_sample(onnx_dir) if onnx_dir is not None else {}
-    measured["infer_ms_per_sample"] = float(sum(onnx.values()))  # chained graphs run one after the other
+    # One input through each modality's graph (a multimodal device encodes a picture and a caption).
+    measured["infer_ms_per_sample"] = float(sum(onnx.values()))
     base = load_profile(link)
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     profile = dataclasses.replace(

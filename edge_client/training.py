@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 

@@ -619,7 +619,7 @@ def decode(frames: list) -> Decoded:
         name, dtype, shape, codec = _parse_desc(i, desc)
         spec = tensors.spec_for(name)
         _check_dtype(name, spec, dtype)
-        count = _check_shape(name, spec, shape)
+        _check_shape(name, spec, shape)
         expected = _frame_nbytes(codec, dtype, shape, name)  # checked before any array exists
         if len(buf) != expected:
             raise WireError(ErrorCode.BAD_SHAPE, f"tensor '{name}' {dtype}{list(shape)} needs {expected} bytes, "

@@ -4,7 +4,6 @@ mid-run (SIGKILL) then resumed. Tiny slices, as in test_end_to_end."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess

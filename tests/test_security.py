@@ -8,7 +8,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import zmq
 from typer.testing import CliRunner
 
 from fedafd.benchmarks.fuzz import fuzz_live

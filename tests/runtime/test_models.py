@@ -8,7 +8,7 @@ import torch
 
 from fedafd.runtime.data.text import tokenize
 from fedafd.runtime.models import (
-    IMAGE_ARCHS, TEXT_ARCHS, build_image_encoder, build_text_encoder, count_parameters, masked_mean,
+    IMAGE_ARCHS, build_image_encoder, build_text_encoder, count_parameters, masked_mean,
 )
 
 SMALL_IMAGE = ("cnn_small", "resnet_tiny")
