@@ -36,6 +36,7 @@ VARIANTS: dict[str, dict[str, str]] = {
 # Not run by default: how sensitive the comparison is to the adversarial weight (paper: beta 0.5).
 SENSITIVITY: dict[str, dict[str, str]] = {
     "FedAFD beta 0.1": {"strategy": "fedafd", "beta": "0.1"},
+    "FedAFD disc lr 1e-4": {"strategy": "fedafd", "client.disc_lr": "1e-4"},
 }
 KNOWN_VARIANTS = {**VARIANTS, **SENSITIVITY}
 
@@ -62,7 +63,8 @@ def run_variant(name: str, overrides: dict[str, str], out_dir: Path) -> dict:
     run_dir = out_dir / name.replace(" ", "_").replace("/", "")
     command = [sys.executable, "-m", "fedafd.cloud_server.cli", "serve", "--local", FLEET, "--out", str(run_dir)]
     for key, value in overrides.items():
-        command += ["-c", f"{key}={value}"]
+        # "client.KEY" is a device setting (ClientConfig), passed to every --local device.
+        command += ["--local-set", f"{key[7:]}={value}"] if key.startswith("client.") else ["-c", f"{key}={value}"]
     typer.echo(f"[{name}] {' '.join(command[2:])}", err=True)
     started = time.perf_counter()
     if subprocess.run(command).returncode != 0:

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from fedafd.runtime.cli_support import cli_errors, live_status, setup_logging
-from fedafd.runtime.config import ServerConfig, load_config, write_config
+from fedafd.runtime.config import ClientConfig, ServerConfig, load_config, write_config
 
 app = typer.Typer(help="The fedafd cloud server.", no_args_is_help=True, add_completion=False)
 data_app = typer.Typer(help="The bundled real data sets (from Debian packages, offline at run time).",
@@ -35,6 +35,8 @@ def serve(
                                                            "(e.g. -c rounds=5 -c device=cuda).")] = None,
     local: Annotated[Optional[str], typer.Option(help="Also start clients on this machine, e.g. "
                                                       "image=3,text=3,multimodal=4.")] = None,
+    local_set: Annotated[Optional[list[str]], typer.Option("--local-set", help="key=value of ClientConfig for every "
+                                                           "--local device (e.g. disc_lr=1e-4), repeatable.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last finished round.")] = False,
     keys: Annotated[Optional[Path], typer.Option(help="Folder with server.key and allowed_clients.json (see "
                                                       "`fedafd-cloud keys` and `nodes add`): CURVE encryption, "
@@ -53,6 +55,10 @@ def serve(
         from fedafd.runtime.transport import CurveServerKeys, ZmqServerTransport
 
         fleet_spec = parse_fleet(local) if local else None
+        if local_set:
+            if fleet_spec is None:
+                raise typer.BadParameter("--local-set needs --local")
+            load_config(ClientConfig, None, local_set)  # a wrong key or value fails here, not in 10 children
         explicit = {"expected_clients": len(client_ids(fleet_spec))} if fleet_spec else {}
         server_config = load_config(ServerConfig, config, overrides, **explicit)
         if resume and out is None:
@@ -78,7 +84,7 @@ def serve(
                                        curve=curve, max_message_bytes=max_upload_bytes(server_config))
         (run_dir / "server.json").write_text(json.dumps({"endpoint": transport.endpoint}) + "\n")
         fleet = LocalFleet(fleet_spec, transport.endpoint, run_dir, server_config,
-                           keys_dir=None if insecure else keys) if fleet_spec else None
+                           keys_dir=None if insecure else keys, client_overrides=local_set or []) if fleet_spec else None
         typer.echo(f"fedafd-cloud: serving on {transport.endpoint}, run folder {run_dir}", err=True)
         if fleet:
             fleet.start()

@@ -37,8 +37,10 @@ class LocalFleet:
     """Child processes, one per device; each logs to RUN_DIR/clients/ID/log.txt and keeps its state there."""
 
     def __init__(self, fleet: dict[str, int], endpoint: str, run_dir: Path, config: ServerConfig,
-                 keys_dir: Path | None = None):
+                 keys_dir: Path | None = None, client_overrides: list[str] = ()):
         self.fleet = fleet
+        self.client_overrides = list(client_overrides)
+        """`key=value` ClientConfig values for every device (`serve --local-set`), after the fleet's own."""
         self.keys_dir = keys_dir
         """CURVE: the server's key folder; each device gets a generated key, allow-listed there. None: --insecure."""
         self.endpoint = endpoint
@@ -63,8 +65,8 @@ class LocalFleet:
         else:
             command += ["--server-key", str(self.keys_dir / "server.pub"),
                         "--key", str(self.client_key(f"{kind}-{index}"))]
-        for key, value in overrides.items():
-            command += ["-c", f"{key}={value}"]
+        for item in [f"{key}={value}" for key, value in overrides.items()] + self.client_overrides:
+            command += ["-c", item]
         return command
 
     def client_key(self, client_id: str) -> Path:

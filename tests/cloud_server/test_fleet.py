@@ -26,3 +26,21 @@ def test_client_commands_vary_architectures_and_pass_the_split(tmp_path: Path) -
     assert "alpha=0.3" in first and "max_private=50" in first
     assert first[first.index("--num-partitions") + 1] == "2"
     assert second[second.index("--partition") + 1] == "1"
+
+
+def test_device_settings_reach_every_device_after_the_fleets_own(tmp_path: Path) -> None:
+    fleet = LocalFleet({"text": 1}, "tcp://127.0.0.1:5000", tmp_path, ServerConfig(), client_overrides=["disc_lr=1e-4"])
+    command = fleet.command("text", 0)
+    settings = [command[i + 1] for i, part in enumerate(command) if part == "-c"]
+    assert settings[-1] == "disc_lr=1e-4" and "text_arch=gru" in settings
+
+
+def test_a_bad_device_setting_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedafd.cloud_server.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--local", "image=1", "--out", str(tmp_path / "run"),
+                                      "--local-set", "disc_lr=fast"])
+    assert result.exit_code == 2
+    assert "disc_lr must be a number" in result.output
