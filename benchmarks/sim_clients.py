@@ -15,10 +15,8 @@ import numpy as np
 import zmq
 
 from fedafd.runtime.wire import (
-    Bye, Error, FeatureUpload, Join, RoundStart, Welcome, WireError, decode, encode,
+    MODALITIES_OF_KIND, Bye, Error, FeatureUpload, Join, RoundStart, Welcome, WireError, decode, encode,
 )
-
-MODALITIES_OF_KIND = {"image": ("image",), "text": ("text",), "multimodal": ("image", "text")}
 
 
 @dataclass

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fedafd.cloud_server.stages import (
-    MODALITIES, GlobalModel, distill_epoch, evaluate_retrieval, extract_features, train_contrastive_epoch,
+    GlobalModel, distill_epoch, evaluate_retrieval, extract_features, train_contrastive_epoch,
 )
 from fedafd.cloud_server.strategies import build_strategy
 from fedafd.runtime.accounting import ByteCounter, Received, ServerMessenger
@@ -29,12 +29,12 @@ from fedafd.runtime.torch_utils import (
 )
 from fedafd.runtime.transport import PeerGone, ServerTransport
 from fedafd.runtime.wire import (
-    MAX_HEADER_BYTES, Ack, Bye, Error, ErrorCode, FeatureUpload, Heartbeat, Join, RoundStart, Welcome, new_msg_id,
+    MAX_HEADER_BYTES, MODALITIES, MODALITIES_OF_KIND, Ack, Bye, Error, ErrorCode, FeatureUpload, Heartbeat, Join,
+    RoundStart, Welcome, new_msg_id,
 )
 
 log = logging.getLogger("fedafd.cloud")
 
-MODALITIES_OF_KIND = {"image": ("image",), "text": ("text",), "multimodal": ("image", "text")}
 CHECKPOINT_FILE = "checkpoint/server.pt"
 METRICS_FILE = "metrics.jsonl"
 

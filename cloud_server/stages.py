@@ -17,8 +17,6 @@ from fedafd.runtime.models import build_image_encoder, build_text_encoder
 from fedafd.runtime.retrieval import retrieval_metrics
 from fedafd.runtime.torch_utils import batch_indices
 
-MODALITIES = ("image", "text")
-
 
 class GlobalModel(nn.Module):
     """The server's global image and text encoders and the stage-1 loss (whose a, b are learnable)."""

@@ -15,8 +15,7 @@ import torch
 
 from fedafd.cloud_server.distill import mean_teacher, sed_scores, sed_teacher, sed_weights
 from fedafd.runtime.config import ServerConfig
-
-MODALITIES = ("image", "text")
+from fedafd.runtime.wire import MODALITIES
 
 
 class Strategy(Protocol):

@@ -8,12 +8,7 @@ from torch import nn
 from fedafd.edge_client.alignment import Discriminator
 from fedafd.edge_client.fusion import GranularityFusion
 from fedafd.runtime.models import build_image_encoder, build_text_encoder
-
-MODALITIES_OF_KIND: dict[str, tuple[str, ...]] = {
-    "image": ("image",),
-    "text": ("text",),
-    "multimodal": ("image", "text"),
-}
+from fedafd.runtime.wire import MODALITIES_OF_KIND
 
 
 def other_modality(modality: str) -> str:

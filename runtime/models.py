@@ -175,8 +175,6 @@ TEXT_ENCODERS: dict[str, Callable[[int], nn.Module]] = {
 }
 IMAGE_ARCHS = tuple(IMAGE_ENCODERS)
 TEXT_ARCHS = tuple(TEXT_ENCODERS)
-PRETRAINED_ARCHS = ("efficientnet_lite0", "minilm")
-"""Architectures whose weights load from a package; clients that receive them as towers load the state sent."""
 
 
 def build_image_encoder(arch: str, feature_dim: int) -> nn.Module:

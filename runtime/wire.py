@@ -47,6 +47,10 @@ CODECS = _codecs.CODECS
 """How a tensor frame may store its data (runtime.codecs: raw, fp16, int8_row, int8_col)."""
 CLIENT_KINDS = ("image", "text", "multimodal")
 MODALITIES = ("image", "text")
+MODALITIES_OF_KIND: dict[str, tuple[str, ...]] = {
+    "image": ("image",), "text": ("text",), "multimodal": ("image", "text"),
+}
+"""Which modalities' features each kind of device sends (and which global towers it receives)."""
 
 _MAX_PLAIN_DEPTH = 16
 _MSG_ID_LEN = 16
