@@ -19,6 +19,7 @@ from fedafd.cloud_server.stages import (
 )
 from fedafd.cloud_server.strategies import build_strategy
 from fedafd.runtime.accounting import ByteCounter, Received, ServerMessenger
+from fedafd.runtime.backbones import backbone_digest
 from fedafd.runtime.codecs import wire_codec
 from fedafd.runtime.errors import FedafdError
 from fedafd.runtime.config import ServerConfig, config_to_dict
@@ -36,6 +37,8 @@ from fedafd.runtime.wire import (
 log = logging.getLogger("fedafd.cloud")
 
 CHECKPOINT_FILE = "checkpoint/server.pt"
+CHECKPOINT_FORMAT = 2
+"""2: backbone adapters as towers, and stage 3's own optimiser."""
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -107,13 +110,17 @@ class ServerApp:
         self.device = resolve_device(config.device)
         configure_threads(config.threads)
         torch.manual_seed(config.seed)
-        self.public_all = load_public_data("train")
+        self.model = GlobalModel(config.image_arch, config.text_arch, config.feature_dim,
+                                 config.contrastive_loss, config.adapter_dropout).to(self.device)
+        backbones = tuple(sorted(set(self.model.backbones().values())))
+        self.backbone_digests = {name: backbone_digest(name) for name in backbones}
+        self.public_all = load_public_data("train", backbones)
         self.public_rows = np.sort(cap_indices(np.arange(len(self.public_all)), config.public_size, config.seed))
         self.public = self.public_all.select(self.public_rows)
-        self.public_test = load_public_data("test")
-        self.model = GlobalModel(config.image_arch, config.text_arch, config.feature_dim,
-                                 config.contrastive_loss).to(self.device)
+        self.public_test = load_public_data("test", backbones)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        # Stage 3 has its own optimiser: Adam's moments of the contrastive loss are not those of distillation.
+        self.distill_optimizer = torch.optim.Adam(self.model.encoders.parameters(), lr=config.distill_lr)
         self.strategy = build_strategy(config)
         self.clients: dict[str, ClientRecord] = {}
         self.rejected: list[dict] = []  # malformed or refused messages since the last round record
@@ -229,7 +236,7 @@ class ServerApp:
             teachers, sed_summary = self.strategy.teachers(uploads, global_features)
             teachers = {m: t.to(self.device) for m, t in teachers.items()}
             for _ in range(c.distill_epochs):
-                distill_loss = distill_epoch(self.model, self.optimizer, self.public, teachers, c.gamma,
+                distill_loss = distill_epoch(self.model, self.distill_optimizer, self.public, teachers, c.gamma,
                                              c.batch_size, generator, self.device)
         timings["stage3"] = time.perf_counter() - started
 
@@ -267,19 +274,21 @@ class ServerApp:
     def _send_round_start(self, client: ClientRecord, round_: int, tower_version: int,
                           global_features: dict[str, torch.Tensor], federated: bool) -> bool:
         c = self.config
+        tower_modalities, feature_modalities = self._downlink_plan(client) if federated else ((), ())
         tower: dict[str, np.ndarray] = {}
-        if federated and client.tower_version_sent != tower_version:
-            # Only the towers of the client's modalities, only when they changed.
-            tower = {k: v.numpy() for k, v in self.model.tower_state(client.modalities).items()}
+        if client.tower_version_sent != tower_version:  # only when they changed
+            tower = {k: v.numpy() for k, v in self.model.tower_state(tower_modalities).items()}
+        backbones = self.model.backbones()
         message = RoundStart(
             round=round_,
             local_epochs=c.local_epochs,
             tower_version=tower_version,
             public_indices=self.public_rows.astype(np.int64),
-            global_features={m: f.numpy() for m, f in global_features.items()} if federated else {},
+            global_features={m: global_features[m].numpy() for m in feature_modalities},
             tower=tower,
-            tower_arch={m: self.model.archs[m] for m in client.modalities} if federated else {},
+            tower_arch={m: self.model.archs[m] for m in tower_modalities},
             settings={**self.strategy.device_settings(), "feature_codec": c.feature_codec},
+            backbones={backbones[m]: self.backbone_digests[backbones[m]] for m in tower_modalities if m in backbones},
         )
         client.round_start_sent_at = time.monotonic()
         codecs = {"global_features": wire_codec(c.feature_codec), "tower": wire_codec(c.tower_codec)}
@@ -290,6 +299,19 @@ class ServerApp:
             client.tower_version_sent = tower_version if tower else client.tower_version_sent
             return True
         return False
+
+    def _downlink_plan(self, client: ClientRecord) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(towers, features) a client gets: the towers of its modalities (GFF needs them), and for BAA the
+        global features G of both modalities, each either as the (P, d) tensor or, where that is fewer
+        numbers, as the tower the device computes G with from the public set it holds (an adapter over a
+        frozen backbone is a quarter of G_img's size at d = 256)."""
+        towers = list(client.modalities)
+        for modality in MODALITIES:
+            tower_size = sum(t.numel() for t in self.model.encoders[modality].state_dict().values())
+            if modality not in towers and tower_size < len(self.public) * self.config.feature_dim:
+                towers.append(modality)
+        towers.sort(key=MODALITIES.index)
+        return tuple(towers), tuple(m for m in MODALITIES if m not in towers)
 
     def _collect(self, round_: int, selected: list[str], outcome: RoundOutcome) -> RoundOutcome:
         """Uploads until every selected client answered, or the deadline; silent or dead clients drop
@@ -409,6 +431,14 @@ class ServerApp:
             self._reject(peer, ErrorCode.BAD_FIELD, f"kind must be one of {sorted(MODALITIES_OF_KIND)}, got {join.kind!r}",
                          msg_id)
             return
+        for name, digest in self.backbone_digests.items():
+            if join.backbones.get(name) != digest:
+                theirs = join.backbones.get(name)
+                self._reject(peer, ErrorCode.BACKBONE_MISMATCH,
+                             f"this server's towers adapt backbone {name} with weights sha256 {digest[:12]}..., the device "
+                             f"has {theirs[:12] + '...' if theirs else 'none'}: install the same backbone package version "
+                             f"on both sides", msg_id)
+                return
         rejoined = peer in self.clients
         self.clients[peer] = ClientRecord(peer, join.kind, {"image": join.image_arch, "text": join.text_arch},
                                           join.num_private, joined_round=self.next_round)
@@ -460,8 +490,9 @@ class ServerApp:
 
     # -- persistence ----------------------------------------------------------------------------
     def _checkpoint(self, round_: int) -> None:
-        tensors = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-        meta = {"round": round_, "config": config_to_dict(self.config), "format": 1}
+        tensors = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                   "distill_optimizer": self.distill_optimizer.state_dict()}
+        meta = {"round": round_, "config": config_to_dict(self.config), "format": CHECKPOINT_FORMAT}
         save_checkpoint(self.run_dir / CHECKPOINT_FILE, tensors, meta)
 
     def _restore(self) -> None:
@@ -469,8 +500,12 @@ class ServerApp:
         if not path.exists():
             raise ServerError(f"--resume: no checkpoint at {path}")
         tensors, meta = load_checkpoint(path)
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ServerError(f"--resume: {path} has checkpoint format {meta.get('format')}, this build reads "
+                              f"{CHECKPOINT_FORMAT}; start a new run folder")
         self.model.load_state_dict(tensors["model"])
         self.optimizer.load_state_dict(tensors["optimizer"])
+        self.distill_optimizer.load_state_dict(tensors["distill_optimizer"])
         self.next_round = meta["round"] + 1
         # Keep exactly the records of finished rounds (a crash may have happened after the metrics line
         # of a round whose checkpoint did not land, or the reverse).

@@ -171,15 +171,17 @@ def nodes_revoke(client_id: Annotated[str, typer.Argument(help="The device to re
 
 @data_app.command("fetch")
 def data_fetch() -> None:
-    """Install the Debian data packages into the cache (apt-get download + dpkg-deb -x) and prepare
-    the arrays every process reads. Idempotent."""
+    """Install the Debian data packages into the cache (apt-get download + dpkg-deb -x), prepare the
+    arrays every process reads and the frozen backbones' features of them. Idempotent."""
     setup_logging(False)
     with cli_errors():
         from fedafd.runtime.data.datasets import prepare_all
+        from fedafd.runtime.data.features import build_feature_caches
         from fedafd.runtime.data.fetch import fetch
 
         fetch()
         prepare_all()
+        build_feature_caches(log=typer.echo)
         typer.echo("data ready")
 
 

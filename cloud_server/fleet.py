@@ -9,9 +9,10 @@ from pathlib import Path
 
 from fedafd.runtime.config import CLIENT_KINDS, ConfigError, ServerConfig
 
-# Devices differ in architecture on purpose (that is what FedAFD is for): they take turns through these.
-IMAGE_ARCH_CYCLE = ("cnn_small", "resnet_tiny")
-TEXT_ARCH_CYCLE = ("gru", "transformer_tiny")
+# Devices differ in architecture on purpose (that is what FedAFD is for): they take turns through these,
+# adapters of two shapes over the frozen backbones and a small net trained from scratch.
+IMAGE_ARCH_CYCLE = ("effnet_linear", "cnn_small", "effnet_mlp")
+TEXT_ARCH_CYCLE = ("minilm_linear", "gru", "minilm_mlp")
 
 
 def parse_fleet(spec: str) -> dict[str, int]:

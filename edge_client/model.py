@@ -7,30 +7,23 @@ from torch import nn
 
 from fedafd.edge_client.alignment import Discriminator
 from fedafd.edge_client.fusion import GranularityFusion
-from fedafd.runtime.models import build_image_encoder, build_text_encoder
+from fedafd.runtime.data.modal import ModalData
+from fedafd.runtime.models import ADAPTER_DROPOUT, build_encoder, input_view, l2_normalise
 from fedafd.runtime.wire import MODALITIES_OF_KIND
-
-
-def other_modality(modality: str) -> str:
-    return "text" if modality == "image" else "image"
-
-
-def build_encoder(modality: str, arch: str, feature_dim: int) -> nn.Module:
-    if modality == "image":
-        return build_image_encoder(arch, feature_dim)
-    return build_text_encoder(arch, feature_dim)
 
 
 class LocalModel(nn.Module):
     """A device's own model. Multimodal devices keep one fusion module per modality (the image and text
     features come from different towers, so one shared gate would have to serve two distributions)."""
 
-    def __init__(self, kind: str, image_arch: str, text_arch: str, feature_dim: int, num_classes: int):
+    def __init__(self, kind: str, image_arch: str, text_arch: str, feature_dim: int, num_classes: int,
+                 adapter_dropout: float = ADAPTER_DROPOUT):
         super().__init__()
         self.kind = kind
         self.modalities = MODALITIES_OF_KIND[kind]
         archs = {"image": image_arch, "text": text_arch}
-        self.encoders = nn.ModuleDict({m: build_encoder(m, archs[m], feature_dim) for m in self.modalities})
+        self.encoders = nn.ModuleDict({m: build_encoder(m, archs[m], feature_dim, adapter_dropout)
+                                       for m in self.modalities})
         self.fusions = nn.ModuleDict({m: GranularityFusion(feature_dim) for m in self.modalities})
         # Classification devices: a linear head on the fused feature. Retrieval devices: a learnable
         # InfoNCE temperature (log scale, CLIP's init 1/0.07).
@@ -38,14 +31,27 @@ class LocalModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(2.6593)) if kind == "multimodal" else None
         self.discriminators = nn.ModuleDict({"intra": Discriminator(feature_dim), "cross": Discriminator(feature_dim)})
 
-    def encode(self, modality: str, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return self.encoders[modality](*inputs)  # (B, d), L2-normalised
+    def view(self, modality: str) -> str:
+        """What the local encoder of `modality` reads (raw inputs or a backbone's cached features)."""
+        return input_view(self.encoders[modality])
+
+    def encode(self, modality: str, data: ModalData, rows, device: torch.device) -> torch.Tensor:
+        """Local features of `rows` of `data`: (B, d), L2-normalised."""
+        return self.encoders[modality](*data.batch(modality, rows, device, self.view(modality)))
 
     def fuse(self, modality: str, local: torch.Tensor, global_: torch.Tensor | None) -> torch.Tensor:
-        """The feature the task consumes: GFF of local and global when a global feature is given."""
+        """z, the feature the task consumes: GFF of local and global when a global feature is given."""
         if global_ is None:
             return local
         return self.fusions[modality](local, global_)
+
+    def head_outputs(self, modality: str, local: torch.Tensor, global_: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, output): the fused feature and what the task reads from it, class logits (B, C) for a
+        classifier, z L2-normalised (B, d) for retrieval. Training, evaluation and the exported ONNX
+        graph all go through here."""
+        fused = self.fuse(modality, local, global_)
+        return fused, (self.head(fused) if self.head is not None else l2_normalise(fused))
 
     def task_parameters(self) -> list[nn.Parameter]:
         """Everything the task/generator step updates (not the discriminators)."""
@@ -56,8 +62,8 @@ class LocalModel(nn.Module):
 
 
 class GlobalTowers:
-    """The server's encoders of this device's modalities: frozen, always in eval mode (BatchNorm never
-    drifts, dropout never fires), replaced whenever the server sends a new version."""
+    """The server's encoders (those it sent): frozen, always in eval mode (BatchNorm never drifts,
+    dropout never fires), replaced whenever the server sends a new version."""
 
     def __init__(self, feature_dim: int, device: torch.device):
         self.feature_dim = feature_dim
@@ -80,7 +86,7 @@ class GlobalTowers:
             encoder.load_state_dict(state, strict=True)
             encoder.to(self.device).eval().requires_grad_(False)
             encoders[modality] = encoder
-        self.encoders, self.archs, self.version = encoders, dict(archs), version
+        self.encoders, self.archs, self.version = encoders, {m: archs[m] for m in encoders}, version
 
     def flat_state(self) -> dict[str, torch.Tensor]:
         return {f"{m}.{name}": t.detach().cpu() for m, enc in self.encoders.items() for name, t in enc.state_dict().items()}
@@ -89,5 +95,6 @@ class GlobalTowers:
         return modality in self.encoders
 
     @torch.no_grad()
-    def encode(self, modality: str, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return self.encoders[modality](*inputs)
+    def encode(self, modality: str, data: ModalData, rows, device: torch.device) -> torch.Tensor:
+        encoder = self.encoders[modality]
+        return encoder(*data.batch(modality, rows, device, input_view(encoder)))

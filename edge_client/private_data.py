@@ -21,11 +21,13 @@ class PrivateData:
 
 
 def load_private_data(kind: str, partition: int, num_partitions: int, alpha: float, seed: int,
-                      max_private: int, max_test: int, min_size: int = 10) -> PrivateData:
+                      max_private: int, max_test: int, min_size: int = 10, backbones: tuple[str, ...] = ()
+                      ) -> PrivateData:
     """Dirichlet(alpha) over labels (multimodal: over category folders), the same split on every device
-    of this kind given the same seed, then capped to `max_private` samples; the test split is shared."""
-    train = load_task_data(kind, "train")
-    test = load_task_data(kind, "test")
+    of this kind given the same seed, then capped to `max_private` samples; the test split is shared.
+    `backbones`: whose cached features to attach."""
+    train = load_task_data(kind, "train", backbones)
+    test = load_task_data(kind, "test", backbones)
     assert train.labels is not None
     shares = dirichlet_partition(train.labels, num_partitions, alpha, seed, min_size=min_size)
     mine = cap_indices(shares[partition], max_private, seed + 1 + partition)

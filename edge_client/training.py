@@ -8,13 +8,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedafd.edge_client.alignment import discriminator_loss, generator_loss
-from fedafd.edge_client.model import GlobalTowers, LocalModel, other_modality
+from fedafd.edge_client.alignment import discriminator_step, generator_loss
+from fedafd.edge_client.model import GlobalTowers, LocalModel
 from fedafd.runtime.data.modal import ModalData
-from fedafd.runtime.retrieval import retrieval_metrics, top1_accuracy
+from fedafd.runtime.retrieval import held_rows, personalised_accuracy, retrieval_metrics
 from fedafd.runtime.torch_utils import batch_indices, seeded_generator
 
 
@@ -29,6 +30,7 @@ class RoundPlan:
     beta: float
     public_features: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (P, d) global features
     public_rows: torch.Tensor | None = None  # (P,) rows of the public train split, in the order of the features
+    real_label: float = 1.0  # the discriminators' target for real features (below 1: label smoothing)
 
 
 @dataclass
@@ -60,63 +62,60 @@ def retrieval_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.T
 
 def task_loss(model: LocalModel, data: ModalData, rows: torch.Tensor, global_cache: dict[str, torch.Tensor],
               device: torch.device) -> torch.Tensor:
-    """Cross-entropy on the fused feature (classification) or InfoNCE between fused features (retrieval)."""
-    fused = {}
+    """Cross-entropy on the fused feature (classification) or InfoNCE between the L2-normalised fused
+    features (retrieval), through LocalModel.head_outputs like evaluation and the ONNX graph."""
+    outputs = {}
     for modality in model.modalities:
-        local = model.encode(modality, data.batch(modality, rows, device))
+        local = model.encode(modality, data, rows, device)  # (B, d)
         global_ = global_cache[modality][rows.to(global_cache[modality].device)] if modality in global_cache else None
-        fused[modality] = model.fuse(modality, local, global_)
+        outputs[modality] = model.head_outputs(modality, local, global_)[1]
     if model.head is not None:
-        (feature,) = fused.values()
-        return F.cross_entropy(model.head(feature), data.label_batch(rows, device))
-    return retrieval_loss(fused["image"], fused["text"], model.logit_scale)
+        (logits,) = outputs.values()
+        return F.cross_entropy(logits, data.label_batch(rows, device))
+    return retrieval_loss(outputs["image"], outputs["text"], model.logit_scale)
 
 
 @contextlib.contextmanager
-def batchnorm_statistics_frozen(module: torch.nn.Module) -> Iterator[None]:
-    """Forward passes inside still normalise with their batch's statistics (and back-propagate through
-    them) but leave every BatchNorm's running mean and variance as they were (momentum 0)."""
-    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
-    for norm in norms:
-        norm.momentum = 0.0
+def evaluation_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Forward passes inside run as in eval mode (BatchNorm with its running statistics, no dropout) and
+    still back-propagate; every submodule's train/eval flag is restored afterwards."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
     try:
         yield
     finally:
-        for norm, momentum in zip(norms, saved):
-            norm.momentum = momentum
+        for m, training in flags:
+            m.training = training
 
 
 @dataclass(frozen=True)
 class PublicBatch:
     """A batch of public pairs with the server's global features of the same rows."""
 
-    inputs: dict[str, tuple[torch.Tensor, ...]]  # modality -> encoder inputs
+    data: ModalData  # the public set
+    rows: torch.Tensor  # (B,) rows of `data`
     global_features: dict[str, torch.Tensor]  # modality -> (B, d)
 
 
 def train_step(model: LocalModel, optimizers: Optimizers, private: ModalData, private_rows: torch.Tensor,
                global_cache: dict[str, torch.Tensor], public_batch: PublicBatch | None, beta: float,
-               device: torch.device) -> dict[str, float]:
+               device: torch.device, real_label: float = 1.0) -> dict[str, float]:
     """One step: (BAA, when a public batch is given) one discriminator step, then one step of the local
     model on L_task + L_G against the freshly updated discriminators. Returns the loss parts by name."""
     parts = {"task": 0.0, "adv_gen": 0.0, "disc": 0.0}
     adversarial = torch.zeros((), device=device)
     if public_batch is not None:
         intra, cross = model.discriminators["intra"], model.discriminators["cross"]
-        g = public_batch.global_features
-        # Public pictures (colour emoji) are not what the device classifies: they must not move the
-        # BatchNorm statistics its private task is evaluated with.
-        with batchnorm_statistics_frozen(model):
-            locals_ = {m: model.encode(m, public_batch.inputs[m]) for m in model.modalities}
-        # The local features are detached here, so the discriminator step touches no encoder gradient.
-        disc = sum(discriminator_loss(intra, cross, local.detach(), g[m], g[other_modality(m)], beta)
-                   for m, local in locals_.items())
-        optimizers.discriminator.zero_grad(set_to_none=True)
-        disc.backward()
-        optimizers.discriminator.step()
+        # The public features are computed exactly as the uplink computes them (eval mode: running
+        # BatchNorm statistics, no dropout), so the discriminators judge, and the encoder aligns, the
+        # feature the server receives and compares with G; gradients still flow. Colour emoji also
+        # never move the statistics the private task is evaluated with.
+        with evaluation_mode(model.encoders):
+            locals_ = {m: model.encode(m, public_batch.data, public_batch.rows, device) for m in model.modalities}
+        parts["disc"] = discriminator_step(intra, cross, optimizers.discriminator, locals_,
+                                           public_batch.global_features, beta, real_label)
         adversarial = sum(generator_loss(intra, cross, local, beta) for local in locals_.values())
-        parts["disc"], parts["adv_gen"] = disc.item(), adversarial.item()
+        parts["adv_gen"] = float(adversarial.detach())
     task = task_loss(model, private, private_rows, global_cache, device)
     optimizers.task.zero_grad(set_to_none=True)
     (task + adversarial).backward()
@@ -126,17 +125,25 @@ def train_step(model: LocalModel, optimizers: Optimizers, private: ModalData, pr
 
 
 @torch.no_grad()
-def encode_all(encode: Callable[[tuple[torch.Tensor, ...]], torch.Tensor], data: ModalData, modality: str,
-               device: torch.device, batch_size: int = 256) -> torch.Tensor:
-    """(N, d) features of every row, in order."""
-    outputs = [encode(data.batch(modality, rows, device)) for rows in batch_indices(len(data), batch_size)]
+def encode_all(encode: Callable[[torch.Tensor], torch.Tensor], count: int, batch_size: int = 256) -> torch.Tensor:
+    """(N, d) features of rows 0..count-1 in order; `encode(rows)` encodes one batch of row indices."""
+    outputs = [encode(rows) for rows in batch_indices(count, batch_size)]
     return torch.cat(outputs) if outputs else torch.zeros(0)
 
 
 def global_features(towers: GlobalTowers, data: ModalData, modalities: tuple[str, ...],
                     device: torch.device) -> dict[str, torch.Tensor]:
     """f_g of the private data: the tower is frozen for the whole round, so compute it once and cache it."""
-    return {m: encode_all(lambda x, m=m: towers.encode(m, x), data, m, device) for m in modalities if towers.has(m)}
+    return {m: encode_all(lambda rows, m=m: towers.encode(m, data, rows, device), len(data))
+            for m in modalities if towers.has(m)}
+
+
+def global_public_features(towers: GlobalTowers, public: ModalData, rows: torch.Tensor, modalities: tuple[str, ...],
+                           device: torch.device) -> dict[str, torch.Tensor]:
+    """G of the public rows, computed on the device from the towers the server sent (instead of the server
+    sending the (P, d) features themselves): the same eval-mode encoders over the same public inputs."""
+    return {m: encode_all(lambda positions, m=m: towers.encode(m, public, rows[positions], device), len(rows)).cpu()
+            for m in modalities}
 
 
 def train_round(model: LocalModel, optimizers: Optimizers, towers: GlobalTowers, private: ModalData,
@@ -159,12 +166,12 @@ def train_round(model: LocalModel, optimizers: Optimizers, towers: GlobalTowers,
                 continue
             public_batch = None
             if public_positions is not None:
-                rows = plan.public_rows[public_positions]
                 public_batch = PublicBatch(
-                    inputs={m: public.batch(m, rows, device) for m in model.modalities},
+                    data=public, rows=plan.public_rows[public_positions],
                     global_features={m: f[public_positions].to(device) for m, f in plan.public_features.items()},
                 )
-            parts = train_step(model, optimizers, private, private_rows, global_cache, public_batch, plan.beta, device)
+            parts = train_step(model, optimizers, private, private_rows, global_cache, public_batch, plan.beta,
+                               device, plan.real_label)
             for key, value in parts.items():
                 totals[key] += value
             steps += 1
@@ -185,22 +192,31 @@ def _cycle(count: int, batch_size: int, generator: torch.Generator):
 def public_features(model: LocalModel, public: ModalData, rows: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
     """The uplink: local-encoder (not fused) features of the public set, eval mode, (P, d) per modality."""
     model.eval()
-    subset = public.select(rows.numpy())
-    return {m: encode_all(lambda x, m=m: model.encode(m, x), subset, m, device).cpu() for m in model.modalities}
+    return {m: encode_all(lambda positions, m=m: model.encode(m, public, rows[positions], device), len(rows)).cpu()
+            for m in model.modalities}
 
 
 @torch.no_grad()
-def evaluate(model: LocalModel, towers: GlobalTowers, test: ModalData, use_fusion: bool,
-             device: torch.device) -> dict[str, float]:
-    """Top-1 (%) on fused features for classifiers; R@K (%) both directions for retrieval devices."""
+def evaluate(model: LocalModel, towers: GlobalTowers, test: ModalData, use_fusion: bool, device: torch.device,
+             train_labels: torch.Tensor) -> dict[str, float]:
+    """Classifiers: top-1 (%) on the whole test split, the personalised top-1 and its full-test bound
+    (runtime.retrieval.personalised_accuracy). Retrieval devices: R@K (%) both ways on the whole test
+    split and, as pers_*, on the test pairs of the categories the device holds (`train_labels`)."""
     model.eval()
     use_global = use_fusion and all(towers.has(m) for m in model.modalities)
-    fused = {}
+    outputs = {}
     for modality in model.modalities:
-        local = encode_all(lambda x, m=modality: model.encode(m, x), test, modality, device)
-        global_ = encode_all(lambda x, m=modality: towers.encode(m, x), test, modality, device) if use_global else None
-        fused[modality] = model.fuse(modality, local, global_)
+        local = encode_all(lambda rows, m=modality: model.encode(m, test, rows, device), len(test))
+        global_ = (encode_all(lambda rows, m=modality: towers.encode(m, test, rows, device), len(test))
+                   if use_global else None)
+        outputs[modality] = model.head_outputs(modality, local, global_)[1]
+    labels = test.label_batch(np.arange(len(test)), device)
     if model.head is not None:
-        (feature,) = fused.values()
-        return {"top1": top1_accuracy(model.head(feature), test.label_batch(slice(None), device))}
-    return retrieval_metrics(fused["image"], fused["text"], torch.arange(len(test)))
+        (logits,) = outputs.values()
+        return personalised_accuracy(logits.argmax(dim=1), labels, train_labels, model.head.out_features)
+    metrics = retrieval_metrics(outputs["image"], outputs["text"], torch.arange(len(test)))
+    held = held_rows(labels, train_labels)
+    if len(held):
+        personal = retrieval_metrics(outputs["image"][held], outputs["text"][held], torch.arange(len(held)))
+        metrics.update({f"pers_{key}": value for key, value in personal.items()})
+    return metrics

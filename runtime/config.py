@@ -57,10 +57,12 @@ class ServerConfig:
     """Width d of every encoder's feature (paper: 256)."""
     public_size: int = 0
     """Number of public pairs P used every round (0: the whole public train split)."""
-    image_arch: str = "resnet_tiny"
-    """Server's global image encoder (a name from runtime.models.IMAGE_ARCHS)."""
-    text_arch: str = "transformer_tiny"
-    """Server's global text encoder (a name from runtime.models.TEXT_ARCHS)."""
+    image_arch: str = "effnet_linear"
+    """Server's global image tower (runtime.models.IMAGE_ARCHS; default: an adapter over frozen EfficientNet-Lite0)."""
+    text_arch: str = "minilm_linear"
+    """Server's global text tower (runtime.models.TEXT_ARCHS; default: an adapter over frozen all-MiniLM-L6-v2)."""
+    adapter_dropout: float = 0.5
+    """Dropout on the backbone features the server's adapters read (training only)."""
     contrastive_loss: str = "pcme"
     """Stage-1 loss: pcme (paper's soft contrastive) or infonce (CLIP)."""
     server_epochs: int = 1
@@ -72,7 +74,9 @@ class ServerConfig:
     batch_size: int = 64
     """Server batch size for stage 1, stage 3 and feature extraction."""
     lr: float = 1e-3
-    """Server Adam learning rate."""
+    """Server Adam learning rate of stage 1."""
+    distill_lr: float = 1e-3
+    """Adam learning rate of stage 3 (its own optimiser: distillation and contrastive training keep separate moments)."""
     sed_chunk: int = 512
     """Rows per chunk when computing SED scores (memory O(chunk x P))."""
     strategy: str = "fedafd"
@@ -85,6 +89,8 @@ class ServerConfig:
     """Similarity-guided ensemble distillation; off: distil toward the plain mean (ablation switch)."""
     beta: float = 0.5
     """Weight of the adversarial losses (paper: 0.5)."""
+    real_label: float = 1.0
+    """Discriminators' target for real (global) features; below 1 is one-sided label smoothing (paper: 1)."""
     alpha: float = 0.1
     """Dirichlet concentration of the non-IID client partitions (--local; paper: 0.1)."""
     max_private: int = 2000
@@ -93,7 +99,7 @@ class ServerConfig:
     """Cap on each --local client's test samples (0: the whole test split)."""
     feature_codec: str = "fp32"
     """How public features travel both ways (uplink features, downlink global features): fp32, fp16, int8_row, int8_col."""
-    tower_codec: str = "fp32"
+    tower_codec: str = "fp16"
     """How the downlink's global tower weights travel: fp32, fp16 or int8_row (int8 per output row; 1-d tensors fp16)."""
     public_resample: bool = False
     """Draw a fresh random subset of public_size pairs every round (same rows for every client; paper: one fixed subset)."""
@@ -105,7 +111,10 @@ class ServerConfig:
                         "batch_size", "sed_chunk")
         _check_non_negative(self, "expected_clients", "public_size", "distill_epochs", "threads",
                             "max_private", "max_test", "gamma", "beta")
-        _check_positive(self, "join_timeout_s", "round_deadline_s", "heartbeat_timeout_s", "lr", "alpha")
+        _check_positive(self, "join_timeout_s", "round_deadline_s", "heartbeat_timeout_s", "lr", "distill_lr", "alpha")
+        _check_fraction(self, "adapter_dropout")
+        if not 0.5 < self.real_label <= 1.0:
+            raise ConfigError(f"real_label must be in (0.5, 1], got {self.real_label}")
         _check_choice(self, "device", DEVICES)
         _check_choice(self, "strategy", STRATEGIES)
         _check_choice(self, "contrastive_loss", CONTRASTIVE_LOSSES)
@@ -139,16 +148,18 @@ class ClientConfig:
     """Cap on private training samples (0: the whole share)."""
     max_test: int = 1000
     """Cap on test samples (0: the whole test split)."""
-    image_arch: str = "cnn_small"
-    """Local image encoder (image and multimodal devices)."""
-    text_arch: str = "gru"
-    """Local text encoder (text and multimodal devices)."""
+    image_arch: str = "effnet_linear"
+    """Local image encoder (image and multimodal devices; runtime.models.IMAGE_ARCHS)."""
+    text_arch: str = "minilm_linear"
+    """Local text encoder (text and multimodal devices; runtime.models.TEXT_ARCHS)."""
+    adapter_dropout: float = 0.5
+    """Dropout on the backbone features a local adapter reads (training only)."""
     batch_size: int = 64
     """Batch size for local training."""
     lr: float = 1e-3
     """Adam learning rate of the local model, heads and fusion."""
-    disc_lr: float = 1e-3
-    """Adam learning rate of the discriminators."""
+    disc_lr: float = 1e-4
+    """Adam learning rate of the discriminators (the research code's 1e-4)."""
     device: str = "cpu"
     """Torch device: cpu, cuda or auto."""
     threads: int = 1
@@ -168,6 +179,7 @@ class ClientConfig:
         _check_positive(self, "num_partitions", "batch_size")
         _check_non_negative(self, "partition", "max_private", "max_test", "threads")
         _check_positive(self, "alpha", "lr", "disc_lr", "heartbeat_s", "round_wait_s", "connect_timeout_s")
+        _check_fraction(self, "adapter_dropout")
         if self.partition >= self.num_partitions:
             raise ConfigError(f"partition must be < num_partitions ({self.num_partitions}), got {self.partition}")
         from fedafd.runtime.models import IMAGE_ARCHS, TEXT_ARCHS
@@ -286,6 +298,12 @@ def _check_non_negative(config: object, *keys: str) -> None:
     for key in keys:
         if getattr(config, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(config, key)}")
+
+
+def _check_fraction(config: object, *keys: str) -> None:
+    for key in keys:
+        if not 0.0 <= getattr(config, key) < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {getattr(config, key)}")
 
 
 def _check_choice(config: object, key: str, choices: tuple[str, ...]) -> None:

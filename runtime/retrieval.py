@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["retrieval_metrics", "top1_accuracy", "RECALL_KS"]
+__all__ = ["retrieval_metrics", "top1_accuracy", "personalised_accuracy", "held_rows", "RECALL_KS"]
 
 RECALL_KS = (1, 5, 10)
 
@@ -103,3 +103,34 @@ def top1_accuracy(logits: Tensor, labels: Tensor) -> float:
         raise ValueError("top1_accuracy needs at least one sample")
     correct = logits.argmax(dim=1) == labels.to(logits.device)
     return 100.0 * float(correct.float().mean())
+
+
+def personalised_accuracy(predictions: Tensor, labels: Tensor, train_labels: Tensor, num_classes: int
+                          ) -> dict[str, float]:
+    """method.md "Personalised metric", as percentages: `top1` on the whole test split; `pers_top1` =
+    sum over classes y of p_train(y) * acc(y), the test accuracy weighted to the device's own label
+    distribution; `top1_bound` = the share of test samples in classes the device holds, the most its
+    full-test top-1 can reach. predictions, labels: (N,) class ids; train_labels: (T,) private labels."""
+    if predictions.shape != labels.shape or labels.dim() != 1 or len(labels) == 0:
+        raise ValueError(f"expected (N,) predictions and labels, got {tuple(predictions.shape)}, {tuple(labels.shape)}")
+    labels, predictions, train_labels = labels.long(), predictions.long().to(labels.device), train_labels.long()
+    correct = torch.bincount(labels[predictions == labels], minlength=num_classes).float()  # (K,)
+    per_class = torch.bincount(labels, minlength=num_classes).float()  # (K,)
+    shares = torch.bincount(train_labels.to(labels.device), minlength=num_classes).float()
+    shares = shares / shares.sum().clamp(min=1.0)  # p_train (K,)
+    # A class the device holds but the test split lacks contributes nothing (acc undefined), and its share
+    # is spread over the others: the weights are renormalised over the classes both have.
+    tested = per_class > 0
+    weights = shares * tested
+    accuracy = correct / per_class.clamp(min=1.0)
+    return {
+        "top1": 100.0 * float(correct.sum() / len(labels)),
+        "pers_top1": 100.0 * float((weights * accuracy).sum() / weights.sum().clamp(min=1e-12)),
+        "top1_bound": 100.0 * float(per_class[shares > 0].sum() / len(labels)),
+    }
+
+
+def held_rows(test_labels: Tensor, train_labels: Tensor) -> Tensor:
+    """Indices of the test rows whose label (category) occurs in the device's private labels."""
+    held = torch.isin(test_labels.long(), torch.unique(train_labels.long()))
+    return torch.nonzero(held).reshape(-1)

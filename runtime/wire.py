@@ -33,7 +33,8 @@ import numpy as np
 from . import codecs as _codecs
 
 MAGIC = b"FAFD"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: Join and RoundStart name the frozen backbones and the sha256 of their weights."""
 MAX_HEADER_BYTES = 64 * 1024
 """Largest msgpack header accepted (a tower of a few hundred tensors needs ~20 KiB)."""
 MAX_MESSAGE_BYTES = 1 << 30
@@ -50,7 +51,11 @@ MODALITIES = ("image", "text")
 MODALITIES_OF_KIND: dict[str, tuple[str, ...]] = {
     "image": ("image",), "text": ("text",), "multimodal": ("image", "text"),
 }
-"""Which modalities' features each kind of device sends (and which global towers it receives)."""
+"""Which modalities' features each kind of device sends (and which global towers it fuses with)."""
+
+
+def other_modality(modality: str) -> str:
+    return "text" if modality == "image" else "image"
 
 _MAX_PLAIN_DEPTH = 16
 _MSG_ID_LEN = 16
@@ -82,6 +87,8 @@ class ErrorCode(enum.StrEnum):
     UNEXPECTED = "unexpected"
     """A valid message at the wrong time, e.g. an upload for a finished round."""
     UNKNOWN_CLIENT = "unknown_client"
+    BACKBONE_MISMATCH = "backbone_mismatch"
+    """The device's frozen backbone weights are not the server's (another package version)."""
 
 
 class WireError(Exception):
@@ -128,7 +135,8 @@ def _one_of(*choices: str) -> Any:
 
 @dataclass(frozen=True)
 class Join:
-    """Client -> server: who I am. `image_arch`/`text_arch` are "" for a modality the client lacks."""
+    """Client -> server: who I am. `image_arch`/`text_arch` are "" for a modality the client lacks;
+    `backbones` maps each frozen backbone the device holds to the sha256 of its weights."""
 
     TYPE: ClassVar[MsgType] = MsgType.JOIN
     TENSORS: ClassVar[dict[str, TensorSpec]] = {}
@@ -139,6 +147,7 @@ class Join:
     text_arch: str
     num_params: int = _at_least(0)
     num_private: int = _at_least(0)
+    backbones: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -178,6 +187,8 @@ class RoundStart:
     tower: dict[str, np.ndarray]
     tower_arch: dict[str, str]
     settings: dict[str, Any]
+    backbones: dict[str, str] = field(default_factory=dict)
+    """Backbone name -> sha256 of its weights, for every backbone a tower in `tower_arch` adapts."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -209,9 +209,9 @@ def _read(path: Path, cls: type[Data]) -> Data | None:
 
 
 @contextlib.contextmanager
-def _build_lock(name: str) -> Iterator[None]:
-    """One process prepares a data set while others (a fleet starting at once) wait, then read its files."""
-    lock_path = cache_dir() / "prepared" / f".{name}.lock"
+def file_lock(lock_path: Path) -> Iterator[None]:
+    """An exclusive flock on `lock_path` (created with its folder): one process builds a cached file while
+    others (a fleet starting at once) wait, then read it."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
@@ -224,6 +224,11 @@ def _build_lock(name: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _build_lock(name: str) -> contextlib.AbstractContextManager[None]:
+    """One process prepares a data set while others wait, then read its files."""
+    return file_lock(cache_dir() / "prepared" / f".{name}.lock")
 
 
 def _load(name: str, split: str, cls: type[Data], build: Callable[[], dict[str, Data]]) -> Data:

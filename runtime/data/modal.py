@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -11,13 +11,19 @@ from fedafd.runtime.data import datasets
 from fedafd.runtime.data.datasets import ImageClassData, PairData, TextClassData, load_emoji_pairs
 
 
+RAW = "raw"
+"""The input view of encoders trained from scratch: pixels or token ids (the other views are backbones)."""
+
+
 @dataclass(frozen=True)
 class ModalData:
-    """inputs['image'] = (images uint8 (N,3,32,32),); inputs['text'] = (input_ids, attention_mask) int64 (N,L)."""
+    """inputs['image'] = (images uint8 (N,3,32,32),); inputs['text'] = (input_ids, attention_mask) int64 (N,L).
+    features[backbone] = float32 (N, D): the frozen backbone's cached features of the same rows."""
 
     inputs: dict[str, tuple[np.ndarray, ...]]
     labels: np.ndarray | None = None
     class_names: tuple[str, ...] = ()
+    features: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         first = next(iter(self.inputs.values()))
@@ -33,12 +39,19 @@ class ModalData:
             inputs={m: tuple(array[indices] for array in arrays) for m, arrays in self.inputs.items()},
             labels=None if self.labels is None else self.labels[indices],
             class_names=self.class_names,
+            features={name: array[indices] for name, array in self.features.items()},
         )
 
-    def batch(self, modality: str, indices: torch.Tensor | np.ndarray | slice, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """Tensors for the encoder of `modality`: images as float in [0,1], token ids as int64."""
+    def batch(self, modality: str, indices: torch.Tensor | np.ndarray | slice, device: torch.device,
+              view: str = RAW) -> tuple[torch.Tensor, ...]:
+        """Tensors for an encoder of `modality` that reads `view`: images as float in [0,1], token ids as
+        int64 (RAW), or the named backbone's cached features as float32 (B, D)."""
         if isinstance(indices, torch.Tensor):
             indices = indices.numpy()
+        if view != RAW:
+            if view not in self.features:
+                raise KeyError(f"no cached {view} features for this data set (have: {sorted(self.features)})")
+            return (torch.from_numpy(np.ascontiguousarray(self.features[view][indices])).to(device, torch.float32),)
         arrays = [array[indices] for array in self.inputs[modality]]
         if modality == "image":
             return (torch.from_numpy(np.ascontiguousarray(arrays[0])).to(device, torch.float32).div_(255.0),)
@@ -75,7 +88,7 @@ backbone features are computed once and cached (all 70,000 Fashion-MNIST images 
 on a 2-core CPU), and an edge device holds a few hundred samples anyway."""
 
 
-def load_task_data(kind: str, split: str) -> ModalData:
+def load_task_data(kind: str, split: str, backbones: tuple[str, ...] = ()) -> ModalData:
     """A device kind's task data set (the device takes its share): what stands in for the paper's data
     sets is in the README's data section. Fashion-MNIST and WordNet are cut to their TASK_POOL rows."""
     if kind == "image":
@@ -83,10 +96,12 @@ def load_task_data(kind: str, split: str) -> ModalData:
     elif kind == "text":
         data = from_text_classes(datasets.load_wordnet_topics(split))  # for AG News
     elif kind == "multimodal":
-        return from_pairs(datasets.load_tuxpaint_pairs(split))  # for Flickr30k
+        data = from_pairs(datasets.load_tuxpaint_pairs(split))  # for Flickr30k
     else:
         raise ValueError(f"kind must be image, text or multimodal, got {kind!r}")
-    return data.select(pool_rows(data.labels, TASK_POOL[kind][split]))
+    if kind in TASK_POOL:
+        data = data.select(pool_rows(data.labels, TASK_POOL[kind][split]))
+    return with_backbone_features(data, f"{DATASET_OF_KIND[kind]}-{split}", backbones)
 
 
 def pool_rows(labels: np.ndarray, size: int) -> np.ndarray:
@@ -97,7 +112,23 @@ def pool_rows(labels: np.ndarray, size: int) -> np.ndarray:
     return chosen
 
 
-def load_public_data(split: str = "train") -> ModalData:
+def load_public_data(split: str = "train", backbones: tuple[str, ...] = ()) -> ModalData:
     """The public image-text set (emoji pictures with their names): split "train" is P, which the server
     and every device hold; "test" is the server's held-out retrieval split."""
-    return from_pairs(load_emoji_pairs(split))
+    return with_backbone_features(from_pairs(load_emoji_pairs(split)), f"emoji-{split}", backbones)
+
+
+DATASET_OF_KIND = {"image": "fashion_mnist", "text": "wordnet", "multimodal": "tuxpaint"}
+
+
+def with_backbone_features(data: ModalData, dataset: str, backbones: tuple[str, ...]) -> ModalData:
+    """`data` with the cached features of each named backbone attached (computed once, then read from
+    the feature cache)."""
+    if not backbones:
+        return data
+    from fedafd.runtime.data.features import backbone_features
+
+    features = dict(data.features)
+    for name in backbones:
+        features[name] = backbone_features(name, dataset, data)
+    return ModalData(data.inputs, data.labels, data.class_names, features)

@@ -1,18 +1,12 @@
-"""Bi-level adversarial alignment: discriminators, losses and the alternating step."""
+"""Bi-level adversarial alignment: discriminators, losses and the discriminator step (the encoder side is
+tested through the device's train_step in test_training.py)."""
 
 import math
 
 import pytest
 import torch
 
-from fedafd.edge_client.alignment import (
-    Discriminator,
-    alternating_step,
-    discriminator_loss,
-    discriminator_step,
-    encoder_step,
-    generator_loss,
-)
+from fedafd.edge_client.alignment import Discriminator, discriminator_loss, discriminator_step, generator_loss
 
 D = 8
 LOG2 = math.log(2.0)
@@ -105,68 +99,10 @@ def test_training_only_discriminators_lowers_discriminator_loss():
     before = discriminator_loss(d_in, d_cr, local, g_same, g_other, 0.5).item()
     # Execute
     for _ in range(20):
-        discriminator_step(d_in, d_cr, opt, local, g_same, g_other, 0.5)
+        discriminator_step(d_in, d_cr, opt, {"image": local}, {"image": g_same, "text": g_other}, 0.5)
     after = discriminator_loss(d_in, d_cr, local, g_same, g_other, 0.5).item()
     # Assert
     assert after < 0.5 * before
-
-
-def test_training_only_encoder_lowers_generator_loss_with_fixed_discriminators():
-    # Prepare
-    torch.manual_seed(0)
-    d_in, d_cr = Discriminator(D), Discriminator(D)
-    encoder = torch.nn.Linear(D, D)
-    x = torch.randn(16, D)
-    opt = torch.optim.Adam(encoder.parameters(), lr=1e-2)
-    disc_before = _snapshot(d_in) + _snapshot(d_cr)
-    before = generator_loss(d_in, d_cr, encoder(x), 0.5).item()
-    # Execute
-    for _ in range(20):
-        encoder_step(d_in, d_cr, opt, encoder(x), 0.5)
-    after = generator_loss(d_in, d_cr, encoder(x), 0.5).item()
-    # Assert
-    assert after < before
-    disc_after = _snapshot(d_in) + _snapshot(d_cr)
-    assert all(torch.equal(a, b) for a, b in zip(disc_before, disc_after))
-    assert all(p.grad is None and p.requires_grad for p in [*d_in.parameters(), *d_cr.parameters()])
-
-
-class _SpyOptimizer(torch.optim.SGD):
-    """Records, at the moment the encoder steps, whether D and the encoder have changed yet."""
-
-    def __init__(self, params, on_step):
-        super().__init__(params, lr=0.1)
-        self.on_step = on_step
-
-    def step(self, closure=None):
-        self.on_step()
-        return super().step(closure)
-
-
-def test_alternating_step_updates_discriminators_first_then_encoder():
-    # Prepare
-    torch.manual_seed(0)
-    d_in, d_cr = Discriminator(D), Discriminator(D)
-    encoder = torch.nn.Linear(D, D)
-    x = torch.randn(16, D)
-    _, g_same, g_other = _toy_batch()
-    d_opt = torch.optim.SGD([*d_in.parameters(), *d_cr.parameters()], lr=0.1)
-    d_in_0, d_cr_0, enc_0 = _snapshot(d_in), _snapshot(d_cr), _snapshot(encoder)
-    seen = {}
-
-    def at_encoder_step():
-        seen["disc_changed"] = _changed(d_in_0, d_in) and _changed(d_cr_0, d_cr)
-        seen["encoder_changed"] = _changed(enc_0, encoder)
-        seen["encoder_has_grad"] = all(p.grad is not None for p in encoder.parameters())
-
-    enc_opt = _SpyOptimizer(encoder.parameters(), at_encoder_step)
-    # Execute
-    losses = alternating_step(d_in, d_cr, d_opt, enc_opt, lambda: encoder(x), g_same, g_other, 0.5)
-    # Assert: first half moved D only; the encoder then moved too
-    assert seen == {"disc_changed": True, "encoder_changed": False, "encoder_has_grad": True}
-    assert _changed(enc_0, encoder)
-    assert set(losses) == {"disc", "adv_gen"}
-    assert all(isinstance(v, float) and v > 0 for v in losses.values())
 
 
 def test_discriminator_step_leaves_encoder_gradients_untouched():
@@ -178,7 +114,29 @@ def test_discriminator_step_leaves_encoder_gradients_untouched():
     d_opt = torch.optim.SGD([*d_in.parameters(), *d_cr.parameters()], lr=0.1)
     enc_0 = _snapshot(encoder)
     # Execute
-    discriminator_step(d_in, d_cr, d_opt, encoder(torch.randn(4, D)), g_same[:4], g_other[:4], 0.5)
+    discriminator_step(d_in, d_cr, d_opt, {"text": encoder(torch.randn(4, D))}, {"text": g_same[:4], "image": g_other[:4]},
+                       0.5)
     # Assert
     assert all(p.grad is None for p in encoder.parameters())
     assert not _changed(enc_0, encoder)
+
+
+def test_discriminator_step_sums_both_modalities_of_a_multimodal_device_and_smooths_real_labels():
+    # Prepare: constant logit 0 everywhere, so every BCE is log 2 whatever the target (at target t the
+    # BCE of logit 0 is log 2 too); then logit 0 again with real target 0.9 -- still log 2 per term.
+    d_in, d_cr = _constant_discriminator(0.0), _constant_discriminator(0.0)
+    local, g_same, g_other = _toy_batch()
+    opt = torch.optim.SGD([*d_in.parameters(), *d_cr.parameters()], lr=0.0)
+    # Execute
+    one = discriminator_step(d_in, d_cr, opt, {"image": local}, {"image": g_same, "text": g_other}, 0.5)
+    two = discriminator_step(d_in, d_cr, opt, {"image": local, "text": local}, {"image": g_same, "text": g_other}, 0.5)
+    # Assert: 4 BCE terms of log 2 times beta per modality
+    assert one == pytest.approx(0.5 * 4 * LOG2, rel=1e-6)
+    assert two == pytest.approx(2 * one, rel=1e-6)
+    # Label smoothing: with logit L for reals, BCE(L, 0.9) = softplus(L) - 0.9 L; at L = 2 it is below BCE(L, 1).
+    real = _constant_discriminator(2.0)
+    smooth = discriminator_loss(real, real, local, g_same, g_other, 1.0, real_label=0.9)
+    plain = discriminator_loss(real, real, local, g_same, g_other, 1.0)
+    softplus = math.log1p(math.exp(2.0))
+    assert float(plain) == pytest.approx(2 * (softplus - 2.0) + 2 * softplus, rel=1e-5)
+    assert float(smooth) == pytest.approx(2 * (softplus - 1.8) + 2 * softplus, rel=1e-5)

@@ -1,30 +1,167 @@
-"""Training-step details that a wrong implementation would get silently wrong."""
+"""The device's training step: what a wrong implementation would get silently wrong. Every test runs the
+production train_step / task_loss / evaluate on a tiny LocalModel and tiny data."""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 from torch import nn
 
-from fedafd.edge_client.training import batchnorm_statistics_frozen
+from fedafd.edge_client.model import GlobalTowers, LocalModel
+from fedafd.edge_client.training import (
+    Optimizers, PublicBatch, evaluation_mode, public_features, task_loss, train_step,
+)
+from fedafd.runtime.data.modal import ModalData
+
+D = 16
+WIDTH = 1280  # EfficientNet-Lite0's pooled width, which the effnet adapters read
 
 
-def test_public_batches_leave_batchnorm_statistics_alone_but_still_train() -> None:
-    # Prepare: a BatchNorm whose running mean starts at 0; a batch whose mean is 10.
-    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).train()
+def _image_data(rows: int, seed: int, classes: int = 3) -> ModalData:
+    """Random pixels with random 'cached backbone features' (adapters read those), labels 0..classes-1."""
+    rng = np.random.default_rng(seed)
+    return ModalData(inputs={"image": (rng.integers(0, 256, (rows, 3, 32, 32), dtype=np.uint8),)},
+                     labels=np.arange(rows) % classes, class_names=tuple("abc"[:classes]),
+                     features={"efficientnet_lite0": rng.normal(size=(rows, WIDTH)).astype(np.float32)})
+
+
+def _model(arch: str = "effnet_linear", seed: int = 0) -> LocalModel:
+    torch.manual_seed(seed)
+    return LocalModel("image", arch, "minilm_linear", D, num_classes=3, adapter_dropout=0.0)
+
+
+def _public_batch(public: ModalData, seed: int = 1) -> PublicBatch:
+    gen = torch.Generator().manual_seed(seed)
+    g = {m: nn.functional.normalize(torch.randn(len(public), D, generator=gen), dim=-1) for m in ("image", "text")}
+    return PublicBatch(data=public, rows=torch.arange(len(public)), global_features=g)
+
+
+def _intra_score(model: LocalModel, public: ModalData) -> float:
+    """Mean D_in logit of the public features: how 'real' the intra-modal discriminator finds them."""
+    with torch.no_grad():
+        return float(model.discriminators["intra"](public_features(model, public, torch.arange(len(public)),
+                                                                      torch.device("cpu"))["image"]).mean())
+
+
+def test_evaluation_mode_uses_running_statistics_still_backpropagates_and_restores_flags() -> None:
+    # Prepare: BatchNorm with running mean 0 / var 1; a batch whose mean is 10; dropout that would zero half.
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Dropout(0.5)).train()
+    model[2].eval()  # a submodule that was already in eval mode must stay so
     with torch.no_grad():
         model[0].weight.copy_(torch.eye(2))
         model[0].bias.zero_()
     batch = torch.tensor([[9.0, 9.0], [11.0, 11.0]])
-    # Execute: inside the context, then outside it.
-    with batchnorm_statistics_frozen(model):
+    # Execute
+    with evaluation_mode(model):
         out = model(batch)
-        out[:, 0].mul(torch.tensor([1.0, 2.0])).sum().backward()
-    frozen_mean = model[1].running_mean.clone()
-    model(batch)
-    # Assert: frozen inside (and normalised by the batch's own statistics: +-1), updated outside with
-    # momentum 0.1 (0.9 * 0 + 0.1 * 10 = 1), momentum restored, and gradients reached the weights.
-    torch.testing.assert_close(frozen_mean, torch.zeros(2))
-    torch.testing.assert_close(out[:, 0], torch.tensor([-1.0, 1.0]), atol=1e-3, rtol=0)
-    torch.testing.assert_close(model[1].running_mean, torch.tensor([1.0, 1.0]))
-    assert model[1].momentum == 0.1
+        out.sum().backward()
+    # Assert: normalised by the running statistics (x / sqrt(1 + eps), no dropout), statistics untouched,
+    # gradients reached the weights, and every flag back to what it was.
+    torch.testing.assert_close(out, batch / (1 + 1e-5) ** 0.5)
+    torch.testing.assert_close(model[1].running_mean, torch.zeros(2))
     assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
+    assert model.training and model[0].training and model[1].training and not model[2].training
+
+
+@pytest.mark.parametrize("arch", ["effnet_linear", "cnn_small"])
+def test_baa_moves_the_uploaded_public_features_toward_what_the_discriminator_scores_real(arch: str) -> None:
+    # Prepare: two identical devices; the discriminators' learning rate is 0 so they stay the same judge.
+    private, public = _image_data(32, seed=0), _image_data(24, seed=1)
+    scores = {}
+    for beta in (0.0, 1.0):
+        model = _model(arch)
+        optimizers = Optimizers.create(model, lr=1e-2, disc_lr=0.0)
+        before = _intra_score(model, public)
+        # Execute: the production step, 20 times, with and without the adversarial term.
+        for _ in range(20):
+            train_step(model, optimizers, private, torch.arange(32), {}, _public_batch(public), beta, torch.device("cpu"))
+        scores[beta] = _intra_score(model, public) - before
+    # Assert: with BAA the *uploaded* (eval-mode) features score as more real; without it they do not
+    # move that way nearly as much. Deleting L_G from the step's backward makes the two equal.
+    assert scores[1.0] - scores[0.0] > max(0.03, 3 * abs(scores[0.0]))
+
+
+def test_baa_judges_the_feature_the_device_uploads() -> None:
+    # Prepare: a from-scratch encoder with BatchNorm and an adapter with dropout, both in train mode.
+    public = _image_data(12, seed=2)
+    for arch, dropout in (("cnn_small", 0.0), ("effnet_linear", 0.5)):
+        torch.manual_seed(0)
+        model = LocalModel("image", arch, "minilm_linear", D, num_classes=3, adapter_dropout=dropout).train()
+        seen = {}
+        real_forward = model.discriminators["intra"].forward
+
+        def spy(x, seen=seen, real_forward=real_forward):
+            seen.setdefault("inputs", []).append(x.detach().clone())
+            return real_forward(x)
+
+        model.discriminators["intra"].forward = spy
+        # Execute: one step (D_in sees G, then the local public feature, in its own step, then the
+        # local feature again in L_G).
+        # (What would be uploaded now: the step's own private batch then moves BatchNorm's running statistics.)
+        uploaded = public_features(model.train(), public, torch.arange(12), torch.device("cpu"))["image"]
+        model.train()
+        train_step(model, Optimizers.create(model, 0.0, 0.0), public, torch.arange(12), {}, _public_batch(public), 0.5,
+                   torch.device("cpu"))
+        # Assert: the discriminator judged exactly the uploaded feature (eval mode: running statistics, no dropout).
+        fakes = [x for x in seen["inputs"] if x.shape == uploaded.shape and not torch.equal(x, _public_batch(public).global_features["image"])]
+        assert len(fakes) == 2
+        for fake in fakes:
+            torch.testing.assert_close(fake, uploaded, atol=1e-6, rtol=0)
+
+
+def test_task_loss_reads_the_global_feature_through_gff() -> None:
+    # Prepare
+    private = _image_data(16, seed=3)
+    model = _model().eval()
+    rows = torch.arange(16)
+    gen = torch.Generator().manual_seed(4)
+    cache_a = {"image": nn.functional.normalize(torch.randn(16, D, generator=gen), dim=-1)}
+    cache_b = {"image": nn.functional.normalize(torch.randn(16, D, generator=gen), dim=-1)}
+    # Execute
+    with torch.no_grad():
+        loss_a = task_loss(model, private, rows, cache_a, torch.device("cpu"))
+        loss_b = task_loss(model, private, rows, cache_b, torch.device("cpu"))
+        loss_local = task_loss(model, private, rows, {}, torch.device("cpu"))
+    # Assert: f_g changes the loss (GFF is in the path), and without a global feature it is the local path.
+    assert abs(float(loss_a) - float(loss_b)) > 1e-4
+    logits = model.head(model.encode("image", private, rows, torch.device("cpu")))
+    torch.testing.assert_close(loss_local, nn.functional.cross_entropy(logits, torch.from_numpy(private.labels)))
+
+
+def test_retrieval_loss_in_training_uses_the_normalised_fused_features() -> None:
+    # Prepare: a multimodal device; the fused features before normalisation are not unit length.
+    rng = np.random.default_rng(5)
+    data = ModalData(inputs={"image": (rng.integers(0, 256, (8, 3, 32, 32), dtype=np.uint8),),
+                             "text": (rng.integers(0, 100, (8, 6)), np.ones((8, 6), dtype=np.int64))},
+                     labels=np.zeros(8, dtype=np.int64),
+                     features={"efficientnet_lite0": rng.normal(size=(8, WIDTH)).astype(np.float32),
+                               "minilm": rng.normal(size=(8, 384)).astype(np.float32)})
+    torch.manual_seed(0)
+    model = LocalModel("multimodal", "effnet_linear", "minilm_linear", D, 1, adapter_dropout=0.0).eval()
+    rows = torch.arange(8)
+    cache = {m: nn.functional.normalize(torch.randn(8, D), dim=-1) for m in ("image", "text")}
+    # Execute
+    with torch.no_grad():
+        loss = task_loss(model, data, rows, cache, torch.device("cpu"))
+        fused = {m: model.fuse(m, model.encode(m, data, rows, torch.device("cpu")), cache[m]) for m in ("image", "text")}
+    # Assert: the loss is InfoNCE of the L2-normalised fused features, at the learnt temperature.
+    image, text = (nn.functional.normalize(fused[m], dim=-1) for m in ("image", "text"))
+    logits = model.logit_scale.exp() * image @ text.T
+    expected = 0.5 * (nn.functional.cross_entropy(logits, rows) + nn.functional.cross_entropy(logits.T, rows))
+    torch.testing.assert_close(loss, expected)
+    assert not torch.allclose(fused["image"].norm(dim=-1), torch.ones(8), atol=1e-3)
+
+
+def test_global_towers_encode_cached_features_of_an_adapter_tower() -> None:
+    # Prepare: a server-side adapter's weights, as they arrive on the wire (flat 'image.*' keys).
+    data = _image_data(6, seed=6)
+    torch.manual_seed(1)
+    sender = LocalModel("image", "effnet_linear", "minilm_linear", D, 3).encoders["image"].eval()
+    towers = GlobalTowers(D, torch.device("cpu"))
+    # Execute
+    towers.load(3, {"image": "effnet_linear"}, {f"image.{k}": v for k, v in sender.state_dict().items()})
+    # Assert: the tower reads the cached backbone features, frozen and in eval mode.
+    expected = sender(torch.from_numpy(data.features["efficientnet_lite0"]))
+    torch.testing.assert_close(towers.encode("image", data, np.arange(6), torch.device("cpu")), expected)
+    assert not any(p.requires_grad for p in towers.encoders["image"].parameters())

