@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
+from fedafd.runtime.backbones import BACKBONES, backbone_digest
 from fedafd.runtime.wire import (
     MODALITIES_OF_KIND, Bye, Error, FeatureUpload, Join, RoundStart, Welcome, WireError, decode, encode,
 )
@@ -27,6 +28,10 @@ class SimStats:
     errors: list[str] = field(default_factory=list)
     byes: int = 0
     rounds: dict[str, list[int]] = field(default_factory=dict)
+
+
+_BACKBONES = {name: backbone_digest(name) for name in BACKBONES}
+"""What a real device holds: the same backbone files as the server (hashing them is all it costs)."""
 
 
 class SimDevice:
@@ -45,12 +50,13 @@ class SimDevice:
         self.sock.connect(endpoint)
         self.rng = np.random.default_rng(seed)
         self.done = False
+        self.feature_dim = 0
 
     def join(self) -> None:
         self.sock.send_multipart(encode(Join(client_id=self.client_id, kind=self.kind,
                                              image_arch="cnn_small" if self.kind != "text" else "",
                                              text_arch="gru" if self.kind != "image" else "",
-                                             num_params=0, num_private=100)))
+                                             num_params=0, num_private=100, backbones=_BACKBONES)))
 
     def handle(self, frames: list, stats: SimStats) -> None:
         try:
@@ -60,6 +66,7 @@ class SimDevice:
             return
         if isinstance(msg, Welcome):
             stats.joined += 1
+            self.feature_dim = msg.feature_dim
         elif isinstance(msg, RoundStart):
             self.sock.send_multipart(encode(self.upload(msg)), copy=False)
             stats.uploads += 1
@@ -75,7 +82,9 @@ class SimDevice:
     def upload(self, start: RoundStart) -> FeatureUpload:
         features = {}
         for modality in MODALITIES_OF_KIND[self.kind]:
-            g = np.asarray(start.global_features[modality], dtype=np.float32)  # (P, d)
+            # G of a modality whose tower came instead is computed on a real device; a random stand-in here.
+            g = (np.asarray(start.global_features[modality], dtype=np.float32) if modality in start.global_features else
+                 self.rng.standard_normal((len(start.public_indices), self.feature_dim), dtype=np.float32))  # (P, d)
             f = g + 0.1 * self.rng.standard_normal(g.shape, dtype=np.float32)
             features[modality] = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-6)
         return FeatureUpload(round=start.round, client_id=self.client_id, features=features,

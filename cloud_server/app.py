@@ -3,13 +3,15 @@ checkpoint, and write one JSONL metrics record per round. Learning maths lives i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -30,8 +32,8 @@ from fedafd.runtime.torch_utils import (
 )
 from fedafd.runtime.transport import PeerGone, ServerTransport
 from fedafd.runtime.wire import (
-    MAX_HEADER_BYTES, MODALITIES, MODALITIES_OF_KIND, Ack, Bye, Error, ErrorCode, FeatureUpload, Heartbeat, Join,
-    RoundStart, Welcome, new_msg_id,
+    MODALITIES, MODALITIES_OF_KIND, Ack, Bye, Error, ErrorCode, FeatureUpload, Heartbeat, Join, RoundStart, Welcome,
+    new_msg_id,
 )
 
 log = logging.getLogger("fedafd.cloud")
@@ -86,15 +88,8 @@ class _LiveRound:
 _SEEN_IDS = 100_000
 """Accepted upload message ids remembered to refuse replays (about 3 MB)."""
 
-_MAX_PUBLIC_ROWS = 1 << 16
-"""Upper bound on |P| used to size the server's per-message limit when public_size is 0 (all)."""
-
-
-def max_upload_bytes(config: ServerConfig) -> int:
-    """The largest message a device ever sends this server: two float32 (|P|, d) feature tensors plus
-    headers. The server's socket drops any bigger frame before buffering it (ZMQ MAXMSGSIZE)."""
-    rows = config.public_size or _MAX_PUBLIC_ROWS
-    return 2 * rows * config.feature_dim * 4 + 2 * MAX_HEADER_BYTES
+_POLL_S = 0.05
+"""Longest the set-up thread that answers Joins waits in one poll (how late it stops after set-up)."""
 
 
 class ServerApp:
@@ -107,6 +102,12 @@ class ServerApp:
         self.counter = ByteCounter()
         self.messenger = ServerMessenger(transport, self.counter)
         self.dead_clients = dead_clients  # --local: child processes that exited (client id -> exit code)
+        self.clients: dict[str, ClientRecord] = {}
+        self.rejected: list[dict] = []  # malformed or refused messages since the last round record
+        self.next_round = 0
+        self.round_in_progress = -1
+        self._live: _LiveRound | None = None  # the round being collected, to resend RoundStart on a rejoin
+        self._accepted_ids: dict[str, int] = {}  # msg_id of accepted uploads -> round (newest _SEEN_IDS)
         self.device = resolve_device(config.device)
         configure_threads(config.threads)
         torch.manual_seed(config.seed)
@@ -114,22 +115,46 @@ class ServerApp:
                                  config.contrastive_loss, config.adapter_dropout).to(self.device)
         backbones = tuple(sorted(set(self.model.backbones().values())))
         self.backbone_digests = {name: backbone_digest(name) for name in backbones}
-        self.public_all = load_public_data("train", backbones)
-        self.public_rows = np.sort(cap_indices(np.arange(len(self.public_all)), config.public_size, config.seed))
-        self.public = self.public_all.select(self.public_rows)
-        self.public_test = load_public_data("test", backbones)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
-        # Stage 3 has its own optimiser: Adam's moments of the contrastive loss are not those of distillation.
-        self.distill_optimizer = torch.optim.Adam(self.model.encoders.parameters(), lr=config.distill_lr)
-        self.strategy = build_strategy(config)
-        self.clients: dict[str, ClientRecord] = {}
-        self.rejected: list[dict] = []  # malformed or refused messages since the last round record
-        self.next_round = 0
-        self.round_in_progress = -1
-        self._live: _LiveRound | None = None  # the round being collected, to resend RoundStart on a rejoin
-        self._accepted_ids: dict[str, int] = {}  # msg_id of accepted uploads -> round (newest _SEEN_IDS)
-        if resume:
-            self._restore()
+        saved = self._restore() if resume else None  # next_round and the model; the optimisers' state below
+        with self._answering_joins():  # what takes seconds: the data, and the first optimiser imports torch._dynamo
+            self.public_all = load_public_data("train", backbones)
+            self.public_rows = np.sort(cap_indices(np.arange(len(self.public_all)), config.public_size, config.seed))
+            self.public = self.public_all.select(self.public_rows)
+            self.public_test = load_public_data("test", backbones)
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+            # Stage 3 has its own optimiser: Adam's moments of the contrastive loss are not those of distillation.
+            self.distill_optimizer = torch.optim.Adam(self.model.encoders.parameters(), lr=config.distill_lr)
+            if saved is not None:
+                self.optimizer.load_state_dict(saved["optimizer"])
+                self.distill_optimizer.load_state_dict(saved["distill_optimizer"])
+            self.strategy = build_strategy(config)
+
+    @contextlib.contextmanager
+    def _answering_joins(self) -> Iterator[None]:
+        """While the caller sets up (without touching the clients or the messenger), a thread answers what
+        devices send, Joins first: a device that joins a server still loading gets its Welcome at once,
+        instead of waiting in the socket's queue until the server first polls."""
+        stop = threading.Event()
+        failed: list[BaseException] = []
+
+        def answer() -> None:
+            try:
+                while not stop.is_set():
+                    received = self.messenger.recv(_POLL_S)
+                    if received is not None:
+                        self._handle_outside_round(received)
+            except BaseException as e:  # raised again in the caller's thread
+                failed.append(e)
+
+        thread = threading.Thread(target=answer, name="answer-joins", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+        if failed:
+            raise failed[0]
 
     # -- lifecycle -------------------------------------------------------------------------------
     def run(self, on_round: Callable[[dict], None] = lambda record: None) -> list[dict]:
@@ -439,12 +464,19 @@ class ServerApp:
                              f"has {theirs[:12] + '...' if theirs else 'none'}: install the same backbone package version "
                              f"on both sides", msg_id)
                 return
-        rejoined = peer in self.clients
+        before = self.clients.get(peer)
         self.clients[peer] = ClientRecord(peer, join.kind, {"image": join.image_arch, "text": join.text_arch},
                                           join.num_private, joined_round=self.next_round)
-        log.info("%s %s (%s, %d private samples)", "rejoined:" if rejoined else "joined:", peer, join.kind, join.num_private)
-        self._send(peer, Welcome(client_id=peer, run_id=self.run_dir.name, feature_dim=self.config.feature_dim,
-                                 rounds=self.config.rounds), self.next_round)
+        if not self._send(peer, Welcome(client_id=peer, run_id=self.run_dir.name, feature_dim=self.config.feature_dim,
+                                        rounds=self.config.rounds), self.next_round):
+            # Its connection closed before the Welcome (it joins again on a new one): a device that never
+            # got its Welcome does not count as joined, so no round starts waiting for it.
+            if before is None:
+                del self.clients[peer]
+            else:
+                self.clients[peer] = before
+            return
+        log.info("%s %s (%s, %d private samples)", "rejoined:" if before else "joined:", peer, join.kind, join.num_private)
 
     def _resend_round_start(self, peer: str) -> None:
         """A client that (re)joins while its round is collected and has not answered gets the round's
@@ -495,7 +527,9 @@ class ServerApp:
         meta = {"round": round_, "config": config_to_dict(self.config), "format": CHECKPOINT_FORMAT}
         save_checkpoint(self.run_dir / CHECKPOINT_FILE, tensors, meta)
 
-    def _restore(self) -> None:
+    def _restore(self) -> dict:
+        """The model and next_round from the checkpoint; returns its tensors, whose optimiser states the
+        caller loads once the optimisers exist."""
         path = self.run_dir / CHECKPOINT_FILE
         if not path.exists():
             raise ServerError(f"--resume: no checkpoint at {path}")
@@ -504,8 +538,6 @@ class ServerApp:
             raise ServerError(f"--resume: {path} has checkpoint format {meta.get('format')}, this build reads "
                               f"{CHECKPOINT_FORMAT}; start a new run folder")
         self.model.load_state_dict(tensors["model"])
-        self.optimizer.load_state_dict(tensors["optimizer"])
-        self.distill_optimizer.load_state_dict(tensors["distill_optimizer"])
         self.next_round = meta["round"] + 1
         # Keep exactly the records of finished rounds (a crash may have happened after the metrics line
         # of a round whose checkpoint did not land, or the reverse).
@@ -514,6 +546,7 @@ class ServerApp:
             kept = [line for line in metrics.read_text().splitlines() if _finished_record(line, meta["round"])]
             atomic_write_bytes(metrics, "".join(line + "\n" for line in kept).encode())
         log.info("resumed from %s after round %d", path, meta["round"])
+        return tensors
 
     def _append_metrics(self, record: dict) -> None:
         with open(self.run_dir / METRICS_FILE, "a") as handle:

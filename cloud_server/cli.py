@@ -48,8 +48,10 @@ def serve(
     """Run a federation: wait for clients, then stage 1, downlink, collect, stage 3, evaluate, every round."""
     setup_logging(verbose)
     with cli_errors():
-        from fedafd.cloud_server.app import ServerApp, max_upload_bytes
+        # Nothing here imports torch: the socket is bound and the --local devices started first, so they
+        # import and load while this process does (ServerApp answers their Joins while it loads).
         from fedafd.cloud_server.fleet import LocalFleet, client_ids, parse_fleet
+        from fedafd.cloud_server.limits import max_upload_bytes
         from fedafd.runtime.keys import ALLOW_LIST, SERVER_KEY, AllowList, generate_keypair, load_keypair
         from fedafd.runtime.report import progress_line
         from fedafd.runtime.transport import CurveServerKeys, ZmqServerTransport
@@ -91,6 +93,8 @@ def serve(
             typer.echo(f"started {len(fleet.processes)} local clients: {', '.join(fleet.processes)}", err=True)
         server = None
         try:
+            from fedafd.cloud_server.app import ServerApp
+
             server = ServerApp(server_config, transport, run_dir,
                                dead_clients=fleet.dead if fleet else dict, resume=resume)
             started = time.perf_counter()

@@ -38,16 +38,17 @@ class FedAfd:
 
     name = "fedafd"
 
-    def __init__(self, baa: bool, gff: bool, sed: bool, beta: float, sed_chunk: int, real_label: float = 1.0):
+    def __init__(self, baa: bool, gff: bool, sed: bool, beta: float, sed_chunk: int, real_label: float = 1.0,
+                 local_init: str = "random"):
         self.baa, self.gff, self.sed, self.beta, self.sed_chunk = baa, gff, sed, beta, sed_chunk
-        self.real_label = real_label
+        self.real_label, self.local_init = real_label, local_init
 
     def shares_global_model(self) -> bool:
         return True
 
     def device_settings(self) -> dict:
         return {"strategy": self.name, "baa": self.baa, "gff": self.gff, "sed": self.sed, "beta": self.beta,
-                "real_label": self.real_label}
+                "real_label": self.real_label, "local_init": self.local_init}
 
     def teachers(self, uploads: dict[str, dict[str, torch.Tensor]], server_features: dict[str, torch.Tensor]
                  ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
@@ -85,4 +86,5 @@ class Local:
 def build_strategy(config: ServerConfig) -> Strategy:
     if config.strategy == "local":
         return Local()
-    return FedAfd(config.baa, config.gff, config.sed, config.beta, config.sed_chunk, config.real_label)
+    return FedAfd(config.baa, config.gff, config.sed, config.beta, config.sed_chunk, config.real_label,
+                  config.local_init)

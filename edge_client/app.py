@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -33,8 +34,9 @@ log = logging.getLogger("fedafd.edge")
 
 
 JOIN_BACKOFF_S = 5.0
-"""First wait for a Welcome before opening a fresh connection and joining again (a busy server answers
-between its training stages, so this is not short)."""
+"""How long to wait for a Welcome before looking at the connection again. While the connection the Join
+went out on stays up, the Join is in the server's queue (a busy server answers between its training
+stages) and the device goes on waiting; otherwise it opens a fresh connection and joins again."""
 JOIN_BACKOFF_MAX_S = 30.0
 """Longest wait between join attempts (the wait doubles each attempt)."""
 
@@ -100,8 +102,11 @@ class EdgeApp:
             raise
 
     def _join(self) -> Welcome:
-        """Join, and when no Welcome comes, open a fresh connection and join again with exponential backoff
-        (JOIN_BACKOFF_S doubling up to JOIN_BACKOFF_MAX_S) until connect_timeout_s."""
+        """Join, and wait for the Welcome until connect_timeout_s. A Join that went out on a connection that
+        is still up is waited for (re-sending or reconnecting would only queue more Joins behind it, and
+        answer them on a dead connection); one that did not (server not reached, or the connection
+        dropped) is sent again on a fresh connection, with exponential backoff (JOIN_BACKOFF_S doubling
+        up to JOIN_BACKOFF_MAX_S)."""
         c = self.config
         archs = {"image": c.image_arch if c.kind != "text" else "", "text": c.text_arch if c.kind != "image" else ""}
         join = Join(client_id=c.client_id, kind=c.kind, image_arch=archs["image"], text_arch=archs["text"],
@@ -118,12 +123,22 @@ class EdgeApp:
                     reconnect()  # a fresh connection: the old one may be dead or refused
             try:
                 join_id = new_msg_id()
+                sent_on = self._connection()
                 self.messenger.send(join, round=-1, msg_id=join_id)
                 # Only an Error that answers this Join refuses it; others answer messages sent before
                 # (e.g. an upload the restarted server no longer expects).
-                received = self._recv_until(min(deadline, time.monotonic() + wait_s), c.connect_timeout_s, what,
-                                            lambda r: isinstance(r.msg, Welcome) or (
-                                                isinstance(r.msg, Error) and r.msg.reply_to == join_id))
+                wanted = (lambda r: isinstance(r.msg, Welcome) or (
+                    isinstance(r.msg, Error) and r.msg.reply_to == join_id))
+                for waited in itertools.count(1):
+                    try:
+                        received = self._recv_until(min(deadline, time.monotonic() + wait_s), c.connect_timeout_s,
+                                                    what, wanted)
+                        break
+                    except EdgeError:
+                        if time.monotonic() >= deadline or not self._still_connected(sent_on):
+                            raise
+                        log.log(logging.INFO if waited == 1 else logging.DEBUG,
+                                "%s: connected, no Welcome yet (the server is busy); waiting", c.client_id)
             except (EdgeError, TransportError):
                 if time.monotonic() >= deadline:
                     raise EdgeError(f"{c.client_id}: timed out after {c.connect_timeout_s:.0f}s waiting for {what}") from None
@@ -132,6 +147,20 @@ class EdgeApp:
             if isinstance(received.msg, Error):
                 raise EdgeError(f"server refused {c.client_id}: {received.msg.code}: {received.msg.reason}")
             return received.msg
+
+    def _connection(self) -> tuple[int, bool] | None:
+        """The transport's (handshakes, up), or None when it cannot tell (see ZmqClientTransport.connection)."""
+        connection = getattr(self.messenger.transport, "connection", None)
+        return None if connection is None else connection()
+
+    def _still_connected(self, sent_on: tuple[int, bool] | None) -> bool:
+        """Whether a message sent while the connection read `sent_on` went out on a connection that is
+        still up, so that it waits in the server's socket."""
+        now = self._connection()
+        if sent_on is None or now is None:
+            return False
+        handshakes, up = sent_on
+        return now[1] and now[0] == (handshakes if up else handshakes + 1)
 
     def _recv_until(self, deadline: float, timeout_s: float, what: str, wanted) -> object:
         """The first message `wanted(received)` accepts before `deadline`; others (stale errors, a
@@ -201,6 +230,9 @@ class EdgeApp:
             self._check_backbones(start.backbones)
             state.towers.load(start.tower_version, dict(start.tower_arch),
                               {name: torch.from_numpy(np.array(t)) for name, t in start.tower.items()})
+        if federated and settings.get("local_init") == "global" and state.last_round < 0:
+            copied = state.model.start_from(state.towers, {"image": c.image_arch, "text": c.text_arch})
+            log.info("%s: local encoder(s) %s start from the server's towers", c.client_id, list(copied) or "none")
         rows = torch.from_numpy(np.array(start.public_indices, dtype=np.int64))
         # G of a modality the server did not send is computed here from its tower (cheaper on the wire).
         sent = {m: torch.from_numpy(np.array(f, dtype=np.float32)) for m, f in start.global_features.items()}

@@ -53,6 +53,17 @@ class LocalModel(nn.Module):
         fused = self.fuse(modality, local, global_)
         return fused, (self.head(fused) if self.head is not None else l2_normalise(fused))
 
+    def start_from(self, towers: "GlobalTowers", archs: dict[str, str]) -> tuple[str, ...]:
+        """Copy the server's tower into each local encoder of the same architecture (`archs`: this
+        device's); returns the modalities copied. A device that starts in the server's feature space
+        uploads features SED can compare sample by sample; weights only ever come down."""
+        copied = []
+        for modality in self.modalities:
+            if towers.has(modality) and towers.archs.get(modality) == archs[modality]:
+                self.encoders[modality].load_state_dict(towers.encoders[modality].state_dict())
+                copied.append(modality)
+        return tuple(copied)
+
     def task_parameters(self) -> list[nn.Parameter]:
         """Everything the task/generator step updates (not the discriminators)."""
         return [p for name, p in self.named_parameters() if not name.startswith("discriminators.")]

@@ -45,11 +45,14 @@ from fedafd.edge_client.model import MODALITIES_OF_KIND, GlobalTowers, LocalMode
 from fedafd.edge_client.state import STATE_FILE, STATE_VERSION
 from fedafd.export.infer import (MANIFEST_FILE, MANIFEST_FORMAT, TOKENIZER_FILE, ModelError, file_sha256,
                                  open_session)
-from fedafd.export.quantize import quantize_graph
-from fedafd.runtime.data.modal import ModalData
-from fedafd.runtime.errors import FedafdError
-from fedafd.runtime.models import build_image_encoder, build_text_encoder, l2_normalise
+from fedafd.export.quantize import FP32_BACKBONES, quantize_graph
+from fedafd.runtime.backbones import (BACKBONE_IMAGE_SIZE, BackboneMissingError, backbone_digest, backbone_spec,
+                                      build_backbone)
+from fedafd.runtime.data.features import _example_inputs as trace_example
+from fedafd.runtime.data.modal import RAW, ModalData
 from fedafd.runtime.data.text import MAX_TEXT_LEN, PAD_ID, tokenizer_path
+from fedafd.runtime.errors import FedafdError
+from fedafd.runtime.models import build_encoder, input_view
 from fedafd.runtime.torch_utils import load_checkpoint
 
 log = logging.getLogger("fedafd.export")
@@ -71,6 +74,9 @@ class ExportOptions:
     """Test samples for the fp32 vs int8 accuracy comparison (0: all of the capped test split)."""
     atol: float = 1e-4
     """Largest allowed |ORT - PyTorch| on any output (probabilities and features are O(1))."""
+    training_atol: float = 1e-3
+    """Largest allowed |the graph's PyTorch module - the training code path| on any output: the graph runs
+    the backbones, training reads their features from the cache ONNX Runtime computed (measured: ~1e-6)."""
     quantize: bool = True
     """Also write an int8 graph per modality."""
     fusion: bool = True
@@ -82,35 +88,77 @@ class ExportOptions:
 
 # -- the graphs ----------------------------------------------------------------------------------
 
-class ClassifierGraph(nn.Module):
-    """Local encoder + frozen global tower + GFF + head: inputs -> (probs (B, C), fused feature (B, d))."""
+class BackboneViews(nn.Module):
+    """The frozen backbones one modality's graph needs, each run once on the raw inputs: forward(*inputs)
+    -> {view: inputs of an encoder that reads it}, RAW -> the inputs themselves, a backbone's name -> its
+    pooled feature (B, D), what `ModalData.batch(..., view)` hands training the cached copy of."""
 
-    def __init__(self, encoder: nn.Module, tower: nn.Module | None, fusion: nn.Module | None, head: nn.Module):
+    def __init__(self, backbones: dict[str, nn.Module]):
         super().__init__()
-        self.encoder, self.tower, self.fusion, self.head = encoder, tower, fusion, head
+        self.backbones = nn.ModuleDict(backbones)
 
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fused = _fused(self.encoder, self.tower, self.fusion, inputs)  # (B, d)
-        return torch.softmax(self.head(fused), dim=-1), fused
+    def forward(self, *inputs: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
+        views = {RAW: inputs}
+        for name, backbone in self.backbones.items():
+            views[name] = (backbone(*inputs),)  # (B, D)
+        return views
 
 
-class FeatureGraph(nn.Module):
-    """Local encoder + frozen global tower + GFF: inputs -> L2-normalised fused feature (B, d)."""
+class ClientGraph(nn.Module):
+    """A device's whole deployable path of one modality from raw inputs: backbone (once, when the local
+    encoder and/or the global tower read it) -> local encoder and frozen global tower -> GFF + head through
+    `LocalModel.head_outputs`, the path training and evaluation take. Classifiers: (probs (B, C) = softmax
+    of the logits, the fused feature z (B, d)); retrieval: the L2-normalised fused feature (B, d)."""
 
-    def __init__(self, encoder: nn.Module, tower: nn.Module | None, fusion: nn.Module | None):
+    def __init__(self, model: LocalModel, modality: str, tower: nn.Module | None, backbones: dict[str, nn.Module]):
         super().__init__()
-        self.encoder, self.tower, self.fusion = encoder, tower, fusion
+        self.model, self.modality, self.tower = model, modality, tower
+        self.views = BackboneViews(backbones)
+        self.local_view = model.view(modality)
+        self.tower_view = input_view(tower) if tower is not None else None
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        views = self.views(*inputs)
+        local = self.model.encoders[self.modality](*views[self.local_view])  # (B, d)
+        global_ = self.tower(*views[self.tower_view]) if self.tower is not None else None  # (B, d)
+        fused, output = self.model.head_outputs(self.modality, local, global_)
+        if self.model.head is not None:
+            return torch.softmax(output, dim=-1), fused
+        return output
+
+
+class TowerGraph(nn.Module):
+    """An encoder of the zoo from raw inputs (its backbone first when it adapts one) -> its L2-normalised
+    feature (B, d): a client's global tower (f_g, as `GlobalTowers.encode` computes it from the cache) or
+    one of the server's towers."""
+
+    def __init__(self, encoder: nn.Module, backbones: dict[str, nn.Module]):
+        super().__init__()
+        self.encoder = encoder
+        self.views = BackboneViews(backbones)
+        self.view = input_view(encoder)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return l2_normalise(_fused(self.encoder, self.tower, self.fusion, inputs))
+        return self.encoder(*self.views(*inputs)[self.view])  # (B, d)
 
 
-def _fused(encoder: nn.Module, tower: nn.Module | None, fusion: nn.Module | None,
-           inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    local = encoder(*inputs)  # (B, d)
-    if tower is None or fusion is None:
-        return local
-    return fusion(local, tower(*inputs))  # (B, d)
+class BackboneCache:
+    """Builds each frozen backbone once per export (MiniLM takes seconds to load) and shares the module
+    between the graphs that contain it."""
+
+    def __init__(self) -> None:
+        self.modules: dict[str, nn.Module] = {}
+
+    def __call__(self, *encoders: nn.Module | None) -> dict[str, nn.Module]:
+        """The backbones the given encoders read (none for encoders trained on raw inputs)."""
+        names = sorted({input_view(e) for e in encoders if e is not None} - {RAW})
+        for name in names:
+            if name not in self.modules:
+                try:
+                    self.modules[name] = build_backbone(name)
+                except BackboneMissingError as err:
+                    raise ExportError(f"cannot put the {name} backbone into the graph: {err}") from None
+        return {name: self.modules[name] for name in names}
 
 
 def input_specs(modality: str) -> list[dict[str, Any]]:
@@ -136,6 +184,17 @@ class LoadedClient:
     meta: dict[str, Any]
     config: dict[str, Any]
 
+    def fusion(self, wanted: bool = True) -> bool:
+        """Whether the exported path fuses with the global tower: wanted, and a tower for every modality."""
+        return wanted and all(self.towers.has(m) for m in self.model.modalities)
+
+    def backbone_names(self, fusion: bool) -> tuple[str, ...]:
+        """The frozen backbones the exported graphs contain (those the local encoders and towers read)."""
+        encoders = [self.model.encoders[m] for m in self.model.modalities]
+        if fusion:
+            encoders += [self.towers.encoders[m] for m in self.model.modalities]
+        return tuple(sorted({input_view(e) for e in encoders} - {RAW}))
+
 
 def load_client(state_dir: Path) -> LoadedClient:
     """The client's model and towers from STATE_DIR/client_state.pt (+ .json, + config.json when `join`
@@ -152,22 +211,26 @@ def load_client(state_dir: Path) -> LoadedClient:
         raise ExportError(f"{path} has state version {meta.get('state_version')}, this build reads {STATE_VERSION}")
     weights = tensors["model"]
     num_classes = int(weights["head.weight"].shape[0]) if "head.weight" in weights else 0
-    model = LocalModel(meta["kind"], meta["image_arch"], meta["text_arch"], meta["feature_dim"], max(num_classes, 1))
-    model.load_state_dict(weights)
-    towers = GlobalTowers(meta["feature_dim"], torch.device("cpu"))
-    if tensors["towers"]:
-        towers.load(meta["tower_version"], meta["tower_archs"], tensors["towers"])
+    try:
+        model = LocalModel(meta["kind"], meta["image_arch"], meta["text_arch"], meta["feature_dim"], max(num_classes, 1))
+        model.load_state_dict(weights)
+        towers = GlobalTowers(meta["feature_dim"], torch.device("cpu"))
+        if tensors["towers"]:
+            towers.load(meta["tower_version"], meta["tower_archs"], tensors["towers"])
+    except (ValueError, RuntimeError) as err:  # an architecture this build's zoo lacks, or mismatched weights
+        raise ExportError(f"{path} does not load into this build's model zoo: {str(err).splitlines()[0]}") from None
     config_path = Path(state_dir) / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     return LoadedClient(model.eval(), towers, meta, config)
 
 
-def client_test_split(kind: str, config: dict[str, Any]) -> ModalData:
-    """The client's test split as its device evaluates it (the same cap and seed as `join`)."""
+def client_test_split(kind: str, config: dict[str, Any], backbones: tuple[str, ...] = ()) -> ModalData:
+    """The client's test split as its device evaluates it (the same cap and seed as `join`), with the
+    cached features of `backbones` attached."""
     from fedafd.runtime.data.modal import load_task_data
     from fedafd.runtime.data.partition import cap_indices
 
-    test = load_task_data(kind, "test")
+    test = load_task_data(kind, "test", backbones)
     rows = cap_indices(np.arange(len(test)), int(config.get("max_test", 1000)), int(config.get("seed", 0)))
     return test.select(rows)
 
@@ -178,11 +241,43 @@ def sample_inputs(data: ModalData, modality: str, count: int) -> tuple[np.ndarra
     return tuple(t.numpy() for t in data.batch(modality, rows, torch.device("cpu")))
 
 
+def client_graphs(client: LoadedClient, fusion: bool = True,
+                  backbones: BackboneCache | None = None) -> dict[str, ClientGraph]:
+    """Modality -> the deployable graph module of that modality (eval mode); `fusion` as LoadedClient.fusion."""
+    backbones = backbones or BackboneCache()
+    graphs = {}
+    for modality in client.model.modalities:
+        local = client.model.encoders[modality]
+        tower = client.towers.encoders[modality] if fusion else None
+        graphs[modality] = ClientGraph(client.model, modality, tower, backbones(local, tower)).eval()
+    return graphs
+
+
+def training_outputs(client: LoadedClient, modality: str, fusion: bool, data: ModalData,
+                     rows: np.ndarray) -> list[np.ndarray]:
+    """What training and evaluation compute for `rows` (the backbones' features read from the cache),
+    in the graph's output order: the reference the graph, which runs the backbones itself, must match."""
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        local = client.model.encode(modality, data, rows, cpu)  # (B, d)
+        global_ = client.towers.encode(modality, data, rows, cpu) if fusion else None
+        fused, output = client.model.head_outputs(modality, local, global_)
+    if client.model.head is not None:
+        return [torch.softmax(output, dim=-1).numpy(), fused.numpy()]
+    return [output.numpy()]
+
+
+def encoder_outputs(encoder: nn.Module, modality: str, data: ModalData, rows: np.ndarray) -> list[np.ndarray]:
+    """A tower's features of `rows` as `GlobalTowers.encode` (and the server) compute them, from the cache."""
+    with torch.no_grad():
+        return [encoder(*data.batch(modality, rows, torch.device("cpu"), input_view(encoder))).numpy()]
+
+
 # -- export and verification ---------------------------------------------------------------------
 
-def export_graph(module: nn.Module, modality: str, outputs: list[dict[str, Any]], path: Path,
-                 example: tuple[np.ndarray, ...], exporter: str) -> None:
-    """torch -> ONNX with a dynamic batch axis (and sequence axis for text), then the full checker."""
+def export_graph(module: nn.Module, modality: str, outputs: list[dict[str, Any]], path: Path, exporter: str) -> None:
+    """torch -> ONNX with a dynamic batch axis (and sequence axis for text), then the full checker. Traced
+    on the backbone cache's example rows (texts end in padding, so the mask is traced as data)."""
     import onnx
 
     if exporter not in EXPORTERS:
@@ -191,7 +286,7 @@ def export_graph(module: nn.Module, modality: str, outputs: list[dict[str, Any]]
     inputs = input_specs(modality)
     names = [s["name"] for s in inputs]
     out_names = [o["name"] for o in outputs]
-    args = tuple(torch.from_numpy(np.ascontiguousarray(a[:2])) for a in example)
+    args = trace_example(modality)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
@@ -233,16 +328,22 @@ def run_onnx(session: Any, names: list[str], inputs: tuple[np.ndarray, ...], bat
     return [np.concatenate(cols) for cols in zip(*parts)]
 
 
+def _max_diffs(names: list[str], got: list[np.ndarray], want: list[np.ndarray]) -> dict[str, float]:
+    return {n: float(np.abs(g - w).max(initial=0.0)) for n, g, w in zip(names, got, want)}
+
+
 def check_parity(module: nn.Module, path: Path, outputs: list[dict[str, Any]], inputs: tuple[np.ndarray, ...],
-                 atol: float) -> dict[str, Any]:
-    """ORT vs PyTorch on the same real samples, as one batch and row by row (the dynamic batch axis)."""
+                 atol: float, expected: list[np.ndarray] | None = None, training_atol: float = 0.0) -> dict[str, Any]:
+    """ORT vs the PyTorch module it was exported from, on the same real samples, as one batch and row by row
+    (the dynamic batch axis); and, when `expected` is given, that module vs the training code path on the
+    same rows (which reads the backbones' features from the cache instead of running them)."""
     names = [o["name"] for o in outputs]
     reference = _run_torch(module, inputs)
     session = open_session(path)
     batched = run_onnx(session, names, inputs)
     single = run_onnx(session, names, tuple(a[:4] for a in inputs), batch_size=1)
-    diffs = {n: float(np.abs(b - r).max()) for n, b, r in zip(names, batched, reference)}
-    diffs_b1 = {n: float(np.abs(s - r[:4]).max()) for n, s, r in zip(names, single, reference)}
+    diffs = _max_diffs(names, batched, reference)
+    diffs_b1 = _max_diffs(names, single, [r[:4] for r in reference])
     report: dict[str, Any] = {"samples": int(len(inputs[0])), "max_abs_diff": diffs, "max_abs_diff_batch1": diffs_b1,
                               "atol": atol}
     scores_ort, scores_ref = batched[0], reference[0]
@@ -250,11 +351,22 @@ def check_parity(module: nn.Module, path: Path, outputs: list[dict[str, Any]], i
         scores_ort, scores_ref = scores_ort @ scores_ort.T, scores_ref @ scores_ref.T
     report["top1_agreement"] = float((scores_ort.argmax(1) == scores_ref.argmax(1)).mean())
     worst = max(list(diffs.values()) + list(diffs_b1.values()))
-    print(f"  parity {path.name}: {report['samples']} samples, max |ORT - PyTorch| {worst:.2e}, "
-          f"top-1 agreement {100 * report['top1_agreement']:.1f}%")
+    line = (f"  parity {path.name}: {report['samples']} samples, max |ORT - PyTorch| {worst:.2e}, "
+            f"top-1 agreement {100 * report['top1_agreement']:.1f}%")
+    training_worst = 0.0
+    if expected is not None:
+        training = _max_diffs(names, reference, expected)
+        training_worst = max(training.values())
+        report["vs_training"] = {"max_abs_diff": training, "atol": training_atol}
+        line += f", max |PyTorch graph - training path| {training_worst:.2e}"
+    print(line)
     if not np.isfinite(worst) or worst > atol:
         raise ExportError(f"{path.name}: ONNX Runtime differs from PyTorch by {worst:.3g} (> atol {atol:g}) "
                           f"on real test samples; not exported")
+    if not np.isfinite(training_worst) or training_worst > training_atol:
+        raise ExportError(f"{path.name}: the graph differs from what training and evaluation compute by "
+                          f"{training_worst:.3g} (> {training_atol:g}); is the backbone feature cache from these "
+                          f"weights? Not exported")
     return report
 
 
@@ -271,47 +383,53 @@ def quick_latency_ms(path: Path, inputs: tuple[np.ndarray, ...], runs: int = 30)
     return 1000.0 * float(np.median(times))
 
 
-def _graph_entry(path: Path, modality: str, outputs: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"file": path.name, "sha256": file_sha256(path), "size_bytes": path.stat().st_size,
-            "inputs": input_specs(modality), "outputs": outputs}
-
-
-def _int8_entry(fp32_path: Path, int8_path: Path, module: nn.Module, outputs: list[dict[str, Any]],
-                inputs: tuple[np.ndarray, ...], labels: np.ndarray | None) -> dict[str, Any]:
-    """Size, batch-1 latency and accuracy of the int8 graph against the fp32 one on the same test rows."""
+def _int8_entry(fp32_path: Path, int8_path: Path, outputs: list[dict[str, Any]], inputs: tuple[np.ndarray, ...],
+                labels: np.ndarray | None) -> dict[str, Any]:
+    """Size, batch-1 latency and agreement of the int8 graph with the fp32 one on the same test rows."""
     names = [o["name"] for o in outputs]
-    fp32 = run_onnx(open_session(fp32_path), names, inputs)[0]
-    int8 = run_onnx(open_session(int8_path), names, inputs)[0]
+    fp32 = run_onnx(open_session(fp32_path), names, inputs)
+    int8 = run_onnx(open_session(int8_path), names, inputs)
     entry: dict[str, Any] = {
         "file": int8_path.name, "sha256": file_sha256(int8_path), "size_bytes": int8_path.stat().st_size,
-        "size_ratio": int8_path.stat().st_size / fp32_path.stat().st_size, "eval_samples": int(len(fp32)),
+        "size_ratio": int8_path.stat().st_size / fp32_path.stat().st_size, "eval_samples": int(len(fp32[0])),
         "latency_b1_ms": quick_latency_ms(int8_path, inputs), "fp32_latency_b1_ms": quick_latency_ms(fp32_path, inputs),
-        "max_abs_diff": float(np.abs(int8 - fp32).max()),
+        "max_abs_diff": float(np.abs(int8[0] - fp32[0]).max()),
     }
+    features_fp32, features_int8 = fp32[-1], int8[-1]  # (N, d): the fused feature
     if names[0] == "probs":
-        entry["top1_agreement"] = float((int8.argmax(1) == fp32.argmax(1)).mean())
+        entry["top1_agreement"] = float((int8[0].argmax(1) == fp32[0].argmax(1)).mean())
         if labels is not None:
-            entry["fp32_top1"] = 100.0 * float((fp32.argmax(1) == labels).mean())
-            entry["int8_top1"] = 100.0 * float((int8.argmax(1) == labels).mean())
+            entry["fp32_top1"] = 100.0 * float((fp32[0].argmax(1) == labels).mean())
+            entry["int8_top1"] = 100.0 * float((int8[0].argmax(1) == labels).mean())
             entry["top1_delta"] = entry["int8_top1"] - entry["fp32_top1"]
-    else:
-        entry["mean_cosine"] = float(np.mean(np.sum(int8 * fp32, axis=1)))
+        features_fp32, features_int8 = _unit(features_fp32), _unit(features_int8)
+    entry["mean_cosine"] = float(np.mean(np.sum(features_int8 * features_fp32, axis=1)))
     return entry
+
+
+def _unit(features: np.ndarray) -> np.ndarray:
+    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-6)
 
 
 @dataclass
 class _Plan:
-    """One modality's graph: the module, its outputs and the real samples that verify it."""
+    """One graph: the module, its outputs, the real test samples that verify it, and what the training
+    code path computes on the first `parity_samples` of them."""
 
+    name: str
+    """The file's stem: the modality (a device's graph) or tower_<modality>."""
     modality: str
     module: nn.Module
     outputs: list[dict[str, Any]]
     inputs: tuple[np.ndarray, ...]
-    labels: np.ndarray | None
+    expected: list[np.ndarray]
+    labels: np.ndarray | None = None
+    quantize: bool = True
+    info: dict[str, Any] | None = None
+    """Extra manifest fields of the graph (arch, backbone)."""
 
 
-def _write_folder(out: Path, plans: list[_Plan], towers: dict[str, nn.Module], manifest: dict[str, Any],
-                  options: ExportOptions) -> dict[str, Any]:
+def _write_folder(out: Path, plans: list[_Plan], manifest: dict[str, Any], options: ExportOptions) -> dict[str, Any]:
     """Export, verify and quantise every graph into a staging folder, then move it to `out`."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
@@ -321,32 +439,30 @@ def _write_folder(out: Path, plans: list[_Plan], towers: dict[str, nn.Module], m
     try:
         graphs, tower_entries = {}, {}
         for plan in plans:
-            path = stage / f"{plan.modality}.onnx"
-            export_graph(plan.module, plan.modality, plan.outputs, path, plan.inputs, options.exporter)
+            path = stage / f"{plan.name}.onnx"
+            started = time.perf_counter()
+            export_graph(plan.module, plan.modality, plan.outputs, path, options.exporter)
+            entry = {"file": path.name, "sha256": file_sha256(path), "size_bytes": path.stat().st_size,
+                     "inputs": input_specs(plan.modality), "outputs": plan.outputs, **(plan.info or {})}
             parity_inputs = tuple(a[:options.parity_samples] for a in plan.inputs)
-            entry = _graph_entry(path, plan.modality, plan.outputs)
-            entry["parity"] = check_parity(plan.module, path, plan.outputs, parity_inputs, options.atol)
-            if options.quantize:
-                int8_path = stage / f"{plan.modality}.int8.onnx"
-                kept = quantize_graph(path, int8_path, plan.modality)
-                entry["int8"] = _int8_entry(path, int8_path, plan.module, plan.outputs, plan.inputs, plan.labels)
-                entry["int8"].update(method="dynamic, QUInt8 weights", kept_fp32=kept)
+            entry["parity"] = check_parity(plan.module, path, plan.outputs, parity_inputs, options.atol,
+                                           plan.expected, options.training_atol)
+            if options.quantize and plan.quantize:
+                int8_path = stage / f"{plan.name}.int8.onnx"
+                try:
+                    kept = quantize_graph(path, int8_path, tuple((plan.info or {}).get("backbones", ())))
+                except ValueError as err:
+                    raise ExportError(str(err)) from None
+                entry["int8"] = _int8_entry(path, int8_path, plan.outputs, plan.inputs, plan.labels)
+                method = "dynamic, QUInt8 weights" + (", per channel" if kept["per_channel"] else "")
+                entry["int8"].update(method=method, **kept)
                 q = entry["int8"]
                 print(f"  int8 {int8_path.name}: {q['size_bytes'] / 1e6:.2f} MB ({100 * q['size_ratio']:.0f}% of fp32), "
-                      + (f"top-1 agreement {100 * q['top1_agreement']:.1f}%" if "top1_agreement" in q
-                         else f"mean cosine to fp32 {q['mean_cosine']:.4f}")
+                      + (f"top-1 agreement {100 * q['top1_agreement']:.1f}%, " if "top1_agreement" in q else "")
+                      + f"mean cosine to fp32 {q['mean_cosine']:.4f}"
                       + f", batch-1 {q['latency_b1_ms']:.2f} ms vs fp32 {q['fp32_latency_b1_ms']:.2f} ms")
-            graphs[plan.modality] = entry
-        for modality, tower in towers.items():
-            plan = next(p for p in plans if p.modality == modality)
-            outputs = output_specs(False, manifest["feature_dim"])
-            path = stage / f"tower_{modality}.onnx"
-            export_graph(tower, modality, outputs, path, plan.inputs, options.exporter)
-            entry = _graph_entry(path, modality, outputs)
-            entry["parity"] = check_parity(tower, path, outputs, tuple(a[:options.parity_samples] for a in plan.inputs),
-                                           options.atol)
-            entry["arch"] = manifest["tower_archs"][modality]
-            tower_entries[modality] = entry
+            log.info("%s: %.1f s", path.name, time.perf_counter() - started)
+            (graphs if plan.name == plan.modality else tower_entries)[plan.modality] = entry
         if any(p.modality == "text" for p in plans):
             source = tokenizer_path()
             shutil.copyfile(source / TOKENIZER_FILE, stage / TOKENIZER_FILE)
@@ -369,7 +485,8 @@ def _preprocessing(modalities: tuple[str, ...]) -> dict[str, Any]:
     if "image" in modalities:
         spec["image"] = {"size": 32, "layout": "NCHW", "channels": "RGB", "dtype": "float32", "scale": 1 / 255.0,
                          "range": [0.0, 1.0], "background": "white (transparent pixels composited on white)",
-                         "fit": "longest side to 32 px (Lanczos), centred", "normalisation": "inside the graph",
+                         "fit": "longest side to 32 px (Lanczos), centred",
+                         "normalisation": "inside the graph (and the backbone's upsampling, when it has one)",
                          "reference": "fedafd.runtime.data.images.from_pil"}
     if "text" in modalities:
         spec["text"] = {"tokenizer": TOKENIZER_FILE, "max_len": MAX_TEXT_LEN, "pad_id": PAD_ID, "padding": "max_length",
@@ -378,44 +495,79 @@ def _preprocessing(modalities: tuple[str, ...]) -> dict[str, Any]:
     return spec
 
 
+def _backbones_entry(names: tuple[str, ...]) -> dict[str, Any]:
+    """The frozen backbones inside the graphs, named by the sha256 of their shipped weights."""
+    entry = {}
+    for name in names:
+        spec = backbone_spec(name)
+        entry[name] = {"modality": spec.modality, "dim": spec.dim, "sha256": backbone_digest(name),
+                       "int8": "fp32" if name in FP32_BACKBONES else "quantised"}
+        if spec.modality == "image":
+            entry[name]["image_size"] = BACKBONE_IMAGE_SIZE
+    return entry
+
+
+def _reads(encoder: nn.Module | None) -> str | None:
+    return None if encoder is None else input_view(encoder)
+
+
 def export_client(state_dir: Path, out: Path, options: ExportOptions = ExportOptions()) -> dict[str, Any]:
     """Export a client's inference path(s); returns the manifest written to OUT/manifest.json."""
     client = load_client(state_dir)
     meta, model, towers = client.meta, client.model, client.towers
     kind = meta["kind"]
     modalities = MODALITIES_OF_KIND[kind]
-    fusion = options.fusion and all(towers.has(m) for m in modalities)
-    data = client_test_split(kind, client.config)
+    fusion = client.fusion(options.fusion)
+    backbone_names = client.backbone_names(fusion)
+    data = client_test_split(kind, client.config, backbone_names)
     count = max(options.eval_samples, options.parity_samples) if options.eval_samples else 0
+    parity_rows = np.arange(min(options.parity_samples, len(data)))
+    backbones = BackboneCache()
+    modules = client_graphs(client, fusion, backbones)
     plans = []
     for modality in modalities:
-        tower = towers.encoders[modality] if fusion else None
-        fuse = model.fusions[modality] if fusion else None
         inputs = sample_inputs(data, modality, count)
-        if model.head is not None:
-            module: nn.Module = ClassifierGraph(model.encoders[modality], tower, fuse, model.head)
-            outputs = output_specs(True, meta["feature_dim"], model.head.out_features)
-            labels = data.labels[:len(inputs[0])] if data.labels is not None else None
-        else:
-            module, outputs, labels = FeatureGraph(model.encoders[modality], tower, fuse), output_specs(False, meta["feature_dim"]), None
-        plans.append(_Plan(modality, module.eval(), outputs, inputs, labels))
+        classifier = model.head is not None
+        outputs = output_specs(classifier, meta["feature_dim"], model.head.out_features if classifier else 0)
+        labels = data.labels[:len(inputs[0])] if classifier and data.labels is not None else None
+        tower = towers.encoders[modality] if fusion else None
+        info = {"arch": meta[f"{modality}_arch"], "tower_arch": meta["tower_archs"][modality] if fusion else None,
+                "reads": {"local": model.view(modality), "tower": _reads(tower)},
+                "backbones": sorted(modules[modality].views.backbones)}
+        plans.append(_Plan(modality, modality, modules[modality], outputs, inputs,
+                           training_outputs(client, modality, fusion, data, parity_rows), labels, info=info))
+    if fusion:  # the global towers on their own, so a device can compute f_g with ONNX Runtime alone
+        for modality in modalities:
+            tower = towers.encoders[modality]
+            module = TowerGraph(tower, backbones(tower)).eval()
+            plans.append(_Plan(f"tower_{modality}", modality, module, output_specs(False, meta["feature_dim"]),
+                               sample_inputs(data, modality, options.parity_samples),
+                               encoder_outputs(tower, modality, data, parity_rows), quantize=False,
+                               info={"arch": meta["tower_archs"][modality], "reads": _reads(tower),
+                                     "backbones": sorted(module.views.backbones)}))
     manifest = {
         "format": MANIFEST_FORMAT, "kind": kind, "client_id": meta["client_id"], "round": meta["last_round"],
         "model_version": f"{meta['client_id']}@r{meta['last_round']}/tower-v{meta['tower_version']}",
         "state_sha256": file_sha256(Path(state_dir) / STATE_FILE), "tower_version": meta["tower_version"],
         "feature_dim": meta["feature_dim"], "archs": {m: meta[f"{m}_arch"] for m in modalities},
-        "tower_archs": meta["tower_archs"] if fusion else {}, "fusion": fusion, "opset": OPSET,
+        "tower_archs": meta["tower_archs"] if fusion else {}, "fusion": fusion,
+        "backbones": _backbones_entry(backbone_names), "opset": OPSET,
         "exporter": options.exporter, "labels": list(data.class_names) if model.head is not None else [],
         "preprocessing": _preprocessing(modalities), "torch_version": torch.__version__,
     }
-    print(f"exporting {meta['client_id']} ({kind}, round {meta['last_round']}, fusion {'on' if fusion else 'off'})")
-    exported_towers = {m: towers.encoders[m].eval() for m in modalities} if fusion else {}
-    return _write_folder(out, plans, exported_towers, manifest, options)
+    print(f"exporting {meta['client_id']} ({kind}, round {meta['last_round']}, fusion {'on' if fusion else 'off'}"
+          + (f", backbones {', '.join(backbone_names)} inside the graphs" if backbone_names else "") + ")")
+    return _write_folder(out, plans, manifest, options)
+
+
+SERVER_CHECKPOINT_FORMATS = (2,)
+"""cloud_server's checkpoint formats this export reads (2: backbone adapters as towers)."""
 
 
 def export_server(checkpoint: Path, out: Path, options: ExportOptions = ExportOptions()) -> dict[str, Any]:
-    """Export the server's global image and text towers (RUN_DIR/checkpoint/server.pt) as a retrieval
-    model: `image.onnx` and `text.onnx` -> L2-normalised global features, verified on the public test split."""
+    """Export the server's global image and text towers (RUN_DIR/checkpoint/server.pt), each with its
+    backbone, as a retrieval model: `image.onnx` and `text.onnx` -> L2-normalised global features,
+    verified on the public test split."""
     from fedafd.runtime.data.modal import load_public_data
 
     checkpoint = Path(checkpoint)
@@ -424,27 +576,44 @@ def export_server(checkpoint: Path, out: Path, options: ExportOptions = ExportOp
     if not checkpoint.is_file():
         raise ExportError(f"no server checkpoint at {checkpoint}")
     tensors, meta = load_checkpoint(checkpoint)
+    if meta.get("format") not in SERVER_CHECKPOINT_FORMATS:
+        raise ExportError(f"{checkpoint} has checkpoint format {meta.get('format')}, this build exports "
+                          f"{' or '.join(map(str, SERVER_CHECKPOINT_FORMATS))}")
     config = meta["config"]
     archs = {"image": config["image_arch"], "text": config["text_arch"]}
-    builders = {"image": build_image_encoder, "text": build_text_encoder}
-    data = load_public_data("test")
-    plans = []
+    encoders = {}
     for modality in ("image", "text"):
-        encoder = builders[modality](archs[modality], config["feature_dim"])
         prefix = f"encoders.{modality}."
-        encoder.load_state_dict({k[len(prefix):]: v for k, v in tensors["model"].items() if k.startswith(prefix)})
-        inputs = sample_inputs(data, modality, options.eval_samples)
-        plans.append(_Plan(modality, FeatureGraph(encoder, None, None).eval(), output_specs(False, config["feature_dim"]),
-                           inputs, None))
+        try:
+            encoder = build_encoder(modality, archs[modality], config["feature_dim"])
+            encoder.load_state_dict({k[len(prefix):]: v for k, v in tensors["model"].items() if k.startswith(prefix)})
+        except (ValueError, RuntimeError) as err:
+            raise ExportError(f"{checkpoint}: the {modality} tower does not load: {str(err).splitlines()[0]}") from None
+        encoders[modality] = encoder.eval()
+    backbone_names = tuple(sorted({input_view(e) for e in encoders.values()} - {RAW}))
+    data = load_public_data("test", backbone_names)
+    count = max(options.eval_samples, options.parity_samples) if options.eval_samples else 0
+    parity_rows = np.arange(min(options.parity_samples, len(data)))
+    backbones = BackboneCache()
+    plans = []
+    for modality, encoder in encoders.items():
+        module = TowerGraph(encoder, backbones(encoder)).eval()
+        plans.append(_Plan(modality, modality, module, output_specs(False, config["feature_dim"]),
+                           sample_inputs(data, modality, count),
+                           encoder_outputs(encoder, modality, data, parity_rows),
+                           info={"arch": archs[modality], "reads": input_view(encoder),
+                                 "backbones": sorted(module.views.backbones)}))
     manifest = {
         "format": MANIFEST_FORMAT, "kind": "server", "client_id": "server", "round": meta["round"],
         "model_version": f"server@r{meta['round']}", "state_sha256": file_sha256(checkpoint),
-        "feature_dim": config["feature_dim"], "archs": archs, "tower_archs": {}, "fusion": False, "opset": OPSET,
+        "feature_dim": config["feature_dim"], "archs": archs, "tower_archs": {}, "fusion": False,
+        "backbones": _backbones_entry(backbone_names), "opset": OPSET,
         "exporter": options.exporter, "labels": [], "preprocessing": _preprocessing(("image", "text")),
         "torch_version": torch.__version__,
     }
-    print(f"exporting the server's global towers (round {meta['round']})")
-    return _write_folder(out, plans, {}, manifest, options)
+    print(f"exporting the server's global towers (round {meta['round']}"
+          + (f", backbones {', '.join(backbone_names)} inside the graphs" if backbone_names else "") + ")")
+    return _write_folder(out, plans, manifest, options)
 
 
 def export_any(source: Path, out: Path, options: ExportOptions = ExportOptions()) -> dict[str, Any]:
@@ -461,4 +630,4 @@ def export_any(source: Path, out: Path, options: ExportOptions = ExportOptions()
 
 
 __all__ = ["ExportError", "ExportOptions", "ModelError", "export_any", "export_client", "export_server",
-           "load_client", "client_test_split", "ClassifierGraph", "FeatureGraph"]
+           "load_client", "client_test_split", "client_graphs", "training_outputs", "ClientGraph", "TowerGraph"]

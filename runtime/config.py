@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 CLIENT_KINDS = ("image", "text", "multimodal")
 STRATEGIES = ("fedafd", "local")
 CONTRASTIVE_LOSSES = ("pcme", "infonce")
+LOCAL_INITS = ("random", "global")
 DEVICES = ("auto", "cpu", "cuda")
 FEATURE_CODECS = ("fp32", "fp16", "int8_row", "int8_col")
 TOWER_CODECS = ("fp32", "fp16", "int8_row")
@@ -89,6 +90,8 @@ class ServerConfig:
     """Similarity-guided ensemble distillation; off: distil toward the plain mean (ablation switch)."""
     beta: float = 0.5
     """Weight of the adversarial losses (paper: 0.5)."""
+    local_init: str = "random"
+    """How a device's local encoders start: random, or global (a copy of the server's tower where the architecture is the same)."""
     real_label: float = 1.0
     """Discriminators' target for real (global) features; below 1 is one-sided label smoothing (paper: 1)."""
     alpha: float = 0.1
@@ -118,6 +121,7 @@ class ServerConfig:
         _check_choice(self, "device", DEVICES)
         _check_choice(self, "strategy", STRATEGIES)
         _check_choice(self, "contrastive_loss", CONTRASTIVE_LOSSES)
+        _check_choice(self, "local_init", LOCAL_INITS)
         if not 0.0 < self.quorum <= 1.0:
             raise ConfigError(f"quorum must be in (0, 1], got {self.quorum}")
         if self.feature_dim % 4:

@@ -12,19 +12,23 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+CLASSIFIER_KEYS = ("top1", "pers_top1", "top1_bound")
+"""A classification device's metrics: full-test top-1, personalised top-1, and the full-test bound."""
+RETRIEVAL_KEYS = ("i2t_r1", "t2i_r1", "pers_i2t_r1", "pers_t2i_r1")
+
+
 def summarize_round(record: dict) -> dict[str, float]:
     """Means per client kind of the task metrics, the server's retrieval, and bytes per client."""
     by_kind: dict[str, list[dict]] = {}
     for client in record["clients"].values():
         by_kind.setdefault(client["kind"], []).append(client["metrics"])
     summary: dict[str, float] = {"round": record["round"]}
-    if "image" in by_kind:
-        summary["image_top1"] = mean(m["top1"] for m in by_kind["image"])
-    if "text" in by_kind:
-        summary["text_top1"] = mean(m["top1"] for m in by_kind["text"])
-    if "multimodal" in by_kind:
-        summary["mm_i2t_r1"] = mean(m["i2t_r1"] for m in by_kind["multimodal"])
-        summary["mm_t2i_r1"] = mean(m["t2i_r1"] for m in by_kind["multimodal"])
+    for kind, prefix, keys in (("image", "image", CLASSIFIER_KEYS), ("text", "text", CLASSIFIER_KEYS),
+                               ("multimodal", "mm", RETRIEVAL_KEYS)):
+        for key in keys:
+            values = [m[key] for m in by_kind.get(kind, []) if key in m]
+            if values:
+                summary[f"{prefix}_{key}"] = mean(values)
     summary["server_r1_sum"] = record["server"]["r1_sum"]
     summary["server_rsum"] = record["server"]["rsum"]
     per_client = [c for c in record["bytes"].values()]

@@ -215,6 +215,12 @@ class ShapedClientTransport:
                 reconnect()
             self._error = None
 
+    def connection(self) -> tuple[int, bool] | None:
+        """The real transport's `connection()` (None when it has none); what is still held back by the
+        emulated link goes out on the connection up when it is due."""
+        connection = getattr(self.inner, "connection", None)
+        return None if connection is None else connection()
+
     # -- downlink: held until its arrival time ----------------------------------------------------
     def recv(self, timeout_s: float) -> Frames | None:
         deadline = self._clock() + max(timeout_s, 0.0)

@@ -13,11 +13,16 @@ handler admits only public keys in an allow-list that is read again for every ne
 revoked key is refused from its next connection on. The allow-list names each key's client id; it
 becomes the ZAP User-Id of every message from that connection, and that authenticated name is the
 peer: a CURVE client sets no routing id of its own (libzmq gives each connection a random one) and the
-server routes replies to the newest connection authenticated under the name. A peer therefore cannot
-claim another device's id (the server also checks the client_id inside Join and uploads against the
-peer), and a second connection with another key cannot take over a device's round. Without keys the
-transport is plain text, peers are whatever id they claim (ROUTER_HANDOVER: a restarted client takes
-its id over), and `insecure` says so.
+server routes replies to the connection it last heard from under that name, falling back to the ones
+before when it is gone (a message read late from a connection the device already closed must not cut
+the route to its live one). A peer therefore cannot claim another device's id (the server also checks
+the client_id inside Join and uploads against the peer), and a second connection with another key cannot
+take over a device's round. Without keys the transport is plain text, peers are whatever id they claim
+(ROUTER_HANDOVER: a restarted client takes its id over), and `insecure` says so.
+
+A client transport tells, through `connection()`, whether what it sent went out on a connection that is
+still up: a server that is busy (loading, training) and has not answered yet is then told apart from one
+that was never reached, and a device keeps waiting on the first instead of reconnecting.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Callable, Protocol
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
 from zmq.utils import z85
 
 from .wire import MAX_MESSAGE_BYTES
@@ -41,6 +47,10 @@ Frames = list  # list[bytes | memoryview]
 
 _POLL_SLICE_S = 0.05
 """Longest a recv holds the socket lock in one poll, so a send from another thread waits at most this."""
+
+
+_ROUTES_KEPT = 4
+"""CURVE: connections remembered per device (the newest first) to fall back on when one is gone."""
 
 
 class TransportError(RuntimeError):
@@ -121,6 +131,8 @@ class _ZmqSocket:
         self.sock = self._ctx.socket(kind)
         self.lock = threading.Lock()
         self.closed = False
+        self.monitor: zmq.Socket | None = None
+        """Connection events of `sock` (see ZmqClientTransport.connection), when watched."""
 
     @property
     def context(self) -> zmq.Context:
@@ -159,6 +171,8 @@ class _ZmqSocket:
                 return
             self.closed = True
             self.sock.close(linger=0)  # sockets before the context, or term() waits on them
+            if self.monitor is not None:
+                self.monitor.close(linger=0)
             before_term()  # e.g. the ZAP handler's socket, which lives in the same context
             self._ctx.term()
 
@@ -208,7 +222,7 @@ class ZmqServerTransport:
         # connection that sets a routing id already in use is ignored rather than handed the route.
         sock.setsockopt(zmq.ROUTER_HANDOVER, 0 if curve is not None else 1)
         self.insecure = curve is None
-        self._routes: dict[str, bytes] = {}  # CURVE: client id -> routing id of its newest connection
+        self._routes: dict[str, list[bytes]] = {}  # CURVE: client id -> routing ids, the one heard from last first
         self._auth: _AllowListAuthenticator | None = None
         if curve is not None:
             self._auth = _AllowListAuthenticator(self._s.context, curve.client_of_key)
@@ -228,15 +242,15 @@ class ZmqServerTransport:
         if self._auth is None:
             self._s.send([peer.encode("utf-8", "surrogateescape"), *frames], repr(peer))
             return
-        routing = self._routes.get(peer)
-        if routing is None:
-            raise PeerGone(f"peer {peer!r} is not connected")
-        try:
-            self._s.send([routing, *frames], repr(peer))
-        except PeerGone:
-            if self._routes.get(peer) == routing:
-                del self._routes[peer]
-            raise
+        routes = self._routes.get(peer, [])
+        while routes:
+            try:
+                self._s.send([routes[0], *frames], repr(peer))
+                return
+            except PeerGone:  # that connection is closed: the one before may still be up
+                routes.pop(0)
+        self._routes.pop(peer, None)
+        raise PeerGone(f"peer {peer!r} is not connected")
 
     def recv(self, timeout_s: float) -> tuple[str, Frames] | None:
         deadline = time.monotonic() + max(timeout_s, 0.0)
@@ -253,8 +267,16 @@ class ZmqServerTransport:
             if not peer:
                 log.warning("dropped a message without an authenticated User-Id")
                 continue
-            self._routes[peer] = parts[0].bytes  # replies go to the newest connection of this device
+            self._remember_route(peer, parts[0].bytes)
             return peer, [p.buffer for p in parts[1:]]
+
+    def _remember_route(self, peer: str, routing: bytes) -> None:
+        """Replies go to the connection this device was heard from last, then to the ones before it."""
+        routes = self._routes.setdefault(peer, [])
+        if routing in routes:
+            routes.remove(routing)
+        routes.insert(0, routing)
+        del routes[_ROUTES_KEPT:]
 
     def close(self) -> None:
         self._s.close(before_term=self._stop_auth)
@@ -277,6 +299,8 @@ class ZmqClientTransport:
         self.client_id = client_id
         self.insecure = curve is None
         self._options = (hwm, send_timeout_s, heartbeat_s, reconnect_ivl_s, reconnect_ivl_max_s, curve)
+        self._handshakes = 0  # completed handshakes with the server, over every socket this transport opened
+        self._up = False
         self._s = self._open()
 
     def _open(self) -> _ZmqSocket:
@@ -295,6 +319,9 @@ class ZmqClientTransport:
             sock.curve_secretkey = curve.secret
             sock.curve_publickey = curve.public
             sock.curve_serverkey = curve.server_public
+        # Watched from before connect: `connection` tells a server that is up but busy from one not reached.
+        s.monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self._up = False
         try:
             sock.connect(self.endpoint)
         except zmq.ZMQError as e:
@@ -307,6 +334,25 @@ class ZmqClientTransport:
         the server stops answering, e.g. after it restarted or while an old connection still holds the id."""
         old, self._s = self._s, self._open()
         old.close()
+
+    def connection(self) -> tuple[int, bool]:
+        """(handshakes completed with the server so far, whether a connection is up now).
+
+        A message sent while this reads (n, True) was handed to a live connection; if a later call still
+        reads (n, True), that connection never dropped, so the message is in the server's socket even when
+        the server has not answered it yet (busy, not polling). Sent while (n, False), it goes out on
+        handshake n + 1 (CURVE: once the server's allow-list admitted this key)."""
+        s = self._s
+        with s.lock:
+            if s.closed:
+                raise TransportError("transport is closed")
+            while s.monitor.poll(0):
+                event = recv_monitor_message(s.monitor)["event"]
+                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self._handshakes, self._up = self._handshakes + 1, True
+                elif event == zmq.EVENT_DISCONNECTED:
+                    self._up = False
+        return self._handshakes, self._up
 
     def send(self, frames: Frames) -> None:
         self._s.send(list(frames), "server")
@@ -411,6 +457,12 @@ class _InprocClient:
         # Queued even before the server exists, as a DEALER queues until it connects.
         if self._hub._owns(self):
             self._hub._server_inbox.put((self.client_id, _freeze(frames)))
+
+    def connection(self) -> tuple[int, bool]:
+        """As ZmqClientTransport.connection: connected while this client holds its id at the hub."""
+        if self._closed.is_set():
+            raise TransportError("transport is closed")
+        return 1, self._hub._owns(self)
 
     def reconnect(self) -> None:
         """Nothing to renew in process (the ZMQ client opens a fresh connection)."""

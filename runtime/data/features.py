@@ -58,6 +58,10 @@ class FeatureCacheError(FedafdError):
     """A backbone does not export to ONNX faithfully, or the features cannot be computed."""
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 # --- where things are --------------------------------------------------------------------------
 
 
@@ -272,7 +276,7 @@ def backbone_session(backbone: str, image_size: int = BACKBONE_IMAGE_SIZE,
                     raise ValueError("its sha256 differs from the one recorded at export")
                 return _open_session(path)
             except Exception as err:  # noqa: BLE001 - ORT raises its own types; any failure means rebuild
-                logger.warning("ONNX backbone %s not used (%s); exporting it again", path, str(err).splitlines()[0])
+                logger.warning("ONNX backbone %s not used (%s); exporting it again", path, _first_line(err))
         start = time.perf_counter()
         module = build_backbone(backbone, image_size)
         _export(module, spec.modality, path)

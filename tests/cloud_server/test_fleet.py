@@ -22,7 +22,7 @@ def test_bad_fleet_spec(spec: str) -> None:
 def test_client_commands_vary_architectures_and_pass_the_split(tmp_path: Path) -> None:
     fleet = LocalFleet({"image": 2}, "tcp://127.0.0.1:5000", tmp_path, ServerConfig(alpha=0.3, max_private=50))
     first, second = fleet.command("image", 0), fleet.command("image", 1)
-    assert "image_arch=cnn_small" in first and "image_arch=resnet_tiny" in second
+    assert "image_arch=effnet_linear" in first and "image_arch=cnn_small" in second
     assert "alpha=0.3" in first and "max_private=50" in first
     assert first[first.index("--num-partitions") + 1] == "2"
     assert second[second.index("--partition") + 1] == "1"
@@ -32,7 +32,7 @@ def test_device_settings_reach_every_device_after_the_fleets_own(tmp_path: Path)
     fleet = LocalFleet({"text": 1}, "tcp://127.0.0.1:5000", tmp_path, ServerConfig(), client_overrides=["disc_lr=1e-4"])
     command = fleet.command("text", 0)
     settings = [command[i + 1] for i, part in enumerate(command) if part == "-c"]
-    assert settings[-1] == "disc_lr=1e-4" and "text_arch=gru" in settings
+    assert settings[-1] == "disc_lr=1e-4" and "text_arch=minilm_linear" in settings
 
 
 def test_a_bad_device_setting_is_refused_before_anything_starts(tmp_path: Path) -> None:

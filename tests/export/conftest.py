@@ -1,4 +1,11 @@
-"""Tiny trained client states (one round on a few real samples) and their exports, shared by the tests."""
+"""Tiny trained client states (one round on a few real samples) and their exports, shared by the tests.
+
+Exporting the frozen backbones is what costs here (MiniLM is a 90 MB graph), so they appear in few
+graphs: the image classifier's tower reads EfficientNet-Lite0 (a raw-input local encoder beside a
+backbone tower), the multimodal client is the deployable adapter client (an MLP and a linear adapter
+over EfficientNet, linear adapters over MiniLM, the server's default towers) and is exported once for
+the whole session; the text classifier is trained from scratch on tokens.
+"""
 
 from __future__ import annotations
 
@@ -8,38 +15,40 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedafd.edge_client.model import MODALITIES_OF_KIND, GlobalTowers, LocalModel, build_encoder
+from fedafd.edge_client.model import MODALITIES_OF_KIND, GlobalTowers, LocalModel
 from fedafd.edge_client.private_data import load_private_data
 from fedafd.edge_client.state import ClientState, save_state
 from fedafd.edge_client.training import Optimizers, RoundPlan, train_round
+from fedafd.runtime.models import backbone_of, build_encoder
 
 FEATURE_DIM = 32
 MAX_TEST = 200
-# Every architecture of the zoo's small nets appears once as a local encoder and once as a tower.
+PARITY_SAMPLES = 32
 CLIENTS = {
-    "image": {"image_arch": "cnn_small", "text_arch": "gru", "towers": {"image": "resnet_tiny"}},
+    "image": {"image_arch": "cnn_small", "text_arch": "gru", "towers": {"image": "effnet_linear"}},
     "text": {"image_arch": "cnn_small", "text_arch": "gru", "towers": {"text": "transformer_tiny"}},
-    "multimodal": {"image_arch": "resnet_tiny", "text_arch": "transformer_tiny",
-                   "towers": {"image": "cnn_small", "text": "gru"}},
+    "multimodal": {"image_arch": "effnet_mlp", "text_arch": "minilm_linear",
+                   "towers": {"image": "effnet_linear", "text": "minilm_linear"}},
 }
 
 
-def make_client_state(folder: Path, kind: str, max_private: int = 64) -> Path:
+def make_client_state(folder: Path, kind: str, spec: dict | None = None, max_private: int = 64) -> Path:
     """Train one short round (GFF on, no BAA) on real private data and save it as `join` would."""
     torch.manual_seed(0)
-    spec = CLIENTS[kind]
-    private = load_private_data(kind, 0, 1, 0.1, 0, max_private, MAX_TEST)
+    spec = spec or CLIENTS[kind]
+    modalities = MODALITIES_OF_KIND[kind]
+    archs = [spec[f"{m}_arch"] for m in modalities] + [spec["towers"][m] for m in modalities]
+    backbones = tuple(sorted({backbone_of(a) for a in archs} - {None}))
+    private = load_private_data(kind, 0, 1, 0.1, 0, max_private, MAX_TEST, backbones=backbones)
     model = LocalModel(kind, spec["image_arch"], spec["text_arch"], FEATURE_DIM, private.num_classes)
-    towers = GlobalTowers(FEATURE_DIM, torch.device("cpu"))
-    flat = {}
-    for modality in MODALITIES_OF_KIND[kind]:
-        tower = build_encoder(modality, spec["towers"][modality], FEATURE_DIM)
-        flat.update({f"{modality}.{name}": t for name, t in tower.state_dict().items()})
-    towers.load(2, spec["towers"], flat)
+    global_towers = GlobalTowers(FEATURE_DIM, torch.device("cpu"))
+    towers = {m: build_encoder(m, spec["towers"][m], FEATURE_DIM) for m in modalities}
+    flat = {f"{m}.{name}": t for m, tower in towers.items() for name, t in tower.state_dict().items()}
+    global_towers.load(2, spec["towers"], flat)
     optimizers = Optimizers.create(model, 3e-3, 1e-3)
     plan = RoundPlan(round=0, local_epochs=2, baa=False, gff=True, beta=0.5)
-    train_round(model, optimizers, towers, private.train, None, plan, 16, 0, torch.device("cpu"))
-    state = ClientState(model, optimizers, towers, last_round=0)
+    train_round(model, optimizers, global_towers, private.train, None, plan, 16, 0, torch.device("cpu"))
+    state = ClientState(model, optimizers, global_towers, last_round=0)
     folder.mkdir(parents=True, exist_ok=True)
     save_state(folder, state, {"client_id": f"{kind}-0", "kind": kind, "image_arch": spec["image_arch"],
                                "text_arch": spec["text_arch"], "feature_dim": FEATURE_DIM})
@@ -57,6 +66,6 @@ def exported(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     for kind in CLIENTS:
         state = make_client_state(root / f"state_{kind}", kind)
         out = root / f"model_{kind}"
-        export_client(state, out, ExportOptions(parity_samples=32, eval_samples=MAX_TEST))
+        export_client(state, out, ExportOptions(parity_samples=PARITY_SAMPLES, eval_samples=MAX_TEST))
         result[kind] = (state, out)
     return result

