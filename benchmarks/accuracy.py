@@ -46,7 +46,8 @@ SENSITIVITY: dict[str, dict[str, str]] = {
     "FedAFD + backbone": {"strategy": "fedafd", **ALL_ADAPTERS},
     "FedAFD beta 0.1": {"strategy": "fedafd", "beta": "0.1"},
     "FedAFD disc lr 1e-3": {"strategy": "fedafd", "client.disc_lr": "1e-3"},
-    "FedAFD random init": {"strategy": "fedafd", "local_init": "random"},
+    "FedAFD init from global": {"strategy": "fedafd", "local_init": "global"},
+    "FedAFD distill lr 1e-4": {"strategy": "fedafd", "distill_lr": "1e-4"},
     "FedAFD distill lr 1e-3": {"strategy": "fedafd", "distill_lr": "1e-3"},
 }
 KNOWN_VARIANTS = {**VARIANTS, **SENSITIVITY}

@@ -46,7 +46,7 @@ class ServerConfig:
     """A client silent (no heartbeat, no upload) for this long is counted as dropped for the round."""
     quorum: float = 0.5
     """Fraction of the round's clients whose uploads must arrive for the round to count."""
-    local_epochs: int = 1
+    local_epochs: int = 2
     """Local epochs E each client trains per round (paper: 5)."""
     seed: int = 0
     """Seed for the server's models, public subset and client partitions."""
@@ -64,9 +64,9 @@ class ServerConfig:
     """Server's global text tower (runtime.models.TEXT_ARCHS; default: an adapter over frozen all-MiniLM-L6-v2)."""
     adapter_dropout: float = 0.5
     """Dropout on the backbone features the server's adapters read (training only)."""
-    contrastive_loss: str = "pcme"
-    """Stage-1 loss: pcme (paper's soft contrastive) or infonce (CLIP)."""
-    server_epochs: int = 1
+    contrastive_loss: str = "infonce"
+    """Stage-1 loss: infonce (CLIP's; default, it learns faster here) or pcme (the paper's soft contrastive)."""
+    server_epochs: int = 2
     """Stage-1 epochs over the public set per round."""
     distill_epochs: int = 1
     """Stage-3 distillation epochs over the public set per round."""
@@ -76,7 +76,7 @@ class ServerConfig:
     """Server batch size for stage 1, stage 3 and feature extraction."""
     lr: float = 1e-3
     """Server Adam learning rate of stage 1."""
-    distill_lr: float = 1e-3
+    distill_lr: float = 1e-5
     """Adam learning rate of stage 3 (its own optimiser: distillation and contrastive training keep separate moments)."""
     sed_chunk: int = 512
     """Rows per chunk when computing SED scores (memory O(chunk x P))."""

@@ -1,17 +1,26 @@
 """Joining: an Error that answers an older message (a stale upload after a server restart) must not be
-taken as the server refusing this Join; an Error that answers the Join itself must."""
+taken as the server refusing this Join; an Error that answers the Join itself must. A device that joins
+a listening server gets its Welcome for its first Join: while the server loads, and while it is busy."""
 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
+import zmq
 
+from fedafd.cloud_server import app as cloud_app
+from fedafd.cloud_server.app import ServerApp
+from fedafd.edge_client import app as edge_app
 from fedafd.edge_client.app import EdgeApp, EdgeError
 from fedafd.runtime.accounting import ByteCounter, ServerMessenger
-from fedafd.runtime.config import ClientConfig, build_config
-from fedafd.runtime.transport import InprocHub
+from fedafd.runtime.config import ClientConfig, ServerConfig, build_config
+from fedafd.runtime.transport import (
+    CurveClientKeys, CurveServerKeys, InprocHub, ZmqClientTransport, ZmqServerTransport,
+)
 from fedafd.runtime.wire import Error, ErrorCode, Join, Welcome
 
 
@@ -60,3 +69,121 @@ def test_an_error_answering_the_join_refuses_it(tmp_path: Path) -> None:
     with pytest.raises(EdgeError, match="kind is wrong"):
         edge._join()
     thread.join()
+
+
+# -- joining a server that is up but busy, over real ZeroMQ sockets on loopback ---------------------
+
+BACKOFF_S = 0.2
+"""JOIN_BACKOFF_S in these tests: the device would have joined again several times over by the time
+the busy server answers."""
+
+
+class _Curve:
+    """A server key pair and an allow-list naming one device, as `serve --local` makes them."""
+
+    def __init__(self, client_id: str):
+        self.server = zmq.curve_keypair()
+        self.client = zmq.curve_keypair()
+        self.client_id = client_id
+
+    def server_transport(self) -> ZmqServerTransport:
+        public, secret = self.server
+        known = {self.client[0].decode(): self.client_id}
+        return ZmqServerTransport("tcp://127.0.0.1:*", curve=CurveServerKeys(public, secret, known.get))
+
+    def client_transport(self, endpoint: str) -> ZmqClientTransport:
+        public, secret = self.client
+        return ZmqClientTransport(endpoint, self.client_id, curve=CurveClientKeys(public, secret, self.server[0]))
+
+
+def _zmq_pair(client_id: str, curve: bool) -> tuple[ZmqServerTransport, Callable[[], ZmqClientTransport]]:
+    """A listening server transport and a factory of the device's transport to it."""
+    if curve:
+        keys = _Curve(client_id)
+        server = keys.server_transport()
+        return server, lambda: keys.client_transport(server.endpoint)
+    server = ZmqServerTransport("tcp://127.0.0.1:*")
+    return server, lambda: ZmqClientTransport(server.endpoint, client_id)
+
+
+def _sent_types(edge: EdgeApp) -> list[str]:
+    """Records the type of every message the device sends from now on."""
+    sent: list[str] = []
+    send = edge.messenger.send
+
+    def spy(msg, *args, **kwargs):
+        sent.append(msg.TYPE.value)
+        return send(msg, *args, **kwargs)
+
+    edge.messenger.send = spy
+    return sent
+
+
+@pytest.mark.parametrize("curve", [False, True], ids=["plain", "curve"])
+def test_a_busy_server_is_waited_for_on_the_same_connection(tmp_path: Path, monkeypatch, curve: bool) -> None:
+    # Prepare: a listening server that reads nothing for five backoffs (busy), then answers every Join.
+    monkeypatch.setattr(edge_app, "JOIN_BACKOFF_S", BACKOFF_S)
+    config = build_config(ClientConfig, dict(kind="image", max_private=16, max_test=8, connect_timeout_s=10))
+    server, client = _zmq_pair(config.client_id, curve)
+    messenger = ServerMessenger(server, ByteCounter())
+    edge = EdgeApp(config, client(), tmp_path)
+    sent, joins = _sent_types(edge), []
+
+    def busy_then_answer() -> None:
+        time.sleep(5 * BACKOFF_S)
+        deadline = time.monotonic() + 0.5  # Joins sent again while it was busy are all queued by now
+        while time.monotonic() < deadline:
+            received = messenger.recv(0.1)
+            if received is not None and isinstance(received.msg, Join):
+                joins.append(received.msg_id)
+                messenger.send(received.peer, Welcome(client_id=received.peer, run_id="r", feature_dim=16, rounds=1),
+                               round=0)
+
+    thread = threading.Thread(target=busy_then_answer)
+    thread.start()
+    try:
+        # Execute
+        welcome = edge._join()
+        thread.join()
+    finally:
+        edge.close()
+        messenger.close()
+    # Assert: one Join, answered, on the connection it went out on.
+    assert isinstance(welcome, Welcome)
+    assert sent == ["join"] and len(joins) == 1
+
+
+def test_a_server_still_loading_answers_the_first_join(tmp_path: Path, monkeypatch) -> None:
+    # Prepare: a listening server whose loading holds until the test lets it go; a device that would join
+    # again after BACKOFF_S. (Loading is what `serve` does after binding and starting --local devices.)
+    monkeypatch.setattr(edge_app, "JOIN_BACKOFF_S", BACKOFF_S)
+    loading, release = threading.Event(), threading.Event()
+    load_public_data = cloud_app.load_public_data
+
+    def held_load(*args, **kwargs):
+        loading.set()
+        release.wait(timeout=10)
+        return load_public_data(*args, **kwargs)
+
+    monkeypatch.setattr(cloud_app, "load_public_data", held_load)
+    client_config = build_config(ClientConfig, dict(kind="image", max_private=16, max_test=8, connect_timeout_s=3))
+    server_config = build_config(ServerConfig, dict(image_arch="cnn_small", text_arch="gru", public_size=32,
+                                                    feature_dim=16, expected_clients=1))
+    transport, built = ZmqServerTransport("tcp://127.0.0.1:*"), {}
+    thread = threading.Thread(target=lambda: built.update(server=ServerApp(server_config, transport, tmp_path / "run")))
+    thread.start()
+    edge = EdgeApp(client_config, ZmqClientTransport(transport.endpoint, client_config.client_id), tmp_path / "edge")
+    sent = _sent_types(edge)
+    try:
+        assert loading.wait(timeout=10), "the server never started loading"
+        # Execute
+        welcome = edge._join()
+    finally:
+        release.set()
+        thread.join(timeout=30)
+        edge.close()
+        (built["server"] if "server" in built else transport).close()
+    # Assert: the Welcome came while the server was still loading, for the first and only Join.
+    assert isinstance(welcome, Welcome) and welcome.feature_dim == 16
+    assert sent == ["join"]
+    assert list(built["server"].clients) == [client_config.client_id]

@@ -16,19 +16,19 @@ from typer.testing import CliRunner
 
 from fedafd.edge_client.cli import app
 from fedafd.export.infer import InputError, ModelError, OnnxModel, TextPreprocessor, load_image, read_manifest
-from fedafd.export.onnx_export import client_test_split, load_client
+from fedafd.export.onnx_export import client_graphs, client_test_split, load_client, training_outputs
 from fedafd.runtime.data.datasets import load_tuxpaint_pairs
 from fedafd.runtime.data.text import tokenize, tokenizer_path
 
 runner = CliRunner()
 
 
-def torch_probs(state: Path, kind: str, inputs: tuple[np.ndarray, ...]) -> np.ndarray:
-    client = load_client(state)
+def torch_outputs(state: Path, modality: str, inputs: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    """The exported graph's PyTorch module (backbones included) on raw inputs: its outputs in graph order."""
+    graph = client_graphs(load_client(state))[modality]
     with torch.no_grad():
-        tensors = tuple(torch.from_numpy(a) for a in inputs)
-        fused = client.model.fuse(kind, client.model.encode(kind, tensors), client.towers.encode(kind, tensors))
-        return torch.softmax(client.model.head(fused), dim=-1).numpy()
+        out = graph(*(torch.from_numpy(a) for a in inputs))
+    return tuple(t.numpy() for t in (out if isinstance(out, tuple) else (out,)))
 
 
 def write_pngs(images: np.ndarray, folder: Path) -> list[Path]:
@@ -61,12 +61,15 @@ def test_png_round_trip_is_exact(tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.stack([load_image(p) for p in paths]), images)
 
 
-def test_infer_images_gives_pytorch_top1(exported, tmp_path: Path) -> None:
-    # Prepare: real test pictures saved as PNG files
+def test_infer_images_gives_the_training_paths_top1(exported, tmp_path: Path) -> None:
+    # Prepare: real test pictures saved as PNG files; the reference is what evaluation computes for
+    # them (the tower's EfficientNet features from the cache)
     state, folder = exported["image"]
-    images = client_test_split("image", {"max_test": 200}).inputs["image"][0][:8]
+    client = load_client(state)
+    data = client_test_split("image", {"max_test": 200}, client.backbone_names(True))
+    images = data.inputs["image"][0][:8]
     paths = write_pngs(images, tmp_path)
-    reference = torch_probs(state, "image", (images.astype(np.float32) / 255.0,))
+    reference = training_outputs(client, "image", True, data, np.arange(8))[0]
 
     # Execute
     result = runner.invoke(app, ["infer", str(folder), *map(str, paths), "--format", "json"])
@@ -84,7 +87,7 @@ def test_infer_texts_gives_pytorch_top1(exported) -> None:
     state, folder = exported["text"]
     texts = ["a domesticated carnivorous mammal that barks", "a building where people live",
              "a tall perennial woody plant having a main trunk", "a person who writes books"]
-    reference = torch_probs(state, "text", tokenize(texts))
+    reference = torch_outputs(state, "text", tokenize(texts))[0]
 
     result = runner.invoke(app, ["infer", str(folder), *texts, "--format", "json", "--precision", "int8"])
 
@@ -96,18 +99,14 @@ def test_infer_texts_gives_pytorch_top1(exported) -> None:
 
 
 def test_infer_multimodal_ranks_the_matching_caption_as_pytorch_does(exported, tmp_path: Path) -> None:
-    # Prepare: 2 pictures and their 4 captions from the test split
+    # Prepare: 2 pictures and their 4 captions from the test split; EfficientNet and MiniLM run in the graphs
     state, folder = exported["multimodal"]
     pairs = load_tuxpaint_pairs("test")
     images, captions = pairs.images[:2], [str(c) for c in pairs.captions[:4]]
     paths = write_pngs(images, tmp_path)
-    client = load_client(state)
-    with torch.no_grad():
-        image = torch.from_numpy(images.astype(np.float32) / 255.0)
-        ids, mask = (torch.from_numpy(a) for a in tokenize(captions))
-        fi = client.model.fuse("image", client.model.encode("image", (image,)), client.towers.encode("image", (image,)))
-        ft = client.model.fuse("text", client.model.encode("text", (ids, mask)), client.towers.encode("text", (ids, mask)))
-        scores = (torch.nn.functional.normalize(fi, dim=-1) @ torch.nn.functional.normalize(ft, dim=-1).T).numpy()
+    (image_features,) = torch_outputs(state, "image", (images.astype(np.float32) / 255.0,))
+    (text_features,) = torch_outputs(state, "text", tokenize(captions))
+    scores = image_features @ text_features.T
 
     # Execute
     result = runner.invoke(app, ["infer", str(folder), *map(str, paths), *captions, "--format", "json"])
@@ -120,22 +119,28 @@ def test_infer_multimodal_ranks_the_matching_caption_as_pytorch_does(exported, t
         np.testing.assert_allclose([r["score"] for r in ranking["ranking"]], np.sort(row)[::-1], atol=1e-4)
 
 
-def test_infer_never_imports_torch(exported, tmp_path: Path) -> None:
-    """The real entry point in a fresh interpreter: the answer comes, and torch never got imported."""
-    _, folder = exported["text"]
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_infer_never_imports_torch(exported, tmp_path: Path, precision: str) -> None:
+    """The real entry point in a fresh interpreter, on the graphs with EfficientNet and MiniLM inside:
+    the answer comes, and neither torch nor transformers got imported."""
+    _, folder = exported["multimodal"]
+    (path,) = write_pngs(load_tuxpaint_pairs("test").images[:1], tmp_path)
     script = (
         "import sys\n"
         "from fedafd.edge_client.cli import app\n"
         "try:\n"
-        f"    app(['infer', {str(folder)!r}, 'a dog that barks', '--format', 'json'])\n"
+        f"    app(['infer', {str(folder)!r}, {str(path)!r}, 'a dog that barks', 'a red apple', '--format', 'json',"
+        f" '--precision', {precision!r}])\n"
         "except SystemExit as exit:\n"
         "    assert exit.code in (0, None), exit.code\n"
         "print('TORCH_LOADED', 'torch' in sys.modules, 'transformers' in sys.modules)\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "TORCH_LOADED False False" in done.stdout
-    assert json.loads(done.stdout[:done.stdout.rindex("TORCH_LOADED")])["predictions"][0]["input"] == "a dog that barks"
+    out = json.loads(done.stdout[:done.stdout.rindex("TORCH_LOADED")])
+    assert out["precision"] == precision
+    assert {r["text"] for r in out["rankings"][0]["ranking"]} == {"a dog that barks", "a red apple"}
 
 
 def test_cli_entry_point_subprocess(exported) -> None:
