@@ -108,3 +108,25 @@ def test_top1_accuracy():
     assert top1_accuracy(logits, labels) == pytest.approx(75.0)
     with pytest.raises(ValueError):
         top1_accuracy(logits, labels[:3])
+
+
+def test_personalised_accuracy_and_bound_by_hand() -> None:
+    from fedafd.runtime.retrieval import personalised_accuracy
+
+    # Prepare: 3 classes; test split: class 0 x4 (3 right), class 1 x2 (1 right), class 2 x4 (0 right).
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 2, 2])
+    predictions = torch.tensor([0, 0, 0, 1, 1, 0, 0, 0, 1, 1])
+    # The device holds classes 0 and 1 only, in shares 3:1.
+    train_labels = torch.tensor([0, 0, 0, 1])
+    # Execute
+    metrics = personalised_accuracy(predictions, labels, train_labels, num_classes=3)
+    # Assert: top-1 = 4/10; personalised = 0.75 * 3/4 + 0.25 * 1/2 = 0.6875; bound = 6/10 test rows in held classes.
+    assert metrics["top1"] == pytest.approx(40.0)
+    assert metrics["pers_top1"] == pytest.approx(68.75)
+    assert metrics["top1_bound"] == pytest.approx(60.0)
+
+
+def test_held_rows_are_the_test_pairs_of_the_categories_a_device_holds() -> None:
+    from fedafd.runtime.retrieval import held_rows
+
+    assert held_rows(torch.tensor([3, 1, 3, 0, 2]), torch.tensor([3, 3, 0])).tolist() == [0, 2, 3]
