@@ -43,12 +43,10 @@ def progress_line(record: dict, rounds: int) -> str:
     s = summarize_round(record)
     parts = [f"round {record['round'] + 1}/{rounds}",
              f"server R@1 sum {s['server_r1_sum']:.1f} rsum {s['server_rsum']:.1f}"]
-    if "image_top1" in s:
-        parts.append(f"image top-1 {s['image_top1']:.1f}")
-    if "text_top1" in s:
-        parts.append(f"text top-1 {s['text_top1']:.1f}")
-    if "mm_i2t_r1" in s:
-        parts.append(f"multimodal i2t R@1 {s['mm_i2t_r1']:.1f}")
+    for label, full, personal in (("image top-1", "image_top1", "image_pers_top1"), ("text top-1", "text_top1", "text_pers_top1"),
+                                  ("multimodal i2t R@1", "mm_i2t_r1", "mm_pers_i2t_r1")):
+        if full in s:
+            parts.append(f"{label} {s[full]:.1f}" + (f" (pers. {s[personal]:.1f})" if personal in s else ""))
     if "up_bytes_per_client" in s:
         parts.append(f"{s['up_bytes_per_client'] / 1e6:.2f} MB up / {s['down_bytes_per_client'] / 1e6:.2f} MB down per client")
     parts.append(f"{s['seconds']:.0f}s")
