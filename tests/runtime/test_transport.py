@@ -7,8 +7,11 @@ import time
 
 import numpy as np
 import pytest
+import zmq
 
 from fedafd.runtime.transport import (
+    CurveClientKeys,
+    CurveServerKeys,
     InprocHub,
     PeerGone,
     TransportError,
@@ -179,3 +182,60 @@ def test_zmq_client_reconnects_under_same_id():
         assert _b(second.recv(WAIT_S)) == [b"welcome back"]
     finally:
         net.close()
+
+
+def _until(predicate, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S  # ZMQ reports connection events asynchronously
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_zmq_client_tells_whether_what_it_sent_went_out_on_a_live_connection():
+    # Prepare: a client of a listening server.
+    net = _Net("zmq")
+    try:
+        client = net.client("img-0")
+        # Execute / Assert: up after the handshake, and the connection it is up on keeps its number.
+        _until(lambda: client.connection() == (1, True), "the handshake")
+        client.send([b"join"])
+        assert net.server.recv(WAIT_S) is not None and client.connection() == (1, True)
+        # The server goes away: down; a fresh connection is not up before its own handshake.
+        net.server.close()
+        _until(lambda: client.connection() == (1, False), "the disconnect")
+        client.reconnect()
+        assert client.connection() == (1, False)
+    finally:
+        net.close()
+
+
+def test_curve_replies_fall_back_to_the_connection_before_when_the_last_one_closed():
+    # Prepare: one device, allow-listed, heard from on two connections; the one heard from last closes
+    # (as when a message from a connection the device already closed is read late).
+    server_public, server_secret = zmq.curve_keypair()
+    public, secret = zmq.curve_keypair()
+    server = ZmqServerTransport("tcp://127.0.0.1:*", curve=CurveServerKeys(server_public, server_secret,
+                                                                          {public.decode(): "img-0"}.get))
+    keys = CurveClientKeys(public, secret, server_public)
+    live, closing = (ZmqClientTransport(server.endpoint, "img-0", curve=keys) for _ in range(2))
+    try:
+        for client, payload in ((live, b"first"), (closing, b"second")):
+            client.send([payload])
+            peer, frames = server.recv(WAIT_S)
+            assert (peer, _b(frames)) == ("img-0", [payload])
+        closing.close()
+        # Execute: reply (the first replies may still go into the closing connection, until the server
+        # notices it closed).
+        deadline, got = time.monotonic() + WAIT_S, None
+        while got is None:
+            assert time.monotonic() < deadline, "no reply reached the live connection"
+            server.send("img-0", [b"welcome"])  # PeerGone here if the route died with the closed connection
+            got = live.recv(0.02)
+        # Assert: the reply reached the device on its live connection, and the next ones do too.
+        assert _b(got) == [b"welcome"]
+        server.send("img-0", [b"again"])
+        assert _b(live.recv(WAIT_S)) == [b"again"]
+    finally:
+        live.close()
+        closing.close()
+        server.close()
