@@ -6,7 +6,8 @@ model), PIL for decoding pictures and the torch-free `fedafd.runtime.data.images
 `fedafd-edge infer` in a subprocess and checks that torch never got imported.
 
 A model folder holds `manifest.json` (see `Manifest`), one ONNX graph per modality (fp32 and, when
-quantised, int8), the global tower graph(s) and `tokenizer.json` for text.
+quantised, int8), the global tower graph(s) and `tokenizer.json` for text. The graphs take raw inputs
+and hold the frozen backbones they need (EfficientNet-Lite0, MiniLM), so nothing here changes with them.
 """
 
 from __future__ import annotations

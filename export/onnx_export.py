@@ -1,28 +1,42 @@
 """A trained client (or the server's global towers) -> verified ONNX graphs, a manifest and the tokenizer.
 
 Graph layout (method.md "Inference on a device"): one graph per input modality, holding the whole
-inference path of that modality (local encoder + frozen global tower + GFF + head), rather than two
-graphs chained by the manifest. One ONNX Runtime call per input costs less at batch 1 than two, ORT
-optimises across the tower/fusion boundary, and there is one file per modality to verify. The global
-tower is *also* exported on its own (`tower_<modality>.onnx`) so a device can compute the server's
-global features with ONNX Runtime alone.
+deployable path of that modality from raw inputs: the frozen backbone(s) + local encoder + frozen global
+tower + GFF + head, rather than graphs chained by the manifest. One ONNX Runtime call per input costs
+less at batch 1, ORT optimises across the boundaries, and there is one file per modality to verify.
 
-- image / text clients: `<modality>.onnx` -> `probs` (B, classes) and `feature` (B, d), the fused feature.
-- multimodal clients: `image.onnx` and `text.onnx` -> `feature` (B, d), the fused feature L2-normalised
-  (retrieval ranks by dot product of normalised features, as `runtime.retrieval` does).
-- the server (`export_server`): its two global towers as a retrieval model, `feature` (B, d).
+- `ClientGraph` is that path as a torch module: per modality it runs the backbone once (when the local
+  encoder and/or the tower adapt it; `BackboneViews`), hands adapters the backbone's feature and encoders
+  trained from scratch the raw inputs, then calls `LocalModel.head_outputs`, the encode -> fuse -> head
+  path training and evaluation take. The export, the ORT parity check and the eager benchmark all run
+  this one module; training reads the backbones' *cached* features instead, so every graph is also
+  checked against the training code path on the same rows (`training_outputs`).
+- image / text clients: `<modality>.onnx` -> `probs` (B, classes) = softmax of the logits, and `feature`
+  (B, d), the fused feature z.
+- multimodal clients: `image.onnx` and `text.onnx` -> `feature` (B, d), z L2-normalised (retrieval ranks
+  by dot product of normalised features, as `runtime.retrieval` does).
+- the global tower on its own, backbone included (`tower_<modality>.onnx`, `TowerGraph`), so a device
+  can compute the server's global features with ONNX Runtime alone.
+- the server (`export_server`): its two global towers, backbones included, as a retrieval model.
 
 Inputs: `image` float32 (B, 3, 32, 32) in [0, 1]; `input_ids`, `attention_mask` int64 (B, L), L <= 32.
 Batch (and sequence) axes are dynamic. Tokenisation stays outside the graph (`tokenizer.json` beside it).
+A graph that holds EfficientNet-Lite0 upsamples the 32 px image to 112 px inside; one that holds MiniLM
+is ~90 MB (its int8 copy ~23 MB; `export/quantize.py` says which backbone is quantised and why).
 
-Exporter: the TorchScript-based `torch.onnx.export(dynamo=False)`. Both exporters give the same
-outputs here (checked to 1e-7), but the TorchScript one takes about a second per graph where the dynamo
-one takes 5-15 s (the GRU), emits the GRU as ONNX's native `GRU` op, and leaves no stale `value_info`
-for the quantiser to trip on. `exporter="dynamo"` is kept as an option.
+Exporter: the TorchScript-based `torch.onnx.export(dynamo=False)`, traced on the feature cache's
+example rows (`runtime.data.features`; its texts end in padding, so MiniLM's mask is traced as data).
+It takes about a second per small graph and 5-10 s for one holding a backbone (EfficientNet-Lite0 and
+MiniLM's BERT both export and match PyTorch to ~1e-6), emits the GRU as ONNX's native `GRU` op and
+leaves no stale `value_info` for the quantiser to trip on. `exporter="dynamo"` is kept as an option
+(checked with both backbones: the same parity, 10-15 s per backbone graph); both keep each node's
+module path, by which the quantiser finds a backbone's nodes.
 
-Every graph is verified before the folder is written as done: `onnx.checker.check_model(full_check=True)`
-and ONNX Runtime vs PyTorch on real test samples (max abs difference, top-1 agreement; beyond `atol`
-the export fails). The result is staged in a temporary folder and renamed into place only when all passed.
+Every graph is verified before the folder is written as done: `onnx.checker.check_model(full_check=True)`;
+ONNX Runtime vs the PyTorch module on real test samples, batched and at batch 1 (max abs difference,
+top-1 agreement; beyond `atol` the export fails); and that module vs the training code path on the same
+rows (beyond `training_atol` the export fails). The result is staged in a temporary folder and renamed
+into place only when all passed.
 """
 
 from __future__ import annotations
@@ -90,8 +104,8 @@ class ExportOptions:
 
 class BackboneViews(nn.Module):
     """The frozen backbones one modality's graph needs, each run once on the raw inputs: forward(*inputs)
-    -> {view: inputs of an encoder that reads it}, RAW -> the inputs themselves, a backbone's name -> its
-    pooled feature (B, D), what `ModalData.batch(..., view)` hands training the cached copy of."""
+    -> {view: the inputs of an encoder that reads it}: RAW -> the inputs themselves, a backbone's name ->
+    its pooled feature (B, D), the feature whose cached copy `ModalData.batch(..., view)` hands training."""
 
     def __init__(self, backbones: dict[str, nn.Module]):
         super().__init__()
@@ -298,7 +312,8 @@ def export_graph(module: nn.Module, modality: str, outputs: list[dict[str, Any]]
             from torch.export import Dim
 
             batch, seq = Dim("batch"), Dim("seq", min=2, max=MAX_TEXT_LEN)
-            shapes = tuple({0: batch, 1: seq} if modality == "text" else {0: batch} for _ in names)
+            # forward(*inputs): torch.export sees one argument, the tuple of inputs
+            shapes = (tuple({0: batch, 1: seq} if modality == "text" else {0: batch} for _ in names),)
             program = torch.onnx.export(module, args, input_names=names, output_names=out_names,
                                         dynamic_shapes=shapes, opset_version=18, dynamo=True, verbose=False)
             program.save(str(path), external_data=False)

@@ -26,6 +26,7 @@ samples), int8 against the fp32 graph:
 
 from __future__ import annotations
 
+import ast
 import logging
 from pathlib import Path
 from typing import Any
@@ -39,12 +40,27 @@ PER_CHANNEL_BACKBONES: frozenset[str] = frozenset({"minilm"})
 """Quantised backbones that need per-channel weight scales; a graph holding one is quantised per channel."""
 
 
-def backbone_of_node(name: str, backbones: tuple[str, ...]) -> str | None:
-    """The backbone (of `backbones`) a node belongs to, None for the trainable part of the graph. The
-    TorchScript exporter names a node by the path of the modules whose forward it ran in, and a backbone
-    runs as `BackboneViews.backbones[name]` (export/onnx_export.py): /views/<name>/...."""
+def _scopes(node: onnx.NodeProto) -> list[str]:
+    """The module paths a node was exported from. TorchScript names the node by them
+    (/views/efficientnet_lite0/_conv_stem/Conv: the modules whose forward ran, ModuleDicts elided); the
+    dynamo exporter names it node_Conv_12 and keeps the paths in its metadata
+    (['', 'views', 'views.backbones.efficientnet_lite0', ...])."""
+    scopes = [part for part in node.name.split("/")[1:-1]]
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes += [str(s).rsplit(".", 1)[-1] for s in ast.literal_eval(prop.value)]
+            except (ValueError, SyntaxError):
+                pass
+    return scopes
+
+
+def backbone_of_node(node: onnx.NodeProto, backbones: tuple[str, ...]) -> str | None:
+    """The backbone (of `backbones`) a node belongs to, None for the trainable part of the graph: in a
+    deployable graph a backbone runs as the module `views.backbones[name]` (export/onnx_export.py)."""
+    scopes = _scopes(node)
     for backbone in backbones:
-        if f"/{backbone}/" in name:
+        if backbone in scopes:
             return backbone
     return None
 
@@ -56,12 +72,12 @@ def kept_in_fp32(model: onnx.ModelProto, backbones: tuple[str, ...] = (),
     shapes = {init.name: list(init.dims) for init in model.graph.initializer}
     kept = []
     for node in model.graph.node:
-        backbone = backbone_of_node(node.name, backbones)
+        backbone = backbone_of_node(node, backbones)
         if backbone is not None and backbone in fp32_backbones:
             kept.append(node.name)
         elif node.op_type == "Conv" and len(node.input) > 1 and shapes.get(node.input[1], [0, 0])[1:2] == [3]:
             kept.append(node.name)
-        elif node.op_type in ("Gemm", "MatMul") and "/head/" in node.name:
+        elif node.op_type in ("Gemm", "MatMul") and "head" in _scopes(node):
             kept.append(node.name)
     return kept
 
@@ -78,10 +94,10 @@ def quantize_graph(fp32: Path, int8: Path, backbones: tuple[str, ...] = (),
     # A dynamo-exported graph carries stale value_info the quantiser's shape inference trips on; it is a hint only.
     del model.graph.value_info[:]
     kept = kept_in_fp32(model, backbones, fp32_backbones)
-    found = {backbone_of_node(n.name, backbones) for n in model.graph.node} - {None}
+    found = {backbone_of_node(n, backbones) for n in model.graph.node} - {None}
     if found != set(backbones):
-        raise ValueError(f"{fp32.name}: no nodes named after the backbone(s) {', '.join(sorted(set(backbones) - found))} "
-                         f"(exported with another exporter?); cannot tell which nodes to quantise")
+        raise ValueError(f"{fp32.name}: no nodes of the backbone(s) {', '.join(sorted(set(backbones) - found))} found "
+                         f"by module path; cannot tell which nodes to quantise")
     quantised = found - set(fp32_backbones)
     per_channel = bool(quantised & PER_CHANNEL_BACKBONES)
     root = logging.getLogger()
@@ -92,6 +108,7 @@ def quantize_graph(fp32: Path, int8: Path, backbones: tuple[str, ...] = (),
                          nodes_to_exclude=kept, per_channel=per_channel)
     finally:
         root.setLevel(level)
-    return {"kept_fp32": [n for n in kept if backbone_of_node(n, backbones) is None],
+    in_backbones = {n.name for n in model.graph.node if backbone_of_node(n, backbones) is not None}
+    return {"kept_fp32": [n for n in kept if n not in in_backbones],
             "fp32_backbones": sorted(found & set(fp32_backbones)), "int8_backbones": sorted(quantised),
             "per_channel": per_channel}
