@@ -12,7 +12,6 @@ and hold the frozen backbones they need (EfficientNet-Lite0, MiniLM), so nothing
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from fedafd.runtime.errors import FedafdError
+from fedafd.runtime.hashing import file_sha256
 
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -38,12 +38,6 @@ class InputError(FedafdError):
     """An input the model cannot take (wrong shape or dtype, unreadable picture, wrong modality)."""
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ from fedafd.export.infer import (MANIFEST_FILE, MANIFEST_FORMAT, TOKENIZER_FILE,
 from fedafd.export.quantize import FP32_BACKBONES, quantize_graph
 from fedafd.runtime.backbones import (BACKBONE_IMAGE_SIZE, BackboneMissingError, backbone_digest, backbone_spec,
                                       build_backbone)
-from fedafd.runtime.data.features import _example_inputs as trace_example
+from fedafd.runtime.data.features import example_inputs as trace_example
 from fedafd.runtime.data.modal import RAW, ModalData
 from fedafd.runtime.data.text import MAX_TEXT_LEN, PAD_ID, tokenizer_path
 from fedafd.runtime.errors import FedafdError

@@ -13,7 +13,6 @@ building anything, so a cache can tell whether it was computed from the same one
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from torch import nn
 
 from fedafd.runtime.data.fetch import DataMissingError
 from fedafd.runtime.errors import FedafdError
+from fedafd.runtime.hashing import file_sha256
 
 BACKBONE_IMAGE_SIZE = 112
 """Side the 32 px images are upsampled to for EfficientNet-Lite0 (224 is its native size; 112 costs a quarter)."""
@@ -108,19 +108,12 @@ def weight_files(name: str) -> tuple[Path, ...]:
     return (_efficientnet_weight_file(),) if name == "efficientnet_lite0" else (_minilm_weight_file(),)
 
 
-def _sha256(paths: tuple[Path, ...]) -> str:
-    digest = hashlib.sha256()  # one file: the plain sha256 of its bytes
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def backbone_digest(name: str) -> str:
     """sha256 (hex) of the backbone's shipped weight file; hashed once per process, nothing is built."""
     if name not in _digests:
-        _digests[name] = _sha256(weight_files(name))
+        _digests[name] = file_sha256(*weight_files(name))
     return _digests[name]
 
 

@@ -38,6 +38,7 @@ from fedafd.runtime.data.fetch import cache_dir
 from fedafd.runtime.data.modal import ModalData
 from fedafd.runtime.data.text import MAX_TEXT_LEN, PAD_ID
 from fedafd.runtime.errors import FedafdError
+from fedafd.runtime.hashing import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -100,12 +101,6 @@ def _bytes_sha256(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def inputs_sha256(arrays: tuple[np.ndarray, ...]) -> str:
@@ -220,7 +215,7 @@ def backbone_features(backbone: str, dataset: str, data: ModalData, image_size: 
 # --- ONNX export and ONNX Runtime ----------------------------------------------------------------
 
 
-def _example_inputs(modality: str) -> tuple[torch.Tensor, ...]:
+def example_inputs(modality: str) -> tuple[torch.Tensor, ...]:
     """Two rows to trace with; the token rows end in padding so the mask is traced as data, not skipped."""
     if modality == "image":
         return (torch.linspace(0.0, 1.0, 2 * 3 * 32 * 32).reshape(2, 3, 32, 32),)
@@ -240,7 +235,7 @@ def _export(module: torch.nn.Module, modality: str, path: Path) -> None:
     def write(tmp: Path) -> None:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about Python-side shape arithmetic
-            torch.onnx.export(module, _example_inputs(modality), str(tmp), input_names=names,
+            torch.onnx.export(module, example_inputs(modality), str(tmp), input_names=names,
                               output_names=[_OUTPUT_NAME], dynamic_axes=axes, opset_version=OPSET, dynamo=False)
         onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
 
@@ -272,7 +267,7 @@ def backbone_session(backbone: str, image_size: int = BACKBONE_IMAGE_SIZE,
         if path.exists():
             try:
                 record = json.loads(_sidecar(path).read_text())
-                if record.get("sha256") != _file_sha256(path):
+                if record.get("sha256") != file_sha256(path):
                     raise ValueError("its sha256 differs from the one recorded at export")
                 return _open_session(path)
             except Exception as err:  # noqa: BLE001 - ORT raises its own types; any failure means rebuild
@@ -281,7 +276,7 @@ def backbone_session(backbone: str, image_size: int = BACKBONE_IMAGE_SIZE,
         module = build_backbone(backbone, image_size)
         _export(module, spec.modality, path)
         session = _open_session(path)
-        check_rows = check_rows if check_rows is not None else _example_inputs(spec.modality)
+        check_rows = check_rows if check_rows is not None else example_inputs(spec.modality)
         with torch.no_grad():
             expected = module(*check_rows).numpy()
         difference = float(np.abs(_run_session(session, check_rows) - expected).max(initial=0.0))
@@ -291,7 +286,7 @@ def backbone_session(backbone: str, image_size: int = BACKBONE_IMAGE_SIZE,
                                     f"(> {PARITY_ATOL}); check the installed torch and onnxruntime versions")
         _write_json(_sidecar(path), {"format": FEATURES_FORMAT, "backbone": backbone, "digest": backbone_digest(backbone),
                                      "image_size": _size_key(spec, image_size), "opset": OPSET,
-                                     "sha256": _file_sha256(path), "parity_max_abs_diff": difference})
+                                     "sha256": file_sha256(path), "parity_max_abs_diff": difference})
         logger.info("exported %s to %s in %.1f s (max |ORT - PyTorch| %.1e)", backbone, path,
                     time.perf_counter() - start, difference)
         return session

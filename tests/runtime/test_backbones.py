@@ -59,8 +59,8 @@ def test_digest_is_the_sha256_of_the_shipped_weight_files():
 def test_digest_is_hashed_once_per_process(monkeypatch):
     monkeypatch.setattr(backbones, "_digests", {})
     calls = []
-    real = backbones._sha256
-    monkeypatch.setattr(backbones, "_sha256", lambda paths: calls.append(paths) or real(paths))
+    real = backbones.file_sha256
+    monkeypatch.setattr(backbones, "file_sha256", lambda *paths: calls.append(paths) or real(*paths))
     first = backbone_digest("efficientnet_lite0")
     assert backbone_digest("efficientnet_lite0") == first and len(calls) == 1
 

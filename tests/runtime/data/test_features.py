@@ -145,7 +145,7 @@ def test_second_call_reads_the_cache(cached, public_rows, monkeypatch):
     assert record == {"format": features.FEATURES_FORMAT, "backbone": "efficientnet_lite0",
                       "digest": backbone_digest("efficientnet_lite0"), "image_size": 112, "dataset": "emoji-slice",
                       "rows": ROWS, "dim": 1280, "inputs_sha256": features.inputs_sha256(public_rows.inputs["image"]),
-                      "npy_sha256": features._file_sha256(path)}
+                      "npy_sha256": features.file_sha256(path)}
     np.testing.assert_array_equal(np.load(path, allow_pickle=False), first)
 
 
@@ -154,7 +154,7 @@ def _rewrite_array(path: Path, array: np.ndarray) -> None:
     np.save(path, array, allow_pickle=False)
     sidecar = path.with_suffix(".json")
     record = json.loads(sidecar.read_text())
-    record["npy_sha256"] = features._file_sha256(path)
+    record["npy_sha256"] = features.file_sha256(path)
     sidecar.write_text(json.dumps(record))
 
 
