@@ -1,0 +1,33 @@
+"""The accuracy benchmark's arithmetic: means and spreads over seeds, rounds to LOCAL's final server
+R@1 sum of the same seed, the table's cells."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedafd.benchmarks.accuracy import aggregate, markdown_table, rounds_to_reach
+
+
+def _run(seed: int, server: list[float], image_pers: float) -> dict:
+    return {"seed": seed, "wall_seconds": 10.0 * (seed + 1),
+            "rounds": [{"server_r1_sum": value, "image_pers_top1": image_pers, "up_bytes_per_client": 2e6,
+                        "down_bytes_per_client": 5e5} for value in server]}
+
+
+def test_aggregate_means_spreads_and_rounds_to_locals_final_of_the_same_seed() -> None:
+    runs = {"LOCAL": [_run(0, [10, 20, 30], 70.0), _run(1, [10, 20, 40], 80.0)],
+            "FedAFD": [_run(0, [25, 35, 36], 74.0), _run(1, [10, 30, 35], 84.0)]}
+    table = aggregate(runs)
+    assert table["FedAFD"]["image_pers_top1"] == {"mean": 79.0, "std": pytest.approx(7.0711, abs=1e-4), "n": 2}
+    # Seed 0: LOCAL ends at 30, FedAFD reaches it in round 2; seed 1: LOCAL ends at 40, FedAFD never does.
+    assert table["FedAFD"]["rounds_to_local_server"] == [2, None]
+    assert table["LOCAL"]["rounds_to_local_server"] == [3, 3]
+    assert table["LOCAL"]["wall_seconds"]["mean"] == 15.0
+    lines = markdown_table(table).splitlines()
+    assert lines[3].startswith("| FedAFD |") and "79.00 ± 7.07" in lines[3] and "2, not reached" in lines[3]
+    assert "2.00 MB / 500.0 kB" in lines[3]
+
+
+def test_rounds_to_reach_is_one_based_and_none_when_never() -> None:
+    rounds = [{"server_r1_sum": v} for v in (1.0, 5.0, 4.0)]
+    assert rounds_to_reach(rounds, 5.0) == 2 and rounds_to_reach(rounds, 6.0) is None
