@@ -13,7 +13,7 @@ from torch import nn
 from fedafd.cloud_server.contrastive import build_contrastive_loss
 from fedafd.cloud_server.distill import distillation_loss
 from fedafd.runtime.data.modal import RAW, ModalData
-from fedafd.runtime.models import ADAPTER_DROPOUT, build_encoder, input_view
+from fedafd.runtime.models import ADAPTER_DROPOUT, build_encoder, encode_rows, input_view
 from fedafd.runtime.retrieval import retrieval_metrics
 from fedafd.runtime.torch_utils import batch_indices
 
@@ -30,8 +30,7 @@ class GlobalModel(nn.Module):
         self.loss = build_contrastive_loss(contrastive_loss)
 
     def encode(self, modality: str, data: ModalData, rows, device: torch.device) -> torch.Tensor:
-        encoder = self.encoders[modality]
-        return encoder(*data.batch(modality, rows, device, input_view(encoder)))  # (B, d)
+        return encode_rows(self.encoders[modality], modality, data, rows, device)  # (B, d)
 
     def backbones(self) -> dict[str, str]:
         """Modality -> the frozen backbone its tower adapts (towers trained from scratch have none)."""
@@ -66,8 +65,7 @@ def extract_features(encoder: nn.Module, data: ModalData, modality: str, device:
                      batch_size: int = 256) -> torch.Tensor:
     """(N, d) L2-normalised features in eval mode, rows in order."""
     encoder.eval()
-    view = input_view(encoder)
-    chunks = [encoder(*data.batch(modality, rows, device, view)) for rows in batch_indices(len(data), batch_size)]
+    chunks = [encode_rows(encoder, modality, data, rows, device) for rows in batch_indices(len(data), batch_size)]
     return torch.cat(chunks)
 
 

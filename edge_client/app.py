@@ -22,8 +22,8 @@ from fedafd.runtime.codecs import FEATURE_CODECS, wire_codec
 from fedafd.runtime.errors import FedafdError
 from fedafd.runtime.config import ClientConfig
 from fedafd.runtime.data.modal import ModalData, load_public_data
-from fedafd.runtime.backbones import backbone_digest
-from fedafd.runtime.models import count_parameters, modality_backbones
+from fedafd.runtime.backbones import backbone_digest, modality_backbones
+from fedafd.runtime.models import count_parameters
 from fedafd.runtime.torch_utils import configure_threads, resolve_device
 from fedafd.runtime.transport import ClientTransport, TransportError
 from fedafd.runtime.wire import (

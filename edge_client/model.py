@@ -8,7 +8,7 @@ from torch import nn
 from fedafd.edge_client.alignment import Discriminator
 from fedafd.edge_client.fusion import GranularityFusion
 from fedafd.runtime.data.modal import ModalData
-from fedafd.runtime.models import ADAPTER_DROPOUT, build_encoder, input_view, l2_normalise
+from fedafd.runtime.models import ADAPTER_DROPOUT, build_encoder, encode_rows, input_view, l2_normalise
 from fedafd.runtime.wire import MODALITIES_OF_KIND
 
 
@@ -37,7 +37,7 @@ class LocalModel(nn.Module):
 
     def encode(self, modality: str, data: ModalData, rows, device: torch.device) -> torch.Tensor:
         """Local features of `rows` of `data`: (B, d), L2-normalised."""
-        return self.encoders[modality](*data.batch(modality, rows, device, self.view(modality)))
+        return encode_rows(self.encoders[modality], modality, data, rows, device)
 
     def fuse(self, modality: str, local: torch.Tensor, global_: torch.Tensor | None) -> torch.Tensor:
         """z, the feature the task consumes: GFF of local and global when a global feature is given."""
@@ -107,5 +107,4 @@ class GlobalTowers:
 
     @torch.no_grad()
     def encode(self, modality: str, data: ModalData, rows, device: torch.device) -> torch.Tensor:
-        encoder = self.encoders[modality]
-        return encoder(*data.batch(modality, rows, device, input_view(encoder)))
+        return encode_rows(self.encoders[modality], modality, data, rows, device)

@@ -57,6 +57,11 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
+def modality_backbones(modalities: tuple[str, ...]) -> tuple[str, ...]:
+    """The frozen backbones of these modalities (whose cached features a process loads)."""
+    return tuple(name for name, spec in BACKBONES.items() if spec.modality in modalities)
+
+
 def backbone_spec(name: str) -> BackboneSpec:
     try:
         return BACKBONES[name]

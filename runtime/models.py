@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedafd.runtime.backbones import BACKBONES, masked_mean
-from fedafd.runtime.data.modal import RAW
+from fedafd.runtime.data.modal import RAW, ModalData
 from fedafd.runtime.data.text import MAX_TEXT_LEN, PAD_ID, VOCAB_SIZE
 
 # Channel statistics of the 3x32x32 training images are unknown ahead of time (they mix grayscale
@@ -145,17 +145,28 @@ class BackboneAdapter(nn.Module):
         return l2_normalise(self.project(backbone_features))  # (B, D) -> (B, d)
 
 
+ADAPTERS: dict[str, tuple[str, int]] = {
+    "effnet_linear": ("efficientnet_lite0", 0), "effnet_mlp": ("efficientnet_lite0", ADAPTER_HIDDEN),
+    "minilm_linear": ("minilm", 0), "minilm_mlp": ("minilm", ADAPTER_HIDDEN),
+}
+"""Adapter architecture -> (the frozen backbone it adapts, hidden width; 0: linear). The other
+architectures train from scratch on raw inputs."""
+
+
+def _adapters(modality: str) -> dict[str, Callable[[int, float], nn.Module]]:
+    return {arch: (lambda d, dropout, b=backbone, h=hidden: BackboneAdapter(b, d, hidden=h, dropout=dropout))
+            for arch, (backbone, hidden) in ADAPTERS.items() if BACKBONES[backbone].modality == modality}
+
+
 IMAGE_ENCODERS: dict[str, Callable[[int, float], nn.Module]] = {
     "cnn_small": lambda d, dropout: CnnSmall(d),
     "resnet_tiny": lambda d, dropout: ResNetTiny(d),
-    "effnet_linear": lambda d, dropout: BackboneAdapter("efficientnet_lite0", d, dropout=dropout),
-    "effnet_mlp": lambda d, dropout: BackboneAdapter("efficientnet_lite0", d, hidden=ADAPTER_HIDDEN, dropout=dropout),
+    **_adapters("image"),
 }
 TEXT_ENCODERS: dict[str, Callable[[int, float], nn.Module]] = {
     "gru": lambda d, dropout: GruEncoder(d),
     "transformer_tiny": lambda d, dropout: TransformerTiny(d),
-    "minilm_linear": lambda d, dropout: BackboneAdapter("minilm", d, dropout=dropout),
-    "minilm_mlp": lambda d, dropout: BackboneAdapter("minilm", d, hidden=ADAPTER_HIDDEN, dropout=dropout),
+    **_adapters("text"),
 }
 IMAGE_ARCHS = tuple(IMAGE_ENCODERS)
 TEXT_ARCHS = tuple(TEXT_ENCODERS)
@@ -178,19 +189,16 @@ def input_view(encoder: nn.Module) -> str:
     return getattr(encoder, "input_view", RAW)
 
 
-ADAPTED_BACKBONE = {"effnet_linear": "efficientnet_lite0", "effnet_mlp": "efficientnet_lite0",
-                    "minilm_linear": "minilm", "minilm_mlp": "minilm"}
-"""Architecture -> the frozen backbone it adapts; the others train from scratch on raw inputs."""
-
-
 def backbone_of(arch: str) -> str | None:
-    return ADAPTED_BACKBONE.get(arch)
+    """The frozen backbone an architecture adapts (None: trained from scratch), without building it."""
+    return ADAPTERS[arch][0] if arch in ADAPTERS else None
+
+
+def encode_rows(encoder: nn.Module, modality: str, data: ModalData, rows, device: torch.device) -> torch.Tensor:
+    """(B, d) features of `rows` of `data`, from what the encoder reads: raw inputs or its backbone's
+    cached features."""
+    return encoder(*data.batch(modality, rows, device, input_view(encoder)))
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def modality_backbones(modalities: tuple[str, ...]) -> tuple[str, ...]:
-    """The frozen backbones of these modalities (whose cached features a process loads)."""
-    return tuple(name for name, spec in BACKBONES.items() if spec.modality in modalities)

@@ -32,13 +32,14 @@ import numpy as np
 import torch
 
 from fedafd.runtime.backbones import (BACKBONE_IMAGE_SIZE, BackboneSpec, backbone_digest, backbone_spec,
-                                      build_backbone)
+                                      build_backbone, modality_backbones)
 from fedafd.runtime.data.datasets import SPLITS, file_lock
 from fedafd.runtime.data.fetch import cache_dir
 from fedafd.runtime.data.modal import ModalData
 from fedafd.runtime.data.text import MAX_TEXT_LEN, PAD_ID
 from fedafd.runtime.errors import FedafdError
 from fedafd.runtime.hashing import file_sha256
+from fedafd.runtime.wire import MODALITIES, MODALITIES_OF_KIND
 
 logger = logging.getLogger(__name__)
 
@@ -329,16 +330,17 @@ def _extract(spec: BackboneSpec, dataset: str, data: ModalData, image_size: int,
 
 
 def feature_sets() -> list[tuple[str, str, Callable[[], ModalData]]]:
-    """(backbone, dataset name, loader) for every feature cache a federation reads."""
-    from fedafd.runtime.data.modal import load_public_data, load_task_data
+    """(backbone, dataset name, loader) for every feature cache a federation reads: each task set and the
+    public set, with the backbones of their modalities, named as the loaders name them."""
+    from fedafd.runtime.data.modal import DATASET_OF_KIND, PUBLIC_DATASET, load_public_data, load_task_data
 
     sets: list[tuple[str, str, Callable[[], ModalData]]] = []
     for split in SPLITS:
-        image, text = (lambda s=split: load_task_data("image", s)), (lambda s=split: load_task_data("text", s))
-        pairs, public = (lambda s=split: load_task_data("multimodal", s)), (lambda s=split: load_public_data(s))
-        sets += [("efficientnet_lite0", f"fashion_mnist-{split}", image), ("efficientnet_lite0", f"tuxpaint-{split}", pairs),
-                 ("efficientnet_lite0", f"emoji-{split}", public), ("minilm", f"wordnet-{split}", text),
-                 ("minilm", f"tuxpaint-{split}", pairs), ("minilm", f"emoji-{split}", public)]
+        sources = [(DATASET_OF_KIND[kind], MODALITIES_OF_KIND[kind], lambda k=kind, s=split: load_task_data(k, s))
+                   for kind in DATASET_OF_KIND]
+        sources.append((PUBLIC_DATASET, MODALITIES, lambda s=split: load_public_data(s)))
+        for name, modalities, load in sources:
+            sets += [(backbone, f"{name}-{split}", load) for backbone in modality_backbones(modalities)]
     return sets
 
 

@@ -115,10 +115,12 @@ def pool_rows(labels: np.ndarray, size: int) -> np.ndarray:
 def load_public_data(split: str = "train", backbones: tuple[str, ...] = ()) -> ModalData:
     """The public image-text set (emoji pictures with their names): split "train" is P, which the server
     and every device hold; "test" is the server's held-out retrieval split."""
-    return with_backbone_features(from_pairs(load_emoji_pairs(split)), f"emoji-{split}", backbones)
+    return with_backbone_features(from_pairs(load_emoji_pairs(split)), f"{PUBLIC_DATASET}-{split}", backbones)
 
 
 DATASET_OF_KIND = {"image": "fashion_mnist", "text": "wordnet", "multimodal": "tuxpaint"}
+"""The name of each kind's task set in the feature cache's file names."""
+PUBLIC_DATASET = "emoji"
 
 
 def with_backbone_features(data: ModalData, dataset: str, backbones: tuple[str, ...]) -> ModalData:

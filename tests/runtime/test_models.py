@@ -9,9 +9,9 @@ import torch
 
 from fedafd.runtime.data.text import tokenize
 from fedafd.runtime.data.modal import RAW
+from fedafd.runtime.backbones import modality_backbones
 from fedafd.runtime.models import (
-    ADAPTED_BACKBONE, IMAGE_ARCHS, TEXT_ARCHS, backbone_of, build_encoder, count_parameters, input_view,
-    modality_backbones,
+    ADAPTERS, IMAGE_ARCHS, TEXT_ARCHS, backbone_of, build_encoder, count_parameters, encode_rows, input_view,
 )
 
 
@@ -109,7 +109,7 @@ def test_adapters_read_backbone_features_drop_out_only_in_training_and_are_small
     torch.testing.assert_close(eval_a.norm(dim=1), torch.ones(6))
     torch.testing.assert_close(eval_a, eval_b)
     assert not torch.allclose(train_a, train_b)
-    assert input_view(adapter) == backbone_of(arch) == ADAPTED_BACKBONE[arch]
+    assert input_view(adapter) == backbone_of(arch) == ADAPTERS[arch][0]
     hidden = 512 if arch.endswith("_mlp") else 0
     expected = width * 32 + 32 if not hidden else width * hidden + hidden + hidden * 32 + 32
     assert count_parameters(adapter) == expected
@@ -121,3 +121,21 @@ def test_small_nets_read_raw_inputs_and_backbones_follow_the_modalities() -> Non
     assert set(IMAGE_ARCHS) >= {"effnet_linear", "cnn_small"} and set(TEXT_ARCHS) >= {"minilm_linear", "gru"}
     assert modality_backbones(("image",)) == ("efficientnet_lite0",)
     assert modality_backbones(("image", "text")) == ("efficientnet_lite0", "minilm")
+
+
+def test_encode_rows_feeds_adapters_cached_features_and_small_nets_raw_inputs() -> None:
+    import numpy as np
+
+    from fedafd.runtime.data.modal import ModalData
+
+    # Prepare: rows whose cached "backbone features" are known, and their pixels.
+    rng = np.random.default_rng(0)
+    data = ModalData(inputs={"image": (rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8),)},
+                     features={"efficientnet_lite0": rng.normal(size=(4, 1280)).astype(np.float32)})
+    adapter, small = build_image_encoder("effnet_linear", 8).eval(), build_image_encoder("cnn_small", 8).eval()
+    rows = np.array([2, 0])
+    # Execute / Assert
+    torch.testing.assert_close(encode_rows(adapter, "image", data, rows, torch.device("cpu")),
+                               adapter(torch.from_numpy(data.features["efficientnet_lite0"][rows])))
+    pixels = torch.from_numpy(data.inputs["image"][0][rows]).float() / 255.0
+    torch.testing.assert_close(encode_rows(small, "image", data, rows, torch.device("cpu")), small(pixels))
