@@ -1,0 +1,70 @@
+"""The downlink plan: a device gets the towers of its modalities, and for the other modality whichever is
+fewer numbers, its tower or G; a device computes the same G from a tower as the server has."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedafd.cloud_server.app import ClientRecord, ServerApp
+from fedafd.cloud_server.stages import extract_features
+from fedafd.edge_client.model import GlobalTowers
+from fedafd.edge_client.training import global_public_features
+from fedafd.runtime import wire
+from fedafd.runtime.codecs import wire_codec
+from fedafd.runtime.config import ServerConfig, build_config
+from fedafd.runtime.transport import InprocHub
+from fedafd.runtime.wire import RoundStart
+
+D = 16
+
+
+def _server(tmp_path: Path, public_size: int) -> ServerApp:
+    config = build_config(ServerConfig, {"feature_dim": D, "public_size": public_size})
+    return ServerApp(config, InprocHub().server(), tmp_path / f"run{public_size}")
+
+
+def _plan(server: ServerApp, kind: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return server._downlink_plan(ClientRecord(f"{kind}-0", kind, {}, 10, 0))
+
+
+def test_adapter_towers_replace_g_when_they_are_fewer_numbers(tmp_path: Path) -> None:
+    # By hand at d = 16: effnet_linear has 1280*16 + 16 = 20,496 numbers, minilm_linear 384*16 + 16 = 6,160;
+    # G of all 1,496 public pairs is 1,496*16 = 23,936, G of 48 pairs 768.
+    everything, few = _server(tmp_path, 0), _server(tmp_path, 48)
+    try:
+        assert len(everything.public) == 1496
+        for kind in ("image", "text", "multimodal"):
+            assert _plan(everything, kind) == (("image", "text"), ())
+        assert _plan(few, "image") == (("image",), ("text",))
+        assert _plan(few, "text") == (("text",), ("image",))
+        assert _plan(few, "multimodal") == (("image", "text"), ())
+    finally:
+        everything.close()
+        few.close()
+
+
+def test_a_device_computes_the_servers_g_from_towers_sent_as_fp16(tmp_path: Path) -> None:
+    server = _server(tmp_path, 0)
+    try:
+        device = torch.device("cpu")
+        g = {m: extract_features(server.model.encoders[m], server.public, m, device) for m in ("image", "text")}
+        # The towers through the wire as RoundStart carries them by default (fp16), decoded on the device.
+        start = RoundStart(round=0, local_epochs=1, tower_version=1, public_indices=server.public_rows.astype(np.int64),
+                           global_features={}, tower={k: v.numpy() for k, v in server.model.tower_state(("image", "text")).items()},
+                           tower_arch=dict(server.model.archs), settings={})
+        received = wire.decode([bytes(f) for f in wire.encode(start, codecs={"tower": wire_codec(server.config.tower_codec)})]).msg
+        towers = GlobalTowers(D, device)
+        towers.load(1, dict(received.tower_arch), {k: torch.from_numpy(np.array(v)) for k, v in received.tower.items()})
+        rows = torch.from_numpy(server.public_rows.astype(np.int64))
+        computed = global_public_features(towers, server.public_all, rows, ("image", "text"), device)
+    finally:
+        server.close()
+    assert server.config.tower_codec == "fp16"
+    assert received.tower["image.project.1.weight"].dtype == np.float32  # decoded from fp16 frames
+    for modality in ("image", "text"):
+        cosine = torch.nn.functional.cosine_similarity(computed[modality], g[modality], dim=1)
+        assert cosine.min() > 0.9999, modality
+        assert not torch.equal(computed[modality], g[modality])  # the fp16 weights did round
