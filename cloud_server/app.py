@@ -4,6 +4,7 @@ checkpoint, and write one JSONL metrics record per round. Learning maths lives i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -19,12 +20,14 @@ import torch
 from fedafd.cloud_server.stages import (
     GlobalModel, distill_epoch, evaluate_retrieval, extract_features, train_contrastive_epoch,
 )
+from fedafd.cloud_server.distill import TeacherFold
 from fedafd.cloud_server.strategies import build_strategy
 from fedafd.runtime.accounting import ByteCounter, Received, ServerMessenger
 from fedafd.runtime.backbones import backbone_digest
 from fedafd.runtime.codecs import wire_codec
 from fedafd.runtime.errors import FedafdError
 from fedafd.runtime.config import ServerConfig, config_to_dict
+from fedafd.runtime.methods import MethodSettings
 from fedafd.runtime.data.modal import load_public_data
 from fedafd.runtime.data.partition import cap_indices
 from fedafd.runtime.torch_utils import (
@@ -39,8 +42,8 @@ from fedafd.runtime.wire import (
 log = logging.getLogger("fedafd.cloud")
 
 CHECKPOINT_FILE = "checkpoint/server.pt"
-CHECKPOINT_FORMAT = 2
-"""2: backbone adapters as towers, and stage 3's own optimiser."""
+CHECKPOINT_FORMAT = 3
+"""2: backbone adapters as towers, and stage 3's own optimiser. 3: FedMD's consensus."""
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -79,9 +82,11 @@ class _LiveRound:
     round: int
     tower_version: int
     global_features: dict[str, torch.Tensor]
-    federated: bool
+    settings: MethodSettings
     selected: list[str]
     outcome: RoundOutcome
+    folds: dict[str, TeacherFold]
+    """Per modality, the teacher the accepted uploads are folded into as they arrive."""
     round_start_ids: dict[str, str] = field(default_factory=dict)
 
 
@@ -115,6 +120,8 @@ class ServerApp:
                                  config.contrastive_loss, config.adapter_dropout).to(self.device)
         backbones = tuple(sorted(set(self.model.backbones().values())))
         self.backbone_digests = {name: backbone_digest(name) for name in backbones}
+        self.consensus: dict[str, torch.Tensor] = {}
+        """FedMD: the last round's teachers, sent down for the devices' digest (and checkpointed)."""
         saved = self._restore() if resume else None  # next_round and the model; the optimisers' state below
         with self._answering_joins():  # what takes seconds: the data, and the first optimiser imports torch._dynamo
             self.public_all = load_public_data("train", backbones)
@@ -224,7 +231,7 @@ class ServerApp:
         generator = seeded_generator(c.seed * 1_000_003 + round_)
         if c.public_resample and c.public_size:
             self._resample_public(round_)
-        federated = self.strategy.shares_global_model()
+        settings = self.strategy.settings()
 
         self.on_stage(f"round {round_ + 1}/{c.rounds}: stage 1, training the global encoders on {len(self.public)} public pairs")
         started = time.perf_counter()
@@ -238,16 +245,17 @@ class ServerApp:
         selected = list(self.clients)
         tower_version = round_ + 1  # the encoders change every round (stage 1 and stage 3)
         outcome = RoundOutcome()
-        self._live = _LiveRound(round_, tower_version, global_features, federated, selected, outcome)
+        self._live = _LiveRound(round_, tower_version, global_features, settings, selected, outcome,
+                                folds={m: TeacherFold() for m in MODALITIES})
         for client_id in selected:
-            if not self._send_round_start(self.clients[client_id], round_, tower_version, global_features, federated):
+            if not self._send_round_start(self.clients[client_id], round_, tower_version, global_features, settings):
                 outcome.dropped[client_id] = "not connected when the round started"
         timings["downlink"] = time.perf_counter() - started
 
         self.on_stage(f"round {round_ + 1}/{c.rounds}: devices training, 0/{len(selected)} uploads")
         started = time.perf_counter()
         self._collect(round_, selected, outcome)
-        self._live = None
+        folds, self._live = self._live.folds, None
         timings["collect"] = time.perf_counter() - started
 
         needed = math.ceil(c.quorum * len(selected))
@@ -255,11 +263,11 @@ class ServerApp:
         self.on_stage(f"round {round_ + 1}/{c.rounds}: stage 3, distilling from {len(outcome.uploads)} uploads")
         started = time.perf_counter()
         distill_loss, sed_summary = 0.0, {}
-        if federated and quorum_met:
-            uploads = {cid: {m: torch.from_numpy(np.array(f, dtype=np.float32)) for m, f in u.features.items()}
-                       for cid, u in outcome.uploads.items()}
-            teachers, sed_summary = self.strategy.teachers(uploads, global_features)
-            teachers = {m: t.to(self.device) for m, t in teachers.items()}
+        if settings.uplink and quorum_met:
+            teachers = {m: fold.teacher().to(self.device) for m, fold in folds.items() if len(fold)}
+            sed_summary = {m: fold.mean_weights() for m, fold in folds.items() if len(fold)}
+            if settings.digest == "consensus":  # FedMD: this round's teachers are next round's consensus
+                self.consensus = {m: t.cpu() for m, t in teachers.items()}
             for _ in range(c.distill_epochs):
                 distill_loss = distill_epoch(self.model, self.distill_optimizer, self.public, teachers, c.gamma,
                                              c.batch_size, generator, self.device)
@@ -297,9 +305,9 @@ class ServerApp:
         return record
 
     def _send_round_start(self, client: ClientRecord, round_: int, tower_version: int,
-                          global_features: dict[str, torch.Tensor], federated: bool) -> bool:
+                          global_features: dict[str, torch.Tensor], settings: MethodSettings) -> bool:
         c = self.config
-        tower_modalities, feature_modalities = self._downlink_plan(client) if federated else ((), ())
+        tower_modalities, feature_modalities = self._downlink_plan(client, settings)
         tower: dict[str, np.ndarray] = {}
         if client.tower_version_sent != tower_version:  # only when they changed
             tower = {k: v.numpy() for k, v in self.model.tower_state(tower_modalities).items()}
@@ -312,11 +320,13 @@ class ServerApp:
             global_features={m: global_features[m].numpy() for m in feature_modalities},
             tower=tower,
             tower_arch={m: self.model.archs[m] for m in tower_modalities},
-            settings={**self.strategy.device_settings(), "feature_codec": c.feature_codec},
+            settings=settings,
+            consensus={m: f.numpy() for m, f in self.consensus.items()} if settings.digest == "consensus" else {},
             backbones={backbones[m]: self.backbone_digests[backbones[m]] for m in tower_modalities if m in backbones},
         )
         client.round_start_sent_at = time.monotonic()
-        codecs = {"global_features": wire_codec(c.feature_codec), "tower": wire_codec(c.tower_codec)}
+        codecs = {"global_features": wire_codec(c.feature_codec), "consensus": wire_codec(c.feature_codec),
+                  "tower": wire_codec(c.tower_codec)}
         # One message id per client and round: a RoundStart resent after a rejoin is the same message,
         # so a client that already served it resends its upload instead of training twice.
         msg_id = self._live.round_start_ids.setdefault(client.client_id, new_msg_id()) if self._live else None
@@ -325,12 +335,15 @@ class ServerApp:
             return True
         return False
 
-    def _downlink_plan(self, client: ClientRecord) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """(towers, features) a client gets: the towers of its modalities (GFF needs them), and for BAA the
-        global features G of both modalities, each either as the (P, d) tensor or, where that is fewer
-        numbers, as the tower the device computes G with from the public set it holds (an adapter over a
-        frozen backbone is a quarter of G_img's size at d = 256)."""
-        towers = list(client.modalities)
+    def _downlink_plan(self, client: ClientRecord, settings: MethodSettings) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(towers, features) a client gets: the towers of its modalities when it fuses (GFF), and when the
+        method needs the global features G of the public set (BAA, CreamFL, a digest toward the server) G of
+        both modalities, each either as the (P, d) tensor or, where that is fewer numbers, as the tower the
+        device computes G with from the public set it holds (an adapter over a frozen backbone is a quarter
+        of G_img's size at d = 256)."""
+        towers = list(client.modalities) if settings.gff else []
+        if not settings.needs_global_features:
+            return tuple(towers), ()
         for modality in MODALITIES:
             tower_size = sum(t.numel() for t in self.model.encoders[modality].state_dict().values())
             if modality not in towers and tower_size < len(self.public) * self.config.feature_dim:
@@ -394,7 +407,10 @@ class ServerApp:
         self._accepted_ids[received.msg_id] = round_
         while len(self._accepted_ids) > _SEEN_IDS:
             del self._accepted_ids[next(iter(self._accepted_ids))]
-        outcome.uploads[peer] = upload
+        for modality, features in upload.features.items():  # folded into the teacher, then not kept
+            features = torch.from_numpy(np.array(features, dtype=np.float32))
+            self._live.folds[modality].add(peer, features, self.strategy.score(modality, features, self._live.global_features))
+        outcome.uploads[peer] = dataclasses.replace(upload, features={})
         self.on_stage(f"round {round_ + 1}/{self.config.rounds}: devices training, "
                       f"{len(outcome.uploads)}/{len(selected)} uploads")
         outcome.arrived_at[peer] = time.monotonic()
@@ -410,7 +426,7 @@ class ServerApp:
         if upload.round != round_ or peer not in selected:
             return ErrorCode.UNEXPECTED, f"upload for round {upload.round}, but round {round_} is running" + (
                 "" if peer in selected else f" without {peer!r}")
-        if not self.strategy.shares_global_model():
+        if not self._live.settings.uplink:
             return None
         expected = set(self.clients[peer].modalities)
         if set(upload.features) != expected:
@@ -488,7 +504,7 @@ class ServerApp:
         if peer in live.outcome.uploads or peer in live.outcome.dropped:
             return
         log.info("round %d: resending RoundStart to %s after its rejoin", live.round, peer)
-        self._send_round_start(self.clients[peer], live.round, live.tower_version, live.global_features, live.federated)
+        self._send_round_start(self.clients[peer], live.round, live.tower_version, live.global_features, live.settings)
 
     def _reject(self, peer: str, code: ErrorCode | str, reason: str, reply_to: str = "") -> None:
         """Errors are values: the peer gets an Error naming the problem (and the id of the message it
@@ -523,7 +539,7 @@ class ServerApp:
     # -- persistence ----------------------------------------------------------------------------
     def _checkpoint(self, round_: int) -> None:
         tensors = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                   "distill_optimizer": self.distill_optimizer.state_dict()}
+                   "distill_optimizer": self.distill_optimizer.state_dict(), "consensus": self.consensus}
         meta = {"round": round_, "config": config_to_dict(self.config), "format": CHECKPOINT_FORMAT}
         save_checkpoint(self.run_dir / CHECKPOINT_FILE, tensors, meta)
 
@@ -538,6 +554,7 @@ class ServerApp:
             raise ServerError(f"--resume: {path} has checkpoint format {meta.get('format')}, this build reads "
                               f"{CHECKPOINT_FORMAT}; start a new run folder")
         self.model.load_state_dict(tensors["model"])
+        self.consensus = dict(tensors["consensus"])
         self.next_round = meta["round"] + 1
         # Keep exactly the records of finished rounds (a crash may have happened after the metrics line
         # of a round whose checkpoint did not land, or the reverse).

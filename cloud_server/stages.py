@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fedafd.cloud_server.contrastive import build_contrastive_loss
-from fedafd.cloud_server.distill import distillation_loss
+from fedafd.runtime.losses import distillation_loss
 from fedafd.runtime.data.modal import RAW, ModalData
 from fedafd.runtime.models import ADAPTER_DROPOUT, build_encoder, encode_rows, input_view
 from fedafd.runtime.retrieval import retrieval_metrics

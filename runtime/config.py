@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fedafd.runtime.codecs import FEATURE_CODECS
+from fedafd.runtime.methods import LOCAL_INITS, STRATEGIES
+
 CLIENT_KINDS = ("image", "text", "multimodal")
-STRATEGIES = ("fedafd", "local")
 CONTRASTIVE_LOSSES = ("pcme", "infonce")
-LOCAL_INITS = ("random", "global")
 DEVICES = ("auto", "cpu", "cuda")
-FEATURE_CODECS = ("fp32", "fp16", "int8_row", "int8_col")
 TOWER_CODECS = ("fp32", "fp16", "int8_row")
 
 
@@ -81,7 +81,7 @@ class ServerConfig:
     sed_chunk: int = 512
     """Rows per chunk when computing SED scores (memory O(chunk x P))."""
     strategy: str = "fedafd"
-    """fedafd, or local (the no-federation baseline: no alignment, no fusion, no server influence)."""
+    """The method: fedafd, local (no federation), fedmd, creamfl, fedgems, fedet or fedcmi (docs/strategies.md)."""
     baa: bool = True
     """Bi-level adversarial alignment on the clients (ablation switch)."""
     gff: bool = True
@@ -120,6 +120,8 @@ class ServerConfig:
             raise ConfigError(f"real_label must be in (0.5, 1], got {self.real_label}")
         _check_choice(self, "device", DEVICES)
         _check_choice(self, "strategy", STRATEGIES)
+        if self.strategy == "fedmd" and self.public_resample:
+            raise ConfigError("strategy fedmd sends last round's consensus of the public rows: it needs public_resample=false")
         _check_choice(self, "contrastive_loss", CONTRASTIVE_LOSSES)
         _check_choice(self, "local_init", LOCAL_INITS)
         if not 0.0 < self.quorum <= 1.0:

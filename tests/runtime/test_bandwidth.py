@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import zmq
 
+from fedafd.cloud_server.strategies import build_strategy
+from fedafd.runtime.config import ServerConfig
 from fedafd.runtime import wire
 from fedafd.runtime.accounting import PARTS, ByteCounter, ClientMessenger, ServerMessenger
 from fedafd.runtime.bandwidth import profile_records
@@ -21,7 +23,7 @@ def _round_start() -> wire.RoundStart:
         round=0, local_epochs=1, tower_version=1, public_indices=np.arange(P, dtype=np.int64),
         global_features={m: rng.standard_normal((P, D)).astype(np.float32) for m in ("image", "text")},
         tower={"image.w": rng.standard_normal((D, 3)).astype(np.float32), "image.b": np.zeros(D, np.float32)},
-        tower_arch={"image": "cnn_small"}, settings={})
+        tower_arch={"image": "cnn_small"}, settings=build_strategy(ServerConfig()).settings())
 
 
 def _upload() -> wire.FeatureUpload:
