@@ -151,31 +151,33 @@ def profile_markdown(profile: dict) -> str:
 
 
 def cumulative_figure(profile: dict, size: tuple[int, int] = (900, 520)):
-    """Cumulative bytes (up + down) per device over rounds, solid, beside FedAvg's for the same model, dashed;
-    a log axis, since a small image model and a text transformer differ by orders of magnitude."""
-    from .plots import kind_colour, new_figure
+    """Cumulative bytes (up + down) per device over rounds, solid, beside FedAvg's for that device's model,
+    dashed in the same colour; a log axis, since the zoo's models differ by orders of magnitude."""
+    from matplotlib.lines import Line2D
+
+    from .plots import device_colours, new_figure
 
     figure, [[axes]] = new_figure(*size)
-    fedavg_shown: set[str] = set()
+    colours = device_colours(profile["clients"])
+    handles = [Line2D([], [], color="black", marker="o", label="measured"),
+               Line2D([], [], color="black", linestyle="--", label="FedAvg, same model")]
     for cid, client in sorted(profile["clients"].items()):
         if not client["cumulative_bytes"]:
             continue
         rounds = range(1, len(client["cumulative_bytes"]) + 1)
-        colour = kind_colour(client["kind"])
-        axes.plot(rounds, [b / 1e6 for b in client["cumulative_bytes"]], marker="o", color=colour, label=cid)
-        if client.get("fedavg_cumulative_bytes") and client["num_params"]:
-            # Devices of one kind share a model, so one legend entry per kind.
-            label = None if client["kind"] in fedavg_shown else f"FedAvg, {client['kind']} model"
-            fedavg_shown.add(client["kind"])
-            axes.plot(rounds, [b / 1e6 for b in client["fedavg_cumulative_bytes"]], linestyle="--", color=colour,
-                      alpha=0.7, label=label)
+        line, = axes.plot(rounds, [b / 1e6 for b in client["cumulative_bytes"]], marker="o", color=colours[cid],
+                          label=f"{cid} ({client['num_params'] / 1e6:.2f}M params)")
+        handles.append(line)
+        if client["num_params"]:
+            axes.plot(rounds, [b / 1e6 for b in client["fedavg_cumulative_bytes"]], linestyle="--", color=colours[cid],
+                      alpha=0.8)
     axes.set_yscale("log")
     axes.set_xlabel("round")
     axes.set_ylabel("cumulative MB per device (up + down, log scale)")
     axes.set_title("Bytes on the wire against FedAvg for the same model")
     axes.xaxis.get_major_locator().set_params(integer=True)
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
+    axes.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
     return figure
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from .accounting import PARTS
 from .bandwidth import cumulative_figure, profile_records
 from .errors import FedafdError
-from .plots import data_uri, kind_colour, new_figure, png_bytes
+from .plots import data_uri, device_colours, new_figure, png_bytes
 from .report import read_run, summarize_round
 
 LABELS = {
@@ -151,12 +151,12 @@ def sed_figure(records: list[dict], kinds: dict[str, str]):
         return None
     figure, [row] = new_figure(WIDTH, 320, 1, len(modalities))
     rounds = _rounds(records)
+    colours = device_colours(kinds)
     for axes, modality in zip(row, modalities):
         devices = sorted({cid for record in records for cid in record.get("sed_mean_weights", {}).get(modality, {})})
         for cid in devices:
             weights = [record.get("sed_mean_weights", {}).get(modality, {}).get(cid, float("nan")) for record in records]
-            axes.plot(rounds, weights, marker="o", color=kind_colour(kinds.get(cid, "?")),
-                      linestyle="-" if kinds.get(cid) != "multimodal" else "--", label=cid)
+            axes.plot(rounds, weights, marker="o", color=colours.get(cid, "tab:gray"), label=cid)
         axes.set_title(f"SED weights, {modality} teacher")
         axes.set_xlabel("round")
         axes.set_ylabel("mean weight (devices sum to 1)")

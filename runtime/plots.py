@@ -12,12 +12,16 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 DPI = 100
-KIND_COLOURS = {"image": "tab:blue", "text": "tab:orange", "multimodal": "tab:green"}
-"""One colour per device kind in every figure."""
 
 
-def kind_colour(kind: str) -> str:
-    return KIND_COLOURS.get(kind, "tab:gray")
+def device_colours(client_ids) -> dict[str, str]:
+    """One colour per device, the same in every figure of a run (tab10; tab20 past ten devices, then repeating)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    ids = sorted(client_ids)
+    palette = colormaps["tab10" if len(ids) <= 10 else "tab20"].colors
+    return {cid: to_hex(palette[i % len(palette)]) for i, cid in enumerate(ids)}
 
 
 def new_figure(width_px: int, height_px: int, rows: int = 1, cols: int = 1) -> tuple[Figure, list[list[Axes]]]:

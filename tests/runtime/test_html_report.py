@@ -207,7 +207,7 @@ def test_profile_png_is_drawn_by_matplotlib_with_a_line_per_kind(run_dir: Path, 
         assert image.format == "PNG" and image.size == (900, 520)
         assert "matplotlib" in image.info.get("Software", "")
         colours = {rgb for _, rgb in image.convert("RGB").getcolors(1 << 24)}
-    # matplotlib's tab:blue / tab:orange / tab:green: each kind's line (and its FedAvg line) is drawn.
+    # tab10's first three colours, one per device (sorted ids): each device's lines are drawn.
     assert {(31, 119, 180), (255, 127, 14), (44, 160, 44)} <= colours
     profile = json.loads(result.output)
     for client in profile["clients"].values():
