@@ -116,9 +116,9 @@ def bytes_by_part_figure(profile: dict, records: list[dict]):
                 for part, n in row[f"{direction}_parts"].items():
                     totals.setdefault(part, [0.0] * len(records))[index[row["round"]]] += n / 1e6
         bottom = [0.0] * len(records)
-        for part, values in totals.items():
-            if any(values):
-                axes.bar(rounds, values, bottom=bottom, label=part)
+        for i, (part, values) in enumerate(totals.items()):
+            if any(values):  # colour by the part's place in PARTS, the same in both panels
+                axes.bar(rounds, values, bottom=bottom, label=part, color=f"C{i}")
                 bottom = [b + v for b, v in zip(bottom, values)]
         axes.set_title(f"{'uplink' if direction == 'up' else 'downlink'}: MB per round, all devices")
         axes.set_xlabel("round")
