@@ -204,7 +204,7 @@ def html_page(records: list[dict], config: dict, title: str) -> str:
         f"<title>{escape(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{escape(title)}</h1>",
         f'<p class="note">Strategy {escape(str(records[-1].get("strategy", config.get("strategy", "?"))))}, '
-        f"{len(records)} rounds, devices: {escape(devices)}; server time {total_seconds:.1f} s; "
+        f"{len(records)} rounds, devices: {escape(devices)}; server stage time {total_seconds:.1f} s; "
         f"rounds are numbered from 1.</p>",
         f'<section id="summary"><h2>Final numbers (round {format_value("round", final["round"])})</h2>', final_table,
         "<details><summary>Config (config.json)</summary>",

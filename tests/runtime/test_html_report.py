@@ -213,3 +213,11 @@ def test_profile_png_is_drawn_by_matplotlib_with_a_line_per_kind(run_dir: Path, 
     for client in profile["clients"].values():
         per_round = 2 * 4 * client["num_params"]  # FedAvg: the fp32 model down and up
         assert client["fedavg_cumulative_bytes"] == [per_round, 2 * per_round]
+
+
+def test_clear_errors_for_an_empty_run_and_out_without_html(run_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "metrics.jsonl").write_text("")
+    empty = CliRunner().invoke(cloud_cli, ["report", str(tmp_path), "--html"])
+    assert empty.exit_code == 2 and "no finished round yet" in empty.output and not (tmp_path / "report.html").exists()
+    stray = CliRunner().invoke(cloud_cli, ["report", str(run_dir), "--out", str(tmp_path / "r.html")])
+    assert stray.exit_code == 2 and "pass --html too" in stray.output
