@@ -208,15 +208,25 @@ def data_info(fmt: Annotated[str, typer.Option("--format", help="text or json")]
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `serve`.")],
     fmt: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+    html: Annotated[bool, typer.Option("--html", help="Also write one self-contained page with plots "
+                                                      "(RUN_DIR/report.html, or --out).")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Where the --html page goes.")] = None,
 ) -> None:
-    """Per-round summary of a run: client-kind means, server retrieval, bytes per client."""
+    """Per-round summary of a run: client-kind means, server retrieval, bytes per client; with --html also a
+    page of plots and tables (metrics, bytes against FedAvg, stage timings, SED weights, drops, rejections)."""
     with cli_errors():
         from fedafd.runtime.report import read_metrics, summarize_round
 
         path = run_dir / "metrics.jsonl"
         if not path.exists():
             raise typer.BadParameter(f"no metrics.jsonl in {run_dir}")
+        if out is not None and not html:
+            raise typer.BadParameter("--out is where the --html page goes; pass --html too")
         rows = [summarize_round(record) for record in read_metrics(path)]
+        if html:
+            from fedafd.runtime.html_report import write_html_report
+
+            typer.echo(f"written: {write_html_report(run_dir, out)}", err=True)
         if fmt == "json":
             typer.echo(json.dumps(rows, indent=2))
             return

@@ -115,4 +115,5 @@ def test_fedavg_equivalent_ratio_and_crossover_hand_computed():
     assert image["run_totals"] == {"up": 2000, "down": 18000}
     assert image["seconds_per_round"] == {"comm": 0.5, "compute": 2.0}
     assert profile["clients"]["image-0"]["cumulative_bytes"] == [10_000, 20_000]
+    assert profile["clients"]["image-0"]["fedavg_cumulative_bytes"] == [8000, 16_000]  # 4,000 B each way per round
     assert image["reference_models"]["resnet18"]["ratio_up"] == pytest.approx(1000 / (11_689_512 * 4))
