@@ -127,7 +127,7 @@ def test_resume_continues_the_mlflow_run_and_tensorboard_steps(tracked, tmp_path
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     # Prepare: a run that logged both rounds and crashed (round 1 not checkpointed), resumed from round 1.
     _offline_mlflow(monkeypatch)
-    run_dir, uri, tb = tmp_path / "run-b", f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "tb"
+    run_dir, uri, tb = tmp_path / "run-b", tracked["uri"], tmp_path / "tb"  # the same store, another run
     run_dir.mkdir()
     first, second = tracked["records"]
     params = config_to_dict(tracked["config"])
@@ -223,3 +223,23 @@ def test_a_missing_extra_stops_serve_before_the_run_folder(tmp_path: Path, monke
     assert result.exit_code == 2
     assert f"pip install 'fedafd[{extra}]'" in result.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_serve_local_logs_to_both(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedafd.cloud_server.cli import app
+
+    _offline_mlflow(monkeypatch)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tiny = ["rounds=1", "public_size=48", "feature_dim=16", "image_arch=cnn_small", "text_arch=gru", "batch_size=16",
+            "max_private=48", "max_test=32", "device=cpu", "join_timeout_s=120"]
+    result = CliRunner().invoke(app, ["serve", "--local", "image=1", "--out", str(tmp_path / "run-c"),
+                                      "--tensorboard", str(tmp_path / "tb"), "--mlflow", uri,
+                                      *[arg for setting in tiny for arg in ("-c", setting)]])
+    assert result.exit_code == 0, result.output
+    (record,) = read_metrics(tmp_path / "run-c" / "metrics.jsonl")
+    client, run = _mlflow_run(uri, "run-c")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["local"] == "image=1" and run.data.params["rounds"] == "1"
+    assert run.data.metrics["device/image-0/top1"] == record["clients"]["image-0"]["metrics"]["top1"]
+    assert _scalars(tmp_path / "tb" / "run-c")["server/rsum"][0] == (0, pytest.approx(record["server"]["rsum"], rel=1e-6))
