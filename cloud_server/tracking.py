@@ -154,17 +154,18 @@ class TensorBoardSink:
     name = "tensorboard"
 
     def __init__(self, log_dir: Path, params: dict[str, Any], resume: bool):
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # a broken install fails here, at start-up
 
-        self._open = lambda step: SummaryWriter(str(log_dir), purge_step=step if resume else None)
-        self.params, self.resume = params, resume
-        self.writer = None
+        self.log_dir, self.params, self.resume = log_dir, params, resume
+        self.writer: SummaryWriter | None = None  # opened at the first round, whose number a resume needs
 
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
         if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
             # On resume, purge_step hides what an earlier process logged from this round on (a round that
             # crashed after its metrics line and is re-run), so every step shows once.
-            self.writer = self._open(step)
+            self.writer = SummaryWriter(str(self.log_dir), purge_step=step if self.resume else None)
             if not self.resume:
                 self._write_params()
         for tag, value in scalars.items():
