@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from fedafd.runtime.wire import (
     MODALITIES, MODALITIES_OF_KIND, Ack, Bye, Error, ErrorCode, FeatureUpload, Heartbeat, Join, RoundStart, Welcome,
     new_msg_id,
 )
+
+if TYPE_CHECKING:
+    from fedafd.cloud_server.tracking import RoundSink
 
 log = logging.getLogger("fedafd.cloud")
 
@@ -99,9 +102,12 @@ _POLL_S = 0.05
 
 class ServerApp:
     def __init__(self, config: ServerConfig, transport: ServerTransport, run_dir: Path,
-                 dead_clients: Callable[[], dict[str, int]] = dict, resume: bool = False):
+                 dead_clients: Callable[[], dict[str, int]] = dict, resume: bool = False,
+                 sinks: Sequence[RoundSink] = ()):
         self.config = config
         self.run_dir = run_dir
+        self.sinks = list(sinks)
+        """Also given each round's record after its metrics.jsonl line (TensorBoard, MLflow: tracking.py)."""
         self.on_stage: Callable[[str], None] = lambda text: None
         """Told what the server is doing now, in a few words (the CLI shows it as a live status line)."""
         self.counter = ByteCounter()
@@ -568,6 +574,8 @@ class ServerApp:
     def _append_metrics(self, record: dict) -> None:
         with open(self.run_dir / METRICS_FILE, "a") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
+        for sink in self.sinks:
+            sink.log_round(record)
 
     def close(self) -> None:
         self.messenger.close()

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from fedafd.runtime.cli_support import cli_errors, live_status, setup_logging
-from fedafd.runtime.config import ClientConfig, ServerConfig, load_config, write_config
+from fedafd.runtime.config import ClientConfig, ServerConfig, config_to_dict, load_config, write_config
 
 app = typer.Typer(help="The fedafd cloud server.", no_args_is_help=True, add_completion=False)
 data_app = typer.Typer(help="The bundled real data sets (from Debian packages, offline at run time).",
@@ -43,6 +43,11 @@ def serve(
                                                       "allow-listed devices only. Default with --local: "
                                                       "RUN_DIR/keys, generated.")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Plain text, no authentication (prints a warning).")] = False,
+    tensorboard: Annotated[Optional[Path], typer.Option(help="Also write every round to TensorBoard event files in "
+                                                             "DIR/<run folder name> (needs fedafd[tensorboard]).")] = None,
+    mlflow: Annotated[Optional[str], typer.Option(help="Also log to an MLflow run at this tracking URI, e.g. "
+                                                       "sqlite:///mlruns.db, a folder, or http://host:5000 "
+                                                       "(needs fedafd[mlflow]).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every message event.")] = False,
 ) -> None:
     """Run a federation: wait for clients, then stage 1, downlink, collect, stage 3, evaluate, every round."""
@@ -52,6 +57,7 @@ def serve(
         # import and load while this process does (ServerApp answers their Joins while it loads).
         from fedafd.cloud_server.fleet import LocalFleet, client_ids, parse_fleet
         from fedafd.cloud_server.limits import max_upload_bytes
+        from fedafd.cloud_server.tracking import open_tracking, require_extras
         from fedafd.runtime.keys import ALLOW_LIST, SERVER_KEY, AllowList, generate_keypair, load_keypair
         from fedafd.runtime.report import progress_line
         from fedafd.runtime.transport import CurveServerKeys, ZmqServerTransport
@@ -65,6 +71,7 @@ def serve(
         server_config = load_config(ServerConfig, config, overrides, **explicit)
         if resume and out is None:
             raise typer.BadParameter("--resume needs --out RUN_DIR")
+        require_extras(*(name for name, given in (("tensorboard", tensorboard), ("mlflow", mlflow)) if given))
         run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(server_config, run_dir / "config.json")
@@ -91,27 +98,36 @@ def serve(
         if fleet:
             fleet.start()
             typer.echo(f"started {len(fleet.processes)} local clients: {', '.join(fleet.processes)}", err=True)
-        server = None
+        server = tracking = None
+        status = "FAILED"  # of the MLflow run, unless the rounds finish or are interrupted
         try:
             from fedafd.cloud_server.app import ServerApp
 
+            params = config_to_dict(server_config)  # the run's settings, as MLflow params / TensorBoard HParams
+            if fleet_spec:
+                params.update(local=local, local_set=local_set or [])
+            tracking = open_tracking(run_dir, params, tensorboard, mlflow, resume)
             server = ServerApp(server_config, transport, run_dir,
-                               dead_clients=fleet.dead if fleet else dict, resume=resume)
+                               dead_clients=fleet.dead if fleet else dict, resume=resume, sinks=[tracking])
             started = time.perf_counter()
             with live_status() as show:
                 server.on_stage = show
                 server.run(on_round=lambda record: typer.echo(progress_line(record, server_config.rounds)))
+            status = "FINISHED"
             typer.echo(f"done: {server_config.rounds} rounds in {time.perf_counter() - started:.0f}s; "
                        f"metrics in {run_dir / 'metrics.jsonl'}")
             if fleet:
                 failed = {cid: code for cid, code in fleet.stop().items() if code != 0}
                 if failed:
                     typer.echo(f"warning: clients exited with errors {failed}; see {run_dir}/clients/*/log.txt", err=True)
-        except BaseException:
+        except BaseException as err:
+            status = "KILLED" if isinstance(err, KeyboardInterrupt) else status
             if fleet:
                 fleet.kill()
             raise
         finally:
+            if tracking is not None:
+                tracking.close(status)
             if server is not None:
                 server.close()
             else:
