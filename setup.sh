@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# Sets up fedafd on a fresh Debian/Ubuntu machine with Python 3.10+: a virtual environment in .venv, the
-# package and its test tools, and the bundled real data (Debian packages unpacked into ~/.cache/fedafd).
+# Sets up fedafd on a fresh Debian/Ubuntu machine with Python 3.11+ (tomllib, enum.StrEnum): a virtual
+# environment in .venv, the package and its test tools, and the bundled real data (Debian packages unpacked into ~/.cache/fedafd).
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
+# The interpreter the venv runs: an existing .venv's, else $PYTHON's (checked before a venv is made of it).
+[ -x .venv/bin/python ] && CHECK=.venv/bin/python || CHECK=$PYTHON
+if ! "$CHECK" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    version=$("$CHECK" --version 2>&1) || version="not found"
+    echo "error: fedafd needs Python 3.11+ (tomllib, enum.StrEnum); $CHECK is ${version}." >&2
+    echo "Install python3.11 or newer and run: PYTHON=python3.11 bash setup.sh (remove an old .venv first)" >&2
+    exit 1
+fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi

@@ -192,8 +192,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             server = subprocess.Popen(
                 [sys.executable, "-m", "fedafd.cloud_server.cli", "serve", "--bind", endpoint, "--out", tmp, "--insecure",
-                 "-c", "rounds=1", "-c", "min_clients=1", "-c", "join_timeout_s=3600", "-c", "public_size=8",
-                 "-c", "feature_dim=4", "-c", "image_arch=cnn_small", "-c", "text_arch=gru"],
+                 "-c", "rounds=1", "-c", "min_clients=1", "-c", "join_timeout_s=3600", "-c", "join_settle_s=3600",
+                 "-c", "public_size=8", "-c", "feature_dim=4", "-c", "image_arch=cnn_small", "-c", "text_arch=gru"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 started = time.perf_counter()

@@ -185,11 +185,20 @@ class ServerApp:
         return records
 
     def _wait_for_clients(self) -> None:
+        """Start when expected_clients joined; with expected_clients 0, once min_clients joined and no
+        other joined for join_settle_s (late devices join between rounds); after join_timeout_s with
+        min_clients, else fail."""
         c = self.config
         deadline = time.monotonic() + c.join_timeout_s
+        joined, last_change = len(self.clients), time.monotonic()
         while True:
+            if len(self.clients) != joined:
+                joined, last_change = len(self.clients), time.monotonic()
             enough = len(self.clients) >= max(c.expected_clients, c.min_clients)
             if enough and c.expected_clients:
+                return
+            if enough and time.monotonic() - last_change >= c.join_settle_s:
+                log.info("starting with %d client(s): none joined for join_settle_s=%gs", joined, c.join_settle_s)
                 return
             if time.monotonic() >= deadline:
                 if len(self.clients) >= c.min_clients:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from fedafd.runtime.cli_support import cli_errors, live_status, setup_logging
+from fedafd.runtime.cli_support import Format, ProfileFormat, cli_errors, config_listing, live_status, setup_logging
 from fedafd.runtime.config import ClientConfig, ServerConfig, config_to_dict, load_config, write_config
 
 app = typer.Typer(help="The fedafd cloud server.", no_args_is_help=True, add_completion=False)
@@ -30,13 +30,16 @@ def serve(
                                                      "(default tcp://127.0.0.1:5555; with --local a free loopback port).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (metrics.jsonl, checkpoint, config, client states). "
                                                      "Default: runs/<timestamp>.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of ServerConfig values.")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Option("-c", "--set", help="key=value override, repeatable "
-                                                           "(e.g. -c rounds=5 -c device=cuda).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of ServerConfig values "
+                                                                     "(keys: `fedafd-cloud config`).")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("-c", "--set", help="KEY=VALUE of ServerConfig, repeatable "
+                                                           "(e.g. -c rounds=5 -c device=cuda); `fedafd-cloud config` "
+                                                           "lists every key, its type, default and meaning.")] = None,
     local: Annotated[Optional[str], typer.Option(help="Also start clients on this machine, e.g. "
                                                       "image=3,text=3,multimodal=4.")] = None,
-    local_set: Annotated[Optional[list[str]], typer.Option("--local-set", help="key=value of ClientConfig for every "
-                                                           "--local device (e.g. disc_lr=1e-4), repeatable.")] = None,
+    local_set: Annotated[Optional[list[str]], typer.Option("--local-set", help="KEY=VALUE of ClientConfig for every "
+                                                           "--local device (e.g. disc_lr=1e-4), repeatable; "
+                                                           "`fedafd-edge config` lists every key.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last finished round.")] = False,
     keys: Annotated[Optional[Path], typer.Option(help="Folder with server.key and allowed_clients.json (see "
                                                       "`fedafd-cloud keys` and `nodes add`): CURVE encryption, "
@@ -72,14 +75,12 @@ def serve(
         if resume and out is None:
             raise typer.BadParameter("--resume needs --out RUN_DIR")
         require_extras(*(name for name, given in (("tensorboard", tensorboard), ("mlflow", mlflow)) if given))
-        run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(server_config, run_dir / "config.json")
         if insecure and keys is not None:
             raise typer.BadParameter("--insecure and --keys exclude each other")
         if not insecure and keys is None and fleet_spec is None:
             raise typer.BadParameter("pass --keys DIR (CURVE; create it with `fedafd-cloud keys --out DIR` and "
                                      "`fedafd-cloud nodes add`) or --insecure for plain text")
+        run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         curve = None
         if insecure:
             typer.secho(INSECURE_WARNING, fg="yellow", err=True)
@@ -91,6 +92,10 @@ def serve(
             curve = CurveServerKeys(pair.public, pair.secret, AllowList(keys / ALLOW_LIST).client_of_key)
         transport = ZmqServerTransport(bind or ("tcp://127.0.0.1:*" if fleet_spec else "tcp://127.0.0.1:5555"),
                                        curve=curve, max_message_bytes=max_upload_bytes(server_config))
+        # Only now, with the arguments, the config, the keys and the address checked, is the run folder
+        # written: a refused command leaves none behind (--local's generated keys are the exception).
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(server_config, run_dir / "config.json")
         (run_dir / "server.json").write_text(json.dumps({"endpoint": transport.endpoint}) + "\n")
         fleet = LocalFleet(fleet_spec, transport.endpoint, run_dir, server_config,
                            keys_dir=None if insecure else keys, client_overrides=local_set or []) if fleet_spec else None
@@ -172,7 +177,7 @@ def nodes_add(
 
 @nodes_app.command("list")
 def nodes_list(keys: _KEYS_DIR = Path("server_keys"),
-               fmt: Annotated[str, typer.Option("--format", help="text or json")] = "text") -> None:
+               fmt: Annotated[Format, typer.Option("--format")] = Format.text) -> None:
     """The admitted devices and their public keys."""
     with cli_errors():
         entries = _allow_list(keys).entries()
@@ -206,7 +211,7 @@ def data_fetch() -> None:
 
 
 @data_app.command("info")
-def data_info(fmt: Annotated[str, typer.Option("--format", help="text or json")] = "text") -> None:
+def data_info(fmt: Annotated[Format, typer.Option("--format")] = Format.text) -> None:
     """Sizes of every data set and split (prepares them first if needed)."""
     with cli_errors():
         from fedafd.runtime.data.modal import load_public_data, load_task_data
@@ -223,7 +228,7 @@ def data_info(fmt: Annotated[str, typer.Option("--format", help="text or json")]
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `serve`.")],
-    fmt: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+    fmt: Annotated[Format, typer.Option("--format")] = Format.text,
     html: Annotated[bool, typer.Option("--html", help="Also write one self-contained page with plots "
                                                       "(RUN_DIR/report.html, or --out).")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Where the --html page goes.")] = None,
@@ -255,7 +260,7 @@ def report(
 @app.command()
 def profile(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `serve`.")],
-    fmt: Annotated[str, typer.Option("--format", help="markdown or json")] = "markdown",
+    fmt: Annotated[ProfileFormat, typer.Option("--format")] = ProfileFormat.markdown,
     out: Annotated[Optional[Path], typer.Option(help="Where profile.md/.json/.png go (default: RUN_DIR).")] = None,
 ) -> None:
     """Bytes per round and client kind by what they carry (public features, global features, global tower,
@@ -269,6 +274,14 @@ def profile(
         typer.echo(json.dumps(result, indent=2) if fmt == "json" else profile_markdown(result))
         if fmt != "json":
             typer.echo(f"written: {Path(result['plot']).with_suffix('.md')}, .json, {result['plot']}", err=True)
+
+
+@app.command("config")
+def config_cmd(fmt: Annotated[Format, typer.Option("--format")] = Format.text) -> None:
+    """Every server setting (ServerConfig) with its type, default and meaning: what `serve -c KEY=VALUE`
+    and `serve --config FILE.toml` accept."""
+    typer.echo(config_listing(ServerConfig, fmt, "Set with `fedafd-cloud serve -c KEY=VALUE` (repeatable) or "
+                                                 "`--config FILE.toml` (KEY = VALUE lines); later wins."))
 
 
 if __name__ == "__main__":

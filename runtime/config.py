@@ -35,11 +35,13 @@ class ServerConfig:
     rounds: int = 3
     """Number of federated rounds."""
     min_clients: int = 1
-    """Fewest joined clients to start with once `join_timeout_s` has passed."""
+    """Fewest joined clients to start with; fewer after join_timeout_s is an error."""
     expected_clients: int = 0
-    """Start as soon as this many clients joined (0: wait for join_timeout_s; --local sets it)."""
+    """Start as soon as this many clients joined (0: once min_clients joined and none joined for join_settle_s; --local sets it)."""
     join_timeout_s: float = 300.0
-    """Seconds to wait for clients to join before starting with at least `min_clients`."""
+    """Longest wait for clients to join; then start with at least min_clients (or fail)."""
+    join_settle_s: float = 10.0
+    """With expected_clients 0: start once min_clients joined and no other client joined for this many seconds."""
     round_deadline_s: float = 1800.0
     """Seconds after RoundStart by which uploads must arrive; later ones are cut."""
     heartbeat_timeout_s: float = 120.0
@@ -112,7 +114,7 @@ class ServerConfig:
         _check_choice(self, "tower_codec", TOWER_CODECS)
         _check_positive(self, "rounds", "min_clients", "local_epochs", "feature_dim", "server_epochs",
                         "batch_size", "sed_chunk")
-        _check_non_negative(self, "expected_clients", "public_size", "distill_epochs", "threads",
+        _check_non_negative(self, "expected_clients", "join_settle_s", "public_size", "distill_epochs", "threads",
                             "max_private", "max_test", "gamma", "beta")
         _check_positive(self, "join_timeout_s", "round_deadline_s", "heartbeat_timeout_s", "lr", "distill_lr", "alpha")
         _check_fraction(self, "adapter_dropout")
@@ -258,6 +260,14 @@ def help_for(cls: type) -> dict[str, str]:
                 and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str):
             docs[node.target.id] = following.value.value  # type: ignore[attr-defined]
     return docs
+
+
+def describe_config(cls: type) -> dict[str, dict[str, Any]]:
+    """Key -> {type, default, help} in field order: what the CLIs' `config` commands list."""
+    docs = help_for(cls)
+    hints = typing.get_type_hints(cls)
+    return {field.name: {"type": hints[field.name].__name__, "default": field.default, "help": docs[field.name]}
+            for field in dataclasses.fields(cls)}
 
 
 def _convert(key: str, value: Any, target: Any) -> Any:

@@ -170,9 +170,11 @@ def test_the_methods_that_use_the_global_features_receive_them_and_distil(runs, 
     records, edges = runs[name]
     for edge in edges.values():
         assert not _disc_stepped(edge) and not _fusion_stepped(edge)  # no BAA, no GFF
-        assert edge.state.towers.version == ROUNDS  # G came down (as towers: fewer numbers than P x d)
     for record in records:
         assert record["server"]["distill_loss"] > 0
+        for client_id, by_direction in record["bytes_by_part"].items():
+            # G of both modalities came down: as the (P, d) features, these small nets being more numbers.
+            assert by_direction["down"].get("global_features", 0) == 2 * 48 * FEATURE_DIM * 4, client_id
         for by_client in record["sed_mean_weights"].values():
             assert sum(by_client.values()) == pytest.approx(1.0, abs=1e-5)
 
