@@ -110,7 +110,20 @@ def retrieval_log_probs(features: Tensor, anchors: Tensor, temperature: float, c
                       for start in range(0, len(v), chunk_size)])
 
 
-class FedGems(Strategy):
+class _LargeServerModel(Strategy):
+    """FedGEMS and FedET train a large server model from small device models; at the representation level
+    both judge an upload by its retrieval distribution over the server's other-modality features, and both
+    devices take the server's knowledge back with a digest toward its global features."""
+
+    def switches(self) -> dict:
+        return dict(digest="global", digest_weight=1.0)
+
+    def log_probs(self, modality: str, features: Tensor, server_features: dict[str, Tensor]) -> Tensor:
+        return retrieval_log_probs(features, server_features[other_modality(modality)], CONFIDENCE_TEMPERATURE,
+                                   self.config.sed_chunk)
+
+
+class FedGems(_LargeServerModel):
     """FedGEMS (selective knowledge fusion) at the representation level: on each public sample only the devices
     that retrieve its pair at top-1 among the server's other-modality features are fused, weighted by
     softmax_c(1 / entropy); where none does, all devices are, by the same weights. Devices then transfer the
@@ -118,31 +131,22 @@ class FedGems(Strategy):
 
     name = "fedgems"
 
-    def switches(self) -> dict:
-        return dict(digest="global", digest_weight=1.0)
-
     def score(self, modality: str, features: Tensor, server_features: dict[str, Tensor]) -> Tensor:
-        log_probs = retrieval_log_probs(features, server_features[other_modality(modality)], CONFIDENCE_TEMPERATURE,
-                                        self.config.sed_chunk)
+        log_probs = self.log_probs(modality, features, server_features)
         entropy = -(log_probs.exp() * log_probs).sum(1)
         correct = log_probs.argmax(1) == torch.arange(len(features))
         return 1.0 / entropy.clamp_min(1e-6) - UNSELECTED * (~correct).float()
 
 
-class FedEt(Strategy):
+class FedEt(_LargeServerModel):
     """FedET at the representation level: each device's upload is weighted per sample by its confidence, the
     variance of its log-probabilities over P (alpha_ck = sigma_ck / sum_c sigma_ck, i.e. softmax_c of log sigma);
     devices transfer the server's knowledge back with a digest toward its global features."""
 
     name = "fedet"
 
-    def switches(self) -> dict:
-        return dict(digest="global", digest_weight=1.0)
-
     def score(self, modality: str, features: Tensor, server_features: dict[str, Tensor]) -> Tensor:
-        log_probs = retrieval_log_probs(features, server_features[other_modality(modality)], CONFIDENCE_TEMPERATURE,
-                                        self.config.sed_chunk)
-        return torch.log(log_probs.var(dim=1).clamp_min(1e-12))
+        return torch.log(self.log_probs(modality, features, server_features).var(dim=1).clamp_min(1e-12))
 
 
 class FedCmi(Strategy):
