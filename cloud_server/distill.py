@@ -109,14 +109,16 @@ class TeacherFold:
         if not torch.isfinite(scores).all():
             raise ValueError("scores must be finite")
         v = F.normalize(features.float(), dim=-1)
-        scores = scores.float().to(v.device)
+        # Scores in float64: a score offset by 1e4 (FedGEMS' unselected devices) keeps its small differences.
+        scores = scores.double().to(v.device)
         if self._max is None:
             self._max, self._total, self._weighted = scores, torch.ones_like(scores), v.clone()
         else:
             new_max = torch.maximum(self._max, scores)
             rescale, weight = torch.exp(self._max - new_max), torch.exp(scores - new_max)
             self._total = self._total * rescale + weight
-            self._weighted = self._weighted * rescale.unsqueeze(1) + weight.unsqueeze(1) * v
+            self._weighted = (self._weighted * rescale.unsqueeze(1).to(v.dtype)
+                              + weight.unsqueeze(1).to(v.dtype) * v)
             self._max = new_max
         self._scores[client_id] = scores
 
@@ -125,7 +127,7 @@ class TeacherFold:
         disagree); the server's global features are unit vectors too, so teacher and student share a scale."""
         if self._weighted is None:
             raise ValueError("no client was folded in; skip this modality in the caller")
-        return self._weighted / self._total.unsqueeze(1)
+        return self._weighted / self._total.unsqueeze(1).to(self._weighted.dtype)
 
     def mean_weights(self) -> dict[str, float]:
         """Each client's weight w_ck averaged over the public samples (they sum to 1 over clients)."""
