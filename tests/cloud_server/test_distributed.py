@@ -1,0 +1,85 @@
+"""The server's stages on two CPU ranks (gloo, a real loopback TCP store, separate processes) against one
+process, and a rank that dies or freezes mid-stage failing with a clear error in bounded time."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+HELPER = Path(__file__).with_name("ddp_rank.py")
+
+
+def _helper():
+    spec = importlib.util.spec_from_file_location("ddp_rank", HELPER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_ranks(scenario: str, out: Path) -> list[subprocess.Popen]:
+    port = _free_port()
+    return [subprocess.Popen([sys.executable, str(HELPER), str(rank), "2", str(port), scenario, str(out)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+
+
+def test_two_ranks_train_as_one_process_and_a_dead_rank_fails_the_stage(tmp_path: Path) -> None:
+    # Prepare: two ranks run one round of the stages; this process runs the same round alone meanwhile.
+    ranks = _start_ranks("same", tmp_path)
+    expected = _helper().reference()
+
+    # Execute
+    outputs = [p.communicate(timeout=90)[0] for p in ranks]
+
+    # Assert: rank 0 reports the same losses, features and metrics as one process, and both ranks end with
+    # its weights (rank 1 began from another initialisation and got rank 0's model and Adam moments).
+    assert ranks[0].returncode == 0, outputs[0]
+    assert ranks[1].returncode == 3, outputs[1]  # its os._exit in the second epoch
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert got[0]["stage1"] == pytest.approx(expected["stage1"], rel=1e-5)
+    assert got[1]["stage1"] == pytest.approx(expected["stage1"], rel=1e-5)  # the loss of the whole batch on each rank
+    assert got[0]["stage3"] == pytest.approx(expected["stage3"], rel=1e-5)
+    assert expected["stage3"] > 0 and got[1]["teachers_received"] == ["image", "text"]
+    torch.testing.assert_close(torch.tensor(got[0]["features"]), torch.tensor(expected["features"]), atol=1e-5, rtol=0)
+    assert got[0]["metrics"] == pytest.approx(expected["metrics"], abs=1e-4) and got[1]["metrics"] == {}
+    for rank in (0, 1):
+        for name, value in expected["weights"].items():
+            torch.testing.assert_close(torch.tensor(got[rank]["weights"][name]), torch.tensor(value), atol=2e-5, rtol=1e-4,
+                                       msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}")
+    # Rank 1 exited mid stage 1: rank 0 names it, long before worker_timeout_s (60 s).
+    failure = json.loads((tmp_path / "failure0.json").read_text())
+    assert failure["error"] and "server rank 1 of 2 stopped" in failure["error"], failure
+    assert "round 0" in failure["error"]
+    assert failure["seconds"] < 15, failure
+
+
+def test_frozen_rank_fails_the_stage_within_worker_timeout(tmp_path: Path) -> None:
+    # Prepare / Execute: rank 1 freezes at its second step of stage 1; worker_timeout_s is 3.
+    ranks = _start_ranks("hang", tmp_path)
+    try:
+        output = ranks[0].communicate(timeout=60)[0]
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "failure0.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        failure = json.loads((tmp_path / "failure0.json").read_text())
+    finally:
+        ranks[1].kill()
+        ranks[1].communicate(timeout=30)
+
+    # Assert: not a hang; the error says every rank is alive and which setting bounded the wait.
+    assert ranks[0].returncode == 0, output
+    assert failure["error"] and "did not answer within worker_timeout_s=3s" in failure["error"], failure
+    assert 3 <= failure["seconds"] < 15, failure
