@@ -111,10 +111,14 @@ def serve(
         server = ranks = None
         try:
             from fedafd.cloud_server.app import ServerApp
-            from fedafd.cloud_server.distributed import ONE_PROCESS
+            from fedafd.cloud_server.distributed import ONE_PROCESS, RankFailed
 
-            if world is not None:  # torchrun stops a failed run with SIGTERM: still stop the --local devices
-                signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+            def stopped_by_launcher(signum, frame) -> NoReturn:  # the --local devices still get stopped
+                raise RankFailed("stopped by SIGTERM: torchrun sends it to every rank once one fails (its report "
+                                 "names which, and its exit code)")
+
+            if world is not None:
+                signal.signal(signal.SIGTERM, stopped_by_launcher)
             ranks = _join_ranks(server_config) if world is not None else ONE_PROCESS
             server = ServerApp(server_config, transport, run_dir,
                                dead_clients=fleet.dead if fleet else dict, resume=resume, ranks=ranks)
@@ -144,8 +148,9 @@ def serve(
 def _relaunch_under_torchrun(workers: int) -> NoReturn:
     """`serve --workers N`: this same command as N processes of torch's launcher (RANK, WORLD_SIZE, MASTER_ADDR
     in their environment); it tears them all down when one fails."""
+    # "--": torchrun would read an abbreviation of its own options into ours (--local for --local-addr).
     os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
-                              "-m", "fedafd.cloud_server.cli", *sys.argv[1:]])
+                              "-m", "--", "fedafd.cloud_server.cli", *sys.argv[1:]])
 
 
 def _join_ranks(config: ServerConfig):

@@ -219,15 +219,14 @@ class Ranks:
         except RuntimeError as err:
             if self.single:
                 raise
+            self._broken = True  # no stop message into a group that may be broken
             stopped = self._stopped_ranks()
             if stopped:
-                self._broken = True
                 who = ", ".join(map(str, stopped))
                 raise RankFailed(f"server rank {who} of {self.world_size} stopped (exited, was killed or froze) during "
                                  f"{self.phase}; see that rank's output (torchrun prints its exit code). "
                                  f"Rank {self.rank} saw: {_first_line(err)}") from err
             if "timed out" in str(err).lower() or "timeout" in str(err).lower():
-                self._broken = True
                 raise RankFailed(f"a server rank did not answer within worker_timeout_s={self.worker_timeout_s:g}s "
                                  f"during {self.phase}, though every rank is alive: one is stuck or slower than that at "
                                  f"its share of a stage (raise -c worker_timeout_s). Rank {self.rank} saw: "

@@ -14,6 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedafd.cloud_server.app import ServerApp
+from fedafd.cloud_server.stages import train_contrastive_epoch
+from fedafd.runtime.config import ServerConfig, load_config
+from fedafd.runtime.report import read_metrics
+from fedafd.runtime.torch_utils import seeded_generator
+from fedafd.runtime.transport import InprocHub
+
 HELPER = Path(__file__).with_name("ddp_rank.py")
 
 
@@ -83,3 +90,31 @@ def test_frozen_rank_fails_the_stage_within_worker_timeout(tmp_path: Path) -> No
     assert ranks[0].returncode == 0, output
     assert failure["error"] and "did not answer within worker_timeout_s=3s" in failure["error"], failure
     assert 3 <= failure["seconds"] < 15, failure
+
+
+@pytest.mark.slow
+def test_serve_with_two_workers_under_torchrun(tmp_path: Path) -> None:
+    # Prepare: `serve --workers 2` (re-run under torchrun) with one real device, no dropout.
+    run_dir = tmp_path / "run"
+    settings = ["rounds=2", "public_size=64", "feature_dim=32", "max_private=64", "max_test=32", "local_epochs=1",
+                "server_epochs=1", "adapter_dropout=0", "threads=1", "worker_timeout_s=60"]
+    command = [sys.executable, "-m", "fedafd.cloud_server.cli", "serve", "--workers", "2", "--local", "image=1",
+               "--out", str(run_dir), *[arg for s in settings for arg in ("-c", s)]]
+
+    # Execute
+    done = subprocess.run(command, capture_output=True, text=True, timeout=400)
+
+    # Assert: both rounds recorded by rank 0 alone; round 0's stage-1 loss (before any upload) is the one a
+    # single process computes from the same seed.
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stderr.count("serving on") == 1  # one rank bound the device socket
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in records] == [0, 1] and all(r["clients"] for r in records)
+    config = load_config(ServerConfig, None, settings)
+    alone = ServerApp(config, InprocHub().server(), tmp_path / "alone")
+    try:
+        loss = train_contrastive_epoch(alone.model, alone.optimizer, alone.public, config.batch_size,
+                                       seeded_generator(config.seed * 1_000_003), alone.device)
+    finally:
+        alone.close()
+    assert records[0]["server"]["stage1_loss"] == pytest.approx(loss, rel=1e-5)
