@@ -30,6 +30,7 @@ import msgpack
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._functional_collectives import all_gather_single  # torch's successor of nn.functional.all_gather
 
 from fedafd.runtime.errors import FedafdError
 
@@ -67,8 +68,8 @@ class Ranks:
     """The rendezvous store (heartbeats live there)."""
     phase: str = "start-up"
     """What the ranks are doing, for error messages."""
-    _replicas: dict[int, nn.Module] = field(default_factory=dict)
-    _broken: bool = False
+    _replicas: dict[int, nn.Module] = field(default_factory=dict, init=False, repr=False)
+    _broken: bool = field(default=False, init=False)
 
     @property
     def is_main(self) -> bool:
@@ -89,8 +90,6 @@ class Ranks:
         with gradients flowing back to each rank's own rows (a contrastive loss then sees every negative)."""
         if self.single:
             return local
-        from torch.distributed._functional_collectives import all_gather_single  # torch's successor of nn.functional.all_gather
-
         longest = -(-total // self.world_size)
         padded = torch.cat([local, local.new_zeros(longest - len(local), *local.shape[1:])])  # (longest, d)
         stacked = all_gather_single(padded, 0, self.compute)  # (world * longest, d), rank-major
@@ -130,16 +129,16 @@ class Ranks:
 
     def replicate(self, model: nn.Module) -> None:
         """Every rank, once its model holds rank 0's state: wrap the encoders and the loss in DDP."""
+        with_batchnorm = [model.archs[name] for name, encoder in model.encoders.items()
+                          if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in encoder.modules())]
+        if with_batchnorm and self.device.type != "cuda":
+            raise RankFailed(f"server tower {', '.join(with_batchnorm)} has BatchNorm, whose statistics must come from "
+                             f"the whole batch (SyncBatchNorm), which torch runs on GPUs only: use -c device=cuda, "
+                             f"towers without it (effnet_*, minilm_*, gru, transformer_tiny), or --workers 1")
         dist.barrier(group=self.control)  # the others built theirs and loaded their data
+        for name, encoder in list(model.encoders.items()):  # the same parameters, statistics over all ranks
+            model.encoders[name] = nn.SyncBatchNorm.convert_sync_batchnorm(encoder, self.compute)
         modules = [*model.encoders.values(), model.loss]
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for module in modules for m in module.modules()):
-            if self.device.type != "cuda":
-                raise RankFailed("a server tower with BatchNorm (cnn_small, resnet_tiny) needs batch statistics over "
-                                 "the whole batch (SyncBatchNorm), which torch runs on GPUs only: use -c device=cuda, "
-                                 "adapter towers (effnet_*, minilm_*, gru, transformer_tiny), or --workers 1")
-            for name, encoder in list(model.encoders.items()):  # the same parameters, statistics over all ranks
-                model.encoders[name] = nn.SyncBatchNorm.convert_sync_batchnorm(encoder, self.compute)
-            modules = [*model.encoders.values(), model.loss]
         ids = [self.device.index] if self.device.type == "cuda" else None
         self._replicas = {id(m): nn.parallel.DistributedDataParallel(m, device_ids=ids, process_group=self.compute)
                           for m in modules}
@@ -150,16 +149,16 @@ class Ranks:
     # -- rank 0's messages -----------------------------------------------------------------------
     def start_round(self, round_: int, public_rows, generator: torch.Generator) -> None:
         """Rank 0, before stage 1: the round, its public rows and the batch order's generator state."""
-        self.phase = f"round {round_} (stage 1 or feature extraction)"
         if not self.single:
+            self.phase = f"round {round_} (stage 1 or feature extraction)"
             self._send("round", {"round": round_},
                        {"public_rows": torch.as_tensor(public_rows, dtype=torch.int64), "generator": generator.get_state()})
 
     def share_teachers(self, teachers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Rank 0 sends its teachers (none: no stage 3 this round); every rank returns them."""
-        self.phase = self.phase.replace("stage 1 or feature extraction", "stage 3 or evaluation")
         if self.single:
             return teachers
+        self.phase = self.phase.replace("stage 1 or feature extraction", "stage 3 or evaluation")
         if self.is_main:
             self._send("teachers", {}, teachers)
             return teachers
@@ -173,12 +172,14 @@ class Ranks:
 
     def close(self) -> None:
         """Rank 0 tells the others to stop; every rank leaves its groups (not after a failure: they are broken)."""
-        if self.single:
+        if self.single or self._broken:
             return
-        if not self._broken:
+        try:
             if self.is_main:
                 self._send("stop", {}, {})
             dist.destroy_process_group()
+        except RuntimeError as err:  # another rank is already gone; what failed first has been reported
+            log.warning("server rank %d: leaving the process group: %s", self.rank, _first_line(err))
 
     def _send(self, kind: str, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
         """A msgpack header (kind, meta, each tensor's name, dtype and shape), then one broadcast per tensor: no pickle."""

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from fedafd.cloud_server.app import ServerApp
-from fedafd.cloud_server.stages import train_contrastive_epoch
+from fedafd.cloud_server.distributed import RankFailed, Ranks
+from fedafd.cloud_server.stages import GlobalModel, train_contrastive_epoch
 from fedafd.runtime.config import ServerConfig, load_config
 from fedafd.runtime.report import read_metrics
 from fedafd.runtime.torch_utils import seeded_generator
@@ -118,3 +119,11 @@ def test_serve_with_two_workers_under_torchrun(tmp_path: Path) -> None:
     finally:
         alone.close()
     assert records[0]["server"]["stage1_loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_batchnorm_tower_on_cpu_ranks_is_refused_naming_it() -> None:
+    # Prepare: a BatchNorm image tower, two CPU ranks (refused before any collective, so no group is needed).
+    model = GlobalModel("cnn_small", "gru", 16, "infonce")
+    # Execute / Assert
+    with pytest.raises(RankFailed, match="server tower cnn_small has BatchNorm.*device=cuda"):
+        Ranks(rank=0, world_size=2).replicate(model)
