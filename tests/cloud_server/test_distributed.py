@@ -127,3 +127,12 @@ def test_batchnorm_tower_on_cpu_ranks_is_refused_naming_it() -> None:
     # Execute / Assert
     with pytest.raises(RankFailed, match="server tower cnn_small has BatchNorm.*device=cuda"):
         Ranks(rank=0, world_size=2).replicate(model)
+
+
+def test_workers_must_be_positive() -> None:
+    from typer.testing import CliRunner
+
+    from fedafd.cloud_server.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--workers", "0", "--insecure"])
+    assert result.exit_code == 2 and "--workers must be >= 1" in result.output
