@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from fedafd.cloud_server.distributed import ONE_PROCESS, Ranks
 from fedafd.cloud_server.stages import (
-    GlobalModel, distill_epoch, evaluate_retrieval, extract_features, train_contrastive_epoch,
+    GlobalModel, build_optimizers, distill_epoch, evaluate_retrieval, extract_features, train_contrastive_epoch,
 )
 from fedafd.cloud_server.distill import TeacherFold
 from fedafd.cloud_server.strategies import build_strategy
@@ -103,8 +104,9 @@ _POLL_S = 0.05
 class ServerApp:
     def __init__(self, config: ServerConfig, transport: ServerTransport, run_dir: Path,
                  dead_clients: Callable[[], dict[str, int]] = dict, resume: bool = False,
-                 sinks: Sequence[RoundSink] = ()):
+                 sinks: Sequence[RoundSink] = (), ranks: Ranks = ONE_PROCESS):
         self.config = config
+        self.ranks = ranks  # rank 0 of the server's data-parallel ranks (distributed.py), or the only process
         self.run_dir = run_dir
         self.sinks = list(sinks)
         """Also given each round's record after its metrics.jsonl line (TensorBoard, MLflow: tracking.py)."""
@@ -134,12 +136,11 @@ class ServerApp:
             self.public_rows = np.sort(cap_indices(np.arange(len(self.public_all)), config.public_size, config.seed))
             self.public = self.public_all.select(self.public_rows)
             self.public_test = load_public_data("test", backbones)
-            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
-            # Stage 3 has its own optimiser: Adam's moments of the contrastive loss are not those of distillation.
-            self.distill_optimizer = torch.optim.Adam(self.model.encoders.parameters(), lr=config.distill_lr)
+            self.optimizer, self.distill_optimizer = build_optimizers(self.model, config.lr, config.distill_lr)
             if saved is not None:
                 self.optimizer.load_state_dict(saved["optimizer"])
                 self.distill_optimizer.load_state_dict(saved["distill_optimizer"])
+            ranks.setup(config_to_dict(config), self.model, (self.optimizer, self.distill_optimizer))
             self.strategy = build_strategy(config)
 
     @contextlib.contextmanager
@@ -246,14 +247,17 @@ class ServerApp:
         generator = seeded_generator(c.seed * 1_000_003 + round_)
         if c.public_resample and c.public_size:
             self._resample_public(round_)
+        self.ranks.start_round(round_, self.public_rows, generator)
         settings = self.strategy.settings()
 
         self.on_stage(f"round {round_ + 1}/{c.rounds}: stage 1, training the global encoders on {len(self.public)} public pairs")
         started = time.perf_counter()
         stage1_loss = 0.0
         for _ in range(c.server_epochs):
-            stage1_loss = train_contrastive_epoch(self.model, self.optimizer, self.public, c.batch_size, generator, self.device)
-        global_features = {m: extract_features(self.model.encoders[m], self.public, m, self.device).cpu() for m in MODALITIES}
+            stage1_loss = train_contrastive_epoch(self.model, self.optimizer, self.public, c.batch_size, generator, self.device,
+                                                  self.ranks)
+        global_features = {m: extract_features(self.model.encoders[m], self.public, m, self.device, ranks=self.ranks).cpu()
+                           for m in MODALITIES}
         timings["stage1"] = time.perf_counter() - started
 
         started = time.perf_counter()
@@ -277,19 +281,20 @@ class ServerApp:
         quorum_met = len(outcome.uploads) >= needed and len(outcome.uploads) > 0
         self.on_stage(f"round {round_ + 1}/{c.rounds}: stage 3, distilling from {len(outcome.uploads)} uploads")
         started = time.perf_counter()
-        distill_loss, sed_summary = 0.0, {}
+        distill_loss, sed_summary, teachers = 0.0, {}, {}
         if settings.uplink and quorum_met:
-            teachers = {m: fold.teacher().to(self.device) for m, fold in folds.items() if len(fold)}
+            teachers = {m: fold.teacher() for m, fold in folds.items() if len(fold)}
             sed_summary = {m: fold.mean_weights() for m, fold in folds.items() if len(fold)}
             if settings.digest == "consensus":  # FedMD: this round's teachers are next round's consensus
                 self.consensus = {m: t.cpu() for m, t in teachers.items()}
-            for _ in range(c.distill_epochs):
-                distill_loss = distill_epoch(self.model, self.distill_optimizer, self.public, teachers, c.gamma,
-                                             c.batch_size, generator, self.device)
+        teachers = {m: t.to(self.device) for m, t in self.ranks.share_teachers(teachers).items()}
+        for _ in range(c.distill_epochs):  # no teachers: no stage 3
+            distill_loss = distill_epoch(self.model, self.distill_optimizer, self.public, teachers, c.gamma,
+                                         c.batch_size, generator, self.device, self.ranks)
         timings["stage3"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        server_metrics = evaluate_retrieval(self.model, self.public_test, self.device)
+        server_metrics = evaluate_retrieval(self.model, self.public_test, self.device, self.ranks)
         timings["eval"] = time.perf_counter() - started
 
         record = {

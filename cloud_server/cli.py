@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 
@@ -51,11 +54,20 @@ def serve(
     mlflow: Annotated[Optional[str], typer.Option(help="Also log to an MLflow run at this tracking URI, e.g. "
                                                        "sqlite:///mlruns.db, a folder, or http://host:5000 "
                                                        "(needs fedafd[mlflow]).")] = None,
+    workers: Annotated[int, typer.Option(help="Server processes that run stage 1, stage 3 and evaluation data-parallel "
+                                              "(torch DDP; this command re-runs itself under torchrun). Rank 0 alone "
+                                              "talks to the devices. Or start it with torchrun yourself.")] = 1,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every message event.")] = False,
 ) -> None:
     """Run a federation: wait for clients, then stage 1, downlink, collect, stage 3, evaluate, every round."""
     setup_logging(verbose)
     with cli_errors():
+        world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None  # set by torchrun
+        if workers < 1 or (world is not None and workers not in (1, world)):
+            raise typer.BadParameter(f"--workers must be >= 1 and match torchrun's {world} processes, got {workers}")
+        if world is None and workers > 1:
+            _relaunch_under_torchrun(workers)
+        rank = int(os.environ.get("RANK", "0"))
         # Nothing here imports torch: the socket is bound and the --local devices started first, so they
         # import and load while this process does (ServerApp answers their Joins while it loads).
         from fedafd.cloud_server.fleet import LocalFleet, client_ids, parse_fleet
@@ -72,6 +84,11 @@ def serve(
             load_config(ClientConfig, None, local_set)  # a wrong key or value fails here, not in 10 children
         explicit = {"expected_clients": len(client_ids(fleet_spec))} if fleet_spec else {}
         server_config = load_config(ServerConfig, config, overrides, **explicit)
+        if rank != 0:  # no socket, no run folder: rank 0 sends what to train
+            from fedafd.cloud_server.worker import serve_worker
+
+            serve_worker(_join_ranks(server_config))
+            return
         if resume and out is None:
             raise typer.BadParameter("--resume needs --out RUN_DIR")
         require_extras(*(name for name, given in (("tensorboard", tensorboard), ("mlflow", mlflow)) if given))
@@ -103,19 +120,27 @@ def serve(
         if fleet:
             fleet.start()
             typer.echo(f"started {len(fleet.processes)} local clients: {', '.join(fleet.processes)}", err=True)
-        server = tracking = None
+        server = tracking = ranks = None
         status = "FAILED"  # of the MLflow run, unless the rounds finish or are interrupted
         try:
             from fedafd.cloud_server.app import ServerApp
+            from fedafd.cloud_server.distributed import ONE_PROCESS, RankFailed
 
+            def stopped_by_launcher(signum, frame) -> NoReturn:  # the --local devices still get stopped
+                raise RankFailed("stopped by SIGTERM: torchrun sends it to every rank once one fails (its report "
+                                 "names which, and its exit code)")
+
+            if world is not None:
+                signal.signal(signal.SIGTERM, stopped_by_launcher)
+            ranks = _join_ranks(server_config) if world is not None else ONE_PROCESS
             params = config_to_dict(server_config)  # the run's settings, as MLflow params / TensorBoard HParams
             if fleet_spec:
                 params.update(local=local, local_set=local_set or [])
             tracking = open_tracking(run_dir, params, tensorboard, mlflow, resume)
-            server = ServerApp(server_config, transport, run_dir,
-                               dead_clients=fleet.dead if fleet else dict, resume=resume, sinks=[tracking])
+            server = ServerApp(server_config, transport, run_dir, dead_clients=fleet.dead if fleet else dict,
+                               resume=resume, sinks=[tracking], ranks=ranks)
             started = time.perf_counter()
-            with live_status() as show:
+            with live_status() as show, ranks.reporting():
                 server.on_stage = show
                 server.run(on_round=lambda record: typer.echo(progress_line(record, server_config.rounds)))
             status = "FINISHED"
@@ -137,6 +162,24 @@ def serve(
                 server.close()
             else:
                 transport.close()
+            if ranks is not None:
+                ranks.close()
+
+
+def _relaunch_under_torchrun(workers: int) -> NoReturn:
+    """`serve --workers N`: this same command as N processes of torch's launcher (RANK, WORLD_SIZE, MASTER_ADDR
+    in their environment); it tears them all down when one fails."""
+    # "--": torchrun would read an abbreviation of its own options into ours (--local for --local-addr).
+    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
+                              "-m", "--", "fedafd.cloud_server.cli", *sys.argv[1:]])
+
+
+def _join_ranks(config: ServerConfig):
+    from fedafd.cloud_server.distributed import join_from_environment
+
+    # Rank 0's messages may be apart by as long as it waits for devices: joins, then a round's uploads.
+    longest_wait_s = config.join_timeout_s + config.round_deadline_s + config.worker_timeout_s
+    return join_from_environment(config.device, config.worker_timeout_s, longest_wait_s)
 
 
 @app.command("keys")

@@ -108,6 +108,8 @@ class ServerConfig:
     """How the downlink's global tower weights travel: fp32, fp16 or int8_row (int8 per output row; 1-d tensors fp16)."""
     public_resample: bool = False
     """Draw a fresh random subset of public_size pairs every round (same rows for every client; paper: one fixed subset)."""
+    worker_timeout_s: float = 300.0
+    """With several server ranks (serve --workers N): seconds a rank waits for the others within a stage before the round fails."""
 
     def validate(self) -> None:
         _check_choice(self, "feature_codec", FEATURE_CODECS)
@@ -116,7 +118,8 @@ class ServerConfig:
                         "batch_size", "sed_chunk")
         _check_non_negative(self, "expected_clients", "join_settle_s", "public_size", "distill_epochs", "threads",
                             "max_private", "max_test", "gamma", "beta")
-        _check_positive(self, "join_timeout_s", "round_deadline_s", "heartbeat_timeout_s", "lr", "distill_lr", "alpha")
+        _check_positive(self, "join_timeout_s", "round_deadline_s", "heartbeat_timeout_s", "lr", "distill_lr", "alpha",
+                        "worker_timeout_s")
         _check_fraction(self, "adapter_dropout")
         if not 0.5 < self.real_label <= 1.0:
             raise ConfigError(f"real_label must be in (0.5, 1], got {self.real_label}")
