@@ -37,7 +37,9 @@ def serve(
                                                       "image=3,text=3,multimodal=4.")] = None,
     local_set: Annotated[Optional[list[str]], typer.Option("--local-set", help="key=value of ClientConfig for every "
                                                            "--local device (e.g. disc_lr=1e-4), repeatable.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last finished round.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last finished round (same run id, "
+                                              "so devices continue their states; the config may change only in "
+                                              "rounds, timeouts, client counts, quorum, device, threads, sed_chunk).")] = False,
     keys: Annotated[Optional[Path], typer.Option(help="Folder with server.key and allowed_clients.json (see "
                                                       "`fedafd-cloud keys` and `nodes add`): CURVE encryption, "
                                                       "allow-listed devices only. Default with --local: "
@@ -50,6 +52,7 @@ def serve(
     with cli_errors():
         # Nothing here imports torch: the socket is bound and the --local devices started first, so they
         # import and load while this process does (ServerApp answers their Joins while it loads).
+        from fedafd.cloud_server.checkpoint import CHECKPOINT_FILE, LEGACY_CHECKPOINT_FILE, check_resume
         from fedafd.cloud_server.fleet import LocalFleet, client_ids, parse_fleet
         from fedafd.cloud_server.limits import max_upload_bytes
         from fedafd.runtime.keys import ALLOW_LIST, SERVER_KEY, AllowList, generate_keypair, load_keypair
@@ -66,6 +69,11 @@ def serve(
         if resume and out is None:
             raise typer.BadParameter("--resume needs --out RUN_DIR")
         run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        if resume:
+            check_resume(run_dir, server_config)  # before config.json is overwritten and devices start
+        elif any((run_dir / name).exists() for name in (CHECKPOINT_FILE, LEGACY_CHECKPOINT_FILE)):
+            raise typer.BadParameter(f"{run_dir} already holds a run's checkpoint: pass --resume to continue it, "
+                                     f"or another --out for a new run")
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(server_config, run_dir / "config.json")
         if insecure and keys is not None:
@@ -116,6 +124,20 @@ def serve(
                 server.close()
             else:
                 transport.close()
+
+
+@app.command("convert-checkpoint")
+def convert_checkpoint_cmd(
+    source: Annotated[Path, typer.Argument(help="A run folder (or its checkpoint/server.pt) of an older build.")],
+) -> None:
+    """Rewrite an older build's torch.save checkpoint (server.pt, format 2) as server.safetensors, so that
+    `serve --resume` and `fedafd-edge export` read it. It gets a new run id: convert the devices' states
+    with `fedafd-edge convert-state DIR --run-id RUN_ID` to continue them."""
+    with cli_errors():
+        from fedafd.cloud_server.checkpoint import convert_checkpoint
+
+        target, meta = convert_checkpoint(source)
+        typer.echo(f"wrote {target} (format {meta['format']}, round {meta['round']}, run id {meta['run_id']})")
 
 
 @app.command("keys")

@@ -85,7 +85,7 @@ def test_malformed_message_is_a_value_and_counted():
     server = ServerMessenger(hub.server(), ByteCounter())
     server.current_round = 2
     raw_client = hub.client("rogue")
-    frames = [b"FAFD\x03", msgpack.packb({"type": "ack"})]
+    frames = [b"FAFD\x09", msgpack.packb({"type": "ack"})]
     raw_client.send(frames)
 
     got = server.recv(1.0)

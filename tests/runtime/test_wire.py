@@ -83,7 +83,7 @@ def test_round_trip_every_message(msg):
     _assert_same(msg, got.msg)
     assert got.msg_id == "0123456789abcdef"
     assert got.nbytes == sum(len(f) for f in frames)
-    assert frames[0] == b"FAFD\x02"
+    assert frames[0] == b"FAFD\x03"
     assert len(frames) == 2 + len(msgpack.unpackb(frames[1])["tensors"])
 
 
@@ -167,7 +167,7 @@ def test_random_bytes_header():
 
 
 def test_header_not_a_map():
-    e = _reject([b"FAFD\x02", msgpack.packb([1, 2, 3])])
+    e = _reject([wire.MAGIC + bytes([wire.PROTOCOL_VERSION]), msgpack.packb([1, 2, 3])])
     assert e.code == ErrorCode.BAD_HEADER and "map" in e.reason
 
 
@@ -333,7 +333,7 @@ def test_upload_without_features_is_a_metrics_only_report():
     # The LOCAL baseline uploads metrics only; the server, not the wire, checks modalities per kind.
     h = _header(_upload_frames())
     h["tensors"] = []
-    decoded = wire.decode([b"FAFD\x02", msgpack.packb(h)])
+    decoded = wire.decode([wire.MAGIC + bytes([wire.PROTOCOL_VERSION]), msgpack.packb(h)])
     assert decoded.msg.features == {}
     assert decoded.msg.metrics == h["fields"]["metrics"]
 
@@ -364,13 +364,13 @@ def _decode_only_wire_errors(frames) -> None:
 @given(st.lists(st.binary(max_size=64), max_size=5))
 def test_random_frames_only_raise_wire_error(frames):
     _decode_only_wire_errors(frames)
-    _decode_only_wire_errors([b"FAFD\x02", *frames])
+    _decode_only_wire_errors([wire.MAGIC + bytes([wire.PROTOCOL_VERSION]), *frames])
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_plain, st.lists(st.binary(max_size=64), max_size=3))
 def test_random_msgpack_headers_only_raise_wire_error(header, tensor_frames):
-    _decode_only_wire_errors([b"FAFD\x02", msgpack.packb(header), *tensor_frames])
+    _decode_only_wire_errors([wire.MAGIC + bytes([wire.PROTOCOL_VERSION]), msgpack.packb(header), *tensor_frames])
 
 
 _types = st.sampled_from([t.value for t in wire.MsgType] + ["nope"])
@@ -389,7 +389,7 @@ _descs = st.lists(st.fixed_dictionaries({
        _descs, st.lists(st.binary(max_size=48), max_size=3))
 def test_structured_random_headers_only_raise_wire_error(mtype, fields, descs, tensor_frames):
     header = {"type": mtype, "msg_id": "0123456789abcdef", "fields": fields, "tensors": descs}
-    _decode_only_wire_errors([b"FAFD\x02", msgpack.packb(header), *tensor_frames])
+    _decode_only_wire_errors([wire.MAGIC + bytes([wire.PROTOCOL_VERSION]), msgpack.packb(header), *tensor_frames])
 
 
 _UPLOAD_HEADER = msgpack.unpackb(wire.encode(_upload())[1])
@@ -400,4 +400,4 @@ _UPLOAD_HEADER = msgpack.unpackb(wire.encode(_upload())[1])
                         max_size=3))
 def test_random_tensor_descriptors_only_raise_wire_error(descs, tensor_frames):
     header = {**_UPLOAD_HEADER, "tensors": descs}
-    _decode_only_wire_errors([b"FAFD\x02", msgpack.packb(header), *tensor_frames])
+    _decode_only_wire_errors([wire.MAGIC + bytes([wire.PROTOCOL_VERSION]), msgpack.packb(header), *tensor_frames])
