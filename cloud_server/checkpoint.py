@@ -74,6 +74,14 @@ def check_resume(run_dir: Path, config: ServerConfig) -> dict[str, Any]:
     return meta
 
 
+def check_fresh(run_dir: Path) -> None:
+    """A new run may not start in a folder that holds one: it would overwrite its checkpoint and mix metrics."""
+    for name in (CHECKPOINT_FILE, LEGACY_CHECKPOINT_FILE):
+        if (Path(run_dir) / name).exists():
+            raise CheckpointRefused(f"{run_dir} already holds a run ({name}): pass --resume to continue it, or "
+                                    f"another --out for a new run")
+
+
 def convert_checkpoint(source: Path) -> tuple[Path, dict[str, Any]]:
     """Rewrite an older build's torch.save checkpoint (format 2) as this build's file, with a new run id
     (the old file named none). Returns the new file and its metadata; the old file stays."""

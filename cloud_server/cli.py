@@ -52,7 +52,7 @@ def serve(
     with cli_errors():
         # Nothing here imports torch: the socket is bound and the --local devices started first, so they
         # import and load while this process does (ServerApp answers their Joins while it loads).
-        from fedafd.cloud_server.checkpoint import CHECKPOINT_FILE, LEGACY_CHECKPOINT_FILE, check_resume
+        from fedafd.cloud_server.checkpoint import check_fresh, check_resume
         from fedafd.cloud_server.fleet import LocalFleet, client_ids, parse_fleet
         from fedafd.cloud_server.limits import max_upload_bytes
         from fedafd.runtime.keys import ALLOW_LIST, SERVER_KEY, AllowList, generate_keypair, load_keypair
@@ -71,9 +71,8 @@ def serve(
         run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         if resume:
             check_resume(run_dir, server_config)  # before config.json is overwritten and devices start
-        elif any((run_dir / name).exists() for name in (CHECKPOINT_FILE, LEGACY_CHECKPOINT_FILE)):
-            raise typer.BadParameter(f"{run_dir} already holds a run's checkpoint: pass --resume to continue it, "
-                                     f"or another --out for a new run")
+        else:
+            check_fresh(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(server_config, run_dir / "config.json")
         if insecure and keys is not None:

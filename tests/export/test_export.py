@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from fedafd.export.infer import MANIFEST_FILE, OnnxModel, file_sha256
-from fedafd.export.onnx_export import (ExportError, ExportOptions, client_graphs, client_test_split, export_client,
-                                       export_server, load_client, sample_inputs, training_outputs)
+from fedafd.export.onnx_export import (ExportError, ExportOptions, client_graphs, client_test_split, export_any,
+                                       export_client, export_server, load_client, sample_inputs, training_outputs)
 from fedafd.runtime.models import build_encoder
 from fedafd.runtime.checkpoint import load_checkpoint, save_checkpoint
 
@@ -249,6 +249,19 @@ def test_old_server_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     server_checkpoint(tmp_path / "run", {"image": "cnn_small", "text": "gru"}, fmt=1)
     with pytest.raises(ExportError, match="checkpoint format 1"):
         export_server(tmp_path / "run", tmp_path / "out")
+
+
+def test_old_torch_save_files_are_refused_with_the_command_that_converts_them(tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "client_state.pt").write_bytes(b"old")
+    (tmp_path / "run" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint" / "server.pt").write_bytes(b"old")
+
+    with pytest.raises(ExportError, match="fedafd-edge convert-state"):
+        export_any(tmp_path / "state", tmp_path / "out")
+    for source in (tmp_path / "run", tmp_path / "run" / "checkpoint" / "server.pt"):
+        with pytest.raises(ExportError, match="fedafd-cloud convert-checkpoint"):
+            export_any(source, tmp_path / "out")
 
 
 def test_dynamo_exporter_gives_the_same_graph_and_finds_the_backbone(exported, tmp_path: Path) -> None:

@@ -154,6 +154,31 @@ def test_another_protocol_version_is_refused():
     assert e.code == ErrorCode.BAD_VERSION and "version 1" in e.reason
 
 
+def test_a_version_2_peer_is_refused():
+    # Version 2 had no rule for the run id a device makes a folder of.
+    e = _reject([b"FAFD\x02", *_upload_frames()[1:]])
+    assert e.code == ErrorCode.BAD_VERSION and "version 2" in e.reason and "speaks 3" in e.reason
+
+
+@pytest.mark.parametrize("run_id", ["", "..", "../elsewhere", "a/b", ".hidden", "x" * 65, "r\x00"])
+def test_a_run_id_that_is_no_folder_name_is_refused_both_ways(run_id: str):
+    welcome = wire.Welcome(client_id="img-0", run_id=run_id, feature_dim=8, rounds=1)
+    with pytest.raises(WireError, match="field 'run_id'") as sent:
+        wire.encode(welcome)
+    frames = wire.encode(dataclasses.replace(welcome, run_id="ok"))
+    h = _header(frames)
+    h["fields"]["run_id"] = run_id
+    received = _reject(_with_header(frames, h))
+    assert sent.value.code == received.code == ErrorCode.BAD_FIELD and "field 'run_id'" in received.reason
+
+
+def test_new_run_ids_are_valid_and_differ():
+    ids = {wire.new_run_id() for _ in range(20)}
+    assert len(ids) == 20
+    for run_id in ids:
+        assert wire.decode(wire.encode(wire.Welcome("img-0", run_id, 8, 1))).msg.run_id == run_id
+
+
 def test_truncated_header():
     frames = _upload_frames()
     e = _reject([frames[0], frames[1][:-7], *frames[2:]])
