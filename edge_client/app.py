@@ -219,6 +219,7 @@ class EdgeApp:
         if self.state_dir is None:
             self.state_dir = state_folder(self.state_root, welcome.run_id, c.client_id)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        log.info("%s: joined run %s; state in %s", c.client_id, welcome.run_id, self.state_dir)
         write_config(c, self.state_dir / "config.json")  # the exporter reads the test split's cap and seed
         model = LocalModel(c.kind, c.image_arch, c.text_arch, feature_dim, self.private.num_classes,
                            c.adapter_dropout).to(self.device)
