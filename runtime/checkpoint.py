@@ -39,6 +39,11 @@ def save_checkpoint(path: Path, tree: dict[str, Any], meta: dict[str, Any]) -> N
 
     tensors: dict[str, Any] = {}
     layout = _flatten(tree, "", tensors)
+    seen = set()
+    for name, tensor in tensors.items():  # safetensors refuses two names for one memory (tied weights)
+        if tensor.numel() and tensor.data_ptr() in seen:
+            tensors[name] = tensor.clone()
+        seen.add(tensor.data_ptr())
     meta_json = json.dumps(meta, sort_keys=True)
     payload = save(tensors, metadata={_META: meta_json, _LAYOUT: json.dumps(layout)})
     atomic_write_bytes(path, payload)
@@ -107,8 +112,7 @@ def _flatten(value: Any, name: str, tensors: dict[str, Any]) -> Any:
     if isinstance(value, torch.Tensor):
         if name in tensors:
             raise CheckpointError(f"two tensors would both be stored as {name!r}")
-        # A copy of its own: safetensors refuses tensors that share memory (tied or flattened weights).
-        tensors[name] = value.detach().to("cpu", copy=True).contiguous()
+        tensors[name] = value.detach().cpu().contiguous()
         return {"tensor": name}
     if isinstance(value, dict):
         items = []

@@ -27,6 +27,7 @@ def test_a_tree_comes_back_exactly_with_int_keys_tuples_and_plain_values(tmp_pat
         "towers": {},
         "mask": torch.tensor([True, False]),
     }
+    tree["tied"] = tree["model"]["fc.weight"]  # one tensor under two names (tied weights)
     meta = {"round": 4, "config": {"feature_dim": 16}, "run_id": "r-1"}
     path = tmp_path / "c" / "x.safetensors"
 
@@ -41,12 +42,13 @@ def test_a_tree_comes_back_exactly_with_int_keys_tuples_and_plain_values(tmp_pat
     for a, b in ((got["model"]["fc.weight"], tree["model"]["fc.weight"]), (got["mask"], tree["mask"]),
                  (got["opt"]["state"][0]["exp_avg"], tree["opt"]["state"][0]["exp_avg"]),
                  (got["opt"]["state"][0]["step"], tree["opt"]["state"][0]["step"]),
-                 (got["model"]["bn.num_batches_tracked"], tree["model"]["bn.num_batches_tracked"])):
+                 (got["model"]["bn.num_batches_tracked"], tree["model"]["bn.num_batches_tracked"]),
+                 (got["tied"], tree["model"]["fc.weight"])):
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
     # The file is plain safetensors: its own reader sees the tensors under their path in the tree.
     with safe_open(str(path), framework="pt") as handle:
         assert sorted(handle.keys()) == ["mask", "model/bn.num_batches_tracked", "model/fc.weight",
-                                         "opt/state/0/exp_avg", "opt/state/0/step"]
+                                         "opt/state/0/exp_avg", "opt/state/0/step", "tied"]
         assert json.loads(handle.metadata()["fedafd_meta"]) == meta
 
 
