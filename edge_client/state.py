@@ -52,14 +52,15 @@ def save_state(state_dir: Path, state: ClientState, meta: dict) -> None:
     save_checkpoint(state_dir / STATE_FILE, tree, full_meta)
 
 
-def read_state_meta(state_dir: Path) -> dict | None:
-    """The saved state's metadata (None when there is none), after checking it is one this build reads."""
+def read_state_meta(state_dir: Path, run_id: str = "") -> dict | None:
+    """The saved state's metadata (None when there is none), after checking it is one this build reads;
+    `run_id` (the federation the device joined) goes into the command that converts an old file."""
     path = Path(state_dir) / STATE_FILE
     if not path.is_file():
         if (Path(state_dir) / LEGACY_STATE_FILE).is_file():
             raise StateError(f"{state_dir} holds a state of an older build ({LEGACY_STATE_FILE}, torch.save): convert "
-                             f"it once with `fedafd-edge convert-state {state_dir} --run-id RUN_ID` (the federation "
-                             f"it continues), or delete it to start afresh")
+                             f"it once with `fedafd-edge convert-state {state_dir} --run-id {run_id or 'RUN_ID'}` "
+                             f"(the federation it continues), or delete it to start afresh")
         return None
     meta = read_meta(path)
     if meta.get("state_version") != STATE_VERSION:
@@ -71,11 +72,11 @@ def read_state_meta(state_dir: Path) -> dict | None:
 def load_state(state_dir: Path, state: ClientState, expected_meta: dict) -> bool:
     """Restore in place; False when there is no saved state. A state of another federation (run_id), kind,
     architecture or feature_dim is an error: loading it would silently mix models, or fail half-way."""
-    meta = read_state_meta(state_dir)
-    if meta is None:
-        return False
     expected = dict(expected_meta)
     run_id = expected.pop("run_id", None)
+    meta = read_state_meta(state_dir, run_id or "")
+    if meta is None:
+        return False
     if run_id is not None and meta.get("run_id") != run_id:
         raise StateError(f"{state_dir} holds {meta.get('client_id')}'s state from federation {meta.get('run_id')!r}, "
                          f"but the server runs federation {run_id!r} (a new one, not a --resume of it): delete "
