@@ -91,7 +91,7 @@ def test_an_old_state_is_refused_with_the_command_that_converts_it(tmp_path: Pat
     # Prepare: an old build's file
     saved = trained()
     _legacy_state(tmp_path, saved)
-    with pytest.raises(StateError, match=rf"fedafd-edge convert-state {tmp_path} --run-id run-a "):
+    with pytest.raises(StateError, match=rf"fedafd-edge convert-state {tmp_path} --run-id run-a`"):
         load_state(tmp_path, fresh(1), IDENTITY)
     with pytest.raises(StateError, match="not a run id"):
         convert_state(tmp_path, "../up")
