@@ -2,7 +2,7 @@
 
     python -m fedafd.benchmarks.latency --out benchmarks/results/latency          # trains, exports, measures
     python -m fedafd.benchmarks.latency --clients image-adapter --clients text-adapter --runs 50
-    python -m fedafd.benchmarks.latency --state edge_state/image-0 --state ...   # your own trained clients
+    python -m fedafd.benchmarks.latency --state edge_state/RUN_ID/image-0 --state ...   # your own trained clients
 
 Without --state, the clients of CLIENTS (all, or those named by --clients) are trained briefly (d=256)
 and exported with `fedafd-edge export`'s code: one per kind trained from scratch on raw inputs (cnn_small,
@@ -123,7 +123,7 @@ def make_states(folder: Path, feature_dim: int, max_private: int, labels: list[s
 
     from fedafd.edge_client.model import GlobalTowers, LocalModel
     from fedafd.edge_client.private_data import load_private_data
-    from fedafd.edge_client.state import ClientState, save_state
+    from fedafd.edge_client.state import STATE_FILE, ClientState, save_state
     from fedafd.edge_client.training import Optimizers, RoundPlan, train_round
     from fedafd.runtime.models import backbone_of, build_encoder
 
@@ -132,7 +132,7 @@ def make_states(folder: Path, feature_dim: int, max_private: int, labels: list[s
         kind, image_arch, text_arch, archs = CLIENTS[label]
         state_dir = folder / label
         states.append(state_dir)
-        if (state_dir / "client_state.pt").is_file():
+        if (state_dir / STATE_FILE).is_file():
             continue
         torch.manual_seed(0)
         backbones = tuple(sorted({backbone_of(a) for a in (image_arch, text_arch, *archs.values())} - {None}))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from fedafd.cloud_server.distributed import ONE_PROCESS, Ranks
+from fedafd.cloud_server.checkpoint import CHECKPOINT_FILE, CHECKPOINT_FORMAT, check_resume
 from fedafd.cloud_server.stages import (
     GlobalModel, build_optimizers, distill_epoch, evaluate_retrieval, extract_features, train_contrastive_epoch,
 )
@@ -31,13 +32,12 @@ from fedafd.runtime.config import ServerConfig, config_to_dict
 from fedafd.runtime.methods import MethodSettings
 from fedafd.runtime.data.modal import load_public_data
 from fedafd.runtime.data.partition import cap_indices
-from fedafd.runtime.torch_utils import (
-    atomic_write_bytes, configure_threads, load_checkpoint, resolve_device, save_checkpoint, seeded_generator,
-)
+from fedafd.runtime.checkpoint import load_checkpoint, save_checkpoint
+from fedafd.runtime.torch_utils import atomic_write_bytes, configure_threads, resolve_device, seeded_generator
 from fedafd.runtime.transport import PeerGone, ServerTransport
 from fedafd.runtime.wire import (
     MODALITIES, MODALITIES_OF_KIND, Ack, Bye, Error, ErrorCode, FeatureUpload, Heartbeat, Join, RoundStart, Welcome,
-    new_msg_id,
+    new_msg_id, new_run_id,
 )
 
 if TYPE_CHECKING:
@@ -45,9 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedafd.cloud")
 
-CHECKPOINT_FILE = "checkpoint/server.pt"
-CHECKPOINT_FORMAT = 3
-"""2: backbone adapters as towers, and stage 3's own optimiser. 3: FedMD's consensus."""
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -130,7 +127,9 @@ class ServerApp:
         self.backbone_digests = {name: backbone_digest(name) for name in backbones}
         self.consensus: dict[str, torch.Tensor] = {}
         """FedMD: the last round's teachers, sent down for the devices' digest (and checkpointed)."""
-        saved = self._restore() if resume else None  # next_round and the model; the optimisers' state below
+        self.run_id = new_run_id()
+        """The federation's id, sent in every Welcome; a resumed run keeps its checkpoint's."""
+        saved = self._restore() if resume else None  # run_id, next_round, the model; the optimisers' state below
         with self._answering_joins():  # what takes seconds: the data, and the first optimiser imports torch._dynamo
             self.public_all = load_public_data("train", backbones)
             self.public_rows = np.sort(cap_indices(np.arange(len(self.public_all)), config.public_size, config.seed))
@@ -503,7 +502,7 @@ class ServerApp:
         before = self.clients.get(peer)
         self.clients[peer] = ClientRecord(peer, join.kind, {"image": join.image_arch, "text": join.text_arch},
                                           join.num_private, joined_round=self.next_round)
-        if not self._send(peer, Welcome(client_id=peer, run_id=self.run_dir.name, feature_dim=self.config.feature_dim,
+        if not self._send(peer, Welcome(client_id=peer, run_id=self.run_id, feature_dim=self.config.feature_dim,
                                         rounds=self.config.rounds), self.next_round):
             # Its connection closed before the Welcome (it joins again on a new one): a device that never
             # got its Welcome does not count as joined, so no round starts waiting for it.
@@ -560,21 +559,19 @@ class ServerApp:
     def _checkpoint(self, round_: int) -> None:
         tensors = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                    "distill_optimizer": self.distill_optimizer.state_dict(), "consensus": self.consensus}
-        meta = {"round": round_, "config": config_to_dict(self.config), "format": CHECKPOINT_FORMAT}
+        meta = {"round": round_, "config": config_to_dict(self.config), "format": CHECKPOINT_FORMAT,
+                "run_id": self.run_id}
         save_checkpoint(self.run_dir / CHECKPOINT_FILE, tensors, meta)
 
     def _restore(self) -> dict:
-        """The model and next_round from the checkpoint; returns its tensors, whose optimiser states the
-        caller loads once the optimisers exist."""
+        """The run id, the model and next_round from the checkpoint (refused when the config changed where
+        it may not); returns its tensors, whose optimiser states the caller loads once the optimisers exist."""
+        check_resume(self.run_dir, self.config)
         path = self.run_dir / CHECKPOINT_FILE
-        if not path.exists():
-            raise ServerError(f"--resume: no checkpoint at {path}")
         tensors, meta = load_checkpoint(path)
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ServerError(f"--resume: {path} has checkpoint format {meta.get('format')}, this build reads "
-                              f"{CHECKPOINT_FORMAT}; start a new run folder")
         self.model.load_state_dict(tensors["model"])
-        self.consensus = dict(tensors["consensus"])
+        self.consensus = dict(tensors.get("consensus", {}))  # a checkpoint converted from format 2 has none
+        self.run_id = meta["run_id"]
         self.next_round = meta["round"] + 1
         # Keep exactly the records of finished rounds (a crash may have happened after the metrics line
         # of a round whose checkpoint did not land, or the reverse).
@@ -582,7 +579,7 @@ class ServerApp:
         if metrics.exists():
             kept = [line for line in metrics.read_text().splitlines() if _finished_record(line, meta["round"])]
             atomic_write_bytes(metrics, "".join(line + "\n" for line in kept).encode())
-        log.info("resumed from %s after round %d", path, meta["round"])
+        log.info("resumed run %s from %s after round %d", self.run_id, path, meta["round"])
         return tensors
 
     def _append_metrics(self, record: dict) -> None:

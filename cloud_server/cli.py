@@ -43,7 +43,9 @@ def serve(
     local_set: Annotated[Optional[list[str]], typer.Option("--local-set", help="KEY=VALUE of ClientConfig for every "
                                                            "--local device (e.g. disc_lr=1e-4), repeatable; "
                                                            "`fedafd-edge config` lists every key.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last finished round.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last finished round (same run id, "
+                                              "so devices continue their states; the config may change only in "
+                                              "rounds, timeouts, client counts, quorum, device, threads, sed_chunk).")] = False,
     keys: Annotated[Optional[Path], typer.Option(help="Folder with server.key and allowed_clients.json (see "
                                                       "`fedafd-cloud keys` and `nodes add`): CURVE encryption, "
                                                       "allow-listed devices only. Default with --local: "
@@ -70,6 +72,7 @@ def serve(
         rank = int(os.environ.get("RANK", "0"))
         # Nothing here imports torch: the socket is bound and the --local devices started first, so they
         # import and load while this process does (ServerApp answers their Joins while it loads).
+        from fedafd.cloud_server.checkpoint import check_fresh, check_resume
         from fedafd.cloud_server.fleet import LocalFleet, client_ids, parse_fleet
         from fedafd.cloud_server.limits import max_upload_bytes
         from fedafd.cloud_server.tracking import open_tracking, require_extras
@@ -98,6 +101,10 @@ def serve(
             raise typer.BadParameter("pass --keys DIR (CURVE; create it with `fedafd-cloud keys --out DIR` and "
                                      "`fedafd-cloud nodes add`) or --insecure for plain text")
         run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        if resume:
+            check_resume(run_dir, server_config)  # before config.json is overwritten and devices start
+        else:
+            check_fresh(run_dir)
         curve = None
         if insecure:
             typer.secho(INSECURE_WARNING, fg="yellow", err=True)
@@ -180,6 +187,20 @@ def _join_ranks(config: ServerConfig):
     # Rank 0's messages may be apart by as long as it waits for devices: joins, then a round's uploads.
     longest_wait_s = config.join_timeout_s + config.round_deadline_s + config.worker_timeout_s
     return join_from_environment(config.device, config.worker_timeout_s, longest_wait_s)
+
+
+@app.command("convert-checkpoint")
+def convert_checkpoint_cmd(
+    source: Annotated[Path, typer.Argument(help="A run folder (or its checkpoint/server.pt) of an older build.")],
+) -> None:
+    """Rewrite an older build's torch.save checkpoint (server.pt, format 2) as server.safetensors, so that
+    `serve --resume` and `fedafd-edge export` read it. It gets a new run id: convert the devices' states
+    with `fedafd-edge convert-state DIR --run-id RUN_ID` to continue them."""
+    with cli_errors():
+        from fedafd.cloud_server.checkpoint import convert_checkpoint
+
+        target, meta = convert_checkpoint(source)
+        typer.echo(f"wrote {target} (format {meta['format']}, round {meta['round']}, run id {meta['run_id']})")
 
 
 @app.command("keys")

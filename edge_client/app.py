@@ -13,14 +13,14 @@ import torch
 
 from fedafd.edge_client.model import LocalModel, GlobalTowers
 from fedafd.edge_client.private_data import load_private_data
-from fedafd.edge_client.state import ClientState, load_state, save_state
+from fedafd.edge_client.state import STATE_ROOT, ClientState, StateError, load_state, save_state, state_folder
 from fedafd.edge_client.training import (
     Optimizers, RoundPlan, evaluate, global_public_features, public_features, train_round,
 )
 from fedafd.runtime.accounting import ByteCounter, ClientMessenger
 from fedafd.runtime.codecs import wire_codec
 from fedafd.runtime.errors import FedafdError
-from fedafd.runtime.config import ClientConfig
+from fedafd.runtime.config import ClientConfig, write_config
 from fedafd.runtime.methods import MethodSettings
 from fedafd.runtime.data.modal import ModalData, load_public_data
 from fedafd.runtime.backbones import backbone_digest, modality_backbones
@@ -56,9 +56,13 @@ class RoundReport:
 
 
 class EdgeApp:
-    def __init__(self, config: ClientConfig, transport: ClientTransport, state_dir: Path):
+    def __init__(self, config: ClientConfig, transport: ClientTransport, state_dir: Path | None = None,
+                 state_root: Path = STATE_ROOT):
         self.config = config
         self.state_dir = state_dir
+        """Where the state lives: as given (--state-dir), or state_root/<run id>/<client id> once the
+        server's Welcome names its federation."""
+        self.state_root = state_root
         self.counter = ByteCounter()
         self.messenger = ClientMessenger(transport, self.counter, config.client_id)
         self.device = resolve_device(config.device)
@@ -72,6 +76,8 @@ class EdgeApp:
         self.public: ModalData = load_public_data("train", backbones=modality_backbones(MODALITIES))
         self.backbones = {name: backbone_digest(name) for name in self.public.features}
         self.state: ClientState | None = None
+        self.run_id = ""
+        """The federation this device serves (from the Welcome)."""
         self.reports: list[RoundReport] = []
         self._last_upload: tuple | None = None  # (RoundStart msg id, FeatureUpload, its msg id, codecs)
 
@@ -80,7 +86,11 @@ class EdgeApp:
         """Join, serve rounds until the server says Bye. Ctrl-C sends Bye so the server stops waiting."""
         try:
             welcome = self._join()
-            self._build_state(welcome.feature_dim)
+            try:
+                self._build_state(welcome)
+            except StateError as err:  # tell the server, so no round waits for this device
+                self.messenger.send(Bye(reason=f"cannot continue its saved state: {err}"), round=-1)
+                raise
             while True:
                 received = self._recv(self.config.round_wait_s, "the server's next round", idle_beats=True)
                 message = received.msg
@@ -92,7 +102,11 @@ class EdgeApp:
                 elif isinstance(message, Error) and message.code == ErrorCode.UNKNOWN_CLIENT:
                     # The server restarted (or dropped us as dead): join again, keep the local state.
                     log.warning("%s: server does not know us (%s); joining again", self.config.client_id, message.reason)
-                    if self._join().feature_dim != welcome.feature_dim:
+                    again = self._join()
+                    if again.run_id != welcome.run_id:
+                        raise EdgeError(f"the server came back running federation {again.run_id!r}, not "
+                                        f"{welcome.run_id!r} (restarted without --resume); start this device again")
+                    if again.feature_dim != welcome.feature_dim:
                         raise EdgeError("the server came back with another feature_dim; start this device afresh")
                 elif isinstance(message, Error):
                     log.warning("%s: server error %s: %s", self.config.client_id, message.code, message.reason)
@@ -200,18 +214,25 @@ class EdgeApp:
             log.debug("%s: heartbeat not sent: %s", self.config.client_id, e)
 
     # -- one round ------------------------------------------------------------------------------
-    def _build_state(self, feature_dim: int) -> None:
-        c = self.config
+    def _build_state(self, welcome: Welcome) -> None:
+        c, feature_dim = self.config, welcome.feature_dim
+        self.run_id = welcome.run_id
+        if self.state_dir is None:
+            self.state_dir = state_folder(self.state_root, welcome.run_id, c.client_id)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        log.info("%s: joined run %s; state in %s", c.client_id, welcome.run_id, self.state_dir)
+        write_config(c, self.state_dir / "config.json")  # the exporter reads the test split's cap and seed
         model = LocalModel(c.kind, c.image_arch, c.text_arch, feature_dim, self.private.num_classes,
                            c.adapter_dropout).to(self.device)
         self.state = ClientState(model, Optimizers.create(model, c.lr, c.disc_lr), GlobalTowers(feature_dim, self.device))
         if load_state(self.state_dir, self.state, self._identity(feature_dim)):
-            log.info("%s: resumed local state after round %d", c.client_id, self.state.last_round)
+            log.info("%s: resumed local state of run %s after round %d", c.client_id, self.run_id,
+                     self.state.last_round)
 
     def _identity(self, feature_dim: int) -> dict:
         c = self.config
         return {"client_id": c.client_id, "kind": c.kind, "image_arch": c.image_arch, "text_arch": c.text_arch,
-                "feature_dim": feature_dim}
+                "feature_dim": feature_dim, "run_id": self.run_id}
 
     def _serve_round(self, start: RoundStart, start_id: str = "") -> None:
         assert self.state is not None

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from fedafd.runtime.cli_support import Format, Kind, cli_errors, config_listing, setup_logging
-from fedafd.runtime.config import ClientConfig, load_config, write_config
+from fedafd.runtime.config import ClientConfig, load_config
 
 app = typer.Typer(help="A fedafd edge device.", no_args_is_help=True, add_completion=False)
 log = logging.getLogger("fedafd.edge")
@@ -33,7 +33,8 @@ def join(
                                                                "(default 1: this device holds all of it).")] = None,
     client_id: Annotated[Optional[str], typer.Option(help="Unique device id (default KIND-PARTITION).")] = None,
     state_dir: Annotated[Optional[Path], typer.Option(help="Where this device keeps its state between rounds "
-                                                           "(default edge_state/<client id>).")] = None,
+                                                           "(default edge_state/<run id>/<client id>, the run id "
+                                                           "being the federation's, from the server).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help=CONFIG_HELP)] = None,
     overrides: Annotated[Optional[list[str]], typer.Option("-c", "--set", help=SET_HELP)] = None,
     profile: Annotated[Optional[str], typer.Option(help="Emulate this device profile's link (delay + token-bucket "
@@ -62,10 +63,7 @@ def join(
             from fedafd.runtime.shaping import load_profile
 
             link = load_profile(client_config.profile)
-        curve = _curve_keys(key, server_key, insecure)
-        folder = state_dir or Path("edge_state") / client_config.client_id
-        folder.mkdir(parents=True, exist_ok=True)  # after every check: a refused join writes nothing
-        write_config(client_config, folder / "config.json")
+        curve = _curve_keys(key, server_key, insecure)  # after every check: a refused join writes nothing
         transport = ZmqClientTransport(server, client_config.client_id, curve=curve)
         if link is not None:
             from fedafd.runtime.shaping import ShapedClientTransport
@@ -73,7 +71,7 @@ def join(
             transport = ShapedClientTransport(transport, link)
         edge = None
         try:
-            edge = EdgeApp(client_config, transport, folder)
+            edge = EdgeApp(client_config, transport, state_dir)
             reports = edge.run()
             typer.echo(f"{client_config.client_id}: finished after {len(reports)} round(s)")
         finally:
@@ -99,6 +97,19 @@ def _curve_keys(key: Optional[Path], server_key: Optional[str], insecure: bool):
                                  "or --insecure for plain text")
     pair = load_keypair(key)
     return CurveClientKeys(pair.public, pair.secret, load_public_key(server_key))
+
+
+@app.command("convert-state")
+def convert_state_cmd(
+    state_dir: Annotated[Path, typer.Argument(help="A state folder of an older build (holds client_state.pt).")],
+    run_id: Annotated[str, typer.Option(help="The federation it continues (what `fedafd-cloud convert-checkpoint` "
+                                             "printed); empty: only for `export`.")] = "",
+) -> None:
+    """Rewrite an older build's torch.save state (client_state.pt) as client_state.safetensors."""
+    with cli_errors():
+        from fedafd.edge_client.state import convert_state
+
+        typer.echo(f"wrote {convert_state(state_dir, run_id)}")
 
 
 @app.command("keys")
@@ -146,7 +157,7 @@ def bench(
 @app.command("export")
 def export_cmd(
     state_dir: Annotated[Path, typer.Argument(help="A client's state folder (the --state-dir of `join`), or a "
-                                                   "server run folder / server.pt for the global towers.")],
+                                                   "server run folder / server.safetensors for the global towers.")],
     out: Annotated[Path, typer.Option("--out", help="Model folder to write (ONNX graphs, manifest.json, tokenizer).")],
     quantize: Annotated[bool, typer.Option(help="Also write int8 graphs (ONNX Runtime dynamic quantisation).")] = True,
     fusion: Annotated[bool, typer.Option(help="Fuse with the global tower (off: the local path only, for "

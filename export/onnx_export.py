@@ -56,7 +56,9 @@ import torch
 from torch import nn
 
 from fedafd.edge_client.model import MODALITIES_OF_KIND, GlobalTowers, LocalModel
-from fedafd.edge_client.state import STATE_FILE, STATE_VERSION
+from fedafd.cloud_server.checkpoint import CHECKPOINT_FILE as SERVER_CHECKPOINT
+from fedafd.cloud_server.checkpoint import LEGACY_CHECKPOINT_FILE, checkpoint_path, read_server_meta
+from fedafd.edge_client.state import LEGACY_STATE_FILE, STATE_FILE, read_state_meta
 from fedafd.export.infer import (MANIFEST_FILE, MANIFEST_FORMAT, TOKENIZER_FILE, ModelError, file_sha256,
                                  open_session)
 from fedafd.export.quantize import FP32_BACKBONES, quantize_graph
@@ -67,13 +69,12 @@ from fedafd.runtime.data.modal import RAW, ModalData
 from fedafd.runtime.data.text import MAX_TEXT_LEN, PAD_ID, tokenizer_path
 from fedafd.runtime.errors import FedafdError
 from fedafd.runtime.models import build_encoder, input_view
-from fedafd.runtime.torch_utils import load_checkpoint
+from fedafd.runtime.checkpoint import load_checkpoint
 
 log = logging.getLogger("fedafd.export")
 
 OPSET = 17
 EXPORTERS = ("torchscript", "dynamo")
-SERVER_CHECKPOINT = "checkpoint/server.pt"
 
 
 class ExportError(FedafdError):
@@ -211,18 +212,17 @@ class LoadedClient:
 
 
 def load_client(state_dir: Path) -> LoadedClient:
-    """The client's model and towers from STATE_DIR/client_state.pt (+ .json, + config.json when `join`
+    """The client's model and towers from STATE_DIR/client_state.safetensors (+ config.json when `join`
     wrote one), in eval mode on the CPU."""
     path = Path(state_dir) / STATE_FILE
-    if not path.is_file():
-        raise ExportError(f"no client state at {path}: point at the --state-dir a `fedafd-edge join` used "
-                          f"(default edge_state/<client id>) after at least one round")
     try:
-        tensors, meta = load_checkpoint(path)
-    except Exception as err:
-        raise ExportError(f"cannot read the client state {path}: {err}") from None
-    if meta.get("state_version") != STATE_VERSION:
-        raise ExportError(f"{path} has state version {meta.get('state_version')}, this build reads {STATE_VERSION}")
+        found = read_state_meta(state_dir) is not None
+        tensors, meta = load_checkpoint(path) if found else ({}, {})
+    except FedafdError as err:
+        raise ExportError(f"cannot export {state_dir}: {err}") from None
+    if not found:
+        raise ExportError(f"no client state at {path}: point at the --state-dir a `fedafd-edge join` used "
+                          f"(default edge_state/<run id>/<client id>) after at least one round")
     weights = tensors["model"]
     num_classes = int(weights["head.weight"].shape[0]) if "head.weight" in weights else 0
     try:
@@ -575,25 +575,18 @@ def export_client(state_dir: Path, out: Path, options: ExportOptions = ExportOpt
     return _write_folder(out, plans, manifest, options)
 
 
-SERVER_CHECKPOINT_FORMATS = (2,)
-"""cloud_server's checkpoint formats this export reads (2: backbone adapters as towers)."""
-
-
 def export_server(checkpoint: Path, out: Path, options: ExportOptions = ExportOptions()) -> dict[str, Any]:
-    """Export the server's global image and text towers (RUN_DIR/checkpoint/server.pt), each with its
+    """Export the server's global image and text towers (RUN_DIR/checkpoint/server.safetensors), each with its
     backbone, as a retrieval model: `image.onnx` and `text.onnx` -> L2-normalised global features,
     verified on the public test split."""
     from fedafd.runtime.data.modal import load_public_data
 
-    checkpoint = Path(checkpoint)
-    if checkpoint.is_dir():
-        checkpoint = checkpoint / SERVER_CHECKPOINT
-    if not checkpoint.is_file():
-        raise ExportError(f"no server checkpoint at {checkpoint}")
-    tensors, meta = load_checkpoint(checkpoint)
-    if meta.get("format") not in SERVER_CHECKPOINT_FORMATS:
-        raise ExportError(f"{checkpoint} has checkpoint format {meta.get('format')}, this build exports "
-                          f"{' or '.join(map(str, SERVER_CHECKPOINT_FORMATS))}")
+    checkpoint = checkpoint_path(checkpoint)
+    try:
+        read_server_meta(checkpoint, what="export")
+        tensors, meta = load_checkpoint(checkpoint)
+    except FedafdError as err:
+        raise ExportError(str(err)) from None
     config = meta["config"]
     archs = {"image": config["image_arch"], "text": config["text_arch"]}
     encoders = {}
@@ -632,11 +625,11 @@ def export_server(checkpoint: Path, out: Path, options: ExportOptions = ExportOp
 
 
 def export_any(source: Path, out: Path, options: ExportOptions = ExportOptions()) -> dict[str, Any]:
-    """A client state folder, a server run folder or a server.pt checkpoint."""
+    """A client state folder, a server run folder or a server.safetensors checkpoint."""
     source = Path(source)
-    if (source / STATE_FILE).is_file():
+    if any((source / name).is_file() for name in (STATE_FILE, LEGACY_STATE_FILE)):
         return export_client(source, out, options)
-    if source.suffix == ".pt" or (source / SERVER_CHECKPOINT).is_file():
+    if source.is_file() or any((source / name).is_file() for name in (SERVER_CHECKPOINT, LEGACY_CHECKPOINT_FILE)):
         return export_server(source, out, options)
     if not source.exists():
         raise ExportError(f"{source} does not exist")

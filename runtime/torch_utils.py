@@ -1,12 +1,11 @@
-"""Small torch helpers both processes use: device choice, seeding, batching, safe checkpoint files."""
+"""Small torch helpers both processes use: device choice, seeding, batching, atomic file writes."""
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -59,28 +58,3 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def save_checkpoint(path: Path, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
-    """Weights (state dicts: tensors and plain numbers only) beside a small JSON of metadata, both atomic."""
-    import io
-
-    meta_json = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-    buffer = io.BytesIO()
-    # The metadata also travels inside the weights file, so the pair can never disagree: a kill between
-    # the two renames leaves new weights with an old .json, and the loader trusts the embedded copy.
-    torch.save({**tensors, _META_KEY: meta_json}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-    atomic_write_bytes(path.with_suffix(".json"), meta_json.encode())
-
-
-_META_KEY = "__meta_json__"
-
-
-def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Never unpickles code: weights_only=True, and the metadata is JSON (the copy inside the weights
-    file when there is one; the .json beside it is for people and for files written before)."""
-    tensors = torch.load(path, map_location="cpu", weights_only=True)
-    embedded = tensors.pop(_META_KEY, None)
-    meta = json.loads(embedded if isinstance(embedded, str) else path.with_suffix(".json").read_text())
-    return tensors, meta

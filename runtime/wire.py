@@ -22,7 +22,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import re
 import secrets
+import time
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
@@ -36,7 +38,9 @@ from .methods import MethodSettings, SettingsError
 MAGIC = b"FAFD"
 PROTOCOL_VERSION = 3
 """2: Join and RoundStart name the frozen backbones and the sha256 of their weights. 3: RoundStart's
-settings are typed and versioned (runtime.methods.MethodSettings), and it may carry FedMD's consensus."""
+settings are typed and versioned (runtime.methods.MethodSettings) and it may carry FedMD's consensus;
+Welcome's run_id names the federation (kept across `serve --resume`; devices keep their state under it)
+and must match RUN_ID_PATTERN."""
 MAX_HEADER_BYTES = 64 * 1024
 """Largest msgpack header accepted (a tower of a few hundred tensors needs ~20 KiB)."""
 MAX_MESSAGE_BYTES = 1 << 30
@@ -58,6 +62,9 @@ MODALITIES_OF_KIND: dict[str, tuple[str, ...]] = {
 
 def other_modality(modality: str) -> str:
     return "text" if modality == "image" else "image"
+
+RUN_ID_PATTERN = r"[0-9A-Za-z][0-9A-Za-z._-]{0,63}"
+"""A run id is a folder name on the devices: no '/', never '.' or '..'."""
 
 _MAX_PLAIN_DEPTH = 16
 _MSG_ID_LEN = 16
@@ -135,6 +142,10 @@ def _one_of(*choices: str) -> Any:
     return field(metadata={"one_of": choices})
 
 
+def _matching(pattern: str) -> Any:
+    return field(metadata={"pattern": pattern})
+
+
 @dataclass(frozen=True)
 class Join:
     """Client -> server: who I am. `image_arch`/`text_arch` are "" for a modality the client lacks;
@@ -154,13 +165,13 @@ class Join:
 
 @dataclass(frozen=True)
 class Welcome:
-    """Server -> client: accepted into run `run_id`."""
+    """Server -> client: accepted into run `run_id`, the federation's id (the same after a resume)."""
 
     TYPE: ClassVar[MsgType] = MsgType.WELCOME
     TENSORS: ClassVar[dict[str, TensorSpec]] = {}
 
     client_id: str
-    run_id: str
+    run_id: str = _matching(RUN_ID_PATTERN)
     feature_dim: int = _at_least(1)
     rounds: int = _at_least(0)
 
@@ -285,6 +296,11 @@ def new_msg_id() -> str:
     return secrets.token_hex(_MSG_ID_LEN // 2)
 
 
+def new_run_id() -> str:
+    """A federation's id: when it started, and random bits so two servers started together differ."""
+    return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(4)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Scalar fields: one checker per annotation, shared by encode and decode. Each returns the value
 # normalised to plain Python types (numpy scalars become int/float) or raises BAD_FIELD.
@@ -394,6 +410,8 @@ def _check_scalars(layout: _Layout, values: dict[str, Any]) -> dict[str, Any]:
             raise _bad_field(name, f"is {v}, must be >= {meta['min']}")
         if "one_of" in meta and v not in meta["one_of"]:
             raise _bad_field(name, f"is {v!r}, must be one of {', '.join(meta['one_of'])}")
+        if "pattern" in meta and not re.fullmatch(meta["pattern"], v):
+            raise _bad_field(name, f"is {v!r}, must match {meta['pattern']}")
         out[name] = v
     return out
 

@@ -11,6 +11,7 @@ import pytest
 from fedafd.cloud_server.app import ServerApp
 from fedafd.cloud_server.tracking import RoundSink
 from fedafd.edge_client.app import EdgeApp
+from fedafd.edge_client.state import STATE_ROOT
 from fedafd.runtime.config import ClientConfig, ServerConfig
 from fedafd.runtime.transport import ClientTransport, InprocHub
 
@@ -20,14 +21,18 @@ InprocFederation = Callable[..., tuple[list[dict], ServerApp, dict[str, EdgeApp]
 def run_inproc_federation(server_config: ServerConfig, run_dir: Path, client_configs: list[ClientConfig],
                           wrap: Callable[[ClientConfig, ClientTransport], ClientTransport] = lambda c, t: t,
                           on_stage: Callable[[str], None] = lambda text: None, sinks: Sequence[RoundSink] = (),
+                          resume: bool = False, state_root: Path | None = None,
                           ) -> tuple[list[dict], ServerApp, dict[str, EdgeApp]]:
     """A server and its devices on an in-process hub (still through the wire's encode/decode), each device
-    in a thread; returns the round records, the server and the devices by client id once all finished."""
+    in a thread; returns the round records, the server and the devices by client id once all finished.
+    Devices keep their state in RUN_DIR/<client id> (like --local), or with `state_root` as `join` does
+    without --state-dir (STATE_ROOT/<run id>/<client id>)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     hub = InprocHub()
-    server = ServerApp(server_config, hub.server(), run_dir, sinks=sinks)
+    server = ServerApp(server_config, hub.server(), run_dir, sinks=sinks, resume=resume)
     server.on_stage = on_stage
-    edges = {c.client_id: EdgeApp(c, wrap(c, hub.client(c.client_id)), run_dir / c.client_id) for c in client_configs}
+    edges = {c.client_id: EdgeApp(c, wrap(c, hub.client(c.client_id)), None if state_root else run_dir / c.client_id,
+                                  state_root or STATE_ROOT) for c in client_configs}
     threads = [threading.Thread(target=edge.run, daemon=True) for edge in edges.values()]
     for thread in threads:
         thread.start()

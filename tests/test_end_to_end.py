@@ -96,7 +96,7 @@ def test_federation_over_zeromq(tmp_path: Path) -> None:
             upload = record["bytes"][client_id]["up"]["feature_upload"]
             assert modalities * feature_bytes < upload < modalities * feature_bytes + 2048, (client_id, upload)
     assert json.loads((run_dir / "config.json").read_text())["rounds"] == ROUNDS
-    assert (run_dir / "checkpoint" / "server.pt").exists()
+    assert (run_dir / "checkpoint" / "server.safetensors").exists()
     rejected = [r for record in records for r in record["rejected"]]
     assert [(r["peer"], r["code"]) for r in rejected] == [
         ("intruder", "bad_magic"), ("intruder", "bad_header"), ("intruder", "unknown_type")]

@@ -109,7 +109,9 @@ def test_server_killed_mid_run_resumes_with_every_round_once(tmp_path: Path) -> 
     resumed = None
     try:
         # Execute: SIGKILL the server once round 0 is recorded (it is then in round 1), resume it.
-        wait_for(lambda: rounds_done(run_dir) == [0], 300, "round 0")
+        # (its checkpoint lands after the metrics line, so wait for it too: a loaded machine takes a while to fsync)
+        wait_for(lambda: rounds_done(run_dir) == [0] and (run_dir / "checkpoint" / "server.json").exists(), 300,
+                 "round 0 and its checkpoint")
         time.sleep(1.0)
         server.send_signal(signal.SIGKILL)
         server.wait()

@@ -16,12 +16,13 @@ from fedafd.cloud_server import app as cloud_app
 from fedafd.cloud_server.app import ServerApp
 from fedafd.edge_client import app as edge_app
 from fedafd.edge_client.app import EdgeApp, EdgeError
+from fedafd.edge_client.state import StateError
 from fedafd.runtime.accounting import ByteCounter, ServerMessenger
 from fedafd.runtime.config import ClientConfig, ServerConfig, build_config
 from fedafd.runtime.transport import (
     CurveClientKeys, CurveServerKeys, InprocHub, ZmqClientTransport, ZmqServerTransport,
 )
-from fedafd.runtime.wire import Error, ErrorCode, Join, Welcome
+from fedafd.runtime.wire import Bye, Error, ErrorCode, Join, Welcome
 
 
 def device(hub: InprocHub, tmp_path: Path) -> EdgeApp:
@@ -69,6 +70,49 @@ def test_an_error_answering_the_join_refuses_it(tmp_path: Path) -> None:
     with pytest.raises(EdgeError, match="kind is wrong"):
         edge._join()
     thread.join()
+
+
+def _welcome_next_join(server: ServerMessenger, run_id: str) -> None:
+    while not isinstance((received := server.recv(10.0)).msg, Join):
+        pass
+    server.send(received.peer, Welcome(client_id=received.peer, run_id=run_id, feature_dim=16, rounds=1), round=0)
+
+
+def test_a_server_back_as_another_federation_stops_the_device(tmp_path: Path) -> None:
+    # Prepare: the server welcomes run r1, forgets the device (a restart), then welcomes its rejoin into r2.
+    hub = InprocHub()
+    server = ServerMessenger(hub.server(), ByteCounter())
+    edge = device(hub, tmp_path)
+
+    def play() -> None:
+        _welcome_next_join(server, "r1")
+        server.send(edge.config.client_id, Error(code=ErrorCode.UNKNOWN_CLIENT, reason="send Join", round=-1), round=0)
+        _welcome_next_join(server, "r2")
+
+    thread = threading.Thread(target=play)
+    thread.start()
+    # Execute / Assert: it neither trains r2 on r1's state nor starts r2 afresh in r1's folder
+    with pytest.raises(EdgeError, match="running federation 'r2', not 'r1'"):
+        edge.run()
+    thread.join()
+
+
+def test_a_device_that_cannot_continue_its_state_says_bye(tmp_path: Path) -> None:
+    # Prepare: an old build's state in its folder
+    hub = InprocHub()
+    server = ServerMessenger(hub.server(), ByteCounter())
+    edge = device(hub, tmp_path)
+    (tmp_path / "client_state.pt").write_bytes(b"old")
+    thread = threading.Thread(target=_welcome_next_join, args=(server, "r1"))
+    thread.start()
+    # Execute
+    with pytest.raises(StateError, match="convert-state"):
+        edge.run()
+    thread.join()
+    # Assert: the server hears why, so no round waits for this device
+    while not isinstance((received := server.recv(5.0)).msg, Bye):
+        pass
+    assert "convert-state" in received.msg.reason
 
 
 # -- joining a server that is up but busy, over real ZeroMQ sockets on loopback ---------------------

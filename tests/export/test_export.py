@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from fedafd.export.infer import MANIFEST_FILE, OnnxModel, file_sha256
-from fedafd.export.onnx_export import (ExportError, ExportOptions, client_graphs, client_test_split, export_client,
-                                       export_server, load_client, sample_inputs, training_outputs)
+from fedafd.export.onnx_export import (ExportError, ExportOptions, client_graphs, client_test_split, export_any,
+                                       export_client, export_server, load_client, sample_inputs, training_outputs)
 from fedafd.runtime.models import build_encoder
-from fedafd.runtime.torch_utils import load_checkpoint, save_checkpoint
+from fedafd.runtime.checkpoint import load_checkpoint, save_checkpoint
 
 KINDS = ("image", "text", "multimodal")
 BACKBONES_IN = {  # kind -> graph -> the backbones inside it (conftest.CLIENTS)
@@ -203,21 +203,21 @@ def test_missing_state_is_a_clear_error(tmp_path: Path) -> None:
 def test_state_of_an_architecture_this_zoo_lacks_is_a_clear_error(exported, tmp_path: Path) -> None:
     # Prepare: a text client whose encoder is the removed full MiniLM tower
     state, _ = exported["text"]
-    tensors, meta = load_checkpoint(state / "client_state.pt")
-    save_checkpoint(tmp_path / "old" / "client_state.pt", tensors, dict(meta, text_arch="minilm"))
+    tensors, meta = load_checkpoint(state / "client_state.safetensors")
+    save_checkpoint(tmp_path / "old" / "client_state.safetensors", tensors, dict(meta, text_arch="minilm"))
 
     # Execute / Assert
     with pytest.raises(ExportError, match="does not load into this build's model zoo"):
         export_client(tmp_path / "old", tmp_path / "out")
 
 
-def server_checkpoint(run: Path, archs: dict[str, str], fmt: int = 2) -> dict[str, torch.nn.Module]:
+def server_checkpoint(run: Path, archs: dict[str, str], fmt: int = 3) -> dict[str, torch.nn.Module]:
     """A server checkpoint as cloud_server writes it (GlobalModel state under "model")."""
     torch.manual_seed(0)
     encoders = {m: build_encoder(m, arch, 32).eval() for m, arch in archs.items()}
     state = {f"encoders.{m}.{k}": v for m, enc in encoders.items() for k, v in enc.state_dict().items()}
-    save_checkpoint(run / "checkpoint" / "server.pt", {"model": state, "optimizer": {}, "distill_optimizer": {}},
-                    {"round": 4, "format": fmt, "config": {"image_arch": archs["image"], "text_arch": archs["text"],
+    save_checkpoint(run / "checkpoint" / "server.safetensors", {"model": state, "optimizer": {}, "distill_optimizer": {}},
+                    {"round": 4, "format": fmt, "run_id": "r1", "config": {"image_arch": archs["image"], "text_arch": archs["text"],
                                                            "feature_dim": 32}})
     return encoders
 
@@ -249,6 +249,19 @@ def test_old_server_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     server_checkpoint(tmp_path / "run", {"image": "cnn_small", "text": "gru"}, fmt=1)
     with pytest.raises(ExportError, match="checkpoint format 1"):
         export_server(tmp_path / "run", tmp_path / "out")
+
+
+def test_old_torch_save_files_are_refused_with_the_command_that_converts_them(tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "client_state.pt").write_bytes(b"old")
+    (tmp_path / "run" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint" / "server.pt").write_bytes(b"old")
+
+    with pytest.raises(ExportError, match="fedafd-edge convert-state"):
+        export_any(tmp_path / "state", tmp_path / "out")
+    for source in (tmp_path / "run", tmp_path / "run" / "checkpoint" / "server.pt"):
+        with pytest.raises(ExportError, match="fedafd-cloud convert-checkpoint"):
+            export_any(source, tmp_path / "out")
 
 
 def test_dynamo_exporter_gives_the_same_graph_and_finds_the_backbone(exported, tmp_path: Path) -> None:

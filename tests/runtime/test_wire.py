@@ -156,6 +156,31 @@ def test_another_protocol_version_is_refused():
     assert e.code == ErrorCode.BAD_VERSION and "version 1" in e.reason
 
 
+def test_a_version_2_peer_is_refused():
+    # Version 2 had no rule for the run id a device makes a folder of.
+    e = _reject([b"FAFD\x02", *_upload_frames()[1:]])
+    assert e.code == ErrorCode.BAD_VERSION and "version 2" in e.reason and "speaks 3" in e.reason
+
+
+@pytest.mark.parametrize("run_id", ["", "..", "../elsewhere", "a/b", ".hidden", "x" * 65, "r\x00"])
+def test_a_run_id_that_is_no_folder_name_is_refused_both_ways(run_id: str):
+    welcome = wire.Welcome(client_id="img-0", run_id=run_id, feature_dim=8, rounds=1)
+    with pytest.raises(WireError, match="field 'run_id'") as sent:
+        wire.encode(welcome)
+    frames = wire.encode(dataclasses.replace(welcome, run_id="ok"))
+    h = _header(frames)
+    h["fields"]["run_id"] = run_id
+    received = _reject(_with_header(frames, h))
+    assert sent.value.code == received.code == ErrorCode.BAD_FIELD and "field 'run_id'" in received.reason
+
+
+def test_new_run_ids_are_valid_and_differ():
+    ids = {wire.new_run_id() for _ in range(20)}
+    assert len(ids) == 20
+    for run_id in ids:
+        assert wire.decode(wire.encode(wire.Welcome("img-0", run_id, 8, 1))).msg.run_id == run_id
+
+
 def test_truncated_header():
     frames = _upload_frames()
     e = _reject([frames[0], frames[1][:-7], *frames[2:]])
@@ -169,7 +194,7 @@ def test_random_bytes_header():
 
 
 def test_header_not_a_map():
-    e = _reject([b"FAFD\x03", msgpack.packb([1, 2, 3])])
+    e = _reject([wire.MAGIC + bytes([wire.PROTOCOL_VERSION]), msgpack.packb([1, 2, 3])])
     assert e.code == ErrorCode.BAD_HEADER and "map" in e.reason
 
 
@@ -335,7 +360,7 @@ def test_upload_without_features_is_a_metrics_only_report():
     # The LOCAL baseline uploads metrics only; the server, not the wire, checks modalities per kind.
     h = _header(_upload_frames())
     h["tensors"] = []
-    decoded = wire.decode([b"FAFD\x03", msgpack.packb(h)])
+    decoded = wire.decode([wire.MAGIC + bytes([wire.PROTOCOL_VERSION]), msgpack.packb(h)])
     assert decoded.msg.features == {}
     assert decoded.msg.metrics == h["fields"]["metrics"]
 
@@ -366,13 +391,13 @@ def _decode_only_wire_errors(frames) -> None:
 @given(st.lists(st.binary(max_size=64), max_size=5))
 def test_random_frames_only_raise_wire_error(frames):
     _decode_only_wire_errors(frames)
-    _decode_only_wire_errors([b"FAFD\x03", *frames])
+    _decode_only_wire_errors([wire.MAGIC + bytes([wire.PROTOCOL_VERSION]), *frames])
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_plain, st.lists(st.binary(max_size=64), max_size=3))
 def test_random_msgpack_headers_only_raise_wire_error(header, tensor_frames):
-    _decode_only_wire_errors([b"FAFD\x03", msgpack.packb(header), *tensor_frames])
+    _decode_only_wire_errors([wire.MAGIC + bytes([wire.PROTOCOL_VERSION]), msgpack.packb(header), *tensor_frames])
 
 
 _types = st.sampled_from([t.value for t in wire.MsgType] + ["nope"])
@@ -391,7 +416,7 @@ _descs = st.lists(st.fixed_dictionaries({
        _descs, st.lists(st.binary(max_size=48), max_size=3))
 def test_structured_random_headers_only_raise_wire_error(mtype, fields, descs, tensor_frames):
     header = {"type": mtype, "msg_id": "0123456789abcdef", "fields": fields, "tensors": descs}
-    _decode_only_wire_errors([b"FAFD\x03", msgpack.packb(header), *tensor_frames])
+    _decode_only_wire_errors([wire.MAGIC + bytes([wire.PROTOCOL_VERSION]), msgpack.packb(header), *tensor_frames])
 
 
 _UPLOAD_HEADER = msgpack.unpackb(wire.encode(_upload())[1])
@@ -402,7 +427,7 @@ _UPLOAD_HEADER = msgpack.unpackb(wire.encode(_upload())[1])
                         max_size=3))
 def test_random_tensor_descriptors_only_raise_wire_error(descs, tensor_frames):
     header = {**_UPLOAD_HEADER, "tensors": descs}
-    _decode_only_wire_errors([b"FAFD\x03", msgpack.packb(header), *tensor_frames])
+    _decode_only_wire_errors([wire.MAGIC + bytes([wire.PROTOCOL_VERSION]), msgpack.packb(header), *tensor_frames])
 
 
 def _settings_fields(msg: wire.RoundStart) -> dict:
