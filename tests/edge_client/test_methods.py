@@ -84,9 +84,9 @@ def test_class_temperatures_sharpen_the_classes_where_the_infiltration_path_is_r
     # Assert: the formula written out: r_c = mean p(y | infiltrated) / mean p(y | own) per class;
     # T_c = 1 / (1 + 2 log(r_c / mean r)) where r_c > mean r, else 1.
     labels = torch.from_numpy(private.labels)
-    own = torch.softmax(features @ model.head.weight.T, 1)[torch.arange(6), labels]
+    own = torch.softmax(features @ model.head.weight.T, 1)[torch.arange(6), labels].detach()
     infiltrated_features = nn.functional.normalize(features[:, [1, 0, 2, 3]], dim=-1)
-    infiltrated = torch.softmax(infiltrated_features @ model.head.weight.T.detach(), 1)[torch.arange(6), labels]
+    infiltrated = torch.softmax(infiltrated_features @ model.head.weight.T, 1)[torch.arange(6), labels].detach()
     ratio = torch.tensor([float(infiltrated[labels == c].mean() / own[labels == c].mean()) for c in range(3)])
     expected = torch.where(ratio > ratio.mean(), 1.0 / (1.0 + 2.0 * torch.log(ratio / ratio.mean())), torch.ones(3))
     torch.testing.assert_close(temperatures, expected.float())
