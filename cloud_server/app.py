@@ -399,6 +399,8 @@ class ServerApp:
                       f"{len(outcome.uploads)}/{len(selected)} uploads")
         outcome.arrived_at[peer] = time.monotonic()
         outcome.dropped.pop(peer, None)
+        # Before the Ack: what a device was told was kept is in this log (benchmarks/chaos.py checks it).
+        log.info("round %d: accepted upload %s from %s", round_, received.msg_id, peer)
         self._send(peer, Ack(round=round_), round_)
 
     def _check_upload(self, upload: FeatureUpload, peer: str, round_: int,
