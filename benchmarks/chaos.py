@@ -131,8 +131,15 @@ def _kill(process: subprocess.Popen) -> bool:
     return True
 
 
+def _device_round_s(records: list[dict], default: float) -> float:
+    """How long a round lasts for a device (1.5 x the median RoundStart-to-upload time of the last round):
+    kills are drawn uniformly within it, so they fall in training, upload, Ack and the wait after."""
+    trips = [link["round_trip"] for link in records[-1]["link"].values()] if records else []
+    return 1.5 * median(trips) if trips else default
+
+
 def run_federation(run_dir: Path, fleet: dict[str, int], rounds: int, seed: int, kill_fraction: float,
-                   server_kills: int, timeout_s: float, first_round_s: float = 8.0) -> dict:
+                   server_kills: int, timeout_s: float, first_round_s: float = 3.0) -> dict:
     """One federation to the end; with kills when kill_fraction or server_kills. Returns what happened."""
     shutil.rmtree(run_dir, ignore_errors=True)  # the checks read every log in the folder
     fed = Federation(run_dir, fleet, {**SERVER_SETTING, "rounds": str(rounds), "seed": str(seed),
@@ -165,7 +172,7 @@ def run_federation(run_dir: Path, fleet: dict[str, int], rounds: int, seed: int,
                 seen, round_started = done, now
                 if done < rounds and done not in planned:
                     planned.add(done)
-                    est = median(durations) if durations else first_round_s
+                    est = _device_round_s(fed.records(), first_round_s)
                     for cid in rng.sample(ids, victims_per_round):
                         at = now + rng.uniform(0.0, est)
                         pending += [(at, "kill", cid), (at + rng.uniform(0.2, 1.0), "start", cid)]

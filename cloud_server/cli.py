@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from fedafd.runtime.cli_support import cli_errors, live_status, setup_logging
+from fedafd.runtime.cli_support import cli_errors, live_status, raise_open_files_limit, setup_logging
 from fedafd.runtime.config import ClientConfig, ServerConfig, load_config, write_config
 
 app = typer.Typer(help="The fedafd cloud server.", no_args_is_help=True, add_completion=False)
@@ -47,6 +47,7 @@ def serve(
 ) -> None:
     """Run a federation: wait for clients, then stage 1, downlink, collect, stage 3, evaluate, every round."""
     setup_logging(verbose)
+    raise_open_files_limit()  # one descriptor per connected device
     with cli_errors():
         # Nothing here imports torch: the socket is bound and the --local devices started first, so they
         # import and load while this process does (ServerApp answers their Joins while it loads).
