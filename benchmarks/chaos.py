@@ -173,7 +173,9 @@ def run_federation(run_dir: Path, fleet: dict[str, int], rounds: int, seed: int,
                 if done < rounds and done not in planned:
                     planned.add(done)
                     est = _device_round_s(fed.records(), first_round_s)
-                    for cid in rng.sample(ids, victims_per_round):
+                    # Not one still waiting for its kill or restart: a device runs as one process at a time.
+                    free = [c for c in ids if not any(p[2] == c for p in pending)]
+                    for cid in rng.sample(free, min(victims_per_round, len(free))):
                         at = now + rng.uniform(0.0, est)
                         pending += [(at, "kill", cid), (at + rng.uniform(0.2, 1.0), "start", cid)]
                     if done in server_kill_rounds:
@@ -196,7 +198,7 @@ def run_federation(run_dir: Path, fleet: dict[str, int], rounds: int, seed: int,
                 elif action == "kill":
                     if _kill(fed.devices[who]):
                         events.append({"t": now - started, "kill": who, "round": len(fed.records())})
-                elif fed.server.poll() is None:  # no restarts once the federation is over
+                elif fed.devices[who].poll() is not None:  # (the loop ends when the federation does)
                     fed.start_device(who)
             if fed.server.poll() is not None and not any(p[2] == "server" for p in pending):
                 if fed.server.returncode != 0:
@@ -262,12 +264,24 @@ def check(fed: Federation, rounds: int, committed_by: list[int]) -> dict:
         "round_start_resent": server_text.count("resending RoundStart"),
         "upload_resent": device_text.count("RoundStart again; resending upload"),
         "rejoins": server_text.count("rejoined:"),
+        "rounds_in_record_per_device": {cid: sum(cid in r["clients"] for r in records) for cid in sorted(fed.devices)},
         "final": summarize_round(records[-1]) if records else {},
+        "final_every_device": summarize_round(latest_of_every_device(records)) if records else {},
     }
 
 
+def latest_of_every_device(records: list[dict]) -> dict:
+    """The last record, with each device's metrics from the last round it reported in: a device killed
+    in the final round still counts with its previous report, so two runs compare the same devices."""
+    clients = {}
+    for record in records:
+        clients.update(record["clients"])
+    return dict(records[-1], clients=clients)
+
+
 def compare(chaos: dict, clean: dict, tolerance: float = 1.0) -> dict:
-    """Final-round metrics (points) of the chaos run minus the clean run's, and whether each is within tolerance."""
+    """Final metrics (points; every device's last report) of the chaos run minus the clean run's, and whether
+    each is within tolerance."""
     keys = [k for k in chaos if k in clean and k not in ("round", "seconds") and "bytes" not in k]
     diff = {k: chaos[k] - clean[k] for k in keys}
     return {"difference": diff, "within": {k: abs(v) <= tolerance for k, v in diff.items()}, "tolerance": tolerance}
@@ -302,7 +316,7 @@ def main() -> None:
     if not args.no_clean:
         clean = run_federation(args.work / "clean", fleet, rounds, args.seed, 0.0, 0, args.timeout)
         result["clean"] = clean
-        result["comparison"] = compare(chaos["final"], clean["final"])
+        result["comparison"] = compare(chaos["final_every_device"], clean["final_every_device"])
         print(f"clean: {rounds} rounds in {clean['wall_s']:.0f}s; final chaos - clean: "
               + ", ".join(f"{k} {v:+.2f}" for k, v in result["comparison"]["difference"].items()), flush=True)
     if args.out:

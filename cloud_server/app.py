@@ -483,12 +483,12 @@ class ServerApp:
     def _resend_round_start(self, peer: str) -> None:
         """A client that (re)joins while its round is collected and has not answered gets the round's
         RoundStart again (same message id): a restarted device resumes from its saved state and can
-        still make the round."""
+        still make the round, also when it was already counted as dropped (not connected when the round
+        started, or silent): it is taken off the round's dropped, so it is also not forgotten at its end."""
         live = self._live
-        if live is None or peer not in self.clients or peer not in live.selected:
+        if live is None or peer not in self.clients or peer not in live.selected or peer in live.outcome.uploads:
             return
-        if peer in live.outcome.uploads or peer in live.outcome.dropped:
-            return
+        live.outcome.dropped.pop(peer, None)
         log.info("round %d: resending RoundStart to %s after its rejoin", live.round, peer)
         self._send_round_start(self.clients[peer], live.round, live.tower_version, live.global_features, live.federated)
 
