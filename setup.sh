@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# Sets up fedafd on a fresh Debian/Ubuntu machine with Python 3.10+: a virtual environment in .venv, the
-# package and its test tools, and the bundled real data (Debian packages unpacked into ~/.cache/fedafd).
+# Sets up fedafd on a fresh Debian/Ubuntu machine with Python 3.11+ (tomllib, enum.StrEnum): a virtual
+# environment in .venv, the package and its test tools, and the bundled real data (Debian packages unpacked into ~/.cache/fedafd).
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
+# The interpreter the venv runs: an existing .venv's, else $PYTHON's (checked before a venv is made of it).
+[ -x .venv/bin/python ] && CHECK=.venv/bin/python || CHECK=$PYTHON
+if ! "$CHECK" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    version=$("$CHECK" --version 2>&1) || version="not found"
+    echo "error: fedafd needs Python 3.11+ (tomllib, enum.StrEnum); $CHECK is ${version}." >&2
+    echo "Install python3.11 or newer and run: PYTHON=python3.11 bash setup.sh (remove an old .venv first)" >&2
+    exit 1
+fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
@@ -21,6 +29,11 @@ fi
 # `apt-get download` needs package lists; refresh them once if there are none.
 if [ -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v -e lock -e partial)" ]; then
     as_root apt-get update -qq
+fi
+# The HTML report's test opens the page in headless Chromium (skipped without it).
+if ! command -v chromium >/dev/null 2>&1; then
+    install_chromium() { as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+    install_chromium || { as_root apt-get update -qq && install_chromium; }
 fi
 fedafd-cloud data fetch
 echo "fedafd is set up: . .venv/bin/activate"

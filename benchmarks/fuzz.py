@@ -23,6 +23,8 @@ import msgpack
 import numpy as np
 import zmq
 
+from fedafd.cloud_server.strategies import build_strategy
+from fedafd.runtime.config import ServerConfig
 from fedafd.runtime.wire import (
     MAGIC, PROTOCOL_VERSION, Ack, Bye, Error, FeatureUpload, Heartbeat, Join, RoundStart, Welcome, WireError,
     decode, encode,
@@ -40,7 +42,7 @@ def templates(rows: int = 8, dim: int = 4) -> list[list[bytes]]:
         Welcome(client_id=FUZZ_ID, run_id="r", feature_dim=dim, rounds=2),
         RoundStart(round=0, local_epochs=1, tower_version=1, public_indices=np.arange(rows, dtype=np.int64),
                    global_features={"image": f, "text": f}, tower={"image.w": np.zeros(3, np.float32)},
-                   tower_arch={"image": "cnn_small"}, settings={"beta": 0.5}),
+                   tower_arch={"image": "cnn_small"}, settings=build_strategy(ServerConfig()).settings()),
         FeatureUpload(round=7, client_id=FUZZ_ID, features={"image": f}, metrics={"top1": 1.0},
                       losses={"task": 0.5}, train_seconds=1.0),
         Ack(round=0), Error(code="bad_shape", reason="x", round=-1),
@@ -190,8 +192,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             server = subprocess.Popen(
                 [sys.executable, "-m", "fedafd.cloud_server.cli", "serve", "--bind", endpoint, "--out", tmp, "--insecure",
-                 "-c", "rounds=1", "-c", "min_clients=1", "-c", "join_timeout_s=3600", "-c", "public_size=8",
-                 "-c", "feature_dim=4", "-c", "image_arch=cnn_small", "-c", "text_arch=gru"],
+                 "-c", "rounds=1", "-c", "min_clients=1", "-c", "join_timeout_s=3600", "-c", "join_settle_s=3600",
+                 "-c", "public_size=8", "-c", "feature_dim=4", "-c", "image_arch=cnn_small", "-c", "text_arch=gru"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 started = time.perf_counter()

@@ -4,6 +4,7 @@ checkpoint, and write one JSONL metrics record per round. Learning maths lives i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -11,20 +12,23 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from fedafd.cloud_server.distributed import ONE_PROCESS, Ranks
 from fedafd.cloud_server.stages import (
-    GlobalModel, distill_epoch, evaluate_retrieval, extract_features, train_contrastive_epoch,
+    GlobalModel, build_optimizers, distill_epoch, evaluate_retrieval, extract_features, train_contrastive_epoch,
 )
+from fedafd.cloud_server.distill import TeacherFold
 from fedafd.cloud_server.strategies import build_strategy
 from fedafd.runtime.accounting import ByteCounter, Received, ServerMessenger
 from fedafd.runtime.backbones import backbone_digest
 from fedafd.runtime.codecs import wire_codec
 from fedafd.runtime.errors import FedafdError
 from fedafd.runtime.config import ServerConfig, config_to_dict
+from fedafd.runtime.methods import MethodSettings
 from fedafd.runtime.data.modal import load_public_data
 from fedafd.runtime.data.partition import cap_indices
 from fedafd.runtime.torch_utils import (
@@ -36,11 +40,14 @@ from fedafd.runtime.wire import (
     new_msg_id,
 )
 
+if TYPE_CHECKING:
+    from fedafd.cloud_server.tracking import RoundSink
+
 log = logging.getLogger("fedafd.cloud")
 
 CHECKPOINT_FILE = "checkpoint/server.pt"
-CHECKPOINT_FORMAT = 2
-"""2: backbone adapters as towers, and stage 3's own optimiser."""
+CHECKPOINT_FORMAT = 3
+"""2: backbone adapters as towers, and stage 3's own optimiser. 3: FedMD's consensus."""
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -79,9 +86,11 @@ class _LiveRound:
     round: int
     tower_version: int
     global_features: dict[str, torch.Tensor]
-    federated: bool
+    settings: MethodSettings
     selected: list[str]
     outcome: RoundOutcome
+    folds: dict[str, TeacherFold]
+    """Per modality, the teacher the accepted uploads are folded into as they arrive."""
     round_start_ids: dict[str, str] = field(default_factory=dict)
 
 
@@ -94,9 +103,13 @@ _POLL_S = 0.05
 
 class ServerApp:
     def __init__(self, config: ServerConfig, transport: ServerTransport, run_dir: Path,
-                 dead_clients: Callable[[], dict[str, int]] = dict, resume: bool = False):
+                 dead_clients: Callable[[], dict[str, int]] = dict, resume: bool = False,
+                 sinks: Sequence[RoundSink] = (), ranks: Ranks = ONE_PROCESS):
         self.config = config
+        self.ranks = ranks  # rank 0 of the server's data-parallel ranks (distributed.py), or the only process
         self.run_dir = run_dir
+        self.sinks = list(sinks)
+        """Also given each round's record after its metrics.jsonl line (TensorBoard, MLflow: tracking.py)."""
         self.on_stage: Callable[[str], None] = lambda text: None
         """Told what the server is doing now, in a few words (the CLI shows it as a live status line)."""
         self.counter = ByteCounter()
@@ -115,18 +128,19 @@ class ServerApp:
                                  config.contrastive_loss, config.adapter_dropout).to(self.device)
         backbones = tuple(sorted(set(self.model.backbones().values())))
         self.backbone_digests = {name: backbone_digest(name) for name in backbones}
+        self.consensus: dict[str, torch.Tensor] = {}
+        """FedMD: the last round's teachers, sent down for the devices' digest (and checkpointed)."""
         saved = self._restore() if resume else None  # next_round and the model; the optimisers' state below
         with self._answering_joins():  # what takes seconds: the data, and the first optimiser imports torch._dynamo
             self.public_all = load_public_data("train", backbones)
             self.public_rows = np.sort(cap_indices(np.arange(len(self.public_all)), config.public_size, config.seed))
             self.public = self.public_all.select(self.public_rows)
             self.public_test = load_public_data("test", backbones)
-            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
-            # Stage 3 has its own optimiser: Adam's moments of the contrastive loss are not those of distillation.
-            self.distill_optimizer = torch.optim.Adam(self.model.encoders.parameters(), lr=config.distill_lr)
+            self.optimizer, self.distill_optimizer = build_optimizers(self.model, config.lr, config.distill_lr)
             if saved is not None:
                 self.optimizer.load_state_dict(saved["optimizer"])
                 self.distill_optimizer.load_state_dict(saved["distill_optimizer"])
+            ranks.setup(config_to_dict(config), self.model, (self.optimizer, self.distill_optimizer))
             self.strategy = build_strategy(config)
 
     @contextlib.contextmanager
@@ -172,11 +186,20 @@ class ServerApp:
         return records
 
     def _wait_for_clients(self) -> None:
+        """Start when expected_clients joined; with expected_clients 0, once min_clients joined and no
+        other joined for join_settle_s (late devices join between rounds); after join_timeout_s with
+        min_clients, else fail."""
         c = self.config
         deadline = time.monotonic() + c.join_timeout_s
+        joined, last_change = len(self.clients), time.monotonic()
         while True:
+            if len(self.clients) != joined:
+                joined, last_change = len(self.clients), time.monotonic()
             enough = len(self.clients) >= max(c.expected_clients, c.min_clients)
             if enough and c.expected_clients:
+                return
+            if enough and time.monotonic() - last_change >= c.join_settle_s:
+                log.info("starting with %d client(s): none joined for join_settle_s=%gs", joined, c.join_settle_s)
                 return
             if time.monotonic() >= deadline:
                 if len(self.clients) >= c.min_clients:
@@ -224,49 +247,54 @@ class ServerApp:
         generator = seeded_generator(c.seed * 1_000_003 + round_)
         if c.public_resample and c.public_size:
             self._resample_public(round_)
-        federated = self.strategy.shares_global_model()
+        self.ranks.start_round(round_, self.public_rows, generator)
+        settings = self.strategy.settings()
 
         self.on_stage(f"round {round_ + 1}/{c.rounds}: stage 1, training the global encoders on {len(self.public)} public pairs")
         started = time.perf_counter()
         stage1_loss = 0.0
         for _ in range(c.server_epochs):
-            stage1_loss = train_contrastive_epoch(self.model, self.optimizer, self.public, c.batch_size, generator, self.device)
-        global_features = {m: extract_features(self.model.encoders[m], self.public, m, self.device).cpu() for m in MODALITIES}
+            stage1_loss = train_contrastive_epoch(self.model, self.optimizer, self.public, c.batch_size, generator, self.device,
+                                                  self.ranks)
+        global_features = {m: extract_features(self.model.encoders[m], self.public, m, self.device, ranks=self.ranks).cpu()
+                           for m in MODALITIES}
         timings["stage1"] = time.perf_counter() - started
 
         started = time.perf_counter()
         selected = list(self.clients)
         tower_version = round_ + 1  # the encoders change every round (stage 1 and stage 3)
         outcome = RoundOutcome()
-        self._live = _LiveRound(round_, tower_version, global_features, federated, selected, outcome)
+        self._live = _LiveRound(round_, tower_version, global_features, settings, selected, outcome,
+                                folds={m: TeacherFold() for m in MODALITIES})
         for client_id in selected:
-            if not self._send_round_start(self.clients[client_id], round_, tower_version, global_features, federated):
+            if not self._send_round_start(self.clients[client_id], round_, tower_version, global_features, settings):
                 outcome.dropped[client_id] = "not connected when the round started"
         timings["downlink"] = time.perf_counter() - started
 
         self.on_stage(f"round {round_ + 1}/{c.rounds}: devices training, 0/{len(selected)} uploads")
         started = time.perf_counter()
         self._collect(round_, selected, outcome)
-        self._live = None
+        folds, self._live = self._live.folds, None
         timings["collect"] = time.perf_counter() - started
 
         needed = math.ceil(c.quorum * len(selected))
         quorum_met = len(outcome.uploads) >= needed and len(outcome.uploads) > 0
         self.on_stage(f"round {round_ + 1}/{c.rounds}: stage 3, distilling from {len(outcome.uploads)} uploads")
         started = time.perf_counter()
-        distill_loss, sed_summary = 0.0, {}
-        if federated and quorum_met:
-            uploads = {cid: {m: torch.from_numpy(np.array(f, dtype=np.float32)) for m, f in u.features.items()}
-                       for cid, u in outcome.uploads.items()}
-            teachers, sed_summary = self.strategy.teachers(uploads, global_features)
-            teachers = {m: t.to(self.device) for m, t in teachers.items()}
-            for _ in range(c.distill_epochs):
-                distill_loss = distill_epoch(self.model, self.distill_optimizer, self.public, teachers, c.gamma,
-                                             c.batch_size, generator, self.device)
+        distill_loss, sed_summary, teachers = 0.0, {}, {}
+        if settings.uplink and quorum_met:
+            teachers = {m: fold.teacher() for m, fold in folds.items() if len(fold)}
+            sed_summary = {m: fold.mean_weights() for m, fold in folds.items() if len(fold)}
+            if settings.digest == "consensus":  # FedMD: this round's teachers are next round's consensus
+                self.consensus = {m: t.cpu() for m, t in teachers.items()}
+        teachers = {m: t.to(self.device) for m, t in self.ranks.share_teachers(teachers).items()}
+        for _ in range(c.distill_epochs):  # no teachers: no stage 3
+            distill_loss = distill_epoch(self.model, self.distill_optimizer, self.public, teachers, c.gamma,
+                                         c.batch_size, generator, self.device, self.ranks)
         timings["stage3"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        server_metrics = evaluate_retrieval(self.model, self.public_test, self.device)
+        server_metrics = evaluate_retrieval(self.model, self.public_test, self.device, self.ranks)
         timings["eval"] = time.perf_counter() - started
 
         record = {
@@ -297,9 +325,9 @@ class ServerApp:
         return record
 
     def _send_round_start(self, client: ClientRecord, round_: int, tower_version: int,
-                          global_features: dict[str, torch.Tensor], federated: bool) -> bool:
+                          global_features: dict[str, torch.Tensor], settings: MethodSettings) -> bool:
         c = self.config
-        tower_modalities, feature_modalities = self._downlink_plan(client) if federated else ((), ())
+        tower_modalities, feature_modalities = self._downlink_plan(client, settings)
         tower: dict[str, np.ndarray] = {}
         if client.tower_version_sent != tower_version:  # only when they changed
             tower = {k: v.numpy() for k, v in self.model.tower_state(tower_modalities).items()}
@@ -312,11 +340,13 @@ class ServerApp:
             global_features={m: global_features[m].numpy() for m in feature_modalities},
             tower=tower,
             tower_arch={m: self.model.archs[m] for m in tower_modalities},
-            settings={**self.strategy.device_settings(), "feature_codec": c.feature_codec},
+            settings=settings,
+            consensus={m: f.numpy() for m, f in self.consensus.items()} if settings.digest == "consensus" else {},
             backbones={backbones[m]: self.backbone_digests[backbones[m]] for m in tower_modalities if m in backbones},
         )
         client.round_start_sent_at = time.monotonic()
-        codecs = {"global_features": wire_codec(c.feature_codec), "tower": wire_codec(c.tower_codec)}
+        codecs = {"global_features": wire_codec(c.feature_codec), "consensus": wire_codec(c.feature_codec),
+                  "tower": wire_codec(c.tower_codec)}
         # One message id per client and round: a RoundStart resent after a rejoin is the same message,
         # so a client that already served it resends its upload instead of training twice.
         msg_id = self._live.round_start_ids.setdefault(client.client_id, new_msg_id()) if self._live else None
@@ -325,12 +355,15 @@ class ServerApp:
             return True
         return False
 
-    def _downlink_plan(self, client: ClientRecord) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """(towers, features) a client gets: the towers of its modalities (GFF needs them), and for BAA the
-        global features G of both modalities, each either as the (P, d) tensor or, where that is fewer
-        numbers, as the tower the device computes G with from the public set it holds (an adapter over a
-        frozen backbone is a quarter of G_img's size at d = 256)."""
-        towers = list(client.modalities)
+    def _downlink_plan(self, client: ClientRecord, settings: MethodSettings) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(towers, features) a client gets: the towers of its modalities when it fuses (GFF), and when the
+        method needs the global features G of the public set (BAA, CreamFL, a digest toward the server) G of
+        both modalities, each either as the (P, d) tensor or, where that is fewer numbers, as the tower the
+        device computes G with from the public set it holds (an adapter over a frozen backbone is a quarter
+        of G_img's size at d = 256)."""
+        towers = list(client.modalities) if settings.gff else []
+        if not settings.needs_global_features:
+            return tuple(towers), ()
         for modality in MODALITIES:
             tower_size = sum(t.numel() for t in self.model.encoders[modality].state_dict().values())
             if modality not in towers and tower_size < len(self.public) * self.config.feature_dim:
@@ -394,7 +427,10 @@ class ServerApp:
         self._accepted_ids[received.msg_id] = round_
         while len(self._accepted_ids) > _SEEN_IDS:
             del self._accepted_ids[next(iter(self._accepted_ids))]
-        outcome.uploads[peer] = upload
+        for modality, features in upload.features.items():  # folded into the teacher, then not kept
+            features = torch.from_numpy(np.array(features, dtype=np.float32))
+            self._live.folds[modality].add(peer, features, self.strategy.score(modality, features, self._live.global_features))
+        outcome.uploads[peer] = dataclasses.replace(upload, features={})
         self.on_stage(f"round {round_ + 1}/{self.config.rounds}: devices training, "
                       f"{len(outcome.uploads)}/{len(selected)} uploads")
         outcome.arrived_at[peer] = time.monotonic()
@@ -412,7 +448,7 @@ class ServerApp:
         if upload.round != round_ or peer not in selected:
             return ErrorCode.UNEXPECTED, f"upload for round {upload.round}, but round {round_} is running" + (
                 "" if peer in selected else f" without {peer!r}")
-        if not self.strategy.shares_global_model():
+        if not self._live.settings.uplink:
             return None
         expected = set(self.clients[peer].modalities)
         if set(upload.features) != expected:
@@ -490,7 +526,7 @@ class ServerApp:
             return
         live.outcome.dropped.pop(peer, None)
         log.info("round %d: resending RoundStart to %s after its rejoin", live.round, peer)
-        self._send_round_start(self.clients[peer], live.round, live.tower_version, live.global_features, live.federated)
+        self._send_round_start(self.clients[peer], live.round, live.tower_version, live.global_features, live.settings)
 
     def _reject(self, peer: str, code: ErrorCode | str, reason: str, reply_to: str = "") -> None:
         """Errors are values: the peer gets an Error naming the problem (and the id of the message it
@@ -525,7 +561,7 @@ class ServerApp:
     # -- persistence ----------------------------------------------------------------------------
     def _checkpoint(self, round_: int) -> None:
         tensors = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                   "distill_optimizer": self.distill_optimizer.state_dict()}
+                   "distill_optimizer": self.distill_optimizer.state_dict(), "consensus": self.consensus}
         meta = {"round": round_, "config": config_to_dict(self.config), "format": CHECKPOINT_FORMAT}
         save_checkpoint(self.run_dir / CHECKPOINT_FILE, tensors, meta)
 
@@ -540,6 +576,7 @@ class ServerApp:
             raise ServerError(f"--resume: {path} has checkpoint format {meta.get('format')}, this build reads "
                               f"{CHECKPOINT_FORMAT}; start a new run folder")
         self.model.load_state_dict(tensors["model"])
+        self.consensus = dict(tensors["consensus"])
         self.next_round = meta["round"] + 1
         # Keep exactly the records of finished rounds (a crash may have happened after the metrics line
         # of a round whose checkpoint did not land, or the reverse).
@@ -553,6 +590,8 @@ class ServerApp:
     def _append_metrics(self, record: dict) -> None:
         with open(self.run_dir / METRICS_FILE, "a") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
+        for sink in self.sinks:
+            sink.log_round(record)
 
     def close(self) -> None:
         self.messenger.close()

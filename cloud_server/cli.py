@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 
-from fedafd.runtime.cli_support import cli_errors, live_status, raise_open_files_limit, setup_logging
-from fedafd.runtime.config import ClientConfig, ServerConfig, load_config, write_config
+from fedafd.runtime.cli_support import (
+    Format, ProfileFormat, cli_errors, config_listing, live_status, raise_open_files_limit, setup_logging,
+)
+from fedafd.runtime.config import ClientConfig, ServerConfig, config_to_dict, load_config, write_config
 
 app = typer.Typer(help="The fedafd cloud server.", no_args_is_help=True, add_completion=False)
 data_app = typer.Typer(help="The bundled real data sets (from Debian packages, offline at run time).",
@@ -30,29 +35,47 @@ def serve(
                                                      "(default tcp://127.0.0.1:5555; with --local a free loopback port).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (metrics.jsonl, checkpoint, config, client states). "
                                                      "Default: runs/<timestamp>.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of ServerConfig values.")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Option("-c", "--set", help="key=value override, repeatable "
-                                                           "(e.g. -c rounds=5 -c device=cuda).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of ServerConfig values "
+                                                                     "(keys: `fedafd-cloud config`).")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("-c", "--set", help="KEY=VALUE of ServerConfig, repeatable "
+                                                           "(e.g. -c rounds=5 -c device=cuda); `fedafd-cloud config` "
+                                                           "lists every key, its type, default and meaning.")] = None,
     local: Annotated[Optional[str], typer.Option(help="Also start clients on this machine, e.g. "
                                                       "image=3,text=3,multimodal=4.")] = None,
-    local_set: Annotated[Optional[list[str]], typer.Option("--local-set", help="key=value of ClientConfig for every "
-                                                           "--local device (e.g. disc_lr=1e-4), repeatable.")] = None,
+    local_set: Annotated[Optional[list[str]], typer.Option("--local-set", help="KEY=VALUE of ClientConfig for every "
+                                                           "--local device (e.g. disc_lr=1e-4), repeatable; "
+                                                           "`fedafd-edge config` lists every key.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last finished round.")] = False,
     keys: Annotated[Optional[Path], typer.Option(help="Folder with server.key and allowed_clients.json (see "
                                                       "`fedafd-cloud keys` and `nodes add`): CURVE encryption, "
                                                       "allow-listed devices only. Default with --local: "
                                                       "RUN_DIR/keys, generated.")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Plain text, no authentication (prints a warning).")] = False,
+    tensorboard: Annotated[Optional[Path], typer.Option(help="Also write every round to TensorBoard event files in "
+                                                             "DIR/<run folder name> (needs fedafd[tensorboard]).")] = None,
+    mlflow: Annotated[Optional[str], typer.Option(help="Also log to an MLflow run at this tracking URI, e.g. "
+                                                       "sqlite:///mlruns.db, a folder, or http://host:5000 "
+                                                       "(needs fedafd[mlflow]).")] = None,
+    workers: Annotated[int, typer.Option(help="Server processes that run stage 1, stage 3 and evaluation data-parallel "
+                                              "(torch DDP; this command re-runs itself under torchrun). Rank 0 alone "
+                                              "talks to the devices. Or start it with torchrun yourself.")] = 1,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every message event.")] = False,
 ) -> None:
     """Run a federation: wait for clients, then stage 1, downlink, collect, stage 3, evaluate, every round."""
     setup_logging(verbose)
     raise_open_files_limit()  # one descriptor per connected device
     with cli_errors():
+        world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None  # set by torchrun
+        if workers < 1 or (world is not None and workers not in (1, world)):
+            raise typer.BadParameter(f"--workers must be >= 1 and match torchrun's {world} processes, got {workers}")
+        if world is None and workers > 1:
+            _relaunch_under_torchrun(workers)
+        rank = int(os.environ.get("RANK", "0"))
         # Nothing here imports torch: the socket is bound and the --local devices started first, so they
         # import and load while this process does (ServerApp answers their Joins while it loads).
         from fedafd.cloud_server.fleet import LocalFleet, client_ids, parse_fleet
         from fedafd.cloud_server.limits import max_upload_bytes
+        from fedafd.cloud_server.tracking import open_tracking, require_extras
         from fedafd.runtime.keys import ALLOW_LIST, SERVER_KEY, AllowList, generate_keypair, load_keypair
         from fedafd.runtime.report import progress_line
         from fedafd.runtime.transport import CurveServerKeys, ZmqServerTransport
@@ -64,16 +87,20 @@ def serve(
             load_config(ClientConfig, None, local_set)  # a wrong key or value fails here, not in 10 children
         explicit = {"expected_clients": len(client_ids(fleet_spec))} if fleet_spec else {}
         server_config = load_config(ServerConfig, config, overrides, **explicit)
+        if rank != 0:  # no socket, no run folder: rank 0 sends what to train
+            from fedafd.cloud_server.worker import serve_worker
+
+            serve_worker(_join_ranks(server_config))
+            return
         if resume and out is None:
             raise typer.BadParameter("--resume needs --out RUN_DIR")
-        run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(server_config, run_dir / "config.json")
+        require_extras(*(name for name, given in (("tensorboard", tensorboard), ("mlflow", mlflow)) if given))
         if insecure and keys is not None:
             raise typer.BadParameter("--insecure and --keys exclude each other")
         if not insecure and keys is None and fleet_spec is None:
             raise typer.BadParameter("pass --keys DIR (CURVE; create it with `fedafd-cloud keys --out DIR` and "
                                      "`fedafd-cloud nodes add`) or --insecure for plain text")
+        run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         curve = None
         if insecure:
             typer.secho(INSECURE_WARNING, fg="yellow", err=True)
@@ -85,6 +112,10 @@ def serve(
             curve = CurveServerKeys(pair.public, pair.secret, AllowList(keys / ALLOW_LIST).client_of_key)
         transport = ZmqServerTransport(bind or ("tcp://127.0.0.1:*" if fleet_spec else "tcp://127.0.0.1:5555"),
                                        curve=curve, max_message_bytes=max_upload_bytes(server_config))
+        # Only now, with the arguments, the config, the keys and the address checked, is the run folder
+        # written: a refused command leaves none behind (--local's generated keys are the exception).
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(server_config, run_dir / "config.json")
         (run_dir / "server.json").write_text(json.dumps({"endpoint": transport.endpoint}) + "\n")
         fleet = LocalFleet(fleet_spec, transport.endpoint, run_dir, server_config,
                            keys_dir=None if insecure else keys, client_overrides=local_set or []) if fleet_spec else None
@@ -92,31 +123,66 @@ def serve(
         if fleet:
             fleet.start()
             typer.echo(f"started {len(fleet.processes)} local clients: {', '.join(fleet.processes)}", err=True)
-        server = None
+        server = tracking = ranks = None
+        status = "FAILED"  # of the MLflow run, unless the rounds finish or are interrupted
         try:
             from fedafd.cloud_server.app import ServerApp
+            from fedafd.cloud_server.distributed import ONE_PROCESS, RankFailed
 
-            server = ServerApp(server_config, transport, run_dir,
-                               dead_clients=fleet.dead if fleet else dict, resume=resume)
+            def stopped_by_launcher(signum, frame) -> NoReturn:  # the --local devices still get stopped
+                raise RankFailed("stopped by SIGTERM: torchrun sends it to every rank once one fails (its report "
+                                 "names which, and its exit code)")
+
+            if world is not None:
+                signal.signal(signal.SIGTERM, stopped_by_launcher)
+            ranks = _join_ranks(server_config) if world is not None else ONE_PROCESS
+            params = config_to_dict(server_config)  # the run's settings, as MLflow params / TensorBoard HParams
+            if fleet_spec:
+                params.update(local=local, local_set=local_set or [])
+            tracking = open_tracking(run_dir, params, tensorboard, mlflow, resume)
+            server = ServerApp(server_config, transport, run_dir, dead_clients=fleet.dead if fleet else dict,
+                               resume=resume, sinks=[tracking], ranks=ranks)
             started = time.perf_counter()
-            with live_status() as show:
+            with live_status() as show, ranks.reporting():
                 server.on_stage = show
                 server.run(on_round=lambda record: typer.echo(progress_line(record, server_config.rounds)))
+            status = "FINISHED"
             typer.echo(f"done: {server_config.rounds} rounds in {time.perf_counter() - started:.0f}s; "
                        f"metrics in {run_dir / 'metrics.jsonl'}")
             if fleet:
                 failed = {cid: code for cid, code in fleet.stop().items() if code != 0}
                 if failed:
                     typer.echo(f"warning: clients exited with errors {failed}; see {run_dir}/clients/*/log.txt", err=True)
-        except BaseException:
+        except BaseException as err:
+            status = "KILLED" if isinstance(err, KeyboardInterrupt) else status
             if fleet:
                 fleet.kill()
             raise
         finally:
+            if tracking is not None:
+                tracking.close(status)
             if server is not None:
                 server.close()
             else:
                 transport.close()
+            if ranks is not None:
+                ranks.close()
+
+
+def _relaunch_under_torchrun(workers: int) -> NoReturn:
+    """`serve --workers N`: this same command as N processes of torch's launcher (RANK, WORLD_SIZE, MASTER_ADDR
+    in their environment); it tears them all down when one fails."""
+    # "--": torchrun would read an abbreviation of its own options into ours (--local for --local-addr).
+    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
+                              "-m", "--", "fedafd.cloud_server.cli", *sys.argv[1:]])
+
+
+def _join_ranks(config: ServerConfig):
+    from fedafd.cloud_server.distributed import join_from_environment
+
+    # Rank 0's messages may be apart by as long as it waits for devices: joins, then a round's uploads.
+    longest_wait_s = config.join_timeout_s + config.round_deadline_s + config.worker_timeout_s
+    return join_from_environment(config.device, config.worker_timeout_s, longest_wait_s)
 
 
 @app.command("keys")
@@ -157,7 +223,7 @@ def nodes_add(
 
 @nodes_app.command("list")
 def nodes_list(keys: _KEYS_DIR = Path("server_keys"),
-               fmt: Annotated[str, typer.Option("--format", help="text or json")] = "text") -> None:
+               fmt: Annotated[Format, typer.Option("--format")] = Format.text) -> None:
     """The admitted devices and their public keys."""
     with cli_errors():
         entries = _allow_list(keys).entries()
@@ -191,7 +257,7 @@ def data_fetch() -> None:
 
 
 @data_app.command("info")
-def data_info(fmt: Annotated[str, typer.Option("--format", help="text or json")] = "text") -> None:
+def data_info(fmt: Annotated[Format, typer.Option("--format")] = Format.text) -> None:
     """Sizes of every data set and split (prepares them first if needed)."""
     with cli_errors():
         from fedafd.runtime.data.modal import load_public_data, load_task_data
@@ -208,16 +274,26 @@ def data_info(fmt: Annotated[str, typer.Option("--format", help="text or json")]
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `serve`.")],
-    fmt: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+    fmt: Annotated[Format, typer.Option("--format")] = Format.text,
+    html: Annotated[bool, typer.Option("--html", help="Also write one self-contained page with plots "
+                                                      "(RUN_DIR/report.html, or --out).")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Where the --html page goes.")] = None,
 ) -> None:
-    """Per-round summary of a run: client-kind means, server retrieval, bytes per client."""
+    """Per-round summary of a run: client-kind means, server retrieval, bytes per client; with --html also a
+    page of plots and tables (metrics, bytes against FedAvg, stage timings, SED weights, drops, rejections)."""
     with cli_errors():
         from fedafd.runtime.report import read_metrics, summarize_round
 
         path = run_dir / "metrics.jsonl"
         if not path.exists():
             raise typer.BadParameter(f"no metrics.jsonl in {run_dir}")
+        if out is not None and not html:
+            raise typer.BadParameter("--out is where the --html page goes; pass --html too")
         rows = [summarize_round(record) for record in read_metrics(path)]
+        if html:
+            from fedafd.runtime.html_report import write_html_report
+
+            typer.echo(f"written: {write_html_report(run_dir, out)}", err=True)
         if fmt == "json":
             typer.echo(json.dumps(rows, indent=2))
             return
@@ -230,7 +306,7 @@ def report(
 @app.command()
 def profile(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `serve`.")],
-    fmt: Annotated[str, typer.Option("--format", help="markdown or json")] = "markdown",
+    fmt: Annotated[ProfileFormat, typer.Option("--format")] = ProfileFormat.markdown,
     out: Annotated[Optional[Path], typer.Option(help="Where profile.md/.json/.png go (default: RUN_DIR).")] = None,
 ) -> None:
     """Bytes per round and client kind by what they carry (public features, global features, global tower,
@@ -244,6 +320,14 @@ def profile(
         typer.echo(json.dumps(result, indent=2) if fmt == "json" else profile_markdown(result))
         if fmt != "json":
             typer.echo(f"written: {Path(result['plot']).with_suffix('.md')}, .json, {result['plot']}", err=True)
+
+
+@app.command("config")
+def config_cmd(fmt: Annotated[Format, typer.Option("--format")] = Format.text) -> None:
+    """Every server setting (ServerConfig) with its type, default and meaning: what `serve -c KEY=VALUE`
+    and `serve --config FILE.toml` accept."""
+    typer.echo(config_listing(ServerConfig, fmt, "Set with `fedafd-cloud serve -c KEY=VALUE` (repeatable) or "
+                                                 "`--config FILE.toml` (KEY = VALUE lines); later wins."))
 
 
 if __name__ == "__main__":

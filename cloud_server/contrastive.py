@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedafd.runtime.losses import info_nce
+
 __all__ = ["PcmeSoftContrastive", "InfoNceLoss", "build_contrastive_loss"]
 
 
@@ -83,12 +85,7 @@ class InfoNceLoss(nn.Module):
 
     def forward(self, image_features: Tensor, text_features: Tensor) -> Tensor:
         _check_pair(image_features, text_features)
-        u = F.normalize(image_features, dim=-1)
-        t = F.normalize(text_features, dim=-1)
-        scale = self.logit_scale.clamp(0.0, self.max_logit_scale).exp()
-        logits = scale * (u @ t.T)  # (B, B), rows: images, columns: texts
-        targets = torch.arange(logits.shape[0], device=logits.device)
-        return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+        return info_nce(image_features, text_features, self.logit_scale.clamp(0.0, self.max_logit_scale).exp())
 
 
 def build_contrastive_loss(name: str) -> nn.Module:

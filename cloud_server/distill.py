@@ -1,7 +1,7 @@
 """Similarity-guided ensemble distillation (SED), method.md round step 5.
 
-Plain functions over tensors, one modality at a time; the caller loops over modalities and skips a
-modality that no client sent (these functions raise on ``C == 0`` rather than guess).
+One modality at a time; the caller skips a modality that no client sent (these raise on ``C == 0``
+rather than guess). Uploads are folded into the teacher as they arrive (TeacherFold).
 
 For client ``c`` and public sample ``k``, with ``v`` the client's feature and ``g`` the server's
 feature of the same modality, both L2-normalised::
@@ -19,13 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = [
-    "sed_scores",
-    "sed_weights",
-    "sed_teacher",
-    "mean_teacher",
-    "distillation_loss",
-]
+__all__ = ["sed_scores", "TeacherFold"]
 
 
 def _check_client_features(client_features: Tensor) -> None:
@@ -82,45 +76,62 @@ def sed_scores(client_features: Tensor, server_features: Tensor, chunk_size: int
     return scores
 
 
-def sed_weights(scores: Tensor) -> Tensor:
-    """Per-sample client weights: softmax over the client axis of (C, P) scores -> (C, P)."""
-    if scores.dim() != 2:
-        raise ValueError(f"scores must be (C, P), got shape {tuple(scores.shape)}")
-    if scores.shape[0] == 0:
-        raise ValueError("SED needs at least one client (C == 0); skip this modality in the caller")
-    return torch.softmax(scores, dim=0)
+class TeacherFold:
+    """The teacher of one modality, ``t_k = sum_c w_ck v_ck`` with ``w_ck = softmax_c(s_ck)``, folded in one
+    upload at a time (an online softmax: a running max of the scores, the running sum of their exps and the
+    running exp-weighted sum of features, rescaled whenever the max rises). Memory is O(P x d) whatever the
+    number of clients, an upload is not kept once folded in, and the result is the same in any order.
 
-
-def sed_teacher(client_features: Tensor, weights: Tensor) -> Tensor:
-    """Aggregated teacher ``t_k = sum_c w_ck * v_ck`` -> (P, d).
-
-    The client features are L2-normalised before weighting (the same ``v`` the scores were computed
-    on), so each client contributes on equal terms whatever the scale of its encoder. The result is
-    a convex combination of unit vectors and is *not* re-normalised (its norm is <= 1 and shrinks
-    where clients disagree); the server's global features are L2-normalised too, so teacher and
-    student live on the same scale.
+    The scores say how much each client is trusted on each sample: SED's ``s_ck`` (FedAFD), the score
+    against the other modality (CreamFL), or zeros, which make the teacher the plain mean of the
+    L2-normalised features (the "without SED" ablation, FedMD's consensus). Only each client's (P,)
+    scores are kept, for its mean weight in the metrics.
     """
-    _check_client_features(client_features)
-    if tuple(weights.shape) != tuple(client_features.shape[:2]):
-        raise ValueError(
-            f"weights (C, P) = {tuple(weights.shape)} does not match client_features "
-            f"(C, P, d) = {tuple(client_features.shape)}"
-        )
-    v = F.normalize(client_features.float(), dim=-1)  # (C, P, d)
-    w = weights.to(device=v.device, dtype=v.dtype)
-    return (w.unsqueeze(-1) * v).sum(dim=0)  # (P, d)
 
+    def __init__(self) -> None:
+        self._max: Tensor | None = None  # (P,) running max of the scores
+        self._total: Tensor | None = None  # (P,) sum_c exp(s_ck - max_k)
+        self._weighted: Tensor | None = None  # (P, d) sum_c exp(s_ck - max_k) v_ck
+        self._scores: dict[str, Tensor] = {}
 
-def mean_teacher(client_features: Tensor) -> Tensor:
-    """The "without SED" ablation: plain mean of the L2-normalised client features -> (P, d)."""
-    _check_client_features(client_features)
-    return F.normalize(client_features.float(), dim=-1).mean(dim=0)
+    def __len__(self) -> int:
+        return len(self._scores)
 
+    def add(self, client_id: str, features: Tensor, scores: Tensor) -> None:
+        """features: (P, d), need not be normalised; scores: (P,) finite."""
+        if client_id in self._scores:
+            raise ValueError(f"{client_id} was already folded into this teacher")
+        if features.dim() != 2 or scores.shape != features.shape[:1]:
+            raise ValueError(f"features must be (P, d) and scores (P,), got {tuple(features.shape)} and "
+                             f"{tuple(scores.shape)}")
+        if self._weighted is not None and features.shape != self._weighted.shape:
+            raise ValueError(f"features {tuple(features.shape)} do not match the others' {tuple(self._weighted.shape)}")
+        if not torch.isfinite(scores).all():
+            raise ValueError("scores must be finite")
+        v = F.normalize(features.float(), dim=-1)
+        # Scores in float64: a score offset by 1e4 (FedGEMS' unselected devices) keeps its small differences.
+        scores = scores.double().to(v.device)
+        if self._max is None:
+            self._max, self._total, self._weighted = scores, torch.ones_like(scores), v.clone()
+        else:
+            new_max = torch.maximum(self._max, scores)
+            rescale, weight = torch.exp(self._max - new_max), torch.exp(scores - new_max)
+            self._total = self._total * rescale + weight
+            self._weighted = (self._weighted * rescale.unsqueeze(1).to(v.dtype)
+                              + weight.unsqueeze(1).to(v.dtype) * v)
+            self._max = new_max
+        self._scores[client_id] = scores
 
-def distillation_loss(student: Tensor, teacher: Tensor, gamma: float) -> Tensor:
-    """``gamma * MSE(student, teacher)``, mean over all elements; the teacher gets no gradient."""
-    if student.shape != teacher.shape:
-        raise ValueError(
-            f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} shapes differ"
-        )
-    return gamma * F.mse_loss(student, teacher.detach().to(student.dtype))
+    def teacher(self) -> Tensor:
+        """(P, d): a convex combination of unit vectors, not re-normalised (its norm shrinks where clients
+        disagree); the server's global features are unit vectors too, so teacher and student share a scale."""
+        if self._weighted is None:
+            raise ValueError("no client was folded in; skip this modality in the caller")
+        return self._weighted / self._total.unsqueeze(1).to(self._weighted.dtype)
+
+    def mean_weights(self) -> dict[str, float]:
+        """Each client's weight w_ck averaged over the public samples (they sum to 1 over clients)."""
+        if self._max is None:
+            return {}
+        log_norm = self._max + torch.log(self._total)
+        return {cid: float(torch.exp(scores - log_norm).mean()) for cid, scores in self._scores.items()}

@@ -3,6 +3,9 @@
 Stage 1 trains the global encoders on the public pairs and extracts their features; stage 3 distils the
 global encoders toward the clients' (similarity-weighted) public features; evaluation is retrieval on the
 held-out public split.
+
+Each takes `ranks` (distributed.py): with several server ranks each trains and encodes its shard of every
+global batch; with one (the default) every hook is the identity.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import torch
 from torch import nn
 
 from fedafd.cloud_server.contrastive import build_contrastive_loss
-from fedafd.cloud_server.distill import distillation_loss
+from fedafd.cloud_server.distributed import ONE_PROCESS, Ranks
+from fedafd.runtime.losses import distillation_loss
 from fedafd.runtime.data.modal import RAW, ModalData
 from fedafd.runtime.models import ADAPTER_DROPOUT, build_encoder, encode_rows, input_view
 from fedafd.runtime.retrieval import retrieval_metrics
@@ -42,17 +46,28 @@ class GlobalModel(nn.Module):
                 for m in modalities for name, t in self.encoders[m].state_dict().items()}
 
 
+def build_optimizers(model: GlobalModel, lr: float, distill_lr: float) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+    """Stage 1's Adam (the encoders and the loss's a, b) and stage 3's own: Adam's moments of the contrastive
+    loss are not those of distillation."""
+    return torch.optim.Adam(model.parameters(), lr=lr), torch.optim.Adam(model.encoders.parameters(), lr=distill_lr)
+
+
 def train_contrastive_epoch(model: GlobalModel, optimizer: torch.optim.Optimizer, public: ModalData,
-                            batch_size: int, generator: torch.Generator, device: torch.device) -> float:
-    """Stage 1: one epoch of the image-text contrastive loss over the public pairs; mean loss."""
+                            batch_size: int, generator: torch.Generator, device: torch.device,
+                            ranks: Ranks = ONE_PROCESS) -> float:
+    """Stage 1: one epoch of the image-text contrastive loss over the public pairs; mean loss. With several
+    ranks the loss is over the whole global batch: the shards' features are gathered with their gradients."""
     model.train()
+    encoders = {m: ranks.replica(e) for m, e in model.encoders.items()}
+    loss_fn = ranks.replica(model.loss)
     total, steps = 0.0, 0
     for rows in batch_indices(len(public), batch_size, generator):
-        if len(rows) < 2:  # a contrastive batch needs negatives
+        if len(rows) < max(2, ranks.world_size):  # a contrastive batch needs negatives, every rank a row
             continue
-        image = model.encode("image", public, rows, device)  # (B, d)
-        text = model.encode("text", public, rows, device)  # (B, d)
-        loss = model.loss(image, text)
+        mine = ranks.shard(rows)
+        image = ranks.gather(encode_rows(encoders["image"], "image", public, mine, device), len(rows))  # (B, d)
+        text = ranks.gather(encode_rows(encoders["text"], "text", public, mine, device), len(rows))  # (B, d)
+        loss = loss_fn(image, text)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -62,39 +77,45 @@ def train_contrastive_epoch(model: GlobalModel, optimizer: torch.optim.Optimizer
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, data: ModalData, modality: str, device: torch.device,
-                     batch_size: int = 256) -> torch.Tensor:
-    """(N, d) L2-normalised features in eval mode, rows in order."""
+                     batch_size: int = 256, ranks: Ranks = ONE_PROCESS) -> torch.Tensor:
+    """(N, d) L2-normalised features in eval mode, rows in order (every rank encodes its shard; all get all)."""
     encoder.eval()
-    chunks = [encode_rows(encoder, modality, data, rows, device) for rows in batch_indices(len(data), batch_size)]
-    return torch.cat(chunks)
+    mine = ranks.shard(torch.arange(len(data)))
+    chunks = [encode_rows(encoder, modality, data, mine[part], device) for part in batch_indices(len(mine), batch_size)]
+    return ranks.gather(torch.cat(chunks), len(data))
 
 
 def distill_epoch(model: GlobalModel, optimizer: torch.optim.Optimizer, public: ModalData,
                   teachers: dict[str, torch.Tensor], gamma: float, batch_size: int, generator: torch.Generator,
-                  device: torch.device) -> float:
+                  device: torch.device, ranks: Ranks = ONE_PROCESS) -> float:
     """Stage 3: gamma * MSE between each global encoder's output and its modality's teacher, over P.
-    Modalities without a teacher (no client sent them this round) are skipped."""
+    Modalities without a teacher (no client sent them this round) are skipped. Per sample, so each rank
+    needs only its shard (weighted by its share of the batch)."""
     if not teachers:
         return 0.0
     model.train()
+    encoders = {m: ranks.replica(e) for m, e in model.encoders.items()}
     total, steps = 0.0, 0
     for rows in batch_indices(len(public), batch_size, generator):
-        if len(rows) < 2:  # BatchNorm cannot train on a batch of one
+        if len(rows) < max(2, ranks.world_size):  # BatchNorm cannot train on a batch of one, every rank needs a row
             continue
-        loss = sum(
-            distillation_loss(model.encode(m, public, rows, device), teacher[rows.to(teacher.device)], gamma)
+        mine = ranks.shard(rows)
+        loss = ranks.share(len(mine), len(rows)) * sum(
+            distillation_loss(encode_rows(encoders[m], m, public, mine, device), teacher[mine.to(teacher.device)], gamma)
             for m, teacher in teachers.items()
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total, steps = total + loss.item(), steps + 1
-    return total / max(steps, 1)
+    return ranks.average(total) / max(steps, 1)
 
 
 @torch.no_grad()
-def evaluate_retrieval(model: GlobalModel, test: ModalData, device: torch.device) -> dict[str, float]:
-    """Server retrieval on the held-out public split (row i's image matches row i's caption)."""
-    image = extract_features(model.encoders["image"], test, "image", device)
-    text = extract_features(model.encoders["text"], test, "text", device)
-    return retrieval_metrics(image, text, torch.arange(len(test)))
+def evaluate_retrieval(model: GlobalModel, test: ModalData, device: torch.device,
+                       ranks: Ranks = ONE_PROCESS) -> dict[str, float]:
+    """Server retrieval on the held-out public split (row i's image matches row i's caption); rank 0 alone
+    computes the metrics (the others return {})."""
+    image = extract_features(model.encoders["image"], test, "image", device, ranks=ranks)
+    text = extract_features(model.encoders["text"], test, "text", device, ranks=ranks)
+    return retrieval_metrics(image, text, torch.arange(len(test))) if ranks.is_main else {}

@@ -18,9 +18,10 @@ from fedafd.edge_client.training import (
     Optimizers, RoundPlan, evaluate, global_public_features, public_features, train_round,
 )
 from fedafd.runtime.accounting import ByteCounter, ClientMessenger
-from fedafd.runtime.codecs import FEATURE_CODECS, wire_codec
+from fedafd.runtime.codecs import wire_codec
 from fedafd.runtime.errors import FedafdError
 from fedafd.runtime.config import ClientConfig
+from fedafd.runtime.methods import MethodSettings
 from fedafd.runtime.data.modal import ModalData, load_public_data
 from fedafd.runtime.backbones import backbone_digest, modality_backbones
 from fedafd.runtime.models import count_parameters
@@ -228,27 +229,41 @@ class EdgeApp:
         log.info("%s round %d: training", c.client_id, start.round)
         self.messenger.current_round = start.round
         settings = start.settings
-        federated = settings.get("strategy", "fedafd") != "local"
         if start.tower:
             self._check_backbones(start.backbones)
             state.towers.load(start.tower_version, dict(start.tower_arch),
                               {name: torch.from_numpy(np.array(t)) for name, t in start.tower.items()})
-        if federated and settings.get("local_init") == "global" and state.last_round < 0:
+        if settings.local_init == "global" and state.last_round < 0:
             copied = state.model.start_from(state.towers, {"image": c.image_arch, "text": c.text_arch})
             log.info("%s: local encoder(s) %s start from the server's towers", c.client_id, list(copied) or "none")
         rows = torch.from_numpy(np.array(start.public_indices, dtype=np.int64))
         # G of a modality the server did not send is computed here from its tower (cheaper on the wire).
         sent = {m: torch.from_numpy(np.array(f, dtype=np.float32)) for m, f in start.global_features.items()}
-        missing = tuple(m for m in MODALITIES if federated and m not in sent and state.towers.has(m))
+        missing = tuple(m for m in MODALITIES
+                        if settings.needs_global_features and m not in sent and state.towers.has(m))
+        public_global = {**sent, **global_public_features(state.towers, self.public, rows, missing, self.device)}
+        if settings.needs_global_features and set(public_global) != set(MODALITIES):
+            raise EdgeError(f"the server's {settings.strategy} needs the global features of both modalities, "
+                            f"RoundStart gave {sorted(public_global)}")
+        consensus = {m: torch.from_numpy(np.array(f, dtype=np.float32)) for m, f in start.consensus.items()}
+        digest_source = {"none": {}, "consensus": consensus, "global": public_global}[settings.digest]
         plan = RoundPlan(
             round=start.round,
             local_epochs=start.local_epochs,
-            baa=federated and bool(settings.get("baa", True)),
-            gff=federated and bool(settings.get("gff", True)),
-            beta=float(settings.get("beta", 0.5)),
-            public_features={**sent, **global_public_features(state.towers, self.public, rows, missing, self.device)},
+            baa=settings.baa,
+            gff=settings.gff,
+            beta=settings.beta,
+            public_features=public_global,
             public_rows=rows,
-            real_label=float(settings.get("real_label", 1.0)),
+            real_label=settings.real_label,
+            # Round 0 of FedMD has no consensus yet: no digest.
+            digest_targets={m: f for m, f in digest_source.items() if m in state.model.modalities},
+            digest_weight=settings.digest_weight,
+            contrast_weight=settings.contrast_weight,
+            contrast_temperature=settings.contrast_temperature,
+            # FedCMI's projector serves a classifier; a retrieval device trains without it.
+            infiltration_weight=settings.infiltration_weight if state.model.head is not None else 0.0,
+            dominant_modality=settings.dominant_modality,
         )
         last_beat = [time.monotonic()]
 
@@ -265,7 +280,7 @@ class EdgeApp:
                            torch.from_numpy(self.private.train.labels))
         # The model's size travels with the metrics so the server can price FedAvg for the same model.
         metrics["num_params"] = float(count_parameters(state.model))
-        uploads = public_features(state.model, self.public, rows, self.device) if federated else {}
+        uploads = public_features(state.model, self.public, rows, self.device) if settings.uplink else {}
         # Training + evaluation + feature extraction: what the server subtracts from the round trip to
         # get this device's communication time.
         metrics["compute_seconds"] = time.perf_counter() - started
@@ -292,13 +307,10 @@ class EdgeApp:
                                 f"device has {mine[:12] + '...' if mine else 'none'}; install the same backbone package "
                                 f"version as the server (see the README's Models section)")
 
-    def _uplink_codec(self, settings: dict) -> str:
-        """The wire codec of this round's feature upload, as the server's feature_codec setting says."""
-        name = settings.get("feature_codec", "fp32")
-        if name not in FEATURE_CODECS:
-            log.warning("%s: server asked for unknown feature codec %r; sending fp32", self.config.client_id, name)
-            name = "fp32"
-        return wire_codec(name)
+    def _uplink_codec(self, settings: MethodSettings) -> str:
+        """The wire codec of this round's feature upload, as the server's feature_codec setting says (the
+        settings were checked on decode: the name is a known codec)."""
+        return wire_codec(settings.feature_codec)
 
     def close(self) -> None:
         self.messenger.close()

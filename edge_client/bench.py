@@ -15,7 +15,9 @@ import torch
 
 from fedafd.edge_client.model import GlobalTowers, LocalModel
 from fedafd.edge_client.private_data import load_private_data
-from fedafd.edge_client.training import Optimizers, PublicBatch, global_features, public_features, train_step
+from fedafd.edge_client.training import (
+    Optimizers, PublicBatch, RoundPlan, global_features, public_features, train_step,
+)
 from fedafd.runtime.config import ClientConfig, ServerConfig
 from fedafd.runtime.data.modal import load_public_data
 from fedafd.runtime.models import backbone_of, build_encoder, count_parameters
@@ -114,7 +116,7 @@ def run_bench(config: ClientConfig, onnx_dir: Path | None, out: Path, name: str,
                          for m in ("image", "text")})  # D_cr compares with the other modality's G
     model.train()
     step_s = time_per_call(lambda: train_step(model, optimizers, private.train, private_rows, cache, public_batch,
-                                              0.5, device), steps)
+                                              RoundPlan(0, 1, baa=True, gff=True, beta=0.5), device), steps)
     extract_rows = torch.arange(min(256, len(public)))
     extract_s = time_per_call(lambda: public_features(model, public, extract_rows, device), 3, warmup=1)
     measured = {

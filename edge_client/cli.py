@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from fedafd.runtime.cli_support import cli_errors, setup_logging
+from fedafd.runtime.cli_support import Format, Kind, cli_errors, config_listing, setup_logging
 from fedafd.runtime.config import ClientConfig, load_config, write_config
 
 app = typer.Typer(help="A fedafd edge device.", no_args_is_help=True, add_completion=False)
+log = logging.getLogger("fedafd.edge")
+
+CONFIG_HELP = "TOML file of ClientConfig values (keys: `fedafd-edge config`)."
+SET_HELP = "KEY=VALUE of ClientConfig, repeatable; `fedafd-edge config` lists every key, its type, default and meaning."
 
 
 @app.callback()
@@ -22,14 +27,15 @@ def main() -> None:
 @app.command()
 def join(
     server: Annotated[str, typer.Option(help="The server's ZeroMQ address, e.g. tcp://127.0.0.1:5555.")],
-    kind: Annotated[Optional[str], typer.Option(help="image, text or multimodal.")] = None,
+    kind: Annotated[Kind, typer.Option(help="This device's task: image and text classify, multimodal retrieves.")],
     partition: Annotated[Optional[int], typer.Option(help="This device's share of the non-IID split (0-based).")] = None,
-    num_partitions: Annotated[Optional[int], typer.Option(help="How many devices of this kind share the data.")] = None,
+    num_partitions: Annotated[Optional[int], typer.Option(help="How many devices of this kind share the data "
+                                                               "(default 1: this device holds all of it).")] = None,
     client_id: Annotated[Optional[str], typer.Option(help="Unique device id (default KIND-PARTITION).")] = None,
     state_dir: Annotated[Optional[Path], typer.Option(help="Where this device keeps its state between rounds "
                                                            "(default edge_state/<client id>).")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of ClientConfig values.")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Option("-c", "--set", help="key=value override, repeatable.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help=CONFIG_HELP)] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("-c", "--set", help=SET_HELP)] = None,
     profile: Annotated[Optional[str], typer.Option(help="Emulate this device profile's link (delay + token-bucket "
                                                         "bandwidth): a shipped name (phone_lte, raspberry_pi_wifi, "
                                                         "workstation_ethernet) or a TOML path.")] = None,
@@ -47,15 +53,20 @@ def join(
 
         client_config = load_config(ClientConfig, config, overrides, kind=kind, partition=partition,
                                     num_partitions=num_partitions, client_id=client_id, profile=profile)
+        if client_config.num_partitions == 1:
+            log.warning("num_partitions is 1: this device holds the whole %s data set (up to max_private=%d); when N "
+                        "devices of this kind join, give each --num-partitions N and its own --partition",
+                        client_config.kind, client_config.max_private)
         link = None
         if client_config.profile:
             from fedafd.runtime.shaping import load_profile
 
             link = load_profile(client_config.profile)
+        curve = _curve_keys(key, server_key, insecure)
         folder = state_dir or Path("edge_state") / client_config.client_id
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)  # after every check: a refused join writes nothing
         write_config(client_config, folder / "config.json")
-        transport = ZmqClientTransport(server, client_config.client_id, curve=_curve_keys(key, server_key, insecure))
+        transport = ZmqClientTransport(server, client_config.client_id, curve=curve)
         if link is not None:
             from fedafd.runtime.shaping import ShapedClientTransport
 
@@ -106,7 +117,7 @@ def keys_cmd(
 
 @app.command()
 def bench(
-    kind: Annotated[str, typer.Option(help="image, text or multimodal: which task model to time.")] = "image",
+    kind: Annotated[Kind, typer.Option(help="Which task model to time.")] = Kind.image,
     onnx_dir: Annotated[Optional[Path], typer.Option(help="A folder of exported .onnx graphs to time with ONNX "
                                                           "Runtime (skipped when not given).")] = None,
     out: Annotated[Path, typer.Option(help="Profile file (TOML) to write.")] = Path("device_profile.toml"),
@@ -115,9 +126,9 @@ def bench(
                                            "availability) the written profile keeps.")] = "workstation_ethernet",
     reference_ms: Annotated[float, typer.Option(help="Training ms per sample of the reference machine (compute "
                                                      "factor 1); 0: write compute_factor 1.")] = 0.0,
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of ClientConfig values.")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Option("-c", "--set", help="key=value override, repeatable.")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+    config: Annotated[Optional[Path], typer.Option("--config", help=CONFIG_HELP)] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("-c", "--set", help=SET_HELP)] = None,
+    fmt: Annotated[Format, typer.Option("--format")] = Format.text,
 ) -> None:
     """Time this device's training step, feature extraction and (with --onnx-dir) ONNX inference; write a
     device profile from what was measured."""
@@ -144,18 +155,23 @@ def export_cmd(
     eval_samples: Annotated[int, typer.Option(help="Test samples for the int8 vs fp32 comparison (0: all).")] = 1000,
     atol: Annotated[float, typer.Option(help="Largest allowed |ORT - PyTorch| on any output.")] = 1e-4,
     exporter: Annotated[str, typer.Option(help="torchscript (default) or dynamo.")] = "torchscript",
-    output_format: Annotated[str, typer.Option("--format", help="text or json (the manifest).")] = "text",
+    output_format: Annotated[Format, typer.Option("--format", help="json: the manifest.")] = Format.text,
 ) -> None:
     """Export a trained client (or the server's global towers) to verified ONNX for on-device inference."""
     setup_logging(False)
     with cli_errors():
+        import contextlib
         import json
+        import sys
 
         from fedafd.export.onnx_export import ExportOptions, export_any
 
-        manifest = export_any(state_dir, out, ExportOptions(parity_samples=parity_samples, eval_samples=eval_samples,
-                                                            atol=atol, quantize=quantize, fusion=fusion,
-                                                            exporter=exporter))
+        # Progress (the export's own lines and torch.onnx's prints) goes to stderr: stdout carries only the
+        # result, so `--format json > manifest.json` is JSON.
+        with contextlib.redirect_stdout(sys.stderr):
+            manifest = export_any(state_dir, out, ExportOptions(parity_samples=parity_samples, eval_samples=eval_samples,
+                                                                atol=atol, quantize=quantize, fusion=fusion,
+                                                                exporter=exporter))
         if output_format == "json":
             typer.echo(json.dumps(manifest, indent=2))
         else:
@@ -170,7 +186,7 @@ def infer_cmd(
     precision: Annotated[str, typer.Option(help="fp32 or int8.")] = "fp32",
     top_k: Annotated[int, typer.Option(help="Classes shown per input.")] = 3,
     threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: all cores).")] = 0,
-    output_format: Annotated[str, typer.Option("--format", help="text or json.")] = "text",
+    output_format: Annotated[Format, typer.Option("--format")] = Format.text,
 ) -> None:
     """Classify pictures or texts, or rank captions for a picture, with ONNX Runtime alone (no torch)."""
     setup_logging(False)
@@ -181,6 +197,14 @@ def infer_cmd(
 
         result = predict(OnnxModel(model_dir, precision=precision, threads=threads), inputs, top_k=top_k)
         typer.echo(json.dumps(result, indent=2) if output_format == "json" else format_text(result))
+
+
+@app.command("config")
+def config_cmd(fmt: Annotated[Format, typer.Option("--format")] = Format.text) -> None:
+    """Every device setting (ClientConfig) with its type, default and meaning: what `join -c KEY=VALUE`,
+    `join --config FILE.toml` and the server's `serve --local-set KEY=VALUE` accept."""
+    typer.echo(config_listing(ClientConfig, fmt, "Set with `fedafd-edge join -c KEY=VALUE` (repeatable) or "
+                                                 "`--config FILE.toml` (KEY = VALUE lines); later wins."))
 
 
 if __name__ == "__main__":

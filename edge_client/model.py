@@ -30,6 +30,12 @@ class LocalModel(nn.Module):
         self.head = nn.Linear(feature_dim, num_classes) if kind != "multimodal" else None
         self.logit_scale = nn.Parameter(torch.tensor(2.6593)) if kind == "multimodal" else None
         self.discriminators = nn.ModuleDict({"intra": Discriminator(feature_dim), "cross": Discriminator(feature_dim)})
+        # FedCMI's infiltration projector (classification devices): trained only under that strategy.
+        self.infiltration = nn.Linear(feature_dim, feature_dim) if kind != "multimodal" else None
+
+    def infiltrate(self, local: torch.Tensor) -> torch.Tensor:
+        """FedCMI: the infiltration projector's view of a local feature, L2-normalised like the feature."""
+        return l2_normalise(self.infiltration(local))
 
     def view(self, modality: str) -> str:
         """What the local encoder of `modality` reads (raw inputs or a backbone's cached features)."""

@@ -1,8 +1,11 @@
-"""Stage 2 on a device: BAA over the public set, GFF over the private data, the task loss. No sockets here."""
+"""Stage 2 on a device: the task loss over the private data (with GFF), and whatever the method adds over
+the public set: BAA (FedAFD), a digest pass (FedMD, FedGEMS, FedET), contrastive regularisers (CreamFL).
+No sockets here."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -15,8 +18,11 @@ import torch.nn.functional as F
 from fedafd.edge_client.alignment import discriminator_step, generator_loss
 from fedafd.edge_client.model import GlobalTowers, LocalModel
 from fedafd.runtime.data.modal import ModalData
+from fedafd.runtime.models import encode_rows
+from fedafd.runtime.losses import distillation_loss, info_nce
 from fedafd.runtime.retrieval import held_rows, personalised_accuracy, retrieval_metrics
 from fedafd.runtime.torch_utils import batch_indices, seeded_generator
+from fedafd.runtime.wire import other_modality
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,12 @@ class RoundPlan:
     public_features: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (P, d) global features
     public_rows: torch.Tensor | None = None  # (P,) rows of the public train split, in the order of the features
     real_label: float = 1.0  # the discriminators' target for real features (below 1: label smoothing)
+    digest_targets: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (P, d) to regress toward first
+    digest_weight: float = 0.0
+    contrast_weight: float = 0.0  # CreamFL's inter- + intra-modal regularisers (0: off)
+    contrast_temperature: float = 1.0
+    infiltration_weight: float = 0.0  # FedCMI's infiltration projector (0: off)
+    dominant_modality: str = "text"  # whose global features FedCMI's infiltration projector is distilled toward
 
 
 @dataclass
@@ -55,9 +67,7 @@ class Optimizers:
 
 def retrieval_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE over the batch's matched pairs (row i <-> row i)."""
-    logits = logit_scale.clamp(max=math.log(100.0)).exp() * image @ text.T  # (B, B)
-    targets = torch.arange(len(image), device=image.device)
-    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+    return info_nce(image, text, logit_scale.clamp(max=math.log(100.0)).exp())
 
 
 def task_loss(model: LocalModel, data: ModalData, rows: torch.Tensor, global_cache: dict[str, torch.Tensor],
@@ -97,28 +107,72 @@ class PublicBatch:
     global_features: dict[str, torch.Tensor]  # modality -> (B, d)
 
 
+def creamfl_regularisers(local: torch.Tensor, old_local: torch.Tensor, positions: torch.Tensor, modality: str,
+                         global_features: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    """CreamFL's regularisers of a device's public features (B, d) of `modality` at `positions` of the public
+    rows. Inter-modal: cross-entropy over all P of <z_k, g_j^other> / T, the target its own pair. Intra-modal
+    (MOON's form): the server's feature of the same sample is the positive, and the feature this device's
+    encoder gave at the start of the round (`old_local`) is the negative."""
+    inter = F.cross_entropy(local @ global_features[other_modality(modality)].T / temperature, positions)
+    own = global_features[modality][positions]
+    pair = torch.stack([(local * own).sum(1), (local * old_local).sum(1)], dim=1) / temperature  # (B, 2)
+    intra = F.cross_entropy(pair, torch.zeros(len(local), dtype=torch.long, device=local.device))
+    return inter + intra
+
+
+def class_temperatures(model: LocalModel, private: ModalData, device: torch.device) -> torch.Tensor:
+    """FedCMI's class-wise temperatures (C,), once per round on the private training data: with r_c the mean
+    true-class probability through the infiltration projector over that through the encoder's own feature,
+    T_c = 1 / (1 + 2 log(r_c / mean r)) where r_c is above the mean, else 1, so the distillation is sharper for
+    the classes where the dominant modality's knowledge already serves the device better."""
+    rows = torch.arange(len(private))
+    with torch.no_grad(), evaluation_mode(model):
+        (modality,) = model.modalities
+        local = encode_all(lambda r: model.encode(modality, private, r, device), len(private))
+        labels = private.label_batch(rows, device)
+        own = torch.softmax(model.head(local), 1).gather(1, labels[:, None]).squeeze(1)
+        infiltrated = torch.softmax(model.head(model.infiltrate(local)), 1).gather(1, labels[:, None]).squeeze(1)
+    classes = model.head.out_features
+    count = torch.bincount(labels, minlength=classes).clamp_min(1)
+    ratio = (torch.bincount(labels, infiltrated, classes) / count) / (torch.bincount(labels, own, classes) / count).clamp_min(1e-6)
+    present = torch.bincount(labels, minlength=classes) > 0
+    mean = ratio[present].mean()
+    sharpen = present & (ratio > mean)
+    temperatures = torch.ones(classes, device=device)
+    temperatures[sharpen] = 1.0 / (1.0 + 2.0 * torch.log(ratio[sharpen] / mean))
+    return temperatures
+
+
 def train_step(model: LocalModel, optimizers: Optimizers, private: ModalData, private_rows: torch.Tensor,
-               global_cache: dict[str, torch.Tensor], public_batch: PublicBatch | None, beta: float,
-               device: torch.device, real_label: float = 1.0) -> dict[str, float]:
-    """One step: (BAA, when a public batch is given) one discriminator step, then one step of the local
-    model on L_task + L_G against the freshly updated discriminators. Returns the loss parts by name."""
-    parts = {"task": 0.0, "adv_gen": 0.0, "disc": 0.0}
-    adversarial = torch.zeros((), device=device)
+               global_cache: dict[str, torch.Tensor], public_batch: PublicBatch | None, plan: RoundPlan,
+               device: torch.device) -> dict[str, float]:
+    """One step. With a public batch: (BAA) one discriminator step, then the local model's step on L_task
+    plus L_G against the freshly updated discriminators and (CreamFL) the contrastive regularisers.
+    Returns the loss parts by name."""
+    parts = {"task": 0.0}
+    public_loss = torch.zeros((), device=device)
     if public_batch is not None:
-        intra, cross = model.discriminators["intra"], model.discriminators["cross"]
         # The public features are computed exactly as the uplink computes them (eval mode: running
         # BatchNorm statistics, no dropout), so the discriminators judge, and the encoder aligns, the
         # feature the server receives and compares with G; gradients still flow. Colour emoji also
         # never move the statistics the private task is evaluated with.
         with evaluation_mode(model.encoders):
             locals_ = {m: model.encode(m, public_batch.data, public_batch.rows, device) for m in model.modalities}
-        parts["disc"] = discriminator_step(intra, cross, optimizers.discriminator, locals_,
-                                           public_batch.global_features, beta, real_label)
-        adversarial = sum(generator_loss(intra, cross, local, beta) for local in locals_.values())
-        parts["adv_gen"] = float(adversarial.detach())
+        if plan.baa:
+            intra, cross = model.discriminators["intra"], model.discriminators["cross"]
+            parts["disc"] = discriminator_step(intra, cross, optimizers.discriminator, locals_,
+                                               public_batch.global_features, plan.beta, plan.real_label)
+            adversarial = sum(generator_loss(intra, cross, local, plan.beta) for local in locals_.values())
+            parts["adv_gen"] = float(adversarial.detach())
+            public_loss = public_loss + adversarial
     task = task_loss(model, private, private_rows, global_cache, device)
+    if plan.infiltration_weight > 0:
+        # FedCMI: the infiltration projector sits under the same classifier as the encoder's own feature.
+        (modality,) = model.modalities
+        infiltrated = model.infiltrate(model.encode(modality, private, private_rows, device))
+        public_loss = public_loss + F.cross_entropy(model.head(infiltrated), private.label_batch(private_rows, device))
     optimizers.task.zero_grad(set_to_none=True)
-    (task + adversarial).backward()
+    (task + public_loss).backward()
     optimizers.task.step()
     parts["task"] = task.item()
     return parts
@@ -154,10 +208,22 @@ def train_round(model: LocalModel, optimizers: Optimizers, towers: GlobalTowers,
     model.train()
     use_global = plan.gff and all(towers.has(m) for m in model.modalities)
     global_cache = global_features(towers, private, model.modalities, device) if use_global else {}
-    if plan.baa and (public is None or plan.public_rows is None or not plan.public_features):
-        raise ValueError("BAA needs the public set and the server's global public features")
+    needs_global = plan.baa or plan.contrast_weight > 0 or plan.infiltration_weight > 0
+    if needs_global and (public is None or plan.public_rows is None or not plan.public_features):
+        raise ValueError("BAA, CreamFL and FedCMI need the public set and the server's global public features")
+    if plan.infiltration_weight > 0 and model.head is None:
+        raise ValueError("FedCMI's infiltration projector is for classification devices")
     generator = seeded_generator(seed * 1_000_003 + plan.round)
-    totals = {"task": 0.0, "adv_gen": 0.0, "disc": 0.0}
+    totals: dict[str, float] = {}
+    if plan.digest_targets:
+        # FedMD's digest and the FedGEMS/FedET devices' transfer: regress the public features toward the targets.
+        totals["digest"] = public_pass(model, optimizers, public, plan.public_rows, batch_size, generator, device,
+                                       lambda positions, locals_: sum(
+                                           distillation_loss(locals_[m], target[positions].to(device), plan.digest_weight)
+                                           for m, target in plan.digest_targets.items()))
+    old_encoders = copy.deepcopy(model.encoders).requires_grad_(False) if plan.contrast_weight > 0 else None
+    temperatures = class_temperatures(model, private, device) if plan.infiltration_weight > 0 else None
+    global_public = {m: f.to(device) for m, f in plan.public_features.items()}
     steps = 0
     for _epoch in range(plan.local_epochs):
         positions = _cycle(len(plan.public_rows), batch_size, generator) if plan.baa else itertools.repeat(None)
@@ -170,16 +236,69 @@ def train_round(model: LocalModel, optimizers: Optimizers, towers: GlobalTowers,
                     data=public, rows=plan.public_rows[public_positions],
                     global_features={m: f[public_positions].to(device) for m, f in plan.public_features.items()},
                 )
-            parts = train_step(model, optimizers, private, private_rows, global_cache, public_batch, plan.beta,
-                               device, plan.real_label)
+            parts = train_step(model, optimizers, private, private_rows, global_cache, public_batch, plan, device)
             for key, value in parts.items():
-                totals[key] += value
+                totals[key] = totals.get(key, 0.0) + value
             steps += 1
             heartbeat()
-    means = {key: value / max(steps, 1) for key, value in totals.items()}
+        if old_encoders is not None:  # CreamFL: one regularising pass over the public set after each epoch
+            totals["contrast"] = totals.get("contrast", 0.0) + public_pass(
+                model, optimizers, public, plan.public_rows, batch_size, generator, device,
+                lambda positions, locals_: plan.contrast_weight * sum(
+                    creamfl_regularisers(local, _old_features(old_encoders, m, public, plan.public_rows[positions], device),
+                                         positions.to(device), m, global_public, plan.contrast_temperature)
+                    for m, local in locals_.items())) / plan.local_epochs
+        if temperatures is not None:  # FedCMI: the infiltration projector's distillation toward the dominant modality
+            totals["infiltration"] = totals.get("infiltration", 0.0) + public_pass(
+                model, optimizers, public, plan.public_rows, batch_size, generator, device,
+                lambda positions, locals_: plan.infiltration_weight * infiltration_loss(
+                    model, next(iter(locals_.values())), positions.to(device), global_public[plan.dominant_modality],
+                    plan.contrast_temperature * temperatures)) / plan.local_epochs
+    per_step = {key: value / max(steps, 1) for key, value in totals.items() if key not in ("digest", "contrast", "infiltration")}
+    means = {**totals, **per_step}
     if not all(math.isfinite(v) for v in means.values()):
         raise FloatingPointError(f"training diverged in round {plan.round}: {means}")
     return means
+
+
+def public_pass(model: LocalModel, optimizers: Optimizers, public: ModalData | None, public_rows: torch.Tensor | None,
+                batch_size: int, generator: torch.Generator, device: torch.device,
+                loss_of: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]) -> float:
+    """One pass over the public rows in shuffled batches, one step of the local model each on
+    `loss_of(positions, local public features by modality)`. The encoders run as the uplink runs them (eval
+    mode, with gradients), as in BAA. Returns the mean loss."""
+    if public is None or public_rows is None:
+        raise ValueError("this method trains on the public set: RoundStart must carry its rows")
+    total, steps = 0.0, 0
+    for positions in batch_indices(len(public_rows), batch_size, generator):
+        with evaluation_mode(model.encoders):
+            locals_ = {m: model.encode(m, public, public_rows[positions], device) for m in model.modalities}
+        loss = loss_of(positions, locals_)
+        optimizers.task.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers.task.step()
+        total, steps = total + loss.item(), steps + 1
+    return total / max(steps, 1)
+
+
+def infiltration_loss(model: LocalModel, local: torch.Tensor, positions: torch.Tensor, dominant: torch.Tensor,
+                      temperatures: torch.Tensor) -> torch.Tensor:
+    """FedCMI's infiltration distillation: the projector's output for public sample k should pick out the
+    dominant modality's global feature of k among all P, at the temperature of the class the device's head
+    gives k (class-wise temperatures)."""
+    infiltrated = model.infiltrate(local)
+    with torch.no_grad():
+        classes = model.head(local).argmax(1)
+    logits = infiltrated @ dominant.T / temperatures[classes].unsqueeze(1)  # (B, P)
+    return F.cross_entropy(logits, positions)
+
+
+@torch.no_grad()
+def _old_features(encoders: torch.nn.ModuleDict, modality: str, public: ModalData, rows: torch.Tensor,
+                  device: torch.device) -> torch.Tensor:
+    """CreamFL's negative: the public features of the encoder as it was when the round started (eval mode)."""
+    with evaluation_mode(encoders):
+        return encode_rows(encoders[modality], modality, public, rows, device)
 
 
 def _cycle(count: int, batch_size: int, generator: torch.Generator):

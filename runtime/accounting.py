@@ -8,7 +8,7 @@ msg_type "malformed".
 
 Beside the per-message-type counts, the same bytes are also counted by what they carry (`PARTS`):
 the tensor frames of FeatureUpload.features ("public_features"), of RoundStart.global_features
-("global_features") and of RoundStart.tower ("global_tower"); everything else (magic, headers, public
+("global_features"), of RoundStart.consensus ("consensus", FedMD) and of RoundStart.tower ("global_tower"); everything else (magic, headers, public
 indices, all other messages) is "control". Both views sum to the same total.
 """
 
@@ -25,9 +25,10 @@ from .wire import Message, WireError, decode, encode
 
 DIRECTIONS = ("up", "down")
 MALFORMED = "malformed"
-PARTS = ("public_features", "global_features", "global_tower", "control")
+PARTS = ("public_features", "global_features", "consensus", "global_tower", "control")
 _PART_OF_FIELD = {("feature_upload", "features"): "public_features",
                   ("round_start", "global_features"): "global_features",
+                  ("round_start", "consensus"): "consensus",
                   ("round_start", "tower"): "global_tower"}
 SERVER_PEER = "server"
 """`Received.peer` on the client side."""

@@ -1,5 +1,6 @@
 """What a run's rounds cost on the wire, read from its metrics.jsonl: bytes per client kind split by what
-they carry, beside what FedAvg would send for the same model, and a PNG of cumulative bytes per client.
+they carry, beside what FedAvg would send for the same model, and a PNG of cumulative bytes per client
+against FedAvg's.
 
 FedAvg-equivalent: every round FedAvg sends the whole model down and the whole update up, so per client
 and round it moves `num_params x bytes_per_param` each way (fp32: 4 bytes; headers ignored, which
@@ -11,6 +12,7 @@ above it features are cheaper, below it weights are.
 from __future__ import annotations
 
 import json
+from itertools import accumulate
 from pathlib import Path
 from statistics import mean
 
@@ -62,8 +64,12 @@ def profile_records(records: list[dict], config: dict | None = None) -> dict:
                                   **{f"{k}_seconds": v for k, v in record.get("link", {}).get(cid, {}).items()
                                      if k in ("comm", "compute", "round_trip")}})
         params = [r["clients"][cid]["metrics"].get("num_params", 0.0) for r in records if cid in r.get("clients", {})]
-        clients[cid] = {"kind": kind, "num_params": int(max(params, default=0)), "rounds": per_round,
-                        "cumulative_bytes": cumulative}
+        num_params = int(max(params, default=0))
+        # FedAvg moves the model both ways in each round the device took part in, and nothing otherwise.
+        fedavg_cumulative = list(accumulate(2 * fedavg_bytes(num_params) if cid in r.get("clients", {}) else 0
+                                            for r in records))
+        clients[cid] = {"kind": kind, "num_params": num_params, "rounds": per_round,
+                        "cumulative_bytes": cumulative, "fedavg_cumulative_bytes": fedavg_cumulative}
 
     by_kind: dict[str, dict] = {}
     for kind in sorted(set(kinds.values())):
@@ -144,64 +150,52 @@ def profile_markdown(profile: dict) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------------
-# PNG (Pillow; matplotlib is not a dependency)
+def cumulative_figure(profile: dict, size: tuple[int, int] = (900, 520)):
+    """Cumulative bytes (up + down) per device over rounds, solid, beside FedAvg's for that device's model,
+    dashed in the same colour; a log axis, since the zoo's models differ by orders of magnitude."""
+    from matplotlib.lines import Line2D
 
-_KIND_COLOURS = {"image": (31, 119, 180), "text": (255, 127, 14), "multimodal": (44, 160, 44), "?": (120, 120, 120)}
+    from .plots import device_colours, new_figure
+
+    figure, [[axes]] = new_figure(*size)
+    colours = device_colours(profile["clients"])
+    handles = [Line2D([], [], color="black", marker="o", label="measured"),
+               Line2D([], [], color="black", linestyle="--", label="FedAvg, same model")]
+    for cid, client in sorted(profile["clients"].items()):
+        if not client["cumulative_bytes"]:
+            continue
+        rounds = range(1, len(client["cumulative_bytes"]) + 1)
+        line, = axes.plot(rounds, [b / 1e6 for b in client["cumulative_bytes"]], marker="o", color=colours[cid],
+                          label=f"{cid} ({client['num_params'] / 1e6:.2f}M params)")
+        handles.append(line)
+        if client["num_params"]:
+            axes.plot(rounds, [b / 1e6 for b in client["fedavg_cumulative_bytes"]], linestyle="--", color=colours[cid],
+                      alpha=0.8)
+    axes.set_yscale("log")
+    axes.set_xlabel("round")
+    axes.set_ylabel("cumulative MB per device (up + down, log scale)")
+    axes.set_title("Bytes on the wire against FedAvg for the same model")
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
+    return figure
 
 
 def plot_cumulative(profile: dict, path: Path, size: tuple[int, int] = (900, 520)) -> Path:
-    """Line chart of cumulative bytes (up + down, MB) per client over rounds, coloured by kind."""
-    from PIL import Image, ImageDraw
+    """`cumulative_figure` as a PNG file of exactly `size` pixels."""
+    from .plots import png_bytes
 
-    width, height = size
-    left, right, top, bottom = 80, 190, 40, 60
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    series = {cid: c["cumulative_bytes"] for cid, c in profile["clients"].items() if c["cumulative_bytes"]}
-    rounds = max((len(v) for v in series.values()), default=1)
-    peak = max((max(v) for v in series.values()), default=1) or 1
-    x0, x1, y0, y1 = left, width - right, height - bottom, top
-
-    def xy(i: int, value: float) -> tuple[float, float]:
-        x = x0 + (x1 - x0) * (i / max(rounds - 1, 1))
-        return x, y0 - (y0 - y1) * value / peak
-
-    draw.line([(x0, y1), (x0, y0), (x1, y0)], fill="black", width=2)
-    for t in range(5):
-        value = peak * t / 4
-        _, y = xy(0, value)
-        draw.line([(x0 - 5, y), (x0, y)], fill="black")
-        draw.text((8, y - 6), f"{value / 1e6:.2f}", fill="black")
-    for i in range(rounds):
-        x, _ = xy(i, 0)
-        draw.line([(x, y0), (x, y0 + 5)], fill="black")
-        draw.text((x - 4, y0 + 8), str(i + 1), fill="black")
-    draw.text((x0 + (x1 - x0) // 2 - 20, height - 25), "round", fill="black")
-    draw.text((8, 12), "cumulative MB per client (up + down)", fill="black")
-    for n, (cid, values) in enumerate(sorted(series.items())):
-        colour = _KIND_COLOURS.get(profile["clients"][cid]["kind"], _KIND_COLOURS["?"])
-        points = [xy(i, v) for i, v in enumerate(values)]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-        for x, y in points:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-        ly = top + 16 * n
-        draw.line([(x1 + 15, ly + 6), (x1 + 35, ly + 6)], fill=colour, width=3)
-        draw.text((x1 + 40, ly), cid, fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG")
+    path.write_bytes(png_bytes(cumulative_figure(profile, size)))
     return path
 
 
 def write_profile(run_dir: Path, out_dir: Path | None = None) -> dict:
     """Reads RUN_DIR/metrics.jsonl (+ config.json); writes profile.json, profile.md, profile.png; returns the profile."""
-    from .report import read_metrics
+    from .report import read_run
 
     out_dir = out_dir or run_dir
-    records = read_metrics(run_dir / "metrics.jsonl")
-    config_path = run_dir / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    records, config = read_run(run_dir)
     profile = profile_records(records, config)
     out_dir.mkdir(parents=True, exist_ok=True)
     profile["plot"] = str(plot_cumulative(profile, out_dir / "profile.png"))

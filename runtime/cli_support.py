@@ -3,11 +3,53 @@
 from __future__ import annotations
 
 import contextlib
+import enum
+import json
 import logging
 import sys
 from typing import Callable, Iterator
 
 import typer
+
+from fedafd.runtime.config import CLIENT_KINDS, describe_config
+
+
+class Format(enum.StrEnum):
+    """`--format` of a command whose output a program may read (typer refuses any other value)."""
+
+    text = "text"
+    json = "json"
+
+
+class ProfileFormat(enum.StrEnum):
+    """`--format` of `fedafd-cloud profile`."""
+
+    markdown = "markdown"
+    json = "json"
+
+
+Kind = enum.StrEnum("Kind", {kind: kind for kind in CLIENT_KINDS})
+"""A device's task, as a typer choice (`--kind`)."""
+
+
+def config_listing(cls: type, fmt: Format, usage: str) -> str:
+    """Every key of a config class with its type, default and description: JSON (key -> those three), or
+    aligned text under a line saying how to set them."""
+    fields = describe_config(cls)
+    if fmt == Format.json:
+        return json.dumps(fields, indent=2)
+    rows = [(key, f["type"], _shown(f["default"]), f["help"]) for key, f in fields.items()]
+    widths = [max(len(row[i]) for row in rows + [("KEY", "TYPE", "DEFAULT", "")]) for i in range(3)]
+    lines = [usage, ""] + ["  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3]
+                           for row in [("KEY", "TYPE", "DEFAULT", "DESCRIPTION"), *rows]]
+    return "\n".join(lines)
+
+
+def _shown(value: object) -> str:
+    """A default as one writes it after `-c key=`."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value) if value != "" else '""'
 
 
 def setup_logging(verbose: bool, default_level: str = "WARNING") -> None:

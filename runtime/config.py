@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fedafd.runtime.codecs import FEATURE_CODECS
+from fedafd.runtime.methods import LOCAL_INITS, STRATEGIES
+
 CLIENT_KINDS = ("image", "text", "multimodal")
-STRATEGIES = ("fedafd", "local")
 CONTRASTIVE_LOSSES = ("pcme", "infonce")
-LOCAL_INITS = ("random", "global")
 DEVICES = ("auto", "cpu", "cuda")
-FEATURE_CODECS = ("fp32", "fp16", "int8_row", "int8_col")
 TOWER_CODECS = ("fp32", "fp16", "int8_row")
 
 
@@ -35,11 +35,13 @@ class ServerConfig:
     rounds: int = 3
     """Number of federated rounds."""
     min_clients: int = 1
-    """Fewest joined clients to start with once `join_timeout_s` has passed."""
+    """Fewest joined clients to start with; fewer after join_timeout_s is an error."""
     expected_clients: int = 0
-    """Start as soon as this many clients joined (0: wait for join_timeout_s; --local sets it)."""
+    """Start as soon as this many clients joined (0: once min_clients joined and none joined for join_settle_s; --local sets it)."""
     join_timeout_s: float = 300.0
-    """Seconds to wait for clients to join before starting with at least `min_clients`."""
+    """Longest wait for clients to join; then start with at least min_clients (or fail)."""
+    join_settle_s: float = 10.0
+    """With expected_clients 0: start once min_clients joined and no other client joined for this many seconds."""
     round_deadline_s: float = 1800.0
     """Seconds after RoundStart by which uploads must arrive; later ones are cut."""
     heartbeat_timeout_s: float = 120.0
@@ -81,7 +83,7 @@ class ServerConfig:
     sed_chunk: int = 512
     """Rows per chunk when computing SED scores (memory O(chunk x P))."""
     strategy: str = "fedafd"
-    """fedafd, or local (the no-federation baseline: no alignment, no fusion, no server influence)."""
+    """The method: fedafd, local (no federation), fedmd, creamfl, fedgems, fedet or fedcmi (docs/strategies.md)."""
     baa: bool = True
     """Bi-level adversarial alignment on the clients (ablation switch)."""
     gff: bool = True
@@ -106,20 +108,25 @@ class ServerConfig:
     """How the downlink's global tower weights travel: fp32, fp16 or int8_row (int8 per output row; 1-d tensors fp16)."""
     public_resample: bool = False
     """Draw a fresh random subset of public_size pairs every round (same rows for every client; paper: one fixed subset)."""
+    worker_timeout_s: float = 300.0
+    """With several server ranks (serve --workers N): seconds a rank waits for the others within a stage before the round fails."""
 
     def validate(self) -> None:
         _check_choice(self, "feature_codec", FEATURE_CODECS)
         _check_choice(self, "tower_codec", TOWER_CODECS)
         _check_positive(self, "rounds", "min_clients", "local_epochs", "feature_dim", "server_epochs",
                         "batch_size", "sed_chunk")
-        _check_non_negative(self, "expected_clients", "public_size", "distill_epochs", "threads",
+        _check_non_negative(self, "expected_clients", "join_settle_s", "public_size", "distill_epochs", "threads",
                             "max_private", "max_test", "gamma", "beta")
-        _check_positive(self, "join_timeout_s", "round_deadline_s", "heartbeat_timeout_s", "lr", "distill_lr", "alpha")
+        _check_positive(self, "join_timeout_s", "round_deadline_s", "heartbeat_timeout_s", "lr", "distill_lr", "alpha",
+                        "worker_timeout_s")
         _check_fraction(self, "adapter_dropout")
         if not 0.5 < self.real_label <= 1.0:
             raise ConfigError(f"real_label must be in (0.5, 1], got {self.real_label}")
         _check_choice(self, "device", DEVICES)
         _check_choice(self, "strategy", STRATEGIES)
+        if self.strategy == "fedmd" and self.public_resample:
+            raise ConfigError("strategy fedmd sends last round's consensus of the public rows: it needs public_resample=false")
         _check_choice(self, "contrastive_loss", CONTRASTIVE_LOSSES)
         _check_choice(self, "local_init", LOCAL_INITS)
         if not 0.0 < self.quorum <= 1.0:
@@ -256,6 +263,14 @@ def help_for(cls: type) -> dict[str, str]:
                 and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str):
             docs[node.target.id] = following.value.value  # type: ignore[attr-defined]
     return docs
+
+
+def describe_config(cls: type) -> dict[str, dict[str, Any]]:
+    """Key -> {type, default, help} in field order: what the CLIs' `config` commands list."""
+    docs = help_for(cls)
+    hints = typing.get_type_hints(cls)
+    return {field.name: {"type": hints[field.name].__name__, "default": field.default, "help": docs[field.name]}
+            for field in dataclasses.fields(cls)}
 
 
 def _convert(key: str, value: Any, target: Any) -> Any:

@@ -12,6 +12,12 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def read_run(run_dir: Path) -> tuple[list[dict], dict]:
+    """A run folder's round records (metrics.jsonl) and its effective config (config.json; {} if absent)."""
+    config_path = run_dir / "config.json"
+    return read_metrics(run_dir / "metrics.jsonl"), json.loads(config_path.read_text()) if config_path.exists() else {}
+
+
 CLASSIFIER_KEYS = ("top1", "pers_top1", "top1_bound")
 """A classification device's metrics: full-test top-1, personalised top-1, and the full-test bound."""
 RETRIEVAL_KEYS = ("i2t_r1", "t2i_r1", "pers_i2t_r1", "pers_t2i_r1")

@@ -31,10 +31,12 @@ import msgpack
 import numpy as np
 
 from . import codecs as _codecs
+from .methods import MethodSettings, SettingsError
 
 MAGIC = b"FAFD"
-PROTOCOL_VERSION = 2
-"""2: Join and RoundStart name the frozen backbones and the sha256 of their weights."""
+PROTOCOL_VERSION = 3
+"""2: Join and RoundStart name the frozen backbones and the sha256 of their weights. 3: RoundStart's
+settings are typed and versioned (runtime.methods.MethodSettings), and it may carry FedMD's consensus."""
 MAX_HEADER_BYTES = 64 * 1024
 """Largest msgpack header accepted (a tower of a few hundred tensors needs ~20 KiB)."""
 MAX_MESSAGE_BYTES = 1 << 30
@@ -167,15 +169,17 @@ class Welcome:
 class RoundStart:
     """Server -> client: train round `round`.
 
-    `global_features` ("image"/"text" -> (P, d) float32) are indexed like `public_indices` (P,).
+    `global_features` ("image"/"text" -> (P, d) float32) are indexed like `public_indices` (P,), and so
+    is `consensus` (last round's aggregated device features, for FedMD's digest; empty otherwise).
     `tower` holds flat state_dict tensors ("image.conv1.weight"); it is empty when the client already
-    has `tower_version`. `settings` is a small dict of plain msgpack values (strategy switches).
+    has `tower_version`. `settings` is the method's typed, versioned recipe (runtime.methods).
     """
 
     TYPE: ClassVar[MsgType] = MsgType.ROUND_START
     TENSORS: ClassVar[dict[str, TensorSpec]] = {
         "public_indices": TensorSpec(("int64",), ndim=1, rows=True),
         "global_features": _FEATURES,
+        "consensus": _FEATURES,
         "tower": TensorSpec(ALLOWED_DTYPES, ndim=None, group=True),
     }
 
@@ -186,9 +190,10 @@ class RoundStart:
     global_features: dict[str, np.ndarray]
     tower: dict[str, np.ndarray]
     tower_arch: dict[str, str]
-    settings: dict[str, Any]
+    settings: MethodSettings
     backbones: dict[str, str] = field(default_factory=dict)
     """Backbone name -> sha256 of its weights, for every backbone a tower in `tower_arch` adapts."""
+    consensus: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, eq=False)
@@ -337,6 +342,15 @@ def _check_plain(name: str, v: Any) -> Any:
     return v
 
 
+def _check_settings(name: str, v: Any) -> MethodSettings:
+    if isinstance(v, MethodSettings):
+        return v
+    try:
+        return MethodSettings.from_wire(v)
+    except SettingsError as err:
+        raise _bad_field(name, f"is not valid method settings: {err}") from None
+
+
 _SCALAR_CHECKS = {
     str: _check_str,
     int: _check_int,
@@ -344,6 +358,7 @@ _SCALAR_CHECKS = {
     dict[str, float]: lambda n, v: _check_dict(n, v, _check_float),
     dict[str, str]: lambda n, v: _check_dict(n, v, _check_str),
     dict[str, Any]: lambda n, v: _check_dict(n, v, _check_plain),
+    MethodSettings: _check_settings,
 }
 
 
@@ -537,7 +552,8 @@ def encode(msg: Message, msg_id: str | None = None,
             frames.append(_encode_tensor(arr, codec, name))
     tensors.finish()
 
-    header = msgpack.packb({"type": msg.TYPE.value, "msg_id": msg_id, "fields": scalars, "tensors": descs})
+    header = msgpack.packb({"type": msg.TYPE.value, "msg_id": msg_id, "fields": scalars, "tensors": descs},
+                           default=_plain_settings)
     if len(header) > MAX_HEADER_BYTES:
         raise WireError(ErrorCode.TOO_LARGE, f"header is {len(header)} bytes, at most {MAX_HEADER_BYTES}")
     out = [MAGIC + bytes([PROTOCOL_VERSION]), header, *frames]
@@ -545,6 +561,12 @@ def encode(msg: Message, msg_id: str | None = None,
     if total > MAX_MESSAGE_BYTES:
         raise WireError(ErrorCode.TOO_LARGE, f"message is {total} bytes, at most {MAX_MESSAGE_BYTES}")
     return out
+
+
+def _plain_settings(value: Any) -> Any:
+    if isinstance(value, MethodSettings):
+        return value.to_wire()
+    raise TypeError(f"cannot pack {type(value).__name__}")
 
 
 def _as_bytes_view(frame: Any) -> memoryview:

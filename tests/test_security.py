@@ -58,7 +58,8 @@ def test_serve_and_join_need_keys_or_insecure(tmp_path: Path) -> None:
     runner = CliRunner()
     serve = runner.invoke(cloud_cli, ["serve", "--out", str(tmp_path / "run"), "--bind", "tcp://127.0.0.1:*"])
     assert serve.exit_code == 2 and "--insecure" in serve.output
-    join = runner.invoke(edge_cli, ["join", "--server", "tcp://127.0.0.1:1", "--state-dir", str(tmp_path / "s")])
+    join = runner.invoke(edge_cli, ["join", "--server", "tcp://127.0.0.1:1", "--kind", "image",
+                                    "--state-dir", str(tmp_path / "s")])
     assert join.exit_code == 2 and "--insecure" in join.output
 
 

@@ -1,17 +1,22 @@
-"""SED maths (method.md step 5) against hand-computed numbers."""
+"""SED maths (method.md step 5) against hand-computed numbers, and the streaming fold of the teacher
+against the whole-batch formula in any arrival order."""
 
+import itertools
 import math
 
 import pytest
 import torch
 
-from fedafd.cloud_server.distill import (
-    distillation_loss,
-    mean_teacher,
-    sed_scores,
-    sed_teacher,
-    sed_weights,
-)
+from fedafd.cloud_server.distill import TeacherFold, sed_scores
+from fedafd.runtime.losses import distillation_loss
+
+
+def _fold(clients: torch.Tensor, scores: torch.Tensor, order=None) -> TeacherFold:
+    """The teacher as the server builds it: one client folded in at a time, in `order`."""
+    fold = TeacherFold()
+    for c in order if order is not None else range(len(clients)):
+        fold.add(f"c{c}", clients[c], scores[c])
+    return fold
 
 E = math.e
 
@@ -31,8 +36,8 @@ def test_sed_scores_weights_teacher_by_hand():
     clients, server = _hand_case()
     # Execute
     scores = sed_scores(clients, server)
-    weights = sed_weights(scores)
-    teacher = sed_teacher(clients, weights)
+    fold = _fold(clients, scores)
+    teacher = fold.teacher()
     # Assert
     # Client A, sample 0: <v, g_j> = [1, 0, -1] -> s = 1 - log(e + 1 + 1/e) = 1 - 1.40761 = -0.40761
     # Client A, sample 1: <v, g_j> = [0, 1, 0]  -> s = 1 - log(2 + e) = 1 - 1.55144 = -0.55144
@@ -51,7 +56,9 @@ def test_sed_scores_weights_teacher_by_hand():
     # sample 0: s_A - s_B = 1.14384 -> w_A = 0.75838; sample 1: equal scores -> 0.5;
     # sample 2: s_A - s_B = 0.45439 -> w_A = 0.61168.
     w_a = torch.tensor([0.7583837, 0.5, 0.6116822])
-    torch.testing.assert_close(weights, torch.stack([w_a, 1 - w_a]), atol=1e-5, rtol=0)
+    mean_weights = fold.mean_weights()
+    assert mean_weights["c0"] == pytest.approx(float(w_a.mean()), abs=1e-5)
+    assert mean_weights["c1"] == pytest.approx(float(1 - w_a.mean()), abs=1e-5)
     # Teacher t_k = w_A * v_A + w_B * v_B (unit vectors):
     # t_0 = 0.75838 * [1, 0] + 0.24162 * [0, 1]   = [0.75838, 0.24162]
     # t_1 = 0.5 * [0, 1] + 0.5 * [0, 1]           = [0, 1]
@@ -62,11 +69,11 @@ def test_sed_scores_weights_teacher_by_hand():
     torch.testing.assert_close(teacher, expected_teacher, atol=1e-5, rtol=0)
 
 
-def test_mean_teacher_is_plain_mean_of_unit_vectors():
+def test_equal_scores_make_the_plain_mean_of_unit_vectors():
     # Prepare
     clients, _ = _hand_case()
-    # Execute
-    teacher = mean_teacher(clients)
+    # Execute: the "w/o SED" ablation's and FedMD's teacher
+    teacher = _fold(clients, torch.zeros(2, 3)).teacher()
     # Assert: ([1,0] + [0,1]) / 2, ([0,1] + [0,1]) / 2, ([-1,0] + [0,-1]) / 2
     torch.testing.assert_close(teacher, torch.tensor([[0.5, 0.5], [0.0, 1.0], [-0.5, -0.5]]))
 
@@ -96,28 +103,56 @@ def test_client_identical_to_server_gets_larger_weight():
     stranger = torch.randn(50, 32, generator=gen)
     clients = torch.stack([server.clone(), stranger])
     # Execute
-    weights = sed_weights(sed_scores(clients, server))
+    weights = _fold(clients, sed_scores(clients, server)).mean_weights()
     # Assert
-    assert bool((weights[0] > weights[1]).all())
-    torch.testing.assert_close(weights.sum(0), torch.ones(50))
+    assert weights["c0"] > 0.5 > weights["c1"]
+    assert weights["c0"] + weights["c1"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(4))))
+def test_the_streaming_fold_equals_the_batch_formula_in_any_arrival_order(order):
+    # Prepare: four clients whose scores span a wide range (each later one can raise the running max,
+    # so the rescaling is exercised), the batch formula written out: w = softmax_c(s), t = sum_c w v.
+    gen = torch.Generator().manual_seed(2)
+    clients = torch.randn(4, 30, 8, generator=gen) * torch.tensor([1.0, 2.0, 0.5, 3.0]).view(4, 1, 1)
+    scores = torch.randn(4, 30, generator=gen) * 20
+    v = torch.nn.functional.normalize(clients, dim=-1)
+    weights = torch.softmax(scores, dim=0)
+    expected = (weights.unsqueeze(-1) * v).sum(0)
+    # Execute
+    fold = _fold(clients, scores, order)
+    # Assert
+    torch.testing.assert_close(fold.teacher(), expected, atol=1e-6, rtol=1e-5)
+    means = fold.mean_weights()
+    torch.testing.assert_close(torch.tensor([means[f"c{c}"] for c in range(4)]), weights.mean(1), atol=1e-6, rtol=0)
+
+
+def test_the_fold_refuses_a_second_upload_bad_shapes_and_non_finite_scores():
+    fold = TeacherFold()
+    with pytest.raises(ValueError, match="no client"):
+        fold.teacher()
+    fold.add("a", torch.randn(4, 2), torch.zeros(4))
+    with pytest.raises(ValueError, match="already folded"):
+        fold.add("a", torch.randn(4, 2), torch.zeros(4))
+    with pytest.raises(ValueError, match="do not match"):
+        fold.add("b", torch.randn(5, 2), torch.zeros(5))
+    with pytest.raises(ValueError, match="scores"):
+        fold.add("b", torch.randn(4, 2), torch.zeros(3))
+    with pytest.raises(ValueError, match="finite"):
+        fold.add("b", torch.randn(4, 2), torch.tensor([0.0, float("nan"), 0.0, 0.0]))
+    assert len(fold) == 1
 
 
 def test_sed_rejects_no_clients_and_mismatched_shapes():
     server = torch.randn(4, 2)
     with pytest.raises(ValueError, match="C == 0"):
         sed_scores(torch.empty(0, 4, 2), server)
-    with pytest.raises(ValueError, match="C == 0"):
-        sed_weights(torch.empty(0, 4))
-    with pytest.raises(ValueError, match="C == 0"):
-        mean_teacher(torch.empty(0, 4, 2))
     with pytest.raises(ValueError, match="does not match"):
         sed_scores(torch.randn(2, 5, 2), server)  # P differs
     with pytest.raises(ValueError, match="does not match"):
         sed_scores(torch.randn(2, 4, 3), server)  # d differs
     with pytest.raises(ValueError, match=r"\(C, P, d\)"):
         sed_scores(torch.randn(4, 2), server)
-    with pytest.raises(ValueError, match="does not match"):
-        sed_teacher(torch.randn(2, 4, 2), torch.rand(3, 4))
 
 
 def test_distillation_loss_is_gamma_times_mse():

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedafd.cloud_server.strategies import build_strategy
 from fedafd.cloud_server.app import ClientRecord, ServerApp
 from fedafd.cloud_server.stages import extract_features
 from fedafd.edge_client.model import GlobalTowers
@@ -26,8 +27,9 @@ def _server(tmp_path: Path, public_size: int) -> ServerApp:
     return ServerApp(config, InprocHub().server(), tmp_path / f"run{public_size}")
 
 
-def _plan(server: ServerApp, kind: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    return server._downlink_plan(ClientRecord(f"{kind}-0", kind, {}, 10, 0))
+def _plan(server: ServerApp, kind: str, strategy: str = "fedafd") -> tuple[tuple[str, ...], tuple[str, ...]]:
+    settings = build_strategy(build_config(ServerConfig, {"strategy": strategy})).settings()
+    return server._downlink_plan(ClientRecord(f"{kind}-0", kind, {}, 10, 0), settings)
 
 
 def test_adapter_towers_replace_g_when_they_are_fewer_numbers(tmp_path: Path) -> None:
@@ -41,6 +43,12 @@ def test_adapter_towers_replace_g_when_they_are_fewer_numbers(tmp_path: Path) ->
         assert _plan(few, "image") == (("image",), ("text",))
         assert _plan(few, "text") == (("text",), ("image",))
         assert _plan(few, "multimodal") == (("image", "text"), ())
+        # Without fusion only what the method needs of G: CreamFL both modalities, each the cheaper way;
+        # FedMD (its consensus travels instead) and LOCAL nothing.
+        assert _plan(few, "image", "creamfl") == ((), ("image", "text"))
+        assert _plan(everything, "image", "creamfl") == (("image", "text"), ())
+        for strategy in ("fedmd", "local"):
+            assert _plan(everything, "multimodal", strategy) == ((), ())
     finally:
         everything.close()
         few.close()
@@ -54,7 +62,7 @@ def test_a_device_computes_the_servers_g_from_towers_sent_as_fp16(tmp_path: Path
         # The towers through the wire as RoundStart carries them by default (fp16), decoded on the device.
         start = RoundStart(round=0, local_epochs=1, tower_version=1, public_indices=server.public_rows.astype(np.int64),
                            global_features={}, tower={k: v.numpy() for k, v in server.model.tower_state(("image", "text")).items()},
-                           tower_arch=dict(server.model.archs), settings={})
+                           tower_arch=dict(server.model.archs), settings=server.strategy.settings())
         received = wire.decode([bytes(f) for f in wire.encode(start, codecs={"tower": wire_codec(server.config.tower_codec)})]).msg
         towers = GlobalTowers(D, device)
         towers.load(1, dict(received.tower_arch), {k: torch.from_numpy(np.array(v)) for k, v in received.tower.items()})

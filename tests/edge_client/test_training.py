@@ -10,7 +10,7 @@ from torch import nn
 
 from fedafd.edge_client.model import GlobalTowers, LocalModel
 from fedafd.edge_client.training import (
-    Optimizers, PublicBatch, evaluation_mode, public_features, task_loss, train_step,
+    Optimizers, PublicBatch, RoundPlan, evaluation_mode, public_features, task_loss, train_step,
 )
 from fedafd.runtime.data.modal import ModalData
 
@@ -75,7 +75,8 @@ def test_baa_moves_the_uploaded_public_features_toward_what_the_discriminator_sc
         before = _intra_score(model, public)
         # Execute: the production step, 20 times, with and without the adversarial term.
         for _ in range(20):
-            train_step(model, optimizers, private, torch.arange(32), {}, _public_batch(public), beta, torch.device("cpu"))
+            train_step(model, optimizers, private, torch.arange(32), {}, _public_batch(public),
+                       RoundPlan(0, 1, baa=True, gff=False, beta=beta), torch.device("cpu"))
         scores[beta] = _intra_score(model, public) - before
     # Assert: with BAA the *uploaded* (eval-mode) features score as more real; without it they do not
     # move that way nearly as much. Deleting L_G from the step's backward makes the two equal.
@@ -101,8 +102,8 @@ def test_baa_judges_the_feature_the_device_uploads() -> None:
         # (What would be uploaded now: the step's own private batch then moves BatchNorm's running statistics.)
         uploaded = public_features(model.train(), public, torch.arange(12), torch.device("cpu"))["image"]
         model.train()
-        train_step(model, Optimizers.create(model, 0.0, 0.0), public, torch.arange(12), {}, _public_batch(public), 0.5,
-                   torch.device("cpu"))
+        train_step(model, Optimizers.create(model, 0.0, 0.0), public, torch.arange(12), {}, _public_batch(public),
+                   RoundPlan(0, 1, baa=True, gff=False, beta=0.5), torch.device("cpu"))
         # Assert: the discriminator judged exactly the uploaded feature (eval mode: running statistics, no dropout).
         fakes = [x for x in seen["inputs"] if x.shape == uploaded.shape and not torch.equal(x, _public_batch(public).global_features["image"])]
         assert len(fakes) == 2

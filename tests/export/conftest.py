@@ -69,3 +69,9 @@ def exported(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
         export_client(state, out, ExportOptions(parity_samples=PARITY_SAMPLES, eval_samples=MAX_TEST))
         result[kind] = (state, out)
     return result
+
+
+@pytest.fixture(scope="session")
+def text_state(tmp_path_factory) -> Path:
+    """A trained text client's state alone (no backbones: the cheapest to export)."""
+    return make_client_state(tmp_path_factory.mktemp("text_state"), "text")

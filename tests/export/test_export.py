@@ -264,3 +264,17 @@ def test_dynamo_exporter_gives_the_same_graph_and_finds_the_backbone(exported, t
     assert np.abs(dynamo["probs"] - torchscript["probs"]).max() < 1e-4
     assert manifest["graphs"]["image"]["int8"]["fp32_backbones"] == ["efficientnet_lite0"]
     assert manifest["graphs"]["image"]["int8"]["kept_fp32"]  # the colour stem of cnn_small and the head
+
+
+def test_export_json_on_stdout_is_the_manifest_and_progress_goes_to_stderr(text_state: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedafd.edge_client.cli import app
+
+    # Execute
+    result = CliRunner().invoke(app, ["export", str(text_state), "--out", str(tmp_path / "model"), "--format", "json",
+                                      "--no-quantize", "--parity-samples", "8", "--eval-samples", "16"])
+    # Assert: stdout parses as JSON and is the manifest written; the progress lines went to stderr.
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == manifest_of(tmp_path / "model")
+    assert "exporting text-0" in result.stderr and "parity text.onnx" in result.stderr

@@ -42,7 +42,7 @@ def test_feature_upload_bytes_are_exact(pair):
     server, client = pair
     msg = _upload(modalities=("image", "text"))
     header_len = len(wire.encode(msg, msg_id="0" * 16)[1])  # same length for any msg_id
-    expected = len(b"FAFD\x02") + header_len + 2 * P * D * 4
+    expected = len(b"FAFD\x03") + header_len + 2 * P * D * 4
 
     sent = client.send(msg, round=1)
     got = server.recv(5.0)
@@ -85,7 +85,7 @@ def test_malformed_message_is_a_value_and_counted():
     server = ServerMessenger(hub.server(), ByteCounter())
     server.current_round = 2
     raw_client = hub.client("rogue")
-    frames = [b"FAFD\x03", msgpack.packb({"type": "ack"})]
+    frames = [b"FAFD\x09", msgpack.packb({"type": "ack"})]
     raw_client.send(frames)
 
     got = server.recv(1.0)

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import zmq
 
+from fedafd.cloud_server.strategies import build_strategy
+from fedafd.runtime.config import ServerConfig
 from fedafd.runtime import wire
 from fedafd.runtime.accounting import PARTS, ByteCounter, ClientMessenger, ServerMessenger
 from fedafd.runtime.bandwidth import profile_records
@@ -21,7 +23,7 @@ def _round_start() -> wire.RoundStart:
         round=0, local_epochs=1, tower_version=1, public_indices=np.arange(P, dtype=np.int64),
         global_features={m: rng.standard_normal((P, D)).astype(np.float32) for m in ("image", "text")},
         tower={"image.w": rng.standard_normal((D, 3)).astype(np.float32), "image.b": np.zeros(D, np.float32)},
-        tower_arch={"image": "cnn_small"}, settings={})
+        tower_arch={"image": "cnn_small"}, settings=build_strategy(ServerConfig()).settings())
 
 
 def _upload() -> wire.FeatureUpload:
@@ -113,4 +115,5 @@ def test_fedavg_equivalent_ratio_and_crossover_hand_computed():
     assert image["run_totals"] == {"up": 2000, "down": 18000}
     assert image["seconds_per_round"] == {"comm": 0.5, "compute": 2.0}
     assert profile["clients"]["image-0"]["cumulative_bytes"] == [10_000, 20_000]
+    assert profile["clients"]["image-0"]["fedavg_cumulative_bytes"] == [8000, 16_000]  # 4,000 B each way per round
     assert image["reference_models"]["resnet18"]["ratio_up"] == pytest.approx(1000 / (11_689_512 * 4))

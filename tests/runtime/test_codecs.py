@@ -7,6 +7,8 @@ import msgpack
 import numpy as np
 import pytest
 
+from fedafd.cloud_server.strategies import build_strategy
+from fedafd.runtime.config import ServerConfig
 from fedafd.runtime import codecs, wire
 from fedafd.runtime.wire import ErrorCode, WireError
 
@@ -79,7 +81,7 @@ def _round_start() -> wire.RoundStart:
         tower={"image.conv.weight": rng.standard_normal((8, 3, 3, 3)).astype(np.float32),
                "image.bn.running_var": rng.uniform(0.5, 2.0, 8).astype(np.float32),
                "image.bn.num_batches_tracked": np.array(7, np.int64)},
-        tower_arch={"image": "cnn_small"}, settings={"feature_codec": "int8_row"})
+        tower_arch={"image": "cnn_small"}, settings=build_strategy(ServerConfig(feature_codec="int8_row")).settings())
 
 
 @pytest.mark.parametrize("feature_codec", ["raw", "fp16", "int8_row", "int8_col"])

@@ -11,6 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fedafd.cloud_server.strategies import build_strategy
+from fedafd.runtime.config import ServerConfig
 from fedafd.runtime import wire
 from fedafd.runtime.wire import ErrorCode, WireError
 
@@ -32,7 +34,7 @@ def _round_start(**kw) -> wire.RoundStart:
                "image.mask": np.array([1, 0, 1], np.uint8),
                "image.half": np.full((2,), 0.5, np.float16)},
         tower_arch={"image": "resnet_tiny"},
-        settings={"strategy": "fedafd", "beta": 0.5, "use_gff": True, "nested": {"a": [1, None, b"x"]}},
+        settings=build_strategy(ServerConfig()).settings(),
     )
     base.update(kw)
     return wire.RoundStart(**base)
@@ -83,7 +85,7 @@ def test_round_trip_every_message(msg):
     _assert_same(msg, got.msg)
     assert got.msg_id == "0123456789abcdef"
     assert got.nbytes == sum(len(f) for f in frames)
-    assert frames[0] == b"FAFD\x02"
+    assert frames[0] == b"FAFD\x03"
     assert len(frames) == 2 + len(msgpack.unpackb(frames[1])["tensors"])
 
 
@@ -167,7 +169,7 @@ def test_random_bytes_header():
 
 
 def test_header_not_a_map():
-    e = _reject([b"FAFD\x02", msgpack.packb([1, 2, 3])])
+    e = _reject([b"FAFD\x03", msgpack.packb([1, 2, 3])])
     assert e.code == ErrorCode.BAD_HEADER and "map" in e.reason
 
 
@@ -333,7 +335,7 @@ def test_upload_without_features_is_a_metrics_only_report():
     # The LOCAL baseline uploads metrics only; the server, not the wire, checks modalities per kind.
     h = _header(_upload_frames())
     h["tensors"] = []
-    decoded = wire.decode([b"FAFD\x02", msgpack.packb(h)])
+    decoded = wire.decode([b"FAFD\x03", msgpack.packb(h)])
     assert decoded.msg.features == {}
     assert decoded.msg.metrics == h["fields"]["metrics"]
 
@@ -364,13 +366,13 @@ def _decode_only_wire_errors(frames) -> None:
 @given(st.lists(st.binary(max_size=64), max_size=5))
 def test_random_frames_only_raise_wire_error(frames):
     _decode_only_wire_errors(frames)
-    _decode_only_wire_errors([b"FAFD\x02", *frames])
+    _decode_only_wire_errors([b"FAFD\x03", *frames])
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_plain, st.lists(st.binary(max_size=64), max_size=3))
 def test_random_msgpack_headers_only_raise_wire_error(header, tensor_frames):
-    _decode_only_wire_errors([b"FAFD\x02", msgpack.packb(header), *tensor_frames])
+    _decode_only_wire_errors([b"FAFD\x03", msgpack.packb(header), *tensor_frames])
 
 
 _types = st.sampled_from([t.value for t in wire.MsgType] + ["nope"])
@@ -389,7 +391,7 @@ _descs = st.lists(st.fixed_dictionaries({
        _descs, st.lists(st.binary(max_size=48), max_size=3))
 def test_structured_random_headers_only_raise_wire_error(mtype, fields, descs, tensor_frames):
     header = {"type": mtype, "msg_id": "0123456789abcdef", "fields": fields, "tensors": descs}
-    _decode_only_wire_errors([b"FAFD\x02", msgpack.packb(header), *tensor_frames])
+    _decode_only_wire_errors([b"FAFD\x03", msgpack.packb(header), *tensor_frames])
 
 
 _UPLOAD_HEADER = msgpack.unpackb(wire.encode(_upload())[1])
@@ -400,4 +402,38 @@ _UPLOAD_HEADER = msgpack.unpackb(wire.encode(_upload())[1])
                         max_size=3))
 def test_random_tensor_descriptors_only_raise_wire_error(descs, tensor_frames):
     header = {**_UPLOAD_HEADER, "tensors": descs}
-    _decode_only_wire_errors([b"FAFD\x02", msgpack.packb(header), *tensor_frames])
+    _decode_only_wire_errors([b"FAFD\x03", msgpack.packb(header), *tensor_frames])
+
+
+def _settings_fields(msg: wire.RoundStart) -> dict:
+    return msgpack.unpackb(wire.encode(msg)[1])["fields"]["settings"]
+
+
+def test_method_settings_travel_typed_and_versioned() -> None:
+    # Prepare
+    msg = _round_start()
+    # Execute
+    decoded = wire.decode(wire.encode(msg)).msg
+    # Assert: the device gets the very recipe, as a MethodSettings, with the version on the wire.
+    assert decoded.settings == msg.settings
+    assert _settings_fields(msg)["version"] == 1
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda s: s.pop("baa"), "missing"),
+    (lambda s: s.update(version=2), "version"),
+    (lambda s: s.update(beta="0.5"), "beta must be float"),
+    (lambda s: s.update(baa=1), "baa must be bool"),
+    (lambda s: s.update(digest="sometimes"), "digest"),
+    (lambda s: s.update(surprise=True), "unexpected"),
+])
+def test_method_settings_that_this_build_cannot_run_are_refused_naming_the_field(change, reason) -> None:
+    # Prepare: a RoundStart whose settings map was changed after encoding (what another build might send).
+    frames = wire.encode(_round_start())
+    header = msgpack.unpackb(frames[1])
+    change(header["fields"]["settings"])
+    frames[1] = msgpack.packb(header)
+    # Execute / Assert
+    with pytest.raises(wire.WireError, match=reason) as err:
+        wire.decode(frames)
+    assert err.value.code == wire.ErrorCode.BAD_FIELD

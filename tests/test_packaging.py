@@ -1,0 +1,36 @@
+"""The Python version the package claims is the one its code needs, and setup.sh refuses older ones."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NEEDED = (3, 11)  # tomllib (runtime/config.py) and enum.StrEnum (runtime/wire.py)
+
+
+def test_requires_python_is_what_the_code_needs() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == ">=3.11"
+    assert "Programming Language :: Python :: 3.11" in project["classifiers"]
+    assert not any(c.endswith(":: 3.10") for c in project["classifiers"])
+    assert sys.version_info >= NEEDED
+
+
+def test_setup_refuses_an_older_python_before_making_a_venv(tmp_path: Path) -> None:
+    # Prepare: a copy of setup.sh without a .venv, and a stand-in python3.10 (fails the version check).
+    shutil.copy(ROOT / "setup.sh", tmp_path / "setup.sh")
+    old = tmp_path / "python3.10"
+    old.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "Python 3.10.12"; exit 0; }\nexit 1\n')
+    old.chmod(0o755)
+    # Execute
+    done = subprocess.run(["bash", str(tmp_path / "setup.sh")], env={"PYTHON": str(old), "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=30)
+    # Assert: a clear error naming the version, and nothing installed.
+    assert done.returncode == 1
+    assert "needs Python 3.11+" in done.stderr and "Python 3.10.12" in done.stderr
+    assert not (tmp_path / ".venv").exists()
+    assert f"sys.version_info < {NEEDED}" in (ROOT / "setup.sh").read_text()
