@@ -7,7 +7,9 @@ and answers every RoundStart at once with a realistic FeatureUpload (|P| x d flo
 the numbers are the server's: per round, the wall time of each stage, the messages it handled per
 second while sending RoundStarts and collecting uploads (RoundStart + FeatureUpload + Ack per device),
 and its peak resident memory (VmHWM). Devices are image devices by default: the text tower (a 16 MB
-embedding) would make the downlink, not the server, the thing measured.
+embedding) would make the downlink, not the server, the thing measured. The server runs torch on one thread
+(`-c threads=1`): the simulated devices take the other core, and two threads on a shared 2-core machine
+make each upload's SED scores ten times slower (thread hand-offs), not faster.
 
 Over the device counts it fits straight lines (least squares) to the server's peak memory and to the
 exchange time, and draws both against the devices to a PNG (--plot). An upload is lost when a simulated
@@ -53,7 +55,7 @@ def _peak_rss_mb(pid: int) -> float | None:
 
 
 def run_load(clients: int, rounds: int, public_size: int, feature_dim: int, kinds: list[str],
-             processes: int, timeout_s: float) -> dict:
+             processes: int, timeout_s: float, overrides: list[str] = ()) -> dict:
     endpoint = f"tcp://127.0.0.1:{_free_port()}"
     with tempfile.TemporaryDirectory() as tmp:
         server = subprocess.Popen(
@@ -61,7 +63,8 @@ def run_load(clients: int, rounds: int, public_size: int, feature_dim: int, kind
              "-c", f"rounds={rounds}", "-c", f"expected_clients={clients}", "-c", f"min_clients={clients}",
              "-c", f"public_size={public_size}", "-c", f"feature_dim={feature_dim}", "-c", "image_arch=cnn_small",
              "-c", "text_arch=gru", "-c", "join_timeout_s=600", "-c", f"round_deadline_s={timeout_s}",
-             "-c", "heartbeat_timeout_s=600", "-c", "device=cpu"],
+             "-c", "heartbeat_timeout_s=600", "-c", "device=cpu", "-c", "threads=1",
+             *(item for setting in overrides for item in ("-c", setting))],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         devices = [(f"{kinds[i % len(kinds)]}-{i}", kinds[i % len(kinds)]) for i in range(clients)]
         processes = max(processes, math.ceil(clients / DEVICES_PER_PROCESS))
@@ -168,6 +171,8 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2, help="processes the devices are spread over "
                         f"(at least one per {DEVICES_PER_PROCESS})")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per federation before giving up")
+    parser.add_argument("-c", "--set", dest="overrides", action="append", default=[],
+                        help="KEY=VALUE for the server's config, after the benchmark's own (e.g. -c threads=0)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of time and memory against devices")
     args = parser.parse_args()
@@ -177,7 +182,8 @@ def main() -> None:
     print(f"{'clients':>7} | {'round s':>8} | {'exchange s':>10} | {'msgs/s':>8} | {'peak RSS MB':>11} | "
           f"{'uploads recorded':>16} | ok")
     for n in (int(x) for x in args.clients.split(",")):
-        r = run_load(n, args.rounds, args.public_size, args.feature_dim, args.kinds.split(","), args.processes, args.timeout)
+        r = run_load(n, args.rounds, args.public_size, args.feature_dim, args.kinds.split(","), args.processes, args.timeout,
+                     args.overrides)
         results.append(r)
         print(f"{n:>7} | {r['round_s']:>8.2f} | {r['exchange_s']:>10.2f} | {r['msgs_per_s']:>8.0f} | "
               f"{r['server_peak_rss_mb']:>11.0f} | {r['uploads_recorded']:>7}/{r['uploads_sent']:<8} | {r['ok']}",

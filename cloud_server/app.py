@@ -267,8 +267,11 @@ class ServerApp:
         self._live = _LiveRound(round_, tower_version, global_features, settings, selected, outcome,
                                 folds={m: TeacherFold() for m in MODALITIES})
         for client_id in selected:
+            if client_id in outcome.uploads or client_id not in self.clients:  # its rejoin got it, or it left
+                continue
             if not self._send_round_start(self.clients[client_id], round_, tower_version, global_features, settings):
                 outcome.dropped[client_id] = "not connected when the round started"
+            self._take_arrived(round_, selected, outcome)
         timings["downlink"] = time.perf_counter() - started
 
         self.on_stage(f"round {round_ + 1}/{c.rounds}: devices training, 0/{len(selected)} uploads")
@@ -394,17 +397,26 @@ class ServerApp:
                 if cid in self.clients and now - self.clients[cid].last_seen > c.heartbeat_timeout_s:
                     outcome.dropped[cid] = f"silent for {c.heartbeat_timeout_s:g}s (heartbeat_timeout_s)"
             received = self.messenger.recv(min(0.5, max(deadline - now, 0.01)))
-            if received is None:
-                continue
-            if isinstance(received.msg, FeatureUpload) and received.error is None:
-                self._accept_upload(received, round_, selected, outcome)
-            else:
-                self._handle_outside_round(received, outcome)
+            if received is not None:
+                self._handle_in_round(received, round_, selected, outcome)
         for cid, why in outcome.dropped.items():
             log.warning("round %d: %s dropped: %s", round_, cid, why)
             if not why.startswith("no upload by the round deadline"):  # a straggler stays for the next round
                 self.clients.pop(cid, None)
         return outcome
+
+    def _handle_in_round(self, received: Received, round_: int, selected: list[str], outcome: RoundOutcome) -> None:
+        if isinstance(received.msg, FeatureUpload) and received.error is None:
+            self._accept_upload(received, round_, selected, outcome)
+        else:
+            self._handle_outside_round(received, outcome)
+
+    def _take_arrived(self, round_: int, selected: list[str], outcome: RoundOutcome) -> None:
+        """Between the downlink's RoundStarts: what already arrived, without waiting. The first devices
+        answer while the last RoundStarts go out; their uploads are folded now instead of piling up in
+        the socket's queues (memory O(devices x upload) with a thousand devices)."""
+        while (received := self.messenger.recv(0.0)) is not None:
+            self._handle_in_round(received, round_, selected, outcome)
 
     def _accept_upload(self, received: Received, round_: int, selected: list[str], outcome: RoundOutcome) -> None:
         upload: FeatureUpload = received.msg
