@@ -131,5 +131,7 @@ def test_uploads_that_arrive_during_the_downlink_are_folded_before_the_next_roun
         server.close()
 
     # Assert: image-0's upload was taken in between the RoundStarts, not left queued until the collect.
-    assert taken_at_send == {"image-0": [], "image-1": ["image-0"], "image-2": ["image-0"]}
+    # (image-1's answer may be in by image-2's RoundStart too.)
+    assert taken_at_send["image-0"] == [] and taken_at_send["image-1"] == ["image-0"]
+    assert "image-0" in taken_at_send["image-2"]
     assert sorted(record["clients"]) == ["image-0", "image-1", "image-2"]
