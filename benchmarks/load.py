@@ -152,6 +152,7 @@ def plot(results: list[dict], fit: dict, path: Path) -> Path:
                label=f"fit: {fit['rss_mb_per_device']:.3f} MB/device")
     right.set(xlabel="devices", ylabel="server peak RSS MB", title="server memory")
     for axis in (left, right):
+        axis.set_ylim(bottom=0)  # from zero: a flat memory curve looks flat
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()
