@@ -138,6 +138,18 @@ def _device_round_s(records: list[dict], default: float) -> float:
     return 1.5 * median(trips) if trips else default
 
 
+def _server_kill_rounds(rng: random.Random, rounds: int, kills: int) -> set[int]:
+    """`kills` rounds in 1..R-2, at least 3 apart: a kill drawn late for its round lands in the next one,
+    and must not hit the server resumed from the kill before while it is still starting."""
+    if kills == 0:
+        return set()
+    for _ in range(1000):
+        chosen = sorted(rng.sample(range(1, rounds - 1), kills))
+        if all(b - a >= 3 for a, b in zip(chosen, chosen[1:])):
+            return set(chosen)
+    raise ValueError(f"{kills} server kills 3 rounds apart do not fit in {rounds} rounds; run more rounds")
+
+
 def run_federation(run_dir: Path, fleet: dict[str, int], rounds: int, seed: int, kill_fraction: float,
                    server_kills: int, timeout_s: float, first_round_s: float = 3.0) -> dict:
     """One federation to the end; with kills when kill_fraction or server_kills. Returns what happened."""
@@ -147,7 +159,7 @@ def run_federation(run_dir: Path, fleet: dict[str, int], rounds: int, seed: int,
     rng = random.Random(seed)
     ids = client_ids(fleet)
     victims_per_round = round(kill_fraction * len(ids))
-    server_kill_rounds = set(rng.sample(range(1, rounds - 1), server_kills)) if server_kills else set()
+    server_kill_rounds = _server_kill_rounds(rng, rounds, server_kills)
     committed_by: list[int] = []  # per server process: the last round its checkpoint reached
     events: list[dict] = []
     pending: list[tuple[float, str, str]] = []  # (when, action, client id or "server")
