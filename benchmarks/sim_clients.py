@@ -99,6 +99,8 @@ def run_devices(endpoint: str, devices: list[tuple[str, str]], timeout_s: float,
                 curve_keys: dict[str, tuple[bytes, bytes, bytes]] | None = None) -> SimStats:
     """Runs (client id, kind) devices until each got Bye or `timeout_s` passed; returns what they saw."""
     context = zmq.Context()
+    # libzmq's default cap is 1023 sockets per context; one process may simulate more devices than that.
+    context.set(zmq.MAX_SOCKETS, len(devices) + 16)
     stats = SimStats()
     sims = [SimDevice(context, endpoint, cid, kind, seed + i, (curve_keys or {}).get(cid))
             for i, (cid, kind) in enumerate(devices)]

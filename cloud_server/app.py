@@ -266,8 +266,11 @@ class ServerApp:
         self._live = _LiveRound(round_, tower_version, global_features, settings, selected, outcome,
                                 folds={m: TeacherFold() for m in MODALITIES})
         for client_id in selected:
+            if client_id in outcome.uploads or client_id not in self.clients:  # its rejoin got it, or it left
+                continue
             if not self._send_round_start(self.clients[client_id], round_, tower_version, global_features, settings):
                 outcome.dropped[client_id] = "not connected when the round started"
+            self._take_arrived(round_, selected, outcome)
         timings["downlink"] = time.perf_counter() - started
 
         self.on_stage(f"round {round_ + 1}/{c.rounds}: devices training, 0/{len(selected)} uploads")
@@ -393,17 +396,26 @@ class ServerApp:
                 if cid in self.clients and now - self.clients[cid].last_seen > c.heartbeat_timeout_s:
                     outcome.dropped[cid] = f"silent for {c.heartbeat_timeout_s:g}s (heartbeat_timeout_s)"
             received = self.messenger.recv(min(0.5, max(deadline - now, 0.01)))
-            if received is None:
-                continue
-            if isinstance(received.msg, FeatureUpload) and received.error is None:
-                self._accept_upload(received, round_, selected, outcome)
-            else:
-                self._handle_outside_round(received, outcome)
+            if received is not None:
+                self._handle_in_round(received, round_, selected, outcome)
         for cid, why in outcome.dropped.items():
             log.warning("round %d: %s dropped: %s", round_, cid, why)
             if not why.startswith("no upload by the round deadline"):  # a straggler stays for the next round
                 self.clients.pop(cid, None)
         return outcome
+
+    def _handle_in_round(self, received: Received, round_: int, selected: list[str], outcome: RoundOutcome) -> None:
+        if isinstance(received.msg, FeatureUpload) and received.error is None:
+            self._accept_upload(received, round_, selected, outcome)
+        else:
+            self._handle_outside_round(received, outcome)
+
+    def _take_arrived(self, round_: int, selected: list[str], outcome: RoundOutcome) -> None:
+        """Between the downlink's RoundStarts: what already arrived, without waiting. The first devices
+        answer while the last RoundStarts go out; their uploads are folded now instead of piling up in
+        the socket's queues (memory O(devices x upload) with a thousand devices)."""
+        while (received := self.messenger.recv(0.0)) is not None:
+            self._handle_in_round(received, round_, selected, outcome)
 
     def _accept_upload(self, received: Received, round_: int, selected: list[str], outcome: RoundOutcome) -> None:
         upload: FeatureUpload = received.msg
@@ -434,6 +446,8 @@ class ServerApp:
                       f"{len(outcome.uploads)}/{len(selected)} uploads")
         outcome.arrived_at[peer] = time.monotonic()
         outcome.dropped.pop(peer, None)
+        # Before the Ack: what a device was told was kept is in this log (benchmarks/chaos.py checks it).
+        log.info("round %d: accepted upload %s from %s", round_, received.msg_id, peer)
         self._send(peer, Ack(round=round_), round_)
 
     def _check_upload(self, upload: FeatureUpload, peer: str, round_: int,
@@ -516,12 +530,12 @@ class ServerApp:
     def _resend_round_start(self, peer: str) -> None:
         """A client that (re)joins while its round is collected and has not answered gets the round's
         RoundStart again (same message id): a restarted device resumes from its saved state and can
-        still make the round."""
+        still make the round, also when it was already counted as dropped (not connected when the round
+        started, or silent): it is taken off the round's dropped, so it is also not forgotten at its end."""
         live = self._live
-        if live is None or peer not in self.clients or peer not in live.selected:
+        if live is None or peer not in self.clients or peer not in live.selected or peer in live.outcome.uploads:
             return
-        if peer in live.outcome.uploads or peer in live.outcome.dropped:
-            return
+        live.outcome.dropped.pop(peer, None)
         log.info("round %d: resending RoundStart to %s after its rejoin", live.round, peer)
         self._send_round_start(self.clients[peer], live.round, live.tower_version, live.global_features, live.settings)
 

@@ -12,7 +12,9 @@ from typing import Annotated, NoReturn, Optional
 
 import typer
 
-from fedafd.runtime.cli_support import Format, ProfileFormat, cli_errors, config_listing, live_status, setup_logging
+from fedafd.runtime.cli_support import (
+    Format, ProfileFormat, cli_errors, config_listing, live_status, raise_open_files_limit, setup_logging,
+)
 from fedafd.runtime.config import ClientConfig, ServerConfig, config_to_dict, load_config, write_config
 
 app = typer.Typer(help="The fedafd cloud server.", no_args_is_help=True, add_completion=False)
@@ -63,6 +65,7 @@ def serve(
 ) -> None:
     """Run a federation: wait for clients, then stage 1, downlink, collect, stage 3, evaluate, every round."""
     setup_logging(verbose)
+    raise_open_files_limit()  # one descriptor per connected device
     with cli_errors():
         world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None  # set by torchrun
         if workers < 1 or (world is not None and workers not in (1, world)):

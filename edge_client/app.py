@@ -110,7 +110,10 @@ class EdgeApp:
                         raise EdgeError("the server came back with another feature_dim; start this device afresh")
                 elif isinstance(message, Error):
                     log.warning("%s: server error %s: %s", self.config.client_id, message.code, message.reason)
-                elif not isinstance(message, (Ack, Welcome)):
+                elif isinstance(message, Ack):
+                    acked = self._last_upload[2] if self._last_upload and self._last_upload[1].round == message.round else "?"
+                    log.info("%s round %d: upload %s acknowledged", self.config.client_id, message.round, acked)
+                elif not isinstance(message, Welcome):
                     log.warning("%s: ignoring unexpected %s", self.config.client_id, type(message).__name__)
         except KeyboardInterrupt:
             self.messenger.send(Bye(reason="interrupted"), round=-1)
@@ -313,8 +316,8 @@ class EdgeApp:
         self._last_upload = (start_id, upload, upload_id, codecs)
         sent = self.messenger.send(upload, round=start.round, msg_id=upload_id, codecs=codecs)
         self.reports.append(RoundReport(start.round, metrics, losses, train_seconds, sent))
-        log.info("%s round %d: %s | losses %s | %.1fs train | %d bytes up", c.client_id, start.round,
-                 _fmt(metrics), _fmt(losses), train_seconds, sent)
+        log.info("%s round %d: %s | losses %s | %.1fs train | %d bytes up (upload %s)", c.client_id, start.round,
+                 _fmt(metrics), _fmt(losses), train_seconds, sent, upload_id)
 
     def _check_backbones(self, server_backbones: dict[str, str]) -> None:
         """The server's towers adapt frozen backbones: this device must hold the very same weights."""

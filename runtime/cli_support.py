@@ -58,6 +58,23 @@ def setup_logging(verbose: bool, default_level: str = "WARNING") -> None:
                         datefmt="%H:%M:%S")
 
 
+def raise_open_files_limit() -> int:
+    """Lifts this process's soft limit on open files to the hard one (children inherit it): a server holds
+    one descriptor per connected device, and a common soft default of 1024 stops it near 1,000 devices
+    (libzmq then fails to accept the rest). Returns the limit now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):  # some systems cap it lower (macOS: OPEN_MAX); keep what we have
+            pass
+    return soft
+
+
 @contextlib.contextmanager
 def live_status() -> Iterator[Callable[[str], None]]:
     """A rich status line (spinner + text) on a terminal's stderr, updated by calling what this yields;

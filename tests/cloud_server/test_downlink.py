@@ -3,6 +3,7 @@ fewer numbers, its tower or G; a device computes the same G from a tower as the 
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +77,61 @@ def test_a_device_computes_the_servers_g_from_towers_sent_as_fp16(tmp_path: Path
         cosine = torch.nn.functional.cosine_similarity(computed[modality], g[modality], dim=1)
         assert cosine.min() > 0.9999, modality
         assert not torch.equal(computed[modality], g[modality])  # the fp16 weights did round
+
+
+def test_uploads_that_arrive_during_the_downlink_are_folded_before_the_next_round_start(tmp_path: Path) -> None:
+    # Prepare: three image devices; image-0 answers its RoundStart at once (inside the server's send to it,
+    # so the upload is waiting before the server sends the next RoundStart). A spy notes, at each send of a
+    # RoundStart, which uploads the server has already taken in.
+    from fedafd.runtime.wire import FeatureUpload, Join, Welcome, decode, encode
+
+    hub = InprocHub()
+    inner = hub.server()
+    devices = {f"image-{i}": hub.client(f"image-{i}") for i in range(3)}
+    taken_at_send: dict[str, list[str]] = {}
+
+    def upload(cid: str, start: RoundStart) -> list:
+        features = np.random.default_rng(len(cid)).standard_normal((len(start.public_indices), D)).astype(np.float32)
+        return encode(FeatureUpload(round=start.round, client_id=cid, features={"image": features}, metrics={},
+                                    losses={}, train_seconds=0.0))
+
+    class Spy:
+        endpoint = inner.endpoint
+
+        def send(self, peer: str, frames) -> None:
+            first = server._live is not None and peer not in taken_at_send  # its RoundStart
+            if first:
+                taken_at_send[peer] = sorted(server._live.outcome.uploads)
+            inner.send(peer, frames)
+            if first and peer == "image-0":
+                devices[peer].send(upload(peer, decode(devices[peer].recv(5.0)).msg))
+
+        def recv(self, timeout_s: float):
+            return inner.recv(timeout_s)
+
+        def close(self) -> None:
+            inner.close()
+
+    config = build_config(ServerConfig, {"feature_dim": D, "public_size": 32, "image_arch": "cnn_small",
+                                         "text_arch": "gru", "round_deadline_s": 60})
+    server = ServerApp(config, Spy(), tmp_path)
+    try:
+        for cid, device in devices.items():
+            device.send(encode(Join(client_id=cid, kind="image", image_arch="cnn_small", text_arch="", num_params=0,
+                                    num_private=10)))
+            server._handle_outside_round(server.messenger.recv(5.0))
+            assert isinstance(decode(device.recv(5.0)).msg, Welcome)
+        for cid in ("image-1", "image-2"):  # they answer once their RoundStart is there
+            threading.Timer(0.0, lambda cid=cid: devices[cid].send(
+                upload(cid, decode(devices[cid].recv(60.0)).msg))).start()
+
+        # Execute
+        record = server._run_round(0)
+    finally:
+        server.close()
+
+    # Assert: image-0's upload was taken in between the RoundStarts, not left queued until the collect.
+    # (image-1's answer may be in by image-2's RoundStart too.)
+    assert taken_at_send["image-0"] == [] and taken_at_send["image-1"] == ["image-0"]
+    assert "image-0" in taken_at_send["image-2"]
+    assert sorted(record["clients"]) == ["image-0", "image-1", "image-2"]

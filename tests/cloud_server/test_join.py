@@ -7,12 +7,13 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedafd.cloud_server.app import ServerApp, ServerError
 from fedafd.runtime.config import ServerConfig, build_config
 from fedafd.runtime.transport import InprocHub
-from fedafd.runtime.wire import Join, encode
+from fedafd.runtime.wire import FeatureUpload, Join, RoundStart, Welcome, decode, encode
 
 
 def test_a_device_gone_before_its_welcome_does_not_count_as_joined(tmp_path: Path) -> None:
@@ -79,3 +80,38 @@ def test_below_min_clients_the_settle_time_does_not_start_it(tmp_path: Path) -> 
         server.close()
     assert time.monotonic() - started >= 1.0 and list(server.clients) == ["image-0"]
     device.close()
+
+
+def test_a_device_dropped_at_the_round_start_that_rejoins_makes_the_round(tmp_path: Path) -> None:
+    # Prepare: two joined devices; image-0's connection closes before the round starts (it restarts).
+    hub = InprocHub()
+    server = _server(hub, tmp_path, round_deadline_s=60, heartbeat_timeout_s=60)
+    first, other = _join(hub, "image-0"), _join(hub, "image-1")
+    for device in (first, other):
+        server._handle_outside_round(server.messenger.recv(5.0))
+        assert isinstance(decode(device.recv(5.0)).msg, Welcome)
+    first.close()
+    records = []
+    round_thread = threading.Thread(target=lambda: records.append(server._run_round(0)), daemon=True)
+    try:
+        # Execute: the round starts without image-0 (dropped: not connected); image-0 joins again mid-round,
+        # then both upload.
+        round_thread.start()
+        start = decode(other.recv(60.0)).msg
+        assert isinstance(start, RoundStart)
+        again = _join(hub, "image-0")
+        got = [decode(again.recv(30.0)).msg for _ in range(2)]
+        assert isinstance(got[0], Welcome) and isinstance(got[1], RoundStart) and got[1].round == 0
+        rng = np.random.default_rng(0)
+        for device, cid in ((again, "image-0"), (other, "image-1")):
+            features = rng.standard_normal((len(start.public_indices), 16)).astype(np.float32)
+            device.send(encode(FeatureUpload(round=0, client_id=cid, features={"image": features}, metrics={},
+                                             losses={}, train_seconds=0.0)))
+        round_thread.join(timeout=60)
+
+        # Assert: it made the round, nothing is recorded as dropped, and the server still knows it.
+        assert not round_thread.is_alive()
+        assert sorted(records[0]["clients"]) == ["image-0", "image-1"] and records[0]["dropped"] == {}
+        assert "image-0" in server.clients
+    finally:
+        server.close()
