@@ -37,11 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
 
-from fedafd.cloud_server.app import CHECKPOINT_FILE, METRICS_FILE
+from fedafd.cloud_server.app import METRICS_FILE
+from fedafd.cloud_server.checkpoint import CHECKPOINT_FILE
 from fedafd.cloud_server.fleet import LocalFleet, client_ids, parse_fleet
 from fedafd.runtime.config import ServerConfig, load_config
 from fedafd.runtime.report import read_metrics, summarize_round
-from fedafd.runtime.torch_utils import load_checkpoint
+from fedafd.runtime.checkpoint import read_meta
 
 SERVER_SETTING = {"public_size": "64", "feature_dim": "32", "local_epochs": "1", "server_epochs": "1",
                   "max_private": "96", "max_test": "64", "threads": "1", "join_timeout_s": "120",
@@ -113,7 +114,7 @@ class Federation:
     def committed_round(self) -> int:
         """The last round the checkpoint holds (-1: none); what a resumed server continues after."""
         path = self.run_dir / CHECKPOINT_FILE
-        return load_checkpoint(path)[1]["round"] if path.exists() else -1
+        return read_meta(path)["round"] if path.exists() else -1
 
     def stop(self) -> None:
         for process in [self.server, *self.devices.values()]:
