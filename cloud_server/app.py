@@ -534,9 +534,6 @@ class ServerApp:
                    self.next_round)
 
     def _take_rejected(self) -> list[dict]:
-        refused = getattr(self.messenger.transport, "refused", None)  # identity mismatches seen by the transport
-        while refused:
-            self.rejected.append(refused.popleft())
         taken, self.rejected = self.rejected, []
         return taken
 

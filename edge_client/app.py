@@ -125,7 +125,7 @@ class EdgeApp:
         c = self.config
         archs = {"image": c.image_arch if c.kind != "text" else "", "text": c.text_arch if c.kind != "image" else ""}
         join = Join(client_id=c.client_id, kind=c.kind, image_arch=archs["image"], text_arch=archs["text"],
-                    num_params=0, num_private=len(self.private.train), backbones=self.backbones)
+                    num_private=len(self.private.train), backbones=self.backbones)
         what = ("the server's Welcome (is `fedafd-cloud serve` running at that address? with CURVE: is the server "
                 "key right and this device's key allow-listed? raise connect_timeout_s to wait longer)")
         deadline = time.monotonic() + c.connect_timeout_s

@@ -158,7 +158,6 @@ class Join:
     kind: str = _one_of(*CLIENT_KINDS)
     image_arch: str
     text_arch: str
-    num_params: int = _at_least(0)
     num_private: int = _at_least(0)
     backbones: dict[str, str] = field(default_factory=dict)
 
@@ -285,11 +284,6 @@ class Decoded(NamedTuple):
     msg_id: str
     nbytes: int
     """Sum of all frame lengths (magic + header + tensor frames)."""
-
-
-def error_reply(err: WireError, round: int = -1) -> Error:
-    """The Error message that answers a rejected message."""
-    return Error(code=err.code.value, reason=err.reason, round=round)
 
 
 def new_msg_id() -> str:

@@ -17,7 +17,7 @@ from fedafd.runtime.wire import Error, ErrorCode, Join, Welcome
 
 
 def _join(digests: dict[str, str]) -> Join:
-    return Join(client_id="image-0", kind="image", image_arch="effnet_linear", text_arch="", num_params=0,
+    return Join(client_id="image-0", kind="image", image_arch="effnet_linear", text_arch="",
                 num_private=10, backbones=digests)
 
 

@@ -55,7 +55,7 @@ def test_feature_upload_bytes_are_exact(pair):
 
 def test_down_direction_and_totals(pair):
     server, client = pair
-    client.send(wire.Join("mm-0", "multimodal", "resnet_tiny", "transformer_tiny", 10, 20), round=-1)
+    client.send(wire.Join("mm-0", "multimodal", "resnet_tiny", "transformer_tiny", 20), round=-1)
     server.recv(5.0)  # Join has no round: counted under current_round (-1, setup)
     welcome = server.send("mm-0", wire.Welcome("mm-0", "run", 8, 2), round=-1)
     ack = server.send("mm-0", wire.Ack(round=0), round=0)
@@ -94,7 +94,7 @@ def test_malformed_message_is_a_value_and_counted():
     assert got.error.code == wire.ErrorCode.BAD_VERSION
     assert got.nbytes == sum(len(f) for f in frames)
     assert server.counter.for_round(2) == {"rogue": {"up": {"malformed": got.nbytes}, "down": {}}}
-    reply = wire.error_reply(got.error, round=2)
+    reply = wire.Error(code=got.error.code, reason=got.error.reason, round=2)
     assert server.send("rogue", reply, round=2) > 0
 
 
