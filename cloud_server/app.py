@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fedafd.cloud_server.distributed import ONE_PROCESS, Ranks
-from fedafd.cloud_server.checkpoint import CHECKPOINT_FILE, CHECKPOINT_FORMAT, check_resume
+from fedafd.cloud_server.checkpoint import check_resume, load_server_checkpoint, save_server_checkpoint
 from fedafd.cloud_server.stages import (
     GlobalModel, build_optimizers, distill_epoch, evaluate_retrieval, extract_features, train_contrastive_epoch,
 )
@@ -32,7 +32,7 @@ from fedafd.runtime.config import ServerConfig, config_to_dict
 from fedafd.runtime.methods import MethodSettings
 from fedafd.runtime.data.modal import load_public_data
 from fedafd.runtime.data.partition import cap_indices
-from fedafd.runtime.checkpoint import load_checkpoint, save_checkpoint
+from fedafd.runtime.report import METRICS_FILE
 from fedafd.runtime.torch_utils import atomic_write_bytes, configure_threads, resolve_device, seeded_generator
 from fedafd.runtime.transport import PeerGone, ServerTransport
 from fedafd.runtime.wire import (
@@ -44,8 +44,6 @@ if TYPE_CHECKING:
     from fedafd.cloud_server.tracking import RoundSink
 
 log = logging.getLogger("fedafd.cloud")
-
-METRICS_FILE = "metrics.jsonl"
 
 
 class ServerError(FedafdError):
@@ -556,16 +554,13 @@ class ServerApp:
     def _checkpoint(self, round_: int) -> None:
         tensors = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                    "distill_optimizer": self.distill_optimizer.state_dict(), "consensus": self.consensus}
-        meta = {"round": round_, "config": config_to_dict(self.config), "format": CHECKPOINT_FORMAT,
-                "run_id": self.run_id}
-        save_checkpoint(self.run_dir / CHECKPOINT_FILE, tensors, meta)
+        save_server_checkpoint(self.run_dir, tensors, round_, self.config, self.run_id)
 
     def _restore(self) -> dict:
         """The run id, the model and next_round from the checkpoint (refused when the config changed where
         it may not); returns its tensors, whose optimiser states the caller loads once the optimisers exist."""
         check_resume(self.run_dir, self.config)
-        path = self.run_dir / CHECKPOINT_FILE
-        tensors, meta = load_checkpoint(path)
+        tensors, meta = load_server_checkpoint(self.run_dir)
         self.model.load_state_dict(tensors["model"])
         self.consensus = dict(tensors.get("consensus", {}))  # a checkpoint converted from format 2 has none
         self.run_id = meta["run_id"]
@@ -576,7 +571,7 @@ class ServerApp:
         if metrics.exists():
             kept = [line for line in metrics.read_text().splitlines() if _finished_record(line, meta["round"])]
             atomic_write_bytes(metrics, "".join(line + "\n" for line in kept).encode())
-        log.info("resumed run %s from %s after round %d", self.run_id, path, meta["round"])
+        log.info("resumed run %s from %s after round %d", self.run_id, self.run_dir, meta["round"])
         return tensors
 
     def _append_metrics(self, record: dict) -> None:

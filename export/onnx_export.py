@@ -57,23 +57,24 @@ from torch import nn
 
 from fedafd.edge_client.model import MODALITIES_OF_KIND, GlobalTowers, LocalModel
 from fedafd.cloud_server.checkpoint import CHECKPOINT_FILE as SERVER_CHECKPOINT
-from fedafd.cloud_server.checkpoint import LEGACY_CHECKPOINT_FILE, checkpoint_path, read_server_meta
-from fedafd.edge_client.state import LEGACY_STATE_FILE, STATE_FILE, read_state_meta
+from fedafd.cloud_server.checkpoint import LEGACY_CHECKPOINT_FILE, checkpoint_path, load_server_checkpoint
+from fedafd.cloud_server.stages import GlobalModel
+from fedafd.edge_client.state import LEGACY_STATE_FILE, STATE_CONFIG_FILE, STATE_FILE, read_state_meta
 from fedafd.export.infer import (MANIFEST_FILE, MANIFEST_FORMAT, TOKENIZER_FILE, ModelError, file_sha256,
                                  open_session)
 from fedafd.export.quantize import FP32_BACKBONES, quantize_graph
 from fedafd.runtime.backbones import (BACKBONE_IMAGE_SIZE, BackboneMissingError, backbone_digest, backbone_spec,
                                       build_backbone)
+from fedafd.runtime.data.features import OPSET
 from fedafd.runtime.data.features import example_inputs as trace_example
 from fedafd.runtime.data.modal import RAW, ModalData
 from fedafd.runtime.data.text import MAX_TEXT_LEN, PAD_ID, tokenizer_path
 from fedafd.runtime.errors import FedafdError
-from fedafd.runtime.models import build_encoder, input_view
+from fedafd.runtime.models import input_view
 from fedafd.runtime.checkpoint import load_checkpoint
 
 log = logging.getLogger("fedafd.export")
 
-OPSET = 17
 EXPORTERS = ("torchscript", "dynamo")
 
 
@@ -233,7 +234,7 @@ def load_client(state_dir: Path) -> LoadedClient:
             towers.load(meta["tower_version"], meta["tower_archs"], tensors["towers"])
     except (ValueError, RuntimeError) as err:  # an architecture this build's zoo lacks, or mismatched weights
         raise ExportError(f"{path} does not load into this build's model zoo: {str(err).splitlines()[0]}") from None
-    config_path = Path(state_dir) / "config.json"
+    config_path = Path(state_dir) / STATE_CONFIG_FILE
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     return LoadedClient(model.eval(), towers, meta, config)
 
@@ -583,21 +584,17 @@ def export_server(checkpoint: Path, out: Path, options: ExportOptions = ExportOp
 
     checkpoint = checkpoint_path(checkpoint)
     try:
-        read_server_meta(checkpoint, what="export")
-        tensors, meta = load_checkpoint(checkpoint)
+        tensors, meta = load_server_checkpoint(checkpoint, what="export")
     except FedafdError as err:
         raise ExportError(str(err)) from None
     config = meta["config"]
-    archs = {"image": config["image_arch"], "text": config["text_arch"]}
-    encoders = {}
-    for modality in ("image", "text"):
-        prefix = f"encoders.{modality}."
-        try:
-            encoder = build_encoder(modality, archs[modality], config["feature_dim"])
-            encoder.load_state_dict({k[len(prefix):]: v for k, v in tensors["model"].items() if k.startswith(prefix)})
-        except (ValueError, RuntimeError) as err:
-            raise ExportError(f"{checkpoint}: the {modality} tower does not load: {str(err).splitlines()[0]}") from None
-        encoders[modality] = encoder.eval()
+    try:  # the server's model as it trained (the towers and the stage-1 loss's a, b, which are not exported)
+        model = GlobalModel(config["image_arch"], config["text_arch"], config["feature_dim"], config["contrastive_loss"])
+        model.load_state_dict(tensors["model"])
+    except (ValueError, RuntimeError) as err:
+        raise ExportError(f"{checkpoint}: the towers do not load: {str(err).splitlines()[0]}") from None
+    archs = model.archs
+    encoders = {m: encoder.eval() for m, encoder in model.encoders.items()}
     backbone_names = tuple(sorted({input_view(e) for e in encoders.values()} - {RAW}))
     data = load_public_data("test", backbone_names)
     count = max(options.eval_samples, options.parity_samples) if options.eval_samples else 0

@@ -52,12 +52,12 @@ MAX_NDIM = 8
 ALLOWED_DTYPES = ("float32", "float16", "int64", "int32", "uint8")
 CODECS = _codecs.CODECS
 """How a tensor frame may store its data (runtime.codecs: raw, fp16, int8_row, int8_col)."""
-CLIENT_KINDS = ("image", "text", "multimodal")
 MODALITIES = ("image", "text")
 MODALITIES_OF_KIND: dict[str, tuple[str, ...]] = {
     "image": ("image",), "text": ("text",), "multimodal": ("image", "text"),
 }
 """Which modalities' features each kind of device sends (and which global towers it fuses with)."""
+CLIENT_KINDS = tuple(MODALITIES_OF_KIND)
 
 
 def other_modality(modality: str) -> str:
