@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import json
 import logging
 import math
@@ -67,10 +68,32 @@ class ClientRecord:
         return MODALITIES_OF_KIND[self.kind]
 
 
+class DropReason(enum.StrEnum):
+    """Why a selected device has no upload in a round."""
+
+    NOT_CONNECTED = "not_connected"
+    """Its connection was gone when the round started."""
+    DEADLINE = "deadline"
+    """No upload by round_deadline_s: a straggler, the only drop that stays joined for the next round."""
+    PROCESS_EXITED = "process_exited"
+    """A --local device's process ended."""
+    SILENT = "silent"
+    """No heartbeat or upload for heartbeat_timeout_s."""
+    LEFT = "left"
+    """It said Bye."""
+
+
+@dataclass(frozen=True)
+class Drop:
+    reason: DropReason
+    text: str
+    """The reason with its numbers, as the log and metrics.jsonl say it."""
+
+
 @dataclass
 class RoundOutcome:
     uploads: dict[str, FeatureUpload] = field(default_factory=dict)
-    dropped: dict[str, str] = field(default_factory=dict)  # client id -> why
+    dropped: dict[str, Drop] = field(default_factory=dict)  # client id -> why
     arrived_at: dict[str, float] = field(default_factory=dict)  # client id -> time.monotonic() of its upload
     duplicates: int = 0
     """Uploads acknowledged but ignored: a resend of an accepted message id, or a second upload."""
@@ -265,7 +288,7 @@ class ServerApp:
                                 folds={m: TeacherFold() for m in MODALITIES})
         for client_id in selected:
             if not self._send_round_start(self.clients[client_id], round_, tower_version, global_features, settings):
-                outcome.dropped[client_id] = "not connected when the round started"
+                outcome.dropped[client_id] = Drop(DropReason.NOT_CONNECTED, "not connected when the round started")
         timings["downlink"] = time.perf_counter() - started
 
         self.on_stage(f"round {round_ + 1}/{c.rounds}: devices training, 0/{len(selected)} uploads")
@@ -303,7 +326,7 @@ class ServerApp:
             "server": dict(server_metrics, stage1_loss=stage1_loss, distill_loss=distill_loss),
             "sed_mean_weights": sed_summary,
             "selected": selected,
-            "dropped": outcome.dropped,
+            "dropped": {cid: drop.text for cid, drop in outcome.dropped.items()},
             "rejected": self._take_rejected(),
             "quorum_met": quorum_met,
             "duplicates": outcome.duplicates,
@@ -382,14 +405,16 @@ class ServerApp:
             now = time.monotonic()
             if now >= deadline:
                 for cid in waiting:
-                    outcome.dropped[cid] = f"no upload by the round deadline (round_deadline_s={c.round_deadline_s:g})"
+                    outcome.dropped[cid] = Drop(DropReason.DEADLINE, f"no upload by the round deadline "
+                                                                     f"(round_deadline_s={c.round_deadline_s:g})")
                 break
             for cid, code in self.dead_clients().items():
                 if cid in waiting:
-                    outcome.dropped[cid] = f"process exited with code {code}"
+                    outcome.dropped[cid] = Drop(DropReason.PROCESS_EXITED, f"process exited with code {code}")
             for cid in waiting:
                 if cid in self.clients and now - self.clients[cid].last_seen > c.heartbeat_timeout_s:
-                    outcome.dropped[cid] = f"silent for {c.heartbeat_timeout_s:g}s (heartbeat_timeout_s)"
+                    outcome.dropped[cid] = Drop(DropReason.SILENT,
+                                                f"silent for {c.heartbeat_timeout_s:g}s (heartbeat_timeout_s)")
             received = self.messenger.recv(min(0.5, max(deadline - now, 0.01)))
             if received is None:
                 continue
@@ -397,9 +422,9 @@ class ServerApp:
                 self._accept_upload(received, round_, selected, outcome)
             else:
                 self._handle_outside_round(received, outcome)
-        for cid, why in outcome.dropped.items():
-            log.warning("round %d: %s dropped: %s", round_, cid, why)
-            if not why.startswith("no upload by the round deadline"):  # a straggler stays for the next round
+        for cid, drop in outcome.dropped.items():
+            log.warning("round %d: %s dropped: %s", round_, cid, drop.text)
+            if drop.reason is not DropReason.DEADLINE:  # a straggler stays for the next round
                 self.clients.pop(cid, None)
         return outcome
 
@@ -473,7 +498,7 @@ class ServerApp:
             if peer in self.clients:
                 del self.clients[peer]
                 if outcome is not None:
-                    outcome.dropped[peer] = f"left: {message.reason}"
+                    outcome.dropped[peer] = Drop(DropReason.LEFT, f"left: {message.reason}")
             else:
                 self._reject(peer, ErrorCode.UNKNOWN_CLIENT, f"Bye from {peer!r}, which has not joined", received.msg_id)
         elif isinstance(message, FeatureUpload):
