@@ -63,6 +63,7 @@ from fedafd.edge_client.state import LEGACY_STATE_FILE, STATE_CONFIG_FILE, STATE
 from fedafd.export.infer import (MANIFEST_FILE, MANIFEST_FORMAT, TOKENIZER_FILE, ModelError, file_sha256,
                                  open_session)
 from fedafd.export.quantize import FP32_BACKBONES, quantize_graph
+from fedafd.export.timing import quick_latency_ms
 from fedafd.runtime.backbones import (BACKBONE_IMAGE_SIZE, BackboneMissingError, backbone_digest, backbone_spec,
                                       build_backbone)
 from fedafd.runtime.data.features import OPSET
@@ -384,19 +385,6 @@ def check_parity(module: nn.Module, path: Path, outputs: list[dict[str, Any]], i
                           f"{training_worst:.3g} (> {training_atol:g}); is the backbone feature cache from these "
                           f"weights? Not exported")
     return report
-
-
-def quick_latency_ms(path: Path, inputs: tuple[np.ndarray, ...], runs: int = 30) -> float:
-    """Median batch-1 latency of one session (the full benchmark is benchmarks/latency.py)."""
-    session = open_session(path)
-    feeds = {i.name: np.ascontiguousarray(a[:1]) for i, a in zip(session.get_inputs(), inputs)}
-    session.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    return 1000.0 * float(np.median(times))
 
 
 def _int8_entry(fp32_path: Path, int8_path: Path, outputs: list[dict[str, Any]], inputs: tuple[np.ndarray, ...],

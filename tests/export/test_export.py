@@ -286,7 +286,7 @@ def test_dynamo_exporter_gives_the_same_graph_and_finds_the_backbone(exported, t
 def test_export_json_on_stdout_is_the_manifest_and_progress_goes_to_stderr(text_state: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from fedafd.edge_client.cli import app
+    from fedafd.export.cli import fedafd_edge as app
 
     # Execute
     result = CliRunner().invoke(app, ["export", str(text_state), "--out", str(tmp_path / "model"), "--format", "json",
