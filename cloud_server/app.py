@@ -25,7 +25,8 @@ from fedafd.cloud_server.stages import (
 )
 from fedafd.cloud_server.distill import TeacherFold
 from fedafd.cloud_server.strategies import build_strategy
-from fedafd.runtime.accounting import ByteCounter, Received, ServerMessenger
+from fedafd.runtime.accounting import ByteCounter
+from fedafd.runtime.messaging import Received, ServerMessenger
 from fedafd.runtime.backbones import backbone_digest
 from fedafd.runtime.codecs import wire_codec
 from fedafd.runtime.errors import FedafdError

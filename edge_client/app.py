@@ -19,7 +19,8 @@ from fedafd.edge_client.state import (
 from fedafd.edge_client.training import (
     Optimizers, RoundPlan, evaluate, global_public_features, public_features, train_round,
 )
-from fedafd.runtime.accounting import ByteCounter, ClientMessenger
+from fedafd.runtime.accounting import ByteCounter
+from fedafd.runtime.messaging import ClientMessenger
 from fedafd.runtime.codecs import wire_codec
 from fedafd.runtime.errors import FedafdError
 from fedafd.runtime.config import ClientConfig, write_config

@@ -9,7 +9,8 @@ import pytest
 
 from fedafd.cloud_server.app import ServerApp
 from fedafd.edge_client.app import EdgeApp, EdgeError
-from fedafd.runtime.accounting import ByteCounter, ClientMessenger
+from fedafd.runtime.accounting import ByteCounter
+from fedafd.runtime.messaging import ClientMessenger
 from fedafd.runtime.backbones import backbone_digest
 from fedafd.runtime.config import ClientConfig, ServerConfig, build_config
 from fedafd.runtime.transport import InprocHub

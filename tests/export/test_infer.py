@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from fedafd.export.cli import fedafd_edge as app
 from fedafd.export.infer import InputError, ModelError, OnnxModel, TextPreprocessor, load_image, read_manifest
 from fedafd.export.onnx_export import client_graphs, client_test_split, load_client, training_outputs
-from fedafd.runtime.data.datasets import load_tuxpaint_pairs
+from fedafd.runtime.data.tuxpaint import load_tuxpaint_pairs
 from fedafd.runtime.data.text import tokenize, tokenizer_path
 
 runner = CliRunner()
