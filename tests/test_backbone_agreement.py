@@ -49,7 +49,7 @@ def test_a_device_with_other_backbone_weights_is_refused_and_one_with_the_same_i
     assert isinstance(refused, Error) and refused.code == ErrorCode.BACKBONE_MISMATCH
     assert "minilm" in refused.reason and real["minilm"][:12] in refused.reason and "000000000000" in refused.reason
     assert isinstance(welcomed, Welcome)
-    assert server.rejected[0]["code"] == "backbone_mismatch"
+    assert server.admission.rejected[0]["code"] == "backbone_mismatch"
 
 
 def test_a_device_refuses_towers_over_a_backbone_it_holds_with_other_weights(tmp_path: Path) -> None:

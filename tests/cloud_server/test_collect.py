@@ -6,7 +6,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from fedafd.cloud_server.app import DropReason, RoundOutcome, ServerApp
+from fedafd.cloud_server.app import ServerApp
+from fedafd.cloud_server.round_record import DropReason, RoundOutcome
 from fedafd.runtime.config import ServerConfig, build_config
 from fedafd.runtime.transport import InprocHub
 from fedafd.runtime.wire import Bye, Heartbeat, Join, encode

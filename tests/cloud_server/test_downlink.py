@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from fedafd.cloud_server.strategies import build_strategy
-from fedafd.cloud_server.app import ClientRecord, ServerApp
+from fedafd.cloud_server.admission import ClientRecord
+from fedafd.cloud_server.app import ServerApp
 from fedafd.cloud_server.stages import extract_features
 from fedafd.edge_client.model import GlobalTowers
 from fedafd.edge_client.training import global_public_features
