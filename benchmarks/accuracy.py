@@ -25,7 +25,7 @@ from typing import Annotated
 
 import typer
 
-from fedafd.runtime.report import read_metrics, summarize_round
+from fedafd.runtime.report import METRICS_FILE, read_metrics, summarize_round
 
 FLEET = "image=3,text=3,multimodal=4"
 
@@ -104,7 +104,7 @@ def run_variant(name: str, overrides: dict[str, str], run_dir: Path) -> dict:
         typer.secho(f"error: the {name} federation failed; see {run_dir}/clients/*/log.txt", fg="red", err=True)
         raise typer.Exit(1)
     wall = time.perf_counter() - started
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = read_metrics(run_dir / METRICS_FILE)
     return {"name": name, "overrides": overrides, "wall_seconds": wall,
             "rounds": [summarize_round(record) for record in records], "run_dir": str(run_dir)}
 

@@ -28,7 +28,7 @@ from typing import Annotated
 import typer
 
 from fedafd.runtime.bandwidth import REFERENCE_MODELS, fedavg_bytes
-from fedafd.runtime.report import read_metrics
+from fedafd.runtime.report import METRICS_FILE, read_metrics
 from fedafd.runtime.shaping import load_profile, shipped_profiles
 
 SETTING = {"rounds": "2", "local_epochs": "1", "public_size": "500", "feature_dim": "128", "image_arch": "cnn_small",
@@ -84,7 +84,7 @@ def summarize(run_dir: Path, codec: str) -> list[dict]:
     """One row per device from the run's last round (steady state: the tower is re-sent every round, and a
     device that joined twice while the server was starting gets round 0's RoundStart twice), with FedAvg
     equivalents on its link."""
-    records = read_metrics(run_dir / "metrics.jsonl")[-1:]
+    records = read_metrics(run_dir / METRICS_FILE)[-1:]
     rows = []
     devices = sorted({cid for r in records for cid in r["clients"]})
     critical = [max(r["link"][c]["round_trip"] for c in r["link"]) for r in records if r.get("link")]

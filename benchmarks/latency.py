@@ -62,7 +62,9 @@ def timed(call, runs: int) -> dict[str, float]:
 
 def worker(engine: str, model_dir: Path, state_dir: Path, inputs_dir: Path, threads: int, runs: int) -> dict:
     """One engine in this (fresh) process: timings per modality and batch, and the process's peak RSS."""
-    manifest = json.loads((model_dir / "manifest.json").read_text())
+    from fedafd.export.infer import MANIFEST_FILE
+
+    manifest = json.loads((model_dir / MANIFEST_FILE).read_text())
     inputs = {m: [np.load(inputs_dir / f"{m}_{i}.npy") for i in range(len(manifest["graphs"][m]["inputs"]))]
               for m in manifest["graphs"]}
     result: dict = {}
@@ -123,7 +125,7 @@ def make_states(folder: Path, feature_dim: int, max_private: int, labels: list[s
 
     from fedafd.edge_client.model import GlobalTowers, LocalModel
     from fedafd.edge_client.private_data import load_private_data
-    from fedafd.edge_client.state import STATE_FILE, ClientState, save_state
+    from fedafd.edge_client.state import STATE_CONFIG_FILE, STATE_FILE, ClientState, save_state
     from fedafd.edge_client.training import Optimizers, RoundPlan, train_round
     from fedafd.runtime.models import backbone_of, build_encoder
 
@@ -148,7 +150,7 @@ def make_states(folder: Path, feature_dim: int, max_private: int, labels: list[s
         save_state(state_dir, ClientState(model, optimizers, towers, last_round=0),
                    {"client_id": f"{label}-0", "kind": kind, "image_arch": image_arch, "text_arch": text_arch,
                     "feature_dim": feature_dim})
-        (state_dir / "config.json").write_text(json.dumps({"kind": kind, "seed": 0, "max_test": 1000}))
+        (state_dir / STATE_CONFIG_FILE).write_text(json.dumps({"kind": kind, "seed": 0, "max_test": 1000}))
         print(f"trained {label}-0 on {len(private.train)} samples")
     return states
 

@@ -56,7 +56,7 @@ class SimDevice:
         self.sock.send_multipart(encode(Join(client_id=self.client_id, kind=self.kind,
                                              image_arch="cnn_small" if self.kind != "text" else "",
                                              text_arch="gru" if self.kind != "image" else "",
-                                             num_params=0, num_private=100, backbones=_BACKBONES)))
+                                             num_private=100, backbones=_BACKBONES)))
 
     def handle(self, frames: list, stats: SimStats) -> None:
         try:

@@ -1,13 +1,14 @@
-"""The cloud server process: admit clients, run rounds (stage 1, downlink, collect, stage 3, evaluate),
-checkpoint, and write one JSONL metrics record per round. Learning maths lives in stages.py."""
+"""The cloud server process: its lifecycle (set up, wait for devices, rounds, goodbye) and the round loop,
+one call per stage of method.md's round: stage 1, downlink, collect (the devices' stage 2 and uplink),
+stage 3, evaluate; then the round's record and checkpoint. Who may join and which uploads count is
+admission.py, the record round_record.py, the run folder's files persistence.py; the learning maths lives
+in stages.py and the strategies in strategies.py."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,65 +18,36 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from fedafd.cloud_server.admission import Admission, ClientRecord
+from fedafd.cloud_server.distill import TeacherFold
 from fedafd.cloud_server.distributed import ONE_PROCESS, Ranks
-from fedafd.cloud_server.checkpoint import CHECKPOINT_FILE, CHECKPOINT_FORMAT, check_resume
+from fedafd.cloud_server.persistence import restore_run, save_round, server_tensors
+from fedafd.cloud_server.round_record import Drop, DropReason, RoundOutcome, quorum_met, round_record, timed
 from fedafd.cloud_server.stages import (
     GlobalModel, build_optimizers, distill_epoch, evaluate_retrieval, extract_features, train_contrastive_epoch,
 )
-from fedafd.cloud_server.distill import TeacherFold
 from fedafd.cloud_server.strategies import build_strategy
-from fedafd.runtime.accounting import ByteCounter, Received, ServerMessenger
+from fedafd.runtime.accounting import ByteCounter
 from fedafd.runtime.backbones import backbone_digest
 from fedafd.runtime.codecs import wire_codec
-from fedafd.runtime.errors import FedafdError
 from fedafd.runtime.config import ServerConfig, config_to_dict
-from fedafd.runtime.methods import MethodSettings
 from fedafd.runtime.data.modal import load_public_data
 from fedafd.runtime.data.partition import cap_indices
-from fedafd.runtime.checkpoint import load_checkpoint, save_checkpoint
-from fedafd.runtime.torch_utils import atomic_write_bytes, configure_threads, resolve_device, seeded_generator
+from fedafd.runtime.errors import FedafdError
+from fedafd.runtime.messaging import Received, ServerMessenger
+from fedafd.runtime.methods import MethodSettings
+from fedafd.runtime.torch_utils import configure_threads, resolve_device, seeded_generator
 from fedafd.runtime.transport import PeerGone, ServerTransport
-from fedafd.runtime.wire import (
-    MODALITIES, MODALITIES_OF_KIND, Ack, Bye, Error, ErrorCode, FeatureUpload, Heartbeat, Join, RoundStart, Welcome,
-    new_msg_id, new_run_id,
-)
+from fedafd.runtime.wire import MODALITIES, Ack, Bye, FeatureUpload, Join, Message, RoundStart, new_msg_id, new_run_id
 
 if TYPE_CHECKING:
     from fedafd.cloud_server.tracking import RoundSink
 
 log = logging.getLogger("fedafd.cloud")
 
-METRICS_FILE = "metrics.jsonl"
-
 
 class ServerError(FedafdError):
     """The federation cannot go on; the message names the setting to change."""
-
-
-@dataclass
-class ClientRecord:
-    client_id: str
-    kind: str
-    archs: dict[str, str]
-    num_private: int
-    joined_round: int
-    last_seen: float = field(default_factory=time.monotonic)
-    tower_version_sent: int = -1
-    round_start_sent_at: float = 0.0
-    """time.monotonic() when this round's RoundStart was handed to the transport."""
-
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        return MODALITIES_OF_KIND[self.kind]
-
-
-@dataclass
-class RoundOutcome:
-    uploads: dict[str, FeatureUpload] = field(default_factory=dict)
-    dropped: dict[str, str] = field(default_factory=dict)  # client id -> why
-    arrived_at: dict[str, float] = field(default_factory=dict)  # client id -> time.monotonic() of its upload
-    duplicates: int = 0
-    """Uploads acknowledged but ignored: a resend of an accepted message id, or a second upload."""
 
 
 @dataclass
@@ -90,9 +62,6 @@ class _LiveRound:
     """Per modality, the teacher the accepted uploads are folded into as they arrive."""
     round_start_ids: dict[str, str] = field(default_factory=dict)
 
-
-_SEEN_IDS = 100_000
-"""Accepted upload message ids remembered to refuse replays (about 3 MB)."""
 
 _POLL_S = 0.05
 """Longest the set-up thread that answers Joins waits in one poll (how late it stops after set-up)."""
@@ -112,12 +81,8 @@ class ServerApp:
         self.counter = ByteCounter()
         self.messenger = ServerMessenger(transport, self.counter)
         self.dead_clients = dead_clients  # --local: child processes that exited (client id -> exit code)
-        self.clients: dict[str, ClientRecord] = {}
-        self.rejected: list[dict] = []  # malformed or refused messages since the last round record
         self.next_round = 0
-        self.round_in_progress = -1
         self._live: _LiveRound | None = None  # the round being collected, to resend RoundStart on a rejoin
-        self._accepted_ids: dict[str, int] = {}  # msg_id of accepted uploads -> round (newest _SEEN_IDS)
         self.device = resolve_device(config.device)
         configure_threads(config.threads)
         torch.manual_seed(config.seed)
@@ -130,6 +95,7 @@ class ServerApp:
         self.run_id = new_run_id()
         """The federation's id, sent in every Welcome; a resumed run keeps its checkpoint's."""
         saved = self._restore() if resume else None  # run_id, next_round, the model; the optimisers' state below
+        self.admission = Admission(self._reply, self.backbone_digests, self.run_id, config.feature_dim, config.rounds)
         with self._answering_joins():  # what takes seconds: the data, and the first optimiser imports torch._dynamo
             self.public_all = load_public_data("train", backbones)
             self.public_rows = np.sort(cap_indices(np.arange(len(self.public_all)), config.public_size, config.seed))
@@ -141,6 +107,11 @@ class ServerApp:
                 self.distill_optimizer.load_state_dict(saved["distill_optimizer"])
             ranks.setup(config_to_dict(config), self.model, (self.optimizer, self.distill_optimizer))
             self.strategy = build_strategy(config)
+
+    @property
+    def clients(self) -> dict[str, ClientRecord]:
+        """The joined devices (admission.py keeps them)."""
+        return self.admission.clients
 
     @contextlib.contextmanager
     def _answering_joins(self) -> Iterator[None]:
@@ -239,92 +210,89 @@ class ServerApp:
 
     # -- one round -------------------------------------------------------------------------------
     def _run_round(self, round_: int) -> dict:
+        """method.md's round, one call per stage; then the record, metrics first, then the checkpoint."""
         c = self.config
-        self.round_in_progress = round_
-        self.messenger.current_round = round_
+        generator = self._begin_round(round_)
+        settings = self.strategy.settings()
         timings: dict[str, float] = {}
+        with timed(timings, "stage1"):
+            stage1_loss, global_features = self._stage1(round_, generator)
+        with timed(timings, "downlink"):
+            live = self._downlink(round_, global_features, settings)
+        with timed(timings, "collect"):
+            self._collect(round_, live.selected, live.outcome)
+        outcome = live.outcome
+        quorum = quorum_met(len(outcome.uploads), len(live.selected), c.quorum)
+        with timed(timings, "stage3"):
+            distill_loss, sed_mean_weights = self._stage3(round_, live, quorum, generator)
+        with timed(timings, "eval"):
+            server_metrics = evaluate_retrieval(self.model, self.public_test, self.device, self.ranks)
+        record = round_record(round_, c.strategy, outcome, self.clients, live.selected,
+                              dict(server_metrics, stage1_loss=stage1_loss, distill_loss=distill_loss),
+                              sed_mean_weights, self.admission.take_rejected(), quorum, len(self.public), self.counter,
+                              {"features": c.feature_codec, "tower": c.tower_codec}, timings)
+        save_round(self.run_dir, record, self._checkpoint_tensors(), c, self.run_id, self.sinks)
+        self.admission.round_in_progress = -1
+        return record
+
+    def _begin_round(self, round_: int) -> torch.Generator:
+        """This round's messages count under it; the round's seeded generator, the public rows it trains on
+        (resampled with public_resample), shared with the other server ranks."""
+        c = self.config
+        self.admission.round_in_progress = round_
+        self.messenger.current_round = round_
         generator = seeded_generator(c.seed * 1_000_003 + round_)
         if c.public_resample and c.public_size:
             self._resample_public(round_)
         self.ranks.start_round(round_, self.public_rows, generator)
-        settings = self.strategy.settings()
+        return generator
 
+    def _stage1(self, round_: int, generator: torch.Generator) -> tuple[float, dict[str, torch.Tensor]]:
+        """Stage 1: the global encoders trained on the public pairs; (the last epoch's loss, their public
+        features G per modality, (P, d) on the CPU)."""
+        c = self.config
         self.on_stage(f"round {round_ + 1}/{c.rounds}: stage 1, training the global encoders on {len(self.public)} public pairs")
-        started = time.perf_counter()
         stage1_loss = 0.0
         for _ in range(c.server_epochs):
             stage1_loss = train_contrastive_epoch(self.model, self.optimizer, self.public, c.batch_size, generator, self.device,
                                                   self.ranks)
         global_features = {m: extract_features(self.model.encoders[m], self.public, m, self.device, ranks=self.ranks).cpu()
                            for m in MODALITIES}
-        timings["stage1"] = time.perf_counter() - started
+        return stage1_loss, global_features
 
-        started = time.perf_counter()
+    def _downlink(self, round_: int, global_features: dict[str, torch.Tensor], settings: MethodSettings) -> _LiveRound:
+        """Downlink: a RoundStart to every joined device (the round's selection); one whose connection is
+        gone is dropped from the round."""
         selected = list(self.clients)
         tower_version = round_ + 1  # the encoders change every round (stage 1 and stage 3)
-        outcome = RoundOutcome()
-        self._live = _LiveRound(round_, tower_version, global_features, settings, selected, outcome,
-                                folds={m: TeacherFold() for m in MODALITIES})
+        self._live = live = _LiveRound(round_, tower_version, global_features, settings, selected, RoundOutcome(),
+                                       folds={m: TeacherFold() for m in MODALITIES})
         for client_id in selected:
-            if client_id in outcome.uploads or client_id not in self.clients:  # its rejoin got it, or it left
+            if client_id in live.outcome.uploads or client_id not in self.clients:  # its rejoin got it, or it left
                 continue
             if not self._send_round_start(self.clients[client_id], round_, tower_version, global_features, settings):
-                outcome.dropped[client_id] = "not connected when the round started"
-            self._take_arrived(round_, selected, outcome)
-        timings["downlink"] = time.perf_counter() - started
+                live.outcome.dropped[client_id] = Drop(DropReason.NOT_CONNECTED, "not connected when the round started")
+            self._take_arrived(round_, selected, live.outcome)
+        return live
 
-        self.on_stage(f"round {round_ + 1}/{c.rounds}: devices training, 0/{len(selected)} uploads")
-        started = time.perf_counter()
-        self._collect(round_, selected, outcome)
-        folds, self._live = self._live.folds, None
-        timings["collect"] = time.perf_counter() - started
-
-        needed = math.ceil(c.quorum * len(selected))
-        quorum_met = len(outcome.uploads) >= needed and len(outcome.uploads) > 0
-        self.on_stage(f"round {round_ + 1}/{c.rounds}: stage 3, distilling from {len(outcome.uploads)} uploads")
-        started = time.perf_counter()
-        distill_loss, sed_summary, teachers = 0.0, {}, {}
-        if settings.uplink and quorum_met:
-            teachers = {m: fold.teacher() for m, fold in folds.items() if len(fold)}
-            sed_summary = {m: fold.mean_weights() for m, fold in folds.items() if len(fold)}
+    def _stage3(self, round_: int, live: _LiveRound, quorum: bool, generator: torch.Generator
+                ) -> tuple[float, dict[str, dict[str, float]]]:
+        """Stage 3 (SED): with the quorum met, each modality's teacher folded from the round's uploads is
+        distilled into the global encoders; (the last epoch's loss, the mean SED weight per modality and
+        client). FedMD keeps the teachers as the next round's consensus."""
+        c, settings = self.config, live.settings
+        self.on_stage(f"round {round_ + 1}/{c.rounds}: stage 3, distilling from {len(live.outcome.uploads)} uploads")
+        distill_loss, sed_mean_weights, teachers = 0.0, {}, {}
+        if settings.uplink and quorum:
+            teachers = {m: fold.teacher() for m, fold in live.folds.items() if len(fold)}
+            sed_mean_weights = {m: fold.mean_weights() for m, fold in live.folds.items() if len(fold)}
             if settings.digest == "consensus":  # FedMD: this round's teachers are next round's consensus
                 self.consensus = {m: t.cpu() for m, t in teachers.items()}
         teachers = {m: t.to(self.device) for m, t in self.ranks.share_teachers(teachers).items()}
         for _ in range(c.distill_epochs):  # no teachers: no stage 3
             distill_loss = distill_epoch(self.model, self.distill_optimizer, self.public, teachers, c.gamma,
                                          c.batch_size, generator, self.device, self.ranks)
-        timings["stage3"] = time.perf_counter() - started
-
-        started = time.perf_counter()
-        server_metrics = evaluate_retrieval(self.model, self.public_test, self.device, self.ranks)
-        timings["eval"] = time.perf_counter() - started
-
-        record = {
-            "round": round_,
-            "strategy": c.strategy,
-            "clients": {cid: {"kind": self.clients[cid].kind if cid in self.clients else "?",
-                              "metrics": dict(u.metrics), "losses": dict(u.losses), "train_seconds": u.train_seconds}
-                        for cid, u in outcome.uploads.items()},
-            "server": dict(server_metrics, stage1_loss=stage1_loss, distill_loss=distill_loss),
-            "sed_mean_weights": sed_summary,
-            "selected": selected,
-            "dropped": outcome.dropped,
-            "rejected": self._take_rejected(),
-            "quorum_met": quorum_met,
-            "duplicates": outcome.duplicates,
-            "public_size": len(self.public),
-            "bytes": self.counter.for_round(round_),
-            "bytes_by_part": self.counter.parts_for_round(round_),
-            "codecs": {"features": c.feature_codec, "tower": c.tower_codec},
-            "link": link_times(outcome, self.clients),
-            "timings": timings,
-        }
-        # Metrics first, then the checkpoint: a crash between the two re-runs the round on resume, and
-        # _restore drops the orphan record, so every round appears exactly once.
-        self._append_metrics(record)
-        self._checkpoint(round_)
-        self.round_in_progress = -1
-        return record
+        return distill_loss, sed_mean_weights
 
     def _send_round_start(self, client: ClientRecord, round_: int, tower_version: int,
                           global_features: dict[str, torch.Tensor], settings: MethodSettings) -> bool:
@@ -377,6 +345,7 @@ class ServerApp:
         """Uploads until every selected client answered, or the deadline; silent or dead clients drop
         (and are forgotten until they join again, so the next round does not wait for them)."""
         c = self.config
+        self.on_stage(f"round {round_ + 1}/{c.rounds}: devices training, 0/{len(selected)} uploads")
         deadline = time.monotonic() + c.round_deadline_s
         for client_id in selected:
             self.clients[client_id].last_seen = time.monotonic()
@@ -387,21 +356,24 @@ class ServerApp:
             now = time.monotonic()
             if now >= deadline:
                 for cid in waiting:
-                    outcome.dropped[cid] = f"no upload by the round deadline (round_deadline_s={c.round_deadline_s:g})"
+                    outcome.dropped[cid] = Drop(DropReason.DEADLINE, f"no upload by the round deadline "
+                                                                     f"(round_deadline_s={c.round_deadline_s:g})")
                 break
             for cid, code in self.dead_clients().items():
                 if cid in waiting:
-                    outcome.dropped[cid] = f"process exited with code {code}"
+                    outcome.dropped[cid] = Drop(DropReason.PROCESS_EXITED, f"process exited with code {code}")
             for cid in waiting:
                 if cid in self.clients and now - self.clients[cid].last_seen > c.heartbeat_timeout_s:
-                    outcome.dropped[cid] = f"silent for {c.heartbeat_timeout_s:g}s (heartbeat_timeout_s)"
+                    outcome.dropped[cid] = Drop(DropReason.SILENT,
+                                                f"silent for {c.heartbeat_timeout_s:g}s (heartbeat_timeout_s)")
             received = self.messenger.recv(min(0.5, max(deadline - now, 0.01)))
             if received is not None:
                 self._handle_in_round(received, round_, selected, outcome)
-        for cid, why in outcome.dropped.items():
-            log.warning("round %d: %s dropped: %s", round_, cid, why)
-            if not why.startswith("no upload by the round deadline"):  # a straggler stays for the next round
+        for cid, drop in outcome.dropped.items():
+            log.warning("round %d: %s dropped: %s", round_, cid, drop.text)
+            if drop.reason is not DropReason.DEADLINE:  # a straggler stays for the next round
                 self.clients.pop(cid, None)
+        self._live = None  # collected: a device that rejoins now waits for the next RoundStart
         return outcome
 
     def _handle_in_round(self, received: Received, round_: int, selected: list[str], outcome: RoundOutcome) -> None:
@@ -420,14 +392,10 @@ class ServerApp:
     def _accept_upload(self, received: Received, round_: int, selected: list[str], outcome: RoundOutcome) -> None:
         upload: FeatureUpload = received.msg
         peer = received.peer
-        seen_in = self._accepted_ids.get(received.msg_id)
-        if seen_in is not None and seen_in != round_:
-            self._reject(peer, ErrorCode.UNEXPECTED, f"replayed upload: message {received.msg_id} was accepted in round {seen_in}",
-                         received.msg_id)
-            return
-        problem = self._check_upload(upload, peer, round_, selected)
+        problem = self.admission.check_upload(received, round_, selected, self._live.settings.uplink,
+                                              (len(self.public), self.config.feature_dim))
         if problem is not None:
-            self._reject(peer, *problem, reply_to=received.msg_id)
+            self.admission.reject(peer, *problem, reply_to=received.msg_id)
             return
         self.clients[peer].last_seen = time.monotonic()
         if peer in outcome.uploads:  # idempotent: a resend (same message id) or a second upload is acked, ignored
@@ -435,9 +403,7 @@ class ServerApp:
             log.info("round %d: duplicate upload from %s (message %s) ignored", round_, peer, received.msg_id)
             self._send(peer, Ack(round=round_), round_)
             return
-        self._accepted_ids[received.msg_id] = round_
-        while len(self._accepted_ids) > _SEEN_IDS:
-            del self._accepted_ids[next(iter(self._accepted_ids))]
+        self.admission.accepted(received.msg_id, round_)
         for modality, features in upload.features.items():  # folded into the teacher, then not kept
             features = torch.from_numpy(np.array(features, dtype=np.float32))
             self._live.folds[modality].add(peer, features, self.strategy.score(modality, features, self._live.global_features))
@@ -450,82 +416,14 @@ class ServerApp:
         log.info("round %d: accepted upload %s from %s", round_, received.msg_id, peer)
         self._send(peer, Ack(round=round_), round_)
 
-    def _check_upload(self, upload: FeatureUpload, peer: str, round_: int,
-                      selected: list[str]) -> tuple[ErrorCode, str] | None:
-        if peer not in self.clients:
-            return ErrorCode.UNKNOWN_CLIENT, f"{peer!r} has not joined; send Join first"
-        if upload.client_id != peer:
-            return ErrorCode.BAD_FIELD, f"client_id {upload.client_id!r} does not match the sender {peer!r}"
-        if upload.round != round_ or peer not in selected:
-            return ErrorCode.UNEXPECTED, f"upload for round {upload.round}, but round {round_} is running" + (
-                "" if peer in selected else f" without {peer!r}")
-        if not self._live.settings.uplink:
-            return None
-        expected = set(self.clients[peer].modalities)
-        if set(upload.features) != expected:
-            return ErrorCode.BAD_FIELD, f"features {sorted(upload.features)} but a {self.clients[peer].kind} client sends {sorted(expected)}"
-        want = (len(self.public), self.config.feature_dim)
-        for modality, tensor in upload.features.items():
-            if tuple(tensor.shape) != want:
-                return ErrorCode.BAD_SHAPE, f"features/{modality} has shape {tuple(tensor.shape)}, expected {want} (|P| x d)"
-        return None
-
     def _handle_outside_round(self, received: Received, outcome: RoundOutcome | None = None) -> None:
-        """Joins, heartbeats, byes and errors, at any time; malformed input gets an Error reply."""
-        peer, message = received.peer, received.msg
-        if received.error is not None:
-            self._reject(peer, received.error.code, received.error.reason)
-            return
-        if peer in self.clients:
-            self.clients[peer].last_seen = time.monotonic()
-        if isinstance(message, Join):
-            self._admit(peer, message, received.msg_id)
-            self._resend_round_start(peer)
-        elif isinstance(message, Heartbeat):
-            if peer not in self.clients:  # e.g. this server restarted, or dropped it as dead: it must join again
-                self._reject(peer, ErrorCode.UNKNOWN_CLIENT, f"{peer!r} has not joined (or was dropped); send Join",
-                             received.msg_id)
-        elif isinstance(message, Bye):
-            if peer in self.clients:
-                del self.clients[peer]
-                if outcome is not None:
-                    outcome.dropped[peer] = f"left: {message.reason}"
-            else:
-                self._reject(peer, ErrorCode.UNKNOWN_CLIENT, f"Bye from {peer!r}, which has not joined", received.msg_id)
-        elif isinstance(message, FeatureUpload):
-            self._reject(peer, ErrorCode.UNEXPECTED, f"upload for round {message.round} outside a round", received.msg_id)
-        else:
-            self._reject(peer, ErrorCode.UNEXPECTED, f"a client does not send {type(message).__name__}", received.msg_id)
-
-    def _admit(self, peer: str, join: Join, msg_id: str) -> None:
-        if join.client_id != peer:
-            self._reject(peer, ErrorCode.BAD_FIELD, f"client_id {join.client_id!r} does not match the sender {peer!r}", msg_id)
-            return
-        if join.kind not in MODALITIES_OF_KIND:
-            self._reject(peer, ErrorCode.BAD_FIELD, f"kind must be one of {sorted(MODALITIES_OF_KIND)}, got {join.kind!r}",
-                         msg_id)
-            return
-        for name, digest in self.backbone_digests.items():
-            if join.backbones.get(name) != digest:
-                theirs = join.backbones.get(name)
-                self._reject(peer, ErrorCode.BACKBONE_MISMATCH,
-                             f"this server's towers adapt backbone {name} with weights sha256 {digest[:12]}..., the device "
-                             f"has {theirs[:12] + '...' if theirs else 'none'}: install the same backbone package version "
-                             f"on both sides", msg_id)
-                return
-        before = self.clients.get(peer)
-        self.clients[peer] = ClientRecord(peer, join.kind, {"image": join.image_arch, "text": join.text_arch},
-                                          join.num_private, joined_round=self.next_round)
-        if not self._send(peer, Welcome(client_id=peer, run_id=self.run_id, feature_dim=self.config.feature_dim,
-                                        rounds=self.config.rounds), self.next_round):
-            # Its connection closed before the Welcome (it joins again on a new one): a device that never
-            # got its Welcome does not count as joined, so no round starts waiting for it.
-            if before is None:
-                del self.clients[peer]
-            else:
-                self.clients[peer] = before
-            return
-        log.info("%s %s (%s, %d private samples)", "rejoined:" if before else "joined:", peer, join.kind, join.num_private)
+        """Joins, heartbeats, byes and errors, at any time (admission.py answers them); a device that joins
+        while its round is collected gets the RoundStart again, one that says Bye leaves the round."""
+        left = self.admission.handle(received, self.next_round)
+        if isinstance(received.msg, Join):
+            self._resend_round_start(received.peer)
+        if left is not None and outcome is not None:
+            outcome.dropped[received.peer] = Drop(DropReason.LEFT, f"left: {left}")
 
     def _resend_round_start(self, peer: str) -> None:
         """A client that (re)joins while its round is collected and has not answered gets the round's
@@ -539,20 +437,9 @@ class ServerApp:
         log.info("round %d: resending RoundStart to %s after its rejoin", live.round, peer)
         self._send_round_start(self.clients[peer], live.round, live.tower_version, live.global_features, live.settings)
 
-    def _reject(self, peer: str, code: ErrorCode | str, reason: str, reply_to: str = "") -> None:
-        """Errors are values: the peer gets an Error naming the problem (and the id of the message it
-        refuses), the run records it, serving goes on."""
-        log.warning("rejected a message from %s: %s: %s", peer, code, reason)
-        self.rejected.append({"peer": peer, "code": str(code), "reason": reason})
-        self._send(peer, Error(code=str(code), reason=reason, round=self.round_in_progress, reply_to=reply_to),
-                   self.next_round)
-
-    def _take_rejected(self) -> list[dict]:
-        refused = getattr(self.messenger.transport, "refused", None)  # identity mismatches seen by the transport
-        while refused:
-            self.rejected.append(refused.popleft())
-        taken, self.rejected = self.rejected, []
-        return taken
+    def _reply(self, peer: str, message: Message) -> bool:
+        """Admission's answers (Welcome, Error), counted under the next round."""
+        return self._send(peer, message, self.next_round)
 
     def _send(self, peer: str, message, round_: int, codecs: dict[str, str] | None = None,
               msg_id: str | None = None) -> bool:
@@ -570,60 +457,18 @@ class ServerApp:
         self.public = self.public_all.select(self.public_rows)
 
     # -- persistence ----------------------------------------------------------------------------
-    def _checkpoint(self, round_: int) -> None:
-        tensors = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                   "distill_optimizer": self.distill_optimizer.state_dict(), "consensus": self.consensus}
-        meta = {"round": round_, "config": config_to_dict(self.config), "format": CHECKPOINT_FORMAT,
-                "run_id": self.run_id}
-        save_checkpoint(self.run_dir / CHECKPOINT_FILE, tensors, meta)
+    def _checkpoint_tensors(self) -> dict:
+        return server_tensors(self.model, self.optimizer, self.distill_optimizer, self.consensus)
 
     def _restore(self) -> dict:
-        """The run id, the model and next_round from the checkpoint (refused when the config changed where
-        it may not); returns its tensors, whose optimiser states the caller loads once the optimisers exist."""
-        check_resume(self.run_dir, self.config)
-        path = self.run_dir / CHECKPOINT_FILE
-        tensors, meta = load_checkpoint(path)
+        """The run id, the model and next_round from the checkpoint (persistence.restore_run); returns its
+        tensors, whose optimiser states the caller loads once the optimisers exist."""
+        tensors, meta = restore_run(self.run_dir, self.config)
         self.model.load_state_dict(tensors["model"])
         self.consensus = dict(tensors.get("consensus", {}))  # a checkpoint converted from format 2 has none
         self.run_id = meta["run_id"]
         self.next_round = meta["round"] + 1
-        # Keep exactly the records of finished rounds (a crash may have happened after the metrics line
-        # of a round whose checkpoint did not land, or the reverse).
-        metrics = self.run_dir / METRICS_FILE
-        if metrics.exists():
-            kept = [line for line in metrics.read_text().splitlines() if _finished_record(line, meta["round"])]
-            atomic_write_bytes(metrics, "".join(line + "\n" for line in kept).encode())
-        log.info("resumed run %s from %s after round %d", self.run_id, path, meta["round"])
         return tensors
-
-    def _append_metrics(self, record: dict) -> None:
-        with open(self.run_dir / METRICS_FILE, "a") as handle:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
-        for sink in self.sinks:
-            sink.log_round(record)
 
     def close(self) -> None:
         self.messenger.close()
-
-
-def link_times(outcome: RoundOutcome, clients: dict[str, ClientRecord]) -> dict[str, dict[str, float]]:
-    """Per client: seconds from handing it RoundStart to receiving its upload (`round_trip`), of which the
-    device reports `compute` (training, evaluation, feature extraction); the rest is `comm` (the
-    downlink and uplink transfers on its link, shaped or real, plus waiting)."""
-    out = {}
-    for cid, upload in outcome.uploads.items():
-        if cid not in clients or cid not in outcome.arrived_at:
-            continue
-        round_trip = outcome.arrived_at[cid] - clients[cid].round_start_sent_at
-        compute = float(upload.metrics.get("compute_seconds", upload.train_seconds))
-        out[cid] = {"round_trip": round_trip, "compute": compute, "comm": max(round_trip - compute, 0.0),
-                    "num_params": float(upload.metrics.get("num_params", 0.0))}
-    return out
-
-
-def _finished_record(line: str, last_round: int) -> bool:
-    """A complete JSON record of a round up to the checkpointed one (a crash can leave half a line)."""
-    try:
-        return json.loads(line)["round"] <= last_round
-    except (ValueError, KeyError, TypeError):
-        return False

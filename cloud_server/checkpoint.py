@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedafd.runtime.checkpoint import read_legacy, read_meta, save_checkpoint
+from fedafd.runtime.checkpoint import load_checkpoint, read_legacy, read_meta, save_checkpoint
 from fedafd.runtime.config import ServerConfig, config_to_dict
 from fedafd.runtime.errors import FedafdError
 from fedafd.runtime.wire import new_run_id
@@ -50,6 +50,22 @@ def read_server_meta(source: Path, what: str = "--resume") -> dict[str, Any]:
         raise CheckpointRefused(f"{what}: {path} has checkpoint format {meta.get('format')}, this build reads "
                                 f"{CHECKPOINT_FORMAT}; use the build that wrote it, or start a new run folder")
     return meta
+
+
+def save_server_checkpoint(run_dir: Path, tensors: dict[str, Any], round_: int, config: ServerConfig,
+                           run_id: str) -> None:
+    """Write the run folder's checkpoint after `round_`: `tensors` and, in its header, the round, the config
+    (what --resume compares), this build's format and the federation's run id."""
+    meta = {"round": round_, "config": config_to_dict(config), "format": CHECKPOINT_FORMAT, "run_id": run_id}
+    save_checkpoint(Path(run_dir) / CHECKPOINT_FILE, tensors, meta)
+
+
+def load_server_checkpoint(source: Path, what: str = "--resume") -> tuple[dict[str, Any], dict[str, Any]]:
+    """The tensors and metadata of the checkpoint in a run folder (or at a path), after read_server_meta's
+    checks; `what` names the reader in its errors."""
+    path = checkpoint_path(source)
+    read_server_meta(path, what)
+    return load_checkpoint(path)
 
 
 def config_changes(saved: dict[str, Any], config: ServerConfig) -> dict[str, tuple[Any, Any]]:

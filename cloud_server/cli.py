@@ -16,6 +16,7 @@ from fedafd.runtime.cli_support import (
     Format, ProfileFormat, cli_errors, config_listing, live_status, raise_open_files_limit, setup_logging,
 )
 from fedafd.runtime.config import ClientConfig, ServerConfig, config_to_dict, load_config, write_config
+from fedafd.runtime.report import CONFIG_FILE, METRICS_FILE
 
 app = typer.Typer(help="The fedafd cloud server.", no_args_is_help=True, add_completion=False)
 data_app = typer.Typer(help="The bundled real data sets (from Debian packages, offline at run time).",
@@ -122,7 +123,7 @@ def serve(
         # Only now, with the arguments, the config, the keys and the address checked, is the run folder
         # written: a refused command leaves none behind (--local's generated keys are the exception).
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(server_config, run_dir / "config.json")
+        write_config(server_config, run_dir / CONFIG_FILE)
         (run_dir / "server.json").write_text(json.dumps({"endpoint": transport.endpoint}) + "\n")
         fleet = LocalFleet(fleet_spec, transport.endpoint, run_dir, server_config,
                            keys_dir=None if insecure else keys, client_overrides=local_set or []) if fleet_spec else None
@@ -155,7 +156,7 @@ def serve(
                 server.run(on_round=lambda record: typer.echo(progress_line(record, server_config.rounds)))
             status = "FINISHED"
             typer.echo(f"done: {server_config.rounds} rounds in {time.perf_counter() - started:.0f}s; "
-                       f"metrics in {run_dir / 'metrics.jsonl'}")
+                       f"metrics in {run_dir / METRICS_FILE}")
             if fleet:
                 failed = {cid: code for cid, code in fleet.stop().items() if code != 0}
                 if failed:
@@ -305,9 +306,9 @@ def report(
     with cli_errors():
         from fedafd.runtime.report import read_metrics, summarize_round
 
-        path = run_dir / "metrics.jsonl"
+        path = run_dir / METRICS_FILE
         if not path.exists():
-            raise typer.BadParameter(f"no metrics.jsonl in {run_dir}")
+            raise typer.BadParameter(f"no {METRICS_FILE} in {run_dir}")
         if out is not None and not html:
             raise typer.BadParameter("--out is where the --html page goes; pass --html too")
         rows = [summarize_round(record) for record in read_metrics(path)]
@@ -335,8 +336,8 @@ def profile(
     with cli_errors():
         from fedafd.runtime.bandwidth import profile_markdown, write_profile
 
-        if not (run_dir / "metrics.jsonl").exists():
-            raise typer.BadParameter(f"no metrics.jsonl in {run_dir}")
+        if not (run_dir / METRICS_FILE).exists():
+            raise typer.BadParameter(f"no {METRICS_FILE} in {run_dir}")
         result = write_profile(run_dir, out)
         typer.echo(json.dumps(result, indent=2) if fmt == "json" else profile_markdown(result))
         if fmt != "json":

@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fedafd.runtime.config import CLIENT_KINDS, ConfigError, ServerConfig
+from fedafd.runtime.config import ConfigError, ServerConfig
+from fedafd.runtime.wire import CLIENT_KINDS
 
 # Devices differ in architecture on purpose (that is what FedAFD is for): they take turns through these,
 # adapters of two shapes over the frozen backbones and a small net trained from scratch.

@@ -268,11 +268,10 @@ class MlflowSink:
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in scalars.items()])
 
     def close(self, status: str) -> None:
-        from fedafd.cloud_server.app import METRICS_FILE
         from fedafd.runtime.bandwidth import write_profile
-        from fedafd.runtime.report import read_metrics, summarize_round
+        from fedafd.runtime.report import CONFIG_FILE, METRICS_FILE, read_metrics, summarize_round
 
-        for name in (METRICS_FILE, "config.json"):
+        for name in (METRICS_FILE, CONFIG_FILE):
             if (self.run_dir / name).exists():
                 self.client.log_artifact(self.run_id, str(self.run_dir / name))
         if (self.run_dir / METRICS_FILE).exists():

@@ -13,11 +13,14 @@ import torch
 
 from fedafd.edge_client.model import LocalModel, GlobalTowers
 from fedafd.edge_client.private_data import load_private_data
-from fedafd.edge_client.state import STATE_ROOT, ClientState, StateError, load_state, save_state, state_folder
+from fedafd.edge_client.state import (
+    STATE_CONFIG_FILE, STATE_ROOT, ClientState, StateError, load_state, save_state, state_folder,
+)
 from fedafd.edge_client.training import (
     Optimizers, RoundPlan, evaluate, global_public_features, public_features, train_round,
 )
-from fedafd.runtime.accounting import ByteCounter, ClientMessenger
+from fedafd.runtime.accounting import ByteCounter
+from fedafd.runtime.messaging import ClientMessenger
 from fedafd.runtime.codecs import wire_codec
 from fedafd.runtime.errors import FedafdError
 from fedafd.runtime.config import ClientConfig, write_config
@@ -128,7 +131,7 @@ class EdgeApp:
         c = self.config
         archs = {"image": c.image_arch if c.kind != "text" else "", "text": c.text_arch if c.kind != "image" else ""}
         join = Join(client_id=c.client_id, kind=c.kind, image_arch=archs["image"], text_arch=archs["text"],
-                    num_params=0, num_private=len(self.private.train), backbones=self.backbones)
+                    num_private=len(self.private.train), backbones=self.backbones)
         what = ("the server's Welcome (is `fedafd-cloud serve` running at that address? with CURVE: is the server "
                 "key right and this device's key allow-listed? raise connect_timeout_s to wait longer)")
         deadline = time.monotonic() + c.connect_timeout_s
@@ -224,7 +227,7 @@ class EdgeApp:
             self.state_dir = state_folder(self.state_root, welcome.run_id, c.client_id)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log.info("%s: joined run %s; state in %s", c.client_id, welcome.run_id, self.state_dir)
-        write_config(c, self.state_dir / "config.json")  # the exporter reads the test split's cap and seed
+        write_config(c, self.state_dir / STATE_CONFIG_FILE)
         model = LocalModel(c.kind, c.image_arch, c.text_arch, feature_dim, self.private.num_classes,
                            c.adapter_dropout).to(self.device)
         self.state = ClientState(model, Optimizers.create(model, c.lr, c.disc_lr), GlobalTowers(feature_dim, self.device))

@@ -1,6 +1,6 @@
-"""`fedafd-edge bench`: time this device's FedAFD training step, public feature extraction and ONNX
-inference (each exported graph, fp32 and int8, batch 1 and 32, with its file size), and write a device
-profile (TOML) from what was measured. No sockets here."""
+"""`fedafd-edge bench`: time this device's FedAFD training step and public feature extraction, and write a
+device profile (TOML) from what was measured, with the ONNX inference times of the exported graphs that
+export/timing.py measured (the command is in export/cli.py). No sockets here."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import dataclasses
 import datetime
 import platform
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import torch
 
 from fedafd.edge_client.model import GlobalTowers, LocalModel
@@ -23,72 +21,18 @@ from fedafd.runtime.data.modal import load_public_data
 from fedafd.runtime.models import backbone_of, build_encoder, count_parameters
 from fedafd.runtime.wire import MODALITIES_OF_KIND
 from fedafd.runtime.shaping import load_profile, profile_to_toml
-from fedafd.runtime.timing import time_calls
+from fedafd.runtime.timing import time_per_call
 from fedafd.runtime.torch_utils import configure_threads, resolve_device
 
 
-def time_per_call(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    """Median seconds of one call of `fn` over `repeats` timed calls after `warmup` untimed ones."""
-    return float(np.median(time_calls(fn, repeats, warmup)))
-
-
-ONNX_BATCHES = (1, 32)
-_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
-               "tensor(bool)": np.bool_, "tensor(float16)": np.float16}
-
-
-def _feeds(session, batch: int, seq_len: int) -> dict[str, np.ndarray]:
-    """Inputs made from the graph's own declarations: the batch axis `batch`, other dynamic axes `seq_len`,
-    floats uniform in [0, 1) (pictures), integers ones (token ids and a full attention mask)."""
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for spec in session.get_inputs():
-        shape = [d if isinstance(d, int) and d > 0 else (batch if axis == 0 else seq_len)
-                 for axis, d in enumerate(spec.shape)]
-        dtype = _ORT_DTYPES.get(spec.type, np.float32)
-        feeds[spec.name] = (rng.random(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
-                            else np.ones(shape, dtype))
-    return feeds
-
-
-def onnx_rows(onnx_dir: Path, repeats: int = 20, batches: tuple[int, ...] = ONNX_BATCHES) -> list[dict]:
-    """One row per inference graph in `onnx_dir` and precision: file, size and median ms per call at each
-    batch size (the int8 copies beside their fp32 graphs; the stand-alone towers are alternatives, not
-    steps, and left out). Text inputs are `max_len` long (the manifest's, else runtime's MAX_TEXT_LEN)."""
-    import json
-
-    from fedafd.export.infer import MANIFEST_FILE, open_session
-    from fedafd.runtime.data.text import MAX_TEXT_LEN
-
-    onnx_dir = Path(onnx_dir)
-    manifest = json.loads((onnx_dir / MANIFEST_FILE).read_text()) if (onnx_dir / MANIFEST_FILE).is_file() else {}
-    seq_len = int(manifest.get("preprocessing", {}).get("text", {}).get("max_len", MAX_TEXT_LEN))
-    backbones = {g["file"].removesuffix(".onnx"): g.get("backbones", []) for g in manifest.get("graphs", {}).values()}
-    rows = []
-    for path in sorted(onnx_dir.glob("*.onnx")):
-        if path.name.startswith("tower_"):
-            continue
-        precision = "int8" if path.name.endswith(".int8.onnx") else "fp32"
-        stem = path.name.removesuffix(".onnx").removesuffix(".int8")
-        session = open_session(path)
-        row = {"graph": stem, "file": path.name, "precision": precision, "size_bytes": path.stat().st_size,
-               "backbones": backbones.get(stem, [])}
-        for batch in batches:
-            feeds = _feeds(session, batch, seq_len)
-            row[f"b{batch}_ms"] = 1000 * time_per_call(lambda: session.run(None, feeds),
-                                                       repeats if batch == 1 else max(3, repeats // 4))
-        rows.append(row)
-    return rows
-
-
-def run_bench(config: ClientConfig, onnx_dir: Path | None, out: Path, name: str, link: str,
+def run_bench(config: ClientConfig, onnx_dir: Path | None, graphs: list[dict], out: Path, name: str, link: str,
               reference_ms: float, feature_dim: int = 256, server_image_arch: str = ServerConfig.image_arch,
               server_text_arch: str = ServerConfig.text_arch, steps: int = 5) -> dict:
     """Measures and writes the profile; returns what was measured (ms per sample) and where it went.
 
     Encoders over a frozen backbone read its cached features here as in training (the backbone ran once,
-    when the cache was built), so train and extract time the adapters; `--onnx-dir` times the deployable
-    graphs, backbones inside."""
+    when the cache was built), so train and extract time the adapters. `graphs` are the rows
+    export.timing.onnx_rows timed in `onnx_dir` (the deployable graphs, backbones inside; [] without one)."""
     device = resolve_device(config.device)
     configure_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -123,7 +67,6 @@ def run_bench(config: ClientConfig, onnx_dir: Path | None, out: Path, name: str,
         "train_ms_per_sample": 1000 * step_s / len(private_rows),
         "extract_ms_per_sample": 1000 * extract_s / len(extract_rows),
     }
-    graphs = onnx_rows(onnx_dir) if onnx_dir is not None else []
     # One input through each modality's fp32 graph (a multimodal device encodes a picture and a caption).
     measured["infer_ms_per_sample"] = float(sum(r["b1_ms"] for r in graphs if r["precision"] == "fp32"))
     base = load_profile(link)

@@ -21,6 +21,8 @@ STATE_VERSION = 2
 """2: safetensors, and the run id of the federation the state belongs to."""
 LEGACY_STATE_FILE = "client_state.pt"
 """State version 1 (torch.save); read only by `fedafd-edge convert-state`."""
+STATE_CONFIG_FILE = "config.json"
+"""Beside the state: the device's ClientConfig (the exporter reads the test split's cap and seed)."""
 STATE_ROOT = Path("edge_state")
 """Where `join` keeps states without --state-dir (relative to the working directory)."""
 

@@ -1,42 +1,8 @@
 """A trained client (or the server's global towers) -> verified ONNX graphs, a manifest and the tokenizer.
 
-Graph layout (method.md "Inference on a device"): one graph per input modality, holding the whole
-deployable path of that modality from raw inputs: the frozen backbone(s) + local encoder + frozen global
-tower + GFF + head, rather than graphs chained by the manifest. One ONNX Runtime call per input costs
-less at batch 1, ORT optimises across the boundaries, and there is one file per modality to verify.
-
-- `ClientGraph` is that path as a torch module: per modality it runs the backbone once (when the local
-  encoder and/or the tower adapt it; `BackboneViews`), hands adapters the backbone's feature and encoders
-  trained from scratch the raw inputs, then calls `LocalModel.head_outputs`, the encode -> fuse -> head
-  path training and evaluation take. The export, the ORT parity check and the eager benchmark all run
-  this one module; training reads the backbones' *cached* features instead, so every graph is also
-  checked against the training code path on the same rows (`training_outputs`).
-- image / text clients: `<modality>.onnx` -> `probs` (B, classes) = softmax of the logits, and `feature`
-  (B, d), the fused feature z.
-- multimodal clients: `image.onnx` and `text.onnx` -> `feature` (B, d), z L2-normalised (retrieval ranks
-  by dot product of normalised features, as `runtime.retrieval` does).
-- the global tower on its own, backbone included (`tower_<modality>.onnx`, `TowerGraph`), so a device
-  can compute the server's global features with ONNX Runtime alone.
-- the server (`export_server`): its two global towers, backbones included, as a retrieval model.
-
-Inputs: `image` float32 (B, 3, 32, 32) in [0, 1]; `input_ids`, `attention_mask` int64 (B, L), L <= 32.
-Batch (and sequence) axes are dynamic. Tokenisation stays outside the graph (`tokenizer.json` beside it).
-A graph that holds EfficientNet-Lite0 upsamples the 32 px image to 112 px inside; one that holds MiniLM
-is ~90 MB (its int8 copy ~23 MB; `export/quantize.py` says which backbone is quantised and why).
-
-Exporter: the TorchScript-based `torch.onnx.export(dynamo=False)`, traced on the feature cache's
-example rows (`runtime.data.features`; its texts end in padding, so MiniLM's mask is traced as data).
-It takes about a second per small graph and 5-10 s for one holding a backbone (EfficientNet-Lite0 and
-MiniLM's BERT both export and match PyTorch to ~1e-6), emits the GRU as ONNX's native `GRU` op and
-leaves no stale `value_info` for the quantiser to trip on. `exporter="dynamo"` is kept as an option
-(checked with both backbones: the same parity, 10-15 s per backbone graph); both keep each node's
-module path, by which the quantiser finds a backbone's nodes.
-
-Every graph is verified before the folder is written as done: `onnx.checker.check_model(full_check=True)`;
-ONNX Runtime vs the PyTorch module on real test samples, batched and at batch 1 (max abs difference,
-top-1 agreement; beyond `atol` the export fails); and that module vs the training code path on the same
-rows (beyond `training_atol` the export fails). The result is staged in a temporary folder and renamed
-into place only when all passed.
+The graphs are export/graphs.py's modules, exported there; export/verify.py checks each against PyTorch and
+the training code path, and the int8 copies against fp32. The result is staged in a temporary folder and
+renamed into place only when all passed.
 """
 
 from __future__ import annotations
@@ -46,7 +12,6 @@ import logging
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,28 +22,23 @@ from torch import nn
 
 from fedafd.edge_client.model import MODALITIES_OF_KIND, GlobalTowers, LocalModel
 from fedafd.cloud_server.checkpoint import CHECKPOINT_FILE as SERVER_CHECKPOINT
-from fedafd.cloud_server.checkpoint import LEGACY_CHECKPOINT_FILE, checkpoint_path, read_server_meta
-from fedafd.edge_client.state import LEGACY_STATE_FILE, STATE_FILE, read_state_meta
-from fedafd.export.infer import (MANIFEST_FILE, MANIFEST_FORMAT, TOKENIZER_FILE, ModelError, file_sha256,
-                                 open_session)
+from fedafd.cloud_server.checkpoint import LEGACY_CHECKPOINT_FILE, checkpoint_path, load_server_checkpoint
+from fedafd.cloud_server.stages import GlobalModel
+from fedafd.edge_client.state import LEGACY_STATE_FILE, STATE_CONFIG_FILE, STATE_FILE, read_state_meta
+from fedafd.export.graphs import (BackboneCache, ClientGraph, ExportError, TowerGraph, export_graph, input_specs,
+                                  output_specs)
+from fedafd.export.infer import MANIFEST_FILE, MANIFEST_FORMAT, TOKENIZER_FILE, ModelError, file_sha256
 from fedafd.export.quantize import FP32_BACKBONES, quantize_graph
-from fedafd.runtime.backbones import (BACKBONE_IMAGE_SIZE, BackboneMissingError, backbone_digest, backbone_spec,
-                                      build_backbone)
-from fedafd.runtime.data.features import example_inputs as trace_example
+from fedafd.export.verify import check_parity, int8_entry
+from fedafd.runtime.backbones import BACKBONE_IMAGE_SIZE, backbone_digest, backbone_spec
+from fedafd.runtime.data.features import OPSET
 from fedafd.runtime.data.modal import RAW, ModalData
 from fedafd.runtime.data.text import MAX_TEXT_LEN, PAD_ID, tokenizer_path
 from fedafd.runtime.errors import FedafdError
-from fedafd.runtime.models import build_encoder, input_view
+from fedafd.runtime.models import input_view
 from fedafd.runtime.checkpoint import load_checkpoint
 
 log = logging.getLogger("fedafd.export")
-
-OPSET = 17
-EXPORTERS = ("torchscript", "dynamo")
-
-
-class ExportError(FedafdError):
-    """The state cannot be exported, or the exported graph does not match PyTorch."""
 
 
 @dataclass(frozen=True)
@@ -99,95 +59,6 @@ class ExportOptions:
     (for a client trained with gff off or strategy=local)."""
     exporter: str = "torchscript"
     """torchscript (torch.onnx.export dynamo=False) or dynamo."""
-
-
-# -- the graphs ----------------------------------------------------------------------------------
-
-class BackboneViews(nn.Module):
-    """The frozen backbones one modality's graph needs, each run once on the raw inputs: forward(*inputs)
-    -> {view: the inputs of an encoder that reads it}: RAW -> the inputs themselves, a backbone's name ->
-    its pooled feature (B, D), the feature whose cached copy `ModalData.batch(..., view)` hands training."""
-
-    def __init__(self, backbones: dict[str, nn.Module]):
-        super().__init__()
-        self.backbones = nn.ModuleDict(backbones)
-
-    def forward(self, *inputs: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
-        views = {RAW: inputs}
-        for name, backbone in self.backbones.items():
-            views[name] = (backbone(*inputs),)  # (B, D)
-        return views
-
-
-class ClientGraph(nn.Module):
-    """A device's whole deployable path of one modality from raw inputs: backbone (once, when the local
-    encoder and/or the global tower read it) -> local encoder and frozen global tower -> GFF + head through
-    `LocalModel.head_outputs`, the path training and evaluation take. Classifiers: (probs (B, C) = softmax
-    of the logits, the fused feature z (B, d)); retrieval: the L2-normalised fused feature (B, d)."""
-
-    def __init__(self, model: LocalModel, modality: str, tower: nn.Module | None, backbones: dict[str, nn.Module]):
-        super().__init__()
-        self.model, self.modality, self.tower = model, modality, tower
-        self.views = BackboneViews(backbones)
-        self.local_view = model.view(modality)
-        self.tower_view = input_view(tower) if tower is not None else None
-
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        views = self.views(*inputs)
-        local = self.model.encoders[self.modality](*views[self.local_view])  # (B, d)
-        global_ = self.tower(*views[self.tower_view]) if self.tower is not None else None  # (B, d)
-        fused, output = self.model.head_outputs(self.modality, local, global_)
-        if self.model.head is not None:
-            return torch.softmax(output, dim=-1), fused
-        return output
-
-
-class TowerGraph(nn.Module):
-    """An encoder of the zoo from raw inputs (its backbone first when it adapts one) -> its L2-normalised
-    feature (B, d): a client's global tower (f_g, as `GlobalTowers.encode` computes it from the cache) or
-    one of the server's towers."""
-
-    def __init__(self, encoder: nn.Module, backbones: dict[str, nn.Module]):
-        super().__init__()
-        self.encoder = encoder
-        self.views = BackboneViews(backbones)
-        self.view = input_view(encoder)
-
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.encoder(*self.views(*inputs)[self.view])  # (B, d)
-
-
-class BackboneCache:
-    """Builds each frozen backbone once per export (MiniLM takes seconds to load) and shares the module
-    between the graphs that contain it."""
-
-    def __init__(self) -> None:
-        self.modules: dict[str, nn.Module] = {}
-
-    def __call__(self, *encoders: nn.Module | None) -> dict[str, nn.Module]:
-        """The backbones the given encoders read (none for encoders trained on raw inputs)."""
-        names = sorted({input_view(e) for e in encoders if e is not None} - {RAW})
-        for name in names:
-            if name not in self.modules:
-                try:
-                    self.modules[name] = build_backbone(name)
-                except BackboneMissingError as err:
-                    raise ExportError(f"cannot put the {name} backbone into the graph: {err}") from None
-        return {name: self.modules[name] for name in names}
-
-
-def input_specs(modality: str) -> list[dict[str, Any]]:
-    if modality == "image":
-        return [{"name": "image", "dtype": "float32", "shape": ["batch", 3, 32, 32]}]
-    return [{"name": name, "dtype": "int64", "shape": ["batch", "seq"], "max_len": MAX_TEXT_LEN}
-            for name in ("input_ids", "attention_mask")]
-
-
-def output_specs(classifier: bool, feature_dim: int, num_classes: int = 0) -> list[dict[str, Any]]:
-    feature = {"name": "feature", "dtype": "float32", "shape": ["batch", feature_dim]}
-    if classifier:
-        return [{"name": "probs", "dtype": "float32", "shape": ["batch", num_classes]}, feature]
-    return [feature]
 
 
 # -- loading what to export ----------------------------------------------------------------------
@@ -233,7 +104,7 @@ def load_client(state_dir: Path) -> LoadedClient:
             towers.load(meta["tower_version"], meta["tower_archs"], tensors["towers"])
     except (ValueError, RuntimeError) as err:  # an architecture this build's zoo lacks, or mismatched weights
         raise ExportError(f"{path} does not load into this build's model zoo: {str(err).splitlines()[0]}") from None
-    config_path = Path(state_dir) / "config.json"
+    config_path = Path(state_dir) / STATE_CONFIG_FILE
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     return LoadedClient(model.eval(), towers, meta, config)
 
@@ -287,144 +158,7 @@ def encoder_outputs(encoder: nn.Module, modality: str, data: ModalData, rows: np
         return [encoder(*data.batch(modality, rows, torch.device("cpu"), input_view(encoder))).numpy()]
 
 
-# -- export and verification ---------------------------------------------------------------------
-
-def export_graph(module: nn.Module, modality: str, outputs: list[dict[str, Any]], path: Path, exporter: str) -> None:
-    """torch -> ONNX with a dynamic batch axis (and sequence axis for text), then the full checker. Traced
-    on the backbone cache's example rows (texts end in padding, so the mask is traced as data)."""
-    import onnx
-
-    if exporter not in EXPORTERS:
-        raise ExportError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
-    module = module.eval()
-    inputs = input_specs(modality)
-    names = [s["name"] for s in inputs]
-    out_names = [o["name"] for o in outputs]
-    args = trace_example(modality)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if exporter == "torchscript":
-            axes = {n: {0: "batch", 1: "seq"} if modality == "text" else {0: "batch"} for n in names}
-            axes.update({n: {0: "batch"} for n in out_names})
-            torch.onnx.export(module, args, str(path), input_names=names, output_names=out_names,
-                              dynamic_axes=axes, opset_version=OPSET, dynamo=False)
-        else:
-            from torch.export import Dim
-
-            batch, seq = Dim("batch"), Dim("seq", min=2, max=MAX_TEXT_LEN)
-            # forward(*inputs): torch.export sees one argument, the tuple of inputs
-            shapes = (tuple({0: batch, 1: seq} if modality == "text" else {0: batch} for _ in names),)
-            program = torch.onnx.export(module, args, input_names=names, output_names=out_names,
-                                        dynamic_shapes=shapes, opset_version=18, dynamo=True, verbose=False)
-            program.save(str(path), external_data=False)
-    model = onnx.load(str(path))
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except Exception as err:
-        raise ExportError(f"onnx.checker rejects {path.name}: {err}") from None
-
-
-def _run_torch(module: nn.Module, inputs: tuple[np.ndarray, ...], batch_size: int = 256) -> list[np.ndarray]:
-    parts: list[list[np.ndarray]] = []
-    with torch.no_grad():
-        for start in range(0, len(inputs[0]), batch_size):
-            out = module(*(torch.from_numpy(np.ascontiguousarray(a[start:start + batch_size])) for a in inputs))
-            out = out if isinstance(out, tuple) else (out,)
-            parts.append([o.numpy() for o in out])
-    return [np.concatenate(cols) for cols in zip(*parts)]
-
-
-def run_onnx(session: Any, names: list[str], inputs: tuple[np.ndarray, ...], batch_size: int = 256) -> list[np.ndarray]:
-    feeds_names = [i.name for i in session.get_inputs()]
-    parts = []
-    for start in range(0, len(inputs[0]), batch_size):
-        feeds = {n: np.ascontiguousarray(a[start:start + batch_size]) for n, a in zip(feeds_names, inputs)}
-        parts.append(session.run(names, feeds))
-    return [np.concatenate(cols) for cols in zip(*parts)]
-
-
-def _max_diffs(names: list[str], got: list[np.ndarray], want: list[np.ndarray]) -> dict[str, float]:
-    return {n: float(np.abs(g - w).max(initial=0.0)) for n, g, w in zip(names, got, want)}
-
-
-def check_parity(module: nn.Module, path: Path, outputs: list[dict[str, Any]], inputs: tuple[np.ndarray, ...],
-                 atol: float, expected: list[np.ndarray] | None = None, training_atol: float = 0.0) -> dict[str, Any]:
-    """ORT vs the PyTorch module it was exported from, on the same real samples, as one batch and row by row
-    (the dynamic batch axis); and, when `expected` is given, that module vs the training code path on the
-    same rows (which reads the backbones' features from the cache instead of running them)."""
-    names = [o["name"] for o in outputs]
-    reference = _run_torch(module, inputs)
-    session = open_session(path)
-    batched = run_onnx(session, names, inputs)
-    single = run_onnx(session, names, tuple(a[:4] for a in inputs), batch_size=1)
-    diffs = _max_diffs(names, batched, reference)
-    diffs_b1 = _max_diffs(names, single, [r[:4] for r in reference])
-    report: dict[str, Any] = {"samples": int(len(inputs[0])), "max_abs_diff": diffs, "max_abs_diff_batch1": diffs_b1,
-                              "atol": atol}
-    scores_ort, scores_ref = batched[0], reference[0]
-    if names[0] == "feature":  # retrieval: the top-1 neighbour of each row among the batch's rows
-        scores_ort, scores_ref = scores_ort @ scores_ort.T, scores_ref @ scores_ref.T
-    report["top1_agreement"] = float((scores_ort.argmax(1) == scores_ref.argmax(1)).mean())
-    worst = max(list(diffs.values()) + list(diffs_b1.values()))
-    line = (f"  parity {path.name}: {report['samples']} samples, max |ORT - PyTorch| {worst:.2e}, "
-            f"top-1 agreement {100 * report['top1_agreement']:.1f}%")
-    training_worst = 0.0
-    if expected is not None:
-        training = _max_diffs(names, reference, expected)
-        training_worst = max(training.values())
-        report["vs_training"] = {"max_abs_diff": training, "atol": training_atol}
-        line += f", max |PyTorch graph - training path| {training_worst:.2e}"
-    print(line)
-    if not np.isfinite(worst) or worst > atol:
-        raise ExportError(f"{path.name}: ONNX Runtime differs from PyTorch by {worst:.3g} (> atol {atol:g}) "
-                          f"on real test samples; not exported")
-    if not np.isfinite(training_worst) or training_worst > training_atol:
-        raise ExportError(f"{path.name}: the graph differs from what training and evaluation compute by "
-                          f"{training_worst:.3g} (> {training_atol:g}); is the backbone feature cache from these "
-                          f"weights? Not exported")
-    return report
-
-
-def quick_latency_ms(path: Path, inputs: tuple[np.ndarray, ...], runs: int = 30) -> float:
-    """Median batch-1 latency of one session (the full benchmark is benchmarks/latency.py)."""
-    session = open_session(path)
-    feeds = {i.name: np.ascontiguousarray(a[:1]) for i, a in zip(session.get_inputs(), inputs)}
-    session.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    return 1000.0 * float(np.median(times))
-
-
-def _int8_entry(fp32_path: Path, int8_path: Path, outputs: list[dict[str, Any]], inputs: tuple[np.ndarray, ...],
-                labels: np.ndarray | None) -> dict[str, Any]:
-    """Size, batch-1 latency and agreement of the int8 graph with the fp32 one on the same test rows."""
-    names = [o["name"] for o in outputs]
-    fp32 = run_onnx(open_session(fp32_path), names, inputs)
-    int8 = run_onnx(open_session(int8_path), names, inputs)
-    entry: dict[str, Any] = {
-        "file": int8_path.name, "sha256": file_sha256(int8_path), "size_bytes": int8_path.stat().st_size,
-        "size_ratio": int8_path.stat().st_size / fp32_path.stat().st_size, "eval_samples": int(len(fp32[0])),
-        "latency_b1_ms": quick_latency_ms(int8_path, inputs), "fp32_latency_b1_ms": quick_latency_ms(fp32_path, inputs),
-        "max_abs_diff": float(np.abs(int8[0] - fp32[0]).max()),
-    }
-    features_fp32, features_int8 = fp32[-1], int8[-1]  # (N, d): the fused feature
-    if names[0] == "probs":
-        entry["top1_agreement"] = float((int8[0].argmax(1) == fp32[0].argmax(1)).mean())
-        if labels is not None:
-            entry["fp32_top1"] = 100.0 * float((fp32[0].argmax(1) == labels).mean())
-            entry["int8_top1"] = 100.0 * float((int8[0].argmax(1) == labels).mean())
-            entry["top1_delta"] = entry["int8_top1"] - entry["fp32_top1"]
-        features_fp32, features_int8 = _unit(features_fp32), _unit(features_int8)
-    entry["mean_cosine"] = float(np.mean(np.sum(features_int8 * features_fp32, axis=1)))
-    return entry
-
-
-def _unit(features: np.ndarray) -> np.ndarray:
-    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-6)
-
+# -- the model folder ----------------------------------------------------------------------------
 
 @dataclass
 class _Plan:
@@ -468,7 +202,7 @@ def _write_folder(out: Path, plans: list[_Plan], manifest: dict[str, Any], optio
                     kept = quantize_graph(path, int8_path, tuple((plan.info or {}).get("backbones", ())))
                 except ValueError as err:
                     raise ExportError(str(err)) from None
-                entry["int8"] = _int8_entry(path, int8_path, plan.outputs, plan.inputs, plan.labels)
+                entry["int8"] = int8_entry(path, int8_path, plan.outputs, plan.inputs, plan.labels)
                 method = "dynamic, QUInt8 weights" + (", per channel" if kept["per_channel"] else "")
                 entry["int8"].update(method=method, **kept)
                 q = entry["int8"]
@@ -583,21 +317,17 @@ def export_server(checkpoint: Path, out: Path, options: ExportOptions = ExportOp
 
     checkpoint = checkpoint_path(checkpoint)
     try:
-        read_server_meta(checkpoint, what="export")
-        tensors, meta = load_checkpoint(checkpoint)
+        tensors, meta = load_server_checkpoint(checkpoint, what="export")
     except FedafdError as err:
         raise ExportError(str(err)) from None
     config = meta["config"]
-    archs = {"image": config["image_arch"], "text": config["text_arch"]}
-    encoders = {}
-    for modality in ("image", "text"):
-        prefix = f"encoders.{modality}."
-        try:
-            encoder = build_encoder(modality, archs[modality], config["feature_dim"])
-            encoder.load_state_dict({k[len(prefix):]: v for k, v in tensors["model"].items() if k.startswith(prefix)})
-        except (ValueError, RuntimeError) as err:
-            raise ExportError(f"{checkpoint}: the {modality} tower does not load: {str(err).splitlines()[0]}") from None
-        encoders[modality] = encoder.eval()
+    try:  # the server's model as it trained (the towers and the stage-1 loss's a, b, which are not exported)
+        model = GlobalModel(config["image_arch"], config["text_arch"], config["feature_dim"], config["contrastive_loss"])
+        model.load_state_dict(tensors["model"])
+    except (ValueError, RuntimeError) as err:
+        raise ExportError(f"{checkpoint}: the towers do not load: {str(err).splitlines()[0]}") from None
+    archs = model.archs
+    encoders = {m: encoder.eval() for m, encoder in model.encoders.items()}
     backbone_names = tuple(sorted({input_view(e) for e in encoders.values()} - {RAW}))
     data = load_public_data("test", backbone_names)
     count = max(options.eval_samples, options.parity_samples) if options.eval_samples else 0
@@ -638,4 +368,4 @@ def export_any(source: Path, out: Path, options: ExportOptions = ExportOptions()
 
 
 __all__ = ["ExportError", "ExportOptions", "ModelError", "export_any", "export_client", "export_server",
-           "load_client", "client_test_split", "client_graphs", "training_outputs", "ClientGraph", "TowerGraph"]
+           "load_client", "client_test_split", "client_graphs", "training_outputs"]

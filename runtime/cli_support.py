@@ -11,7 +11,8 @@ from typing import Callable, Iterator
 
 import typer
 
-from fedafd.runtime.config import CLIENT_KINDS, describe_config
+from fedafd.runtime.config import describe_config
+from fedafd.runtime.wire import CLIENT_KINDS
 
 
 class Format(enum.StrEnum):

@@ -46,11 +46,6 @@ def wire_codec(config_name: str) -> str:
     return "raw" if config_name == "fp32" else config_name
 
 
-def bytes_per_element(config_name: str) -> float:
-    """Payload bytes per element, ignoring the int8 scales (4 bytes per row or column)."""
-    return {"fp32": 4.0, "fp16": 2.0, "int8_row": 1.0, "int8_col": 1.0}[config_name]
-
-
 def choose(requested: str, arr: np.ndarray) -> str:
     """The codec a tensor actually travels with, given the one asked for its field."""
     if requested == "raw" or arr.dtype != np.float32:

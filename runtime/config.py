@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 from fedafd.runtime.codecs import FEATURE_CODECS
 from fedafd.runtime.methods import LOCAL_INITS, STRATEGIES
+from fedafd.runtime.wire import CLIENT_KINDS
 
-CLIENT_KINDS = ("image", "text", "multimodal")
 CONTRASTIVE_LOSSES = ("pcme", "infonce")
 DEVICES = ("auto", "cpu", "cuda")
 TOWER_CODECS = ("fp32", "fp16", "int8_row")

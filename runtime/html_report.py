@@ -13,7 +13,7 @@ from pathlib import Path
 from .accounting import PARTS
 from .bandwidth import cumulative_figure, profile_records
 from .errors import FedafdError
-from .plots import data_uri, device_colours, new_figure, png_bytes
+from .plots import data_uri, device_colours, new_figure, per_round_axes, png_bytes
 from .report import read_run, summarize_round
 
 LABELS = {
@@ -80,12 +80,7 @@ def metrics_figure(records: list[dict], summaries: list[dict]):
             if points:
                 axes.plot(*zip(*points), marker="o", linestyle="--" if key.startswith("pers_") else "-",
                           label=LABELS.get(f"{prefix}_{key}", key).removeprefix(f"{kind} "))
-        axes.set_title(f"{kind} devices")
-        axes.set_xlabel("round")
-        axes.set_ylabel("%")
-        axes.xaxis.get_major_locator().set_params(integer=True)
-        axes.grid(True, alpha=0.3)
-        axes.legend(fontsize="small")
+        per_round_axes(axes, f"{kind} devices", "%")
     return figure
 
 
@@ -96,11 +91,7 @@ def server_figure(records: list[dict]):
         r1.plot(rounds, [record["server"][key] for record in records], marker="o", label=label)
     rsum.plot(rounds, [record["server"]["rsum"] for record in records], marker="o", color="tab:purple", label="rsum")
     for axes, title in ((r1, "server retrieval: R@1"), (rsum, "server retrieval: rsum (R@1+5+10 both ways)")):
-        axes.set_title(title)
-        axes.set_xlabel("round")
-        axes.xaxis.get_major_locator().set_params(integer=True)
-        axes.grid(True, alpha=0.3)
-        axes.legend(fontsize="small")
+        per_round_axes(axes, title)
     return figure
 
 
@@ -157,12 +148,7 @@ def sed_figure(records: list[dict], kinds: dict[str, str]):
         for cid in devices:
             weights = [record.get("sed_mean_weights", {}).get(modality, {}).get(cid, float("nan")) for record in records]
             axes.plot(rounds, weights, marker="o", color=colours.get(cid, "tab:gray"), label=cid)
-        axes.set_title(f"SED weights, {modality} teacher")
-        axes.set_xlabel("round")
-        axes.set_ylabel("mean weight (devices sum to 1)")
-        axes.xaxis.get_major_locator().set_params(integer=True)
-        axes.grid(True, alpha=0.3)
-        axes.legend(fontsize="small")
+        per_round_axes(axes, f"SED weights, {modality} teacher", "mean weight (devices sum to 1)")
     return figure
 
 

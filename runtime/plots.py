@@ -34,6 +34,17 @@ def new_figure(width_px: int, height_px: int, rows: int = 1, cols: int = 1) -> t
     return figure, figure.subplots(rows, cols, squeeze=False).tolist()
 
 
+def per_round_axes(axes: Axes, title: str, ylabel: str = "") -> None:
+    """Title and labels of a line plot over rounds: whole rounds on the x axis, a light grid, the legend."""
+    axes.set_title(title)
+    axes.set_xlabel("round")
+    if ylabel:
+        axes.set_ylabel(ylabel)
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize="small")
+
+
 def png_bytes(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI)

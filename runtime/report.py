@@ -7,6 +7,11 @@ import json
 from pathlib import Path
 from statistics import mean
 
+METRICS_FILE = "metrics.jsonl"
+"""In a run folder: one JSON record per finished round (the server appends it)."""
+CONFIG_FILE = "config.json"
+"""In a run folder: the server's effective config."""
+
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -14,8 +19,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 def read_run(run_dir: Path) -> tuple[list[dict], dict]:
     """A run folder's round records (metrics.jsonl) and its effective config (config.json; {} if absent)."""
-    config_path = run_dir / "config.json"
-    return read_metrics(run_dir / "metrics.jsonl"), json.loads(config_path.read_text()) if config_path.exists() else {}
+    config_path = run_dir / CONFIG_FILE
+    return read_metrics(run_dir / METRICS_FILE), json.loads(config_path.read_text()) if config_path.exists() else {}
 
 
 CLASSIFIER_KEYS = ("top1", "pers_top1", "top1_bound")

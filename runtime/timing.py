@@ -20,3 +20,8 @@ def time_calls(call: Callable[[], object], runs: int, warmup: int = 2) -> np.nda
         call()
         times[i] = time.perf_counter() - started
     return times
+
+
+def time_per_call(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """Median seconds of one call of `fn` over `repeats` timed calls after `warmup` untimed ones."""
+    return float(np.median(time_calls(fn, repeats, warmup)))

@@ -7,7 +7,6 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
 
 
@@ -37,12 +36,6 @@ def batch_indices(count: int, batch_size: int, generator: torch.Generator | None
     order = torch.randperm(count, generator=generator) if generator is not None else torch.arange(count)
     for start in range(0, count, batch_size):
         yield order[start:start + batch_size]
-
-
-def images_to_float(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 (B,3,32,32) -> float32 in [0,1] on the device; encoders normalise internally."""
-    tensor = torch.as_tensor(images)
-    return tensor.to(device=device, dtype=torch.float32).div_(255.0)
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:

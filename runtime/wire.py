@@ -52,12 +52,12 @@ MAX_NDIM = 8
 ALLOWED_DTYPES = ("float32", "float16", "int64", "int32", "uint8")
 CODECS = _codecs.CODECS
 """How a tensor frame may store its data (runtime.codecs: raw, fp16, int8_row, int8_col)."""
-CLIENT_KINDS = ("image", "text", "multimodal")
 MODALITIES = ("image", "text")
 MODALITIES_OF_KIND: dict[str, tuple[str, ...]] = {
     "image": ("image",), "text": ("text",), "multimodal": ("image", "text"),
 }
 """Which modalities' features each kind of device sends (and which global towers it fuses with)."""
+CLIENT_KINDS = tuple(MODALITIES_OF_KIND)
 
 
 def other_modality(modality: str) -> str:
@@ -158,7 +158,6 @@ class Join:
     kind: str = _one_of(*CLIENT_KINDS)
     image_arch: str
     text_arch: str
-    num_params: int = _at_least(0)
     num_private: int = _at_least(0)
     backbones: dict[str, str] = field(default_factory=dict)
 
@@ -285,11 +284,6 @@ class Decoded(NamedTuple):
     msg_id: str
     nbytes: int
     """Sum of all frame lengths (magic + header + tensor frames)."""
-
-
-def error_reply(err: WireError, round: int = -1) -> Error:
-    """The Error message that answers a rejected message."""
-    return Error(code=err.code.value, reason=err.reason, round=round)
 
 
 def new_msg_id() -> str:

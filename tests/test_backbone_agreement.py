@@ -9,7 +9,8 @@ import pytest
 
 from fedafd.cloud_server.app import ServerApp
 from fedafd.edge_client.app import EdgeApp, EdgeError
-from fedafd.runtime.accounting import ByteCounter, ClientMessenger
+from fedafd.runtime.accounting import ByteCounter
+from fedafd.runtime.messaging import ClientMessenger
 from fedafd.runtime.backbones import backbone_digest
 from fedafd.runtime.config import ClientConfig, ServerConfig, build_config
 from fedafd.runtime.transport import InprocHub
@@ -17,7 +18,7 @@ from fedafd.runtime.wire import Error, ErrorCode, Join, Welcome
 
 
 def _join(digests: dict[str, str]) -> Join:
-    return Join(client_id="image-0", kind="image", image_arch="effnet_linear", text_arch="", num_params=0,
+    return Join(client_id="image-0", kind="image", image_arch="effnet_linear", text_arch="",
                 num_private=10, backbones=digests)
 
 
@@ -48,7 +49,7 @@ def test_a_device_with_other_backbone_weights_is_refused_and_one_with_the_same_i
     assert isinstance(refused, Error) and refused.code == ErrorCode.BACKBONE_MISMATCH
     assert "minilm" in refused.reason and real["minilm"][:12] in refused.reason and "000000000000" in refused.reason
     assert isinstance(welcomed, Welcome)
-    assert server.rejected[0]["code"] == "backbone_mismatch"
+    assert server.admission.rejected[0]["code"] == "backbone_mismatch"
 
 
 def test_a_device_refuses_towers_over_a_backbone_it_holds_with_other_weights(tmp_path: Path) -> None:

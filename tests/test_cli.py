@@ -14,7 +14,7 @@ import typer
 from typer.testing import CliRunner
 
 from fedafd.cloud_server.cli import app as cloud_cli
-from fedafd.edge_client.cli import app as edge_cli
+from fedafd.export.cli import fedafd_edge as edge_cli
 from fedafd.runtime.config import ClientConfig, ServerConfig, build_config, help_for
 
 runner = CliRunner()

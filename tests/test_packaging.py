@@ -34,3 +34,21 @@ def test_setup_refuses_an_older_python_before_making_a_venv(tmp_path: Path) -> N
     assert "needs Python 3.11+" in done.stderr and "Python 3.10.12" in done.stderr
     assert not (tmp_path / ".venv").exists()
     assert f"sys.version_info < {NEEDED}" in (ROOT / "setup.sh").read_text()
+
+
+def test_every_console_script_is_a_typer_app_with_its_commands() -> None:
+    # The entry points as pip installs them (`fedafd-edge` is mounted in export/cli.py, not edge_client/).
+    import importlib
+
+    import typer
+    from typer.main import get_command
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    commands = {}
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        app = getattr(importlib.import_module(module), attr)
+        assert isinstance(app, typer.Typer), name
+        commands[name] = set(get_command(app).commands)
+    assert {"join", "keys", "convert-state", "config", "export", "infer", "bench"} == commands["fedafd-edge"]
+    assert {"serve", "report", "profile", "config", "data", "nodes", "keys", "convert-checkpoint"} == commands["fedafd-cloud"]

@@ -14,7 +14,7 @@ from fedafd.benchmarks.fuzz import fuzz_live
 from fedafd.benchmarks.sim_clients import run_devices
 from fedafd.cloud_server.app import ServerApp
 from fedafd.cloud_server.cli import app as cloud_cli
-from fedafd.edge_client.cli import app as edge_cli
+from fedafd.export.cli import fedafd_edge as edge_cli
 from fedafd.runtime.config import ServerConfig
 from fedafd.runtime.keys import ALLOW_LIST, AllowList, KeyFileError, generate_keypair, load_keypair
 from fedafd.runtime.transport import CurveClientKeys, CurveServerKeys, ZmqClientTransport, ZmqServerTransport

@@ -33,7 +33,7 @@ import torch
 
 from fedafd.runtime.backbones import (BACKBONE_IMAGE_SIZE, BackboneSpec, backbone_digest, backbone_spec,
                                       build_backbone, modality_backbones)
-from fedafd.runtime.data.datasets import SPLITS, file_lock
+from fedafd.runtime.data.prepared import SPLITS, file_lock
 from fedafd.runtime.data.fetch import cache_dir
 from fedafd.runtime.data.modal import ModalData
 from fedafd.runtime.data.text import MAX_TEXT_LEN, PAD_ID

@@ -7,8 +7,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedafd.runtime.data import datasets
-from fedafd.runtime.data.datasets import ImageClassData, PairData, TextClassData, load_emoji_pairs
+from fedafd.runtime.data.emoji import load_emoji_pairs
+from fedafd.runtime.data.fashion_mnist import load_fashion_mnist
+from fedafd.runtime.data.prepared import ImageClassData, PairData, TextClassData, stratified_split
+from fedafd.runtime.data.tuxpaint import load_tuxpaint_pairs
+from fedafd.runtime.data.wordnet import load_wordnet_topics
 
 
 RAW = "raw"
@@ -92,11 +95,11 @@ def load_task_data(kind: str, split: str, backbones: tuple[str, ...] = ()) -> Mo
     """A device kind's task data set (the device takes its share): what stands in for the paper's data
     sets is in the README's data section. Fashion-MNIST and WordNet are cut to their TASK_POOL rows."""
     if kind == "image":
-        data = from_image_classes(datasets.load_fashion_mnist(split))  # for CIFAR-100
+        data = from_image_classes(load_fashion_mnist(split))  # for CIFAR-100
     elif kind == "text":
-        data = from_text_classes(datasets.load_wordnet_topics(split))  # for AG News
+        data = from_text_classes(load_wordnet_topics(split))  # for AG News
     elif kind == "multimodal":
-        data = from_pairs(datasets.load_tuxpaint_pairs(split))  # for Flickr30k
+        data = from_pairs(load_tuxpaint_pairs(split))  # for Flickr30k
     else:
         raise ValueError(f"kind must be image, text or multimodal, got {kind!r}")
     if kind in TASK_POOL:
@@ -108,7 +111,7 @@ def pool_rows(labels: np.ndarray, size: int) -> np.ndarray:
     """Sorted rows of a fixed class-stratified subset of `size` rows (all rows when there are fewer)."""
     if size >= len(labels):
         return np.arange(len(labels))
-    _, chosen = datasets.stratified_split(labels, test_fraction=size / len(labels))
+    _, chosen = stratified_split(labels, test_fraction=size / len(labels))
     return chosen
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from fedafd.cloud_server.strategies import build_strategy
-from fedafd.cloud_server.app import ClientRecord, ServerApp
+from fedafd.cloud_server.admission import ClientRecord
+from fedafd.cloud_server.app import ServerApp
 from fedafd.cloud_server.stages import extract_features
 from fedafd.edge_client.model import GlobalTowers
 from fedafd.edge_client.training import global_public_features
@@ -117,7 +118,7 @@ def test_uploads_that_arrive_during_the_downlink_are_folded_before_the_next_roun
     server = ServerApp(config, Spy(), tmp_path)
     try:
         for cid, device in devices.items():
-            device.send(encode(Join(client_id=cid, kind="image", image_arch="cnn_small", text_arch="", num_params=0,
+            device.send(encode(Join(client_id=cid, kind="image", image_arch="cnn_small", text_arch="",
                                     num_private=10)))
             server._handle_outside_round(server.messenger.recv(5.0))
             assert isinstance(decode(device.recv(5.0)).msg, Welcome)

@@ -22,7 +22,7 @@ def test_a_device_gone_before_its_welcome_does_not_count_as_joined(tmp_path: Pat
     server = ServerApp(build_config(ServerConfig, dict(image_arch="cnn_small", text_arch="gru", public_size=32,
                                                        feature_dim=16)), hub.server(), tmp_path)
     device = hub.client("image-0")
-    device.send(encode(Join(client_id="image-0", kind="image", image_arch="cnn_small", text_arch="", num_params=0,
+    device.send(encode(Join(client_id="image-0", kind="image", image_arch="cnn_small", text_arch="",
                             num_private=10)))
     device.close()
     try:
@@ -41,7 +41,7 @@ def _server(hub: InprocHub, tmp_path: Path, **settings) -> ServerApp:
 
 def _join(hub: InprocHub, client_id: str):
     device = hub.client(client_id)
-    device.send(encode(Join(client_id=client_id, kind="image", image_arch="cnn_small", text_arch="", num_params=0,
+    device.send(encode(Join(client_id=client_id, kind="image", image_arch="cnn_small", text_arch="",
                             num_private=10)))
     return device
 

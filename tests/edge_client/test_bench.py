@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from fedafd.edge_client.cli import app
+from fedafd.export.cli import fedafd_edge as app
 from fedafd.runtime.shaping import load_profile
 
 

@@ -17,7 +17,8 @@ from fedafd.cloud_server.app import ServerApp
 from fedafd.edge_client import app as edge_app
 from fedafd.edge_client.app import EdgeApp, EdgeError
 from fedafd.edge_client.state import StateError
-from fedafd.runtime.accounting import ByteCounter, ServerMessenger
+from fedafd.runtime.accounting import ByteCounter
+from fedafd.runtime.messaging import ServerMessenger
 from fedafd.runtime.config import ClientConfig, ServerConfig, build_config
 from fedafd.runtime.transport import (
     CurveClientKeys, CurveServerKeys, InprocHub, ZmqClientTransport, ZmqServerTransport,

@@ -15,8 +15,10 @@ import torch
 from fedafd.export.infer import MANIFEST_FILE, OnnxModel, file_sha256
 from fedafd.export.onnx_export import (ExportError, ExportOptions, client_graphs, client_test_split, export_any,
                                        export_client, export_server, load_client, sample_inputs, training_outputs)
-from fedafd.runtime.models import build_encoder
+from fedafd.cloud_server.checkpoint import CHECKPOINT_FILE, CHECKPOINT_FORMAT, save_server_checkpoint
+from fedafd.cloud_server.stages import GlobalModel
 from fedafd.runtime.checkpoint import load_checkpoint, save_checkpoint
+from fedafd.runtime.config import ServerConfig
 
 KINDS = ("image", "text", "multimodal")
 BACKBONES_IN = {  # kind -> graph -> the backbones inside it (conftest.CLIENTS)
@@ -211,15 +213,17 @@ def test_state_of_an_architecture_this_zoo_lacks_is_a_clear_error(exported, tmp_
         export_client(tmp_path / "old", tmp_path / "out")
 
 
-def server_checkpoint(run: Path, archs: dict[str, str], fmt: int = 3) -> dict[str, torch.nn.Module]:
-    """A server checkpoint as cloud_server writes it (GlobalModel state under "model")."""
+def server_checkpoint(run: Path, archs: dict[str, str], fmt: int = CHECKPOINT_FORMAT) -> dict[str, torch.nn.Module]:
+    """A server checkpoint after round 4 as cloud_server writes it (GlobalModel state under "model"), its
+    format rewritten to `fmt`; returns the towers."""
     torch.manual_seed(0)
-    encoders = {m: build_encoder(m, arch, 32).eval() for m, arch in archs.items()}
-    state = {f"encoders.{m}.{k}": v for m, enc in encoders.items() for k, v in enc.state_dict().items()}
-    save_checkpoint(run / "checkpoint" / "server.safetensors", {"model": state, "optimizer": {}, "distill_optimizer": {}},
-                    {"round": 4, "format": fmt, "run_id": "r1", "config": {"image_arch": archs["image"], "text_arch": archs["text"],
-                                                           "feature_dim": 32}})
-    return encoders
+    config = ServerConfig(image_arch=archs["image"], text_arch=archs["text"], feature_dim=32)
+    model = GlobalModel(config.image_arch, config.text_arch, config.feature_dim, config.contrastive_loss).eval()
+    save_server_checkpoint(run, {"model": model.state_dict(), "optimizer": {}, "distill_optimizer": {}}, 4, config, "r1")
+    if fmt != CHECKPOINT_FORMAT:
+        tensors, meta = load_checkpoint(run / CHECKPOINT_FILE)
+        save_checkpoint(run / CHECKPOINT_FILE, tensors, dict(meta, format=fmt))
+    return dict(model.encoders)
 
 
 def test_server_towers_export_with_their_backbones_as_a_retrieval_model(tmp_path: Path) -> None:
@@ -282,7 +286,7 @@ def test_dynamo_exporter_gives_the_same_graph_and_finds_the_backbone(exported, t
 def test_export_json_on_stdout_is_the_manifest_and_progress_goes_to_stderr(text_state: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from fedafd.edge_client.cli import app
+    from fedafd.export.cli import fedafd_edge as app
 
     # Execute
     result = CliRunner().invoke(app, ["export", str(text_state), "--out", str(tmp_path / "model"), "--format", "json",

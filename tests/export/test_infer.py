@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from fedafd.edge_client.cli import app
+from fedafd.export.cli import fedafd_edge as app
 from fedafd.export.infer import InputError, ModelError, OnnxModel, TextPreprocessor, load_image, read_manifest
 from fedafd.export.onnx_export import client_graphs, client_test_split, load_client, training_outputs
-from fedafd.runtime.data.datasets import load_tuxpaint_pairs
+from fedafd.runtime.data.tuxpaint import load_tuxpaint_pairs
 from fedafd.runtime.data.text import tokenize, tokenizer_path
 
 runner = CliRunner()
@@ -127,7 +127,7 @@ def test_infer_never_imports_torch(exported, tmp_path: Path, precision: str) -> 
     (path,) = write_pngs(load_tuxpaint_pairs("test").images[:1], tmp_path)
     script = (
         "import sys\n"
-        "from fedafd.edge_client.cli import app\n"
+        "from fedafd.export.cli import fedafd_edge as app\n"
         "try:\n"
         f"    app(['infer', {str(folder)!r}, {str(path)!r}, 'a dog that barks', 'a red apple', '--format', 'json',"
         f" '--precision', {precision!r}])\n"
@@ -145,7 +145,7 @@ def test_infer_never_imports_torch(exported, tmp_path: Path, precision: str) -> 
 
 def test_cli_entry_point_subprocess(exported) -> None:
     _, folder = exported["image"]
-    done = subprocess.run([sys.executable, "-m", "fedafd.edge_client.cli", "infer", str(folder), "--help"],
+    done = subprocess.run([sys.executable, "-m", "fedafd.export.cli", "infer", str(folder), "--help"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "ONNX Runtime" in done.stdout
 

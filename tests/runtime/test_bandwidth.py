@@ -10,7 +10,8 @@ import zmq
 from fedafd.cloud_server.strategies import build_strategy
 from fedafd.runtime.config import ServerConfig
 from fedafd.runtime import wire
-from fedafd.runtime.accounting import PARTS, ByteCounter, ClientMessenger, ServerMessenger
+from fedafd.runtime.accounting import PARTS, ByteCounter
+from fedafd.runtime.messaging import ClientMessenger, ServerMessenger
 from fedafd.runtime.bandwidth import profile_records
 from fedafd.runtime.transport import ZmqClientTransport, ZmqServerTransport
 

@@ -9,19 +9,12 @@ import time
 import numpy as np
 import pytest
 
-from fedafd.runtime.data import datasets
-from fedafd.runtime.data.datasets import (
-    ImageClassData,
-    PairData,
-    TextClassData,
-    load_emoji_pairs,
-    load_fashion_mnist,
-    load_tuxpaint_pairs,
-    load_wordnet_topics,
-    prepared_path,
-    stratified_split,
-    subset,
-)
+from fedafd.runtime.data import datasets, fashion_mnist
+from fedafd.runtime.data.emoji import load_emoji_pairs
+from fedafd.runtime.data.fashion_mnist import load_fashion_mnist
+from fedafd.runtime.data.prepared import ImageClassData, PairData, TextClassData, prepared_path, stratified_split, subset
+from fedafd.runtime.data.tuxpaint import load_tuxpaint_pairs
+from fedafd.runtime.data.wordnet import load_wordnet_topics
 from fedafd.runtime.data import fetch as fetch_module
 from fedafd.runtime.data.fetch import DataMissingError, cache_dir
 from fedafd.runtime.data.text import MAX_TEXT_LEN, PAD_ID, VOCAB_SIZE
@@ -183,11 +176,11 @@ def test_damaged_idx_file_is_reported(tmp_path):
     with gzip.open(path, "wb") as f:
         f.write((2051).to_bytes(4, "big") + (3).to_bytes(4, "big") + bytes(3))
     with pytest.raises(DataMissingError, match="magic number 2051, expected 2049"):
-        datasets._read_idx(path, 2049, 1)
+        fashion_mnist._read_idx(path, 2049, 1)
     with gzip.open(path, "wb") as f:
         f.write((2049).to_bytes(4, "big") + (5).to_bytes(4, "big") + bytes(3))
     with pytest.raises(DataMissingError, match="3 bytes of data for shape"):
-        datasets._read_idx(path, 2049, 1)
+        fashion_mnist._read_idx(path, 2049, 1)
 
 
 def test_subset_selects_rows_of_every_kind(wordnet, emoji, fashion):

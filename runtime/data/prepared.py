@@ -1,0 +1,238 @@
+"""What a prepared data set is and how it is kept: the three array classes (labelled images, labelled
+texts, image-caption pairs), row subsets, the fixed stratified train/test split, and the cache of prepared
+arrays that every parser (fashion_mnist.py, wordnet.py, emoji.py, tuxpaint.py) loads through.
+
+The first load of a data set builds both splits and writes them to `cache_dir()/prepared/<name>-<split>-v1.npz`
+(atomically, no pickle: strings are fixed-width unicode arrays); later loads read those files. Splits other
+than Fashion-MNIST's own are stratified by label and drawn with a fixed seed from numpy's legacy
+RandomState, whose stream numpy keeps stable across versions, so the split never changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, TypeVar
+
+import numpy as np
+
+from fedafd.runtime.data.fetch import DataMissingError, cache_dir
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "test")
+CACHE_VERSION = 1
+"""Bumped whenever what a prepared file holds changes, so stale caches are never read."""
+TEST_FRACTION = 0.2
+"""Share of every label's rows that goes to "test" (WordNet topics, emoji, Tux Paint)."""
+SPLIT_SEED = 20240611
+"""Seed of the fixed train/test splits."""
+
+
+@dataclass(frozen=True, eq=False)
+class ImageClassData:
+    """Labelled images: the image task (Fashion-MNIST)."""
+
+    images: np.ndarray
+    """uint8 (N, 3, 32, 32), RGB."""
+    labels: np.ndarray
+    """int64 (N,), indices into class_names."""
+    class_names: tuple[str, ...]
+
+    ROWS: ClassVar[tuple[str, ...]] = ("images", "labels")
+
+    def __post_init__(self) -> None:
+        _check_rows(self)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True, eq=False)
+class TextClassData:
+    """Labelled texts: the text task (WordNet glosses by topic)."""
+
+    input_ids: np.ndarray
+    """int64 (N, L) token ids, PAD_ID after the text."""
+    attention_mask: np.ndarray
+    """int64 (N, L), 1 on tokens, 0 on padding."""
+    labels: np.ndarray
+    """int64 (N,), indices into class_names."""
+    class_names: tuple[str, ...]
+    texts: tuple[str, ...]
+    """The untokenized texts, row by row."""
+
+    ROWS: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "labels", "texts")
+
+    def __post_init__(self) -> None:
+        _check_rows(self)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True, eq=False)
+class PairData:
+    """Image-caption pairs (row i's image goes with caption i), grouped by category for partitioning."""
+
+    images: np.ndarray
+    """uint8 (N, 3, 32, 32), RGB."""
+    input_ids: np.ndarray
+    """int64 (N, L), the tokenized captions."""
+    attention_mask: np.ndarray
+    """int64 (N, L)."""
+    captions: tuple[str, ...]
+    groups: np.ndarray
+    """int64 (N,), indices into group_names (emoji group, Tux Paint category folder)."""
+    group_names: tuple[str, ...]
+
+    ROWS: ClassVar[tuple[str, ...]] = ("images", "input_ids", "attention_mask", "captions", "groups")
+
+    def __post_init__(self) -> None:
+        _check_rows(self)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+
+Data = TypeVar("Data", ImageClassData, TextClassData, PairData)
+
+
+def _check_rows(data: ImageClassData | TextClassData | PairData) -> None:
+    lengths = {name: len(getattr(data, name)) for name in data.ROWS}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"{type(data).__name__}: fields have different numbers of rows: {lengths}")
+
+
+def subset(data: Data, indices: np.ndarray) -> Data:
+    """The rows `indices` (integers, in the given order) of any of the data classes."""
+    indices = np.asarray(indices)
+    if indices.ndim != 1 or (indices.size and not np.issubdtype(indices.dtype, np.integer)):
+        raise TypeError(f"indices must be a 1-D integer array, got {indices.dtype} {indices.shape}")
+    indices = indices.astype(np.int64, copy=False)
+    changes = {}
+    for name in data.ROWS:
+        value = getattr(data, name)
+        changes[name] = tuple(value[i] for i in indices) if isinstance(value, tuple) else value[indices]
+    return dataclasses.replace(data, **changes)
+
+
+def prepared_path(name: str, split: str) -> Path:
+    return cache_dir() / "prepared" / f"{name}-{split}-v{CACHE_VERSION}.npz"
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def _write(path: Path, data: ImageClassData | TextClassData | PairData) -> None:
+    arrays = {}
+    for field in dataclasses.fields(data):
+        value = getattr(data, field.name)
+        if isinstance(value, tuple):  # strings: fixed-width unicode, never object arrays
+            value = np.array(value, dtype=str) if value else np.zeros(0, dtype="<U1")
+        arrays[field.name] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shared like any other
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read(path: Path, cls: type[Data]) -> Data | None:
+    """The cached data, or None when the file is absent or unreadable (then it is built again)."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            values = {}
+            for field in dataclasses.fields(cls):
+                array = stored[field.name]
+                values[field.name] = tuple(array.tolist()) if array.dtype.kind == "U" else array
+        return cls(**values)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        logger.warning("unreadable prepared data %s (%s); preparing it again", path, err)
+        return None
+
+
+@contextlib.contextmanager
+def file_lock(lock_path: Path) -> Iterator[None]:
+    """An exclusive flock on `lock_path` (created with its folder): one process builds a cached file while
+    others (a fleet starting at once) wait, then read it."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: concurrent builds just write the same files twice
+        yield
+        return
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _build_lock(name: str) -> contextlib.AbstractContextManager[None]:
+    """One process prepares a data set while others wait, then read its files."""
+    return file_lock(cache_dir() / "prepared" / f".{name}.lock")
+
+
+def load_prepared(name: str, split: str, cls: type[Data], build: Callable[[], dict[str, Data]]) -> Data:
+    """Data set `name`'s `split` from its prepared file, or `build()` (every split) under a lock and cached."""
+    _check_split(split)
+    path = prepared_path(name, split)
+    data = _read(path, cls)
+    if data is not None:
+        return data
+    with _build_lock(name):
+        data = _read(path, cls)  # prepared by another process while this one waited
+        if data is not None:
+            return data
+        built = build()
+        for s, d in built.items():
+            _write(prepared_path(name, s), d)
+    return built[split]
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float = TEST_FRACTION,
+                     seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, test) row indices with round(test_fraction * N) test rows in all, shared among the
+    labels in proportion to their sizes (largest remainders get the rounding), each label's test rows
+    drawn at random."""
+    labels = np.asarray(labels)
+    if not 0 <= test_fraction <= 1:
+        raise ValueError(f"test_fraction must be in [0, 1], got {test_fraction}")
+    values, counts = np.unique(labels, return_counts=True)
+    quotas = test_fraction * counts
+    n_test = np.floor(quotas).astype(np.int64)
+    short = int(round(test_fraction * len(labels))) - int(n_test.sum())
+    n_test[np.argsort(-(quotas - n_test), kind="stable")[:short]] += 1
+    rng = np.random.RandomState(seed)  # legacy generator: its stream is frozen across numpy versions
+    train, test = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for value, k in zip(values, n_test):
+        rows = rng.permutation(np.flatnonzero(labels == value))
+        test.append(rows[:k])
+        train.append(rows[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def corrupt(what: str, path: Path, detail: str) -> DataMissingError:
+    """What a parser raises for a packaged file that is not what it expects: remove and fetch again."""
+    return DataMissingError(
+        f"{what} at {path} is damaged or not what was expected ({detail}); remove "
+        f"{cache_dir() / 'root'} and run `fedafd-cloud data fetch` again"
+    )

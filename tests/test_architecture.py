@@ -1,0 +1,122 @@
+"""The house's layering, read from the source: no import cycle between the top-level packages (runtime,
+edge_client, cloud_server, export, benchmarks), and runtime/ imports neither side. Every import counts,
+at module level or inside a function (a lazy import is still a dependency), as does
+importlib.import_module("fedafd....") with a literal name."""
+
+from __future__ import annotations
+
+import ast
+import tomllib
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIRS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+"""fedafd.<package>[.<sub>] -> its folder, as the wheel maps them."""
+TOP = sorted({name.split(".")[1] for name in PACKAGE_DIRS})
+
+Edge = tuple[str, str]  # (importing package, imported package)
+
+
+def _module_name(path: Path) -> str:
+    """runtime/data/modal.py -> fedafd.runtime.data.modal (an __init__.py names its package)."""
+    relative = path.relative_to(ROOT).with_suffix("")
+    parts = relative.parts[:-1] if relative.name == "__init__" else relative.parts
+    return "fedafd." + ".".join(parts)
+
+
+def _imported(tree: ast.AST, module: str, is_package: bool) -> list[tuple[str, int]]:
+    """Every module name `tree` imports, with its line: import / from-import anywhere (relative ones
+    resolved against `module`), and importlib.import_module with a literal name."""
+    package = module if is_package else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found.append((target, node.lineno))
+            found += [(f"{target}.{alias.name}", node.lineno) for alias in node.names]  # `from . import codecs`
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            found.append((node.args[0].value, node.lineno))
+    return found
+
+
+def package_imports() -> dict[Edge, list[str]]:
+    """(package, package it imports) -> where ("path:line"), for every import across two top-level packages."""
+    edges: dict[Edge, list[str]] = defaultdict(list)
+    for name, folder in PACKAGE_DIRS.items():
+        if name.count(".") != 1:  # subpackages are walked with their top-level folder
+            continue
+        source = name.split(".")[1]
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            module = _module_name(path)
+            tree = ast.parse(path.read_text(), filename=str(path))
+            for target, line in _imported(tree, module, path.name == "__init__.py"):
+                parts = target.split(".")
+                where = f"{path.relative_to(ROOT)}:{line}"
+                if (len(parts) >= 2 and parts[0] == "fedafd" and parts[1] in TOP and parts[1] != source
+                        and where not in edges[(source, parts[1])]):
+                    edges[(source, parts[1])].append(where)
+    return dict(edges)
+
+
+def cycles(edges: dict[Edge, list[str]]) -> list[list[str]]:
+    """Every elementary cycle of the package graph, each as the packages along it (first one repeated)."""
+    graph: dict[str, set[str]] = defaultdict(set)
+    for a, b in edges:
+        graph[a].add(b)
+    found = []
+
+    def walk(start: str, node: str, path: list[str]) -> None:
+        for nxt in sorted(graph[node]):
+            if nxt == start:
+                found.append(path + [start])
+            elif nxt not in path and nxt > start:  # each cycle once, from its smallest package
+                walk(start, nxt, path + [nxt])
+
+    for start in sorted(graph):
+        walk(start, start, [start])
+    return found
+
+
+def test_the_walk_sees_every_package_and_the_imports_it_must() -> None:
+    # The walk itself: all five packages, and known imports at module level and inside functions.
+    edges = package_imports()
+    assert TOP == ["benchmarks", "cloud_server", "edge_client", "export", "runtime"]
+    assert ("cloud_server", "runtime") in edges and ("edge_client", "runtime") in edges
+    assert any(where.startswith("export/") for where in edges[("export", "edge_client")])
+    assert ("benchmarks", "export") in edges  # only inside functions (benchmarks/latency.py)
+
+
+def test_no_import_cycle_between_the_top_level_packages() -> None:
+    edges = package_imports()
+    found = cycles(edges)
+    described = ["  " + " -> ".join(cycle) + ": " + "; ".join(
+        f"{a} -> {b} at {', '.join(edges[(a, b)][:3])}" for a, b in zip(cycle, cycle[1:])) for cycle in found]
+    assert not found, "import cycles between packages:\n" + "\n".join(described)
+
+
+def test_runtime_imports_neither_side() -> None:
+    edges = package_imports()
+    for side in ("cloud_server", "edge_client", "export", "benchmarks"):
+        assert ("runtime", side) not in edges, f"runtime imports {side} at {edges[('runtime', side)]}"
+
+
+def test_the_server_and_the_device_meet_only_on_the_wire() -> None:
+    edges = package_imports()
+    for a, b in (("cloud_server", "edge_client"), ("edge_client", "cloud_server")):
+        assert (a, b) not in edges, f"{a} imports {b} at {edges[(a, b)]}"
+
+
+def test_a_cycle_is_found_and_named() -> None:
+    # The detector on a made-up graph: a -> b -> c -> a and d -> a.
+    edges = {("a", "b"): ["a.py:1"], ("b", "c"): ["b.py:2"], ("c", "a"): ["c.py:3"], ("d", "a"): ["d.py:4"]}
+    assert cycles(edges) == [["a", "b", "c", "a"]]
+    assert cycles({("a", "b"): [], ("b", "c"): []}) == []
