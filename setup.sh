@@ -30,10 +30,5 @@ fi
 if [ -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v -e lock -e partial)" ]; then
     as_root apt-get update -qq
 fi
-# The HTML report's test opens the page in headless Chromium (skipped without it).
-if ! command -v chromium >/dev/null 2>&1; then
-    install_chromium() { as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
-    install_chromium || { as_root apt-get update -qq && install_chromium; }
-fi
 fedafd-cloud data fetch
 echo "fedafd is set up: . .venv/bin/activate"
