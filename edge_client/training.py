@@ -5,7 +5,6 @@ No sockets here."""
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -18,7 +17,6 @@ import torch.nn.functional as F
 from fedafd.edge_client.alignment import discriminator_step, generator_loss
 from fedafd.edge_client.model import GlobalTowers, LocalModel
 from fedafd.runtime.data.modal import ModalData
-from fedafd.runtime.models import encode_rows
 from fedafd.runtime.losses import distillation_loss, info_nce
 from fedafd.runtime.retrieval import held_rows, personalised_accuracy, retrieval_metrics
 from fedafd.runtime.torch_utils import batch_indices, seeded_generator
@@ -146,11 +144,11 @@ def class_temperatures(model: LocalModel, private: ModalData, device: torch.devi
 def train_step(model: LocalModel, optimizers: Optimizers, private: ModalData, private_rows: torch.Tensor,
                global_cache: dict[str, torch.Tensor], public_batch: PublicBatch | None, plan: RoundPlan,
                device: torch.device) -> dict[str, float]:
-    """One step. With a public batch: (BAA) one discriminator step, then the local model's step on L_task
-    plus L_G against the freshly updated discriminators and (CreamFL) the contrastive regularisers.
-    Returns the loss parts by name."""
+    """One step. With a public batch (BAA): one discriminator step, then the local model's step on L_task
+    plus L_G against the freshly updated discriminators; FedCMI adds its infiltration projector's
+    cross-entropy on the same private batch. Returns the loss parts by name."""
     parts = {"task": 0.0}
-    public_loss = torch.zeros((), device=device)
+    extra = torch.zeros((), device=device)  # what the method adds to L_task
     if public_batch is not None:
         # The public features are computed exactly as the uplink computes them (eval mode: running
         # BatchNorm statistics, no dropout), so the discriminators judge, and the encoder aligns, the
@@ -164,15 +162,15 @@ def train_step(model: LocalModel, optimizers: Optimizers, private: ModalData, pr
                                                public_batch.global_features, plan.beta, plan.real_label)
             adversarial = sum(generator_loss(intra, cross, local, plan.beta) for local in locals_.values())
             parts["adv_gen"] = float(adversarial.detach())
-            public_loss = public_loss + adversarial
+            extra = extra + adversarial
     task = task_loss(model, private, private_rows, global_cache, device)
     if plan.infiltration_weight > 0:
         # FedCMI: the infiltration projector sits under the same classifier as the encoder's own feature.
         (modality,) = model.modalities
         infiltrated = model.infiltrate(model.encode(modality, private, private_rows, device))
-        public_loss = public_loss + F.cross_entropy(model.head(infiltrated), private.label_batch(private_rows, device))
+        extra = extra + F.cross_entropy(model.head(infiltrated), private.label_batch(private_rows, device))
     optimizers.task.zero_grad(set_to_none=True)
-    (task + public_loss).backward()
+    (task + extra).backward()
     optimizers.task.step()
     parts["task"] = task.item()
     return parts
@@ -221,7 +219,10 @@ def train_round(model: LocalModel, optimizers: Optimizers, towers: GlobalTowers,
                                        lambda positions, locals_: sum(
                                            distillation_loss(locals_[m], target[positions].to(device), plan.digest_weight)
                                            for m, target in plan.digest_targets.items()))
-    old_encoders = copy.deepcopy(model.encoders).requires_grad_(False) if plan.contrast_weight > 0 else None
+    # CreamFL's intra-modal negative: the public features as the round started (the uplink's eval-mode
+    # encoders), constant for the round, so computed once.
+    round_start = public_features(model, public, plan.public_rows, device) if plan.contrast_weight > 0 else None
+    model.train()
     temperatures = class_temperatures(model, private, device) if plan.infiltration_weight > 0 else None
     global_public = {m: f.to(device) for m, f in plan.public_features.items()}
     steps = 0
@@ -241,12 +242,12 @@ def train_round(model: LocalModel, optimizers: Optimizers, towers: GlobalTowers,
                 totals[key] = totals.get(key, 0.0) + value
             steps += 1
             heartbeat()
-        if old_encoders is not None:  # CreamFL: one regularising pass over the public set after each epoch
+        if round_start is not None:  # CreamFL: one regularising pass over the public set after each epoch
             totals["contrast"] = totals.get("contrast", 0.0) + public_pass(
                 model, optimizers, public, plan.public_rows, batch_size, generator, device,
                 lambda positions, locals_: plan.contrast_weight * sum(
-                    creamfl_regularisers(local, _old_features(old_encoders, m, public, plan.public_rows[positions], device),
-                                         positions.to(device), m, global_public, plan.contrast_temperature)
+                    creamfl_regularisers(local, round_start[m][positions].to(device), positions.to(device), m,
+                                         global_public, plan.contrast_temperature)
                     for m, local in locals_.items())) / plan.local_epochs
         if temperatures is not None:  # FedCMI: the infiltration projector's distillation toward the dominant modality
             totals["infiltration"] = totals.get("infiltration", 0.0) + public_pass(
@@ -291,14 +292,6 @@ def infiltration_loss(model: LocalModel, local: torch.Tensor, positions: torch.T
         classes = model.head(local).argmax(1)
     logits = infiltrated @ dominant.T / temperatures[classes].unsqueeze(1)  # (B, P)
     return F.cross_entropy(logits, positions)
-
-
-@torch.no_grad()
-def _old_features(encoders: torch.nn.ModuleDict, modality: str, public: ModalData, rows: torch.Tensor,
-                  device: torch.device) -> torch.Tensor:
-    """CreamFL's negative: the public features of the encoder as it was when the round started (eval mode)."""
-    with evaluation_mode(encoders):
-        return encode_rows(encoders[modality], modality, public, rows, device)
 
 
 def _cycle(count: int, batch_size: int, generator: torch.Generator):

@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from fedafd.edge_client.model import LocalModel
+from fedafd.edge_client.model import GlobalTowers, LocalModel
 from fedafd.edge_client.training import (
-    Optimizers, class_temperatures, creamfl_regularisers, infiltration_loss, public_pass,
+    Optimizers, RoundPlan, class_temperatures, creamfl_regularisers, infiltration_loss, public_features, public_pass,
+    train_round,
 )
 from fedafd.runtime.data.modal import ModalData
 from fedafd.runtime.losses import distillation_loss
@@ -110,3 +111,24 @@ def test_the_digest_pass_regresses_the_uploaded_public_features_toward_the_targe
     # Assert
     assert reported == pytest.approx(float(before), rel=1e-5)
     assert float(after) < 0.5 * float(before)
+
+
+def test_a_creamfl_round_reports_the_regularisers_of_its_public_features_by_hand() -> None:
+    # Prepare: a frozen device (learning rate 0), so the round-start features, the negatives of the
+    # intra-modal term, are the features every batch sees; one batch holds the whole public set.
+    model, private, public = _model(), _data(8, seed=4), _data(10, seed=5)
+    rows = torch.arange(10)
+    gen = torch.Generator().manual_seed(6)
+    g = {m: nn.functional.normalize(torch.randn(10, D, generator=gen), dim=-1) for m in ("image", "text")}
+    plan = RoundPlan(0, 1, baa=False, gff=False, beta=0.0, public_features=g, public_rows=rows,
+                     contrast_weight=0.5, contrast_temperature=0.5)
+    # Execute
+    losses = train_round(model, Optimizers.create(model, 0.0, 0.0), GlobalTowers(D, CPU), private, public, plan,
+                         batch_size=16, seed=0, device=CPU)
+    # Assert: 0.5 x (CE over P of <z_k, g_j^text> / 0.5 + CE of [<z_k, g_k^image>, <z_k, z_k>] / 0.5), z unit-norm.
+    z = public_features(model, public, rows, CPU)["image"]
+    inter = nn.functional.cross_entropy(z @ g["text"].T / 0.5, rows)
+    pair = torch.stack([(z * g["image"]).sum(1), (z * z).sum(1)], dim=1) / 0.5
+    intra = nn.functional.cross_entropy(pair, torch.zeros(10, dtype=torch.long))
+    assert set(losses) == {"task", "contrast"}
+    assert losses["contrast"] == pytest.approx(float(0.5 * (inter + intra)), rel=1e-5)
