@@ -152,7 +152,8 @@ class FedEt(_LargeServerModel):
 class FedCmi(Strategy):
     """FedCMI at the representation level: classification devices add an infiltration projector under their
     classifier, distilled toward the server's features of the dominant modality (text: its frozen backbone
-    sorts the public set's categories better, 78.3 % against 67.9 % nearest-class-mean), with class-wise
+    sorts the public set's categories better, 78.3 % against 67.9 % nearest-class-mean,
+    `python -m fedafd.benchmarks.modality_probe`), with class-wise
     temperatures; the server fuses the uploads by their plain mean (FedCMI itself averages weights)."""
 
     name = "fedcmi"
