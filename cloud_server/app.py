@@ -36,7 +36,8 @@ from fedafd.runtime.data.partition import cap_indices
 from fedafd.runtime.errors import FedafdError
 from fedafd.runtime.messaging import Received, ServerMessenger
 from fedafd.runtime.methods import MethodSettings
-from fedafd.runtime.torch_utils import configure_threads, resolve_device, seeded_generator
+from fedafd.runtime.torch_utils import OwnRandom, configure_threads, derived_seed, resolve_device, seeded_generator
+from fedafd.runtime.turns import FREE_TURNS, SERVER, Turns
 from fedafd.runtime.transport import PeerGone, ServerTransport
 from fedafd.runtime.wire import MODALITIES, Ack, Bye, FeatureUpload, Join, Message, RoundStart, new_msg_id, new_run_id
 
@@ -70,8 +71,10 @@ _POLL_S = 0.05
 class ServerApp:
     def __init__(self, config: ServerConfig, transport: ServerTransport, run_dir: Path,
                  dead_clients: Callable[[], dict[str, int]] = dict, resume: bool = False,
-                 sinks: Sequence[RoundSink] = (), ranks: Ranks = ONE_PROCESS):
+                 sinks: Sequence[RoundSink] = (), ranks: Ranks = ONE_PROCESS, turns: Turns = FREE_TURNS):
         self.config = config
+        self.turns = turns
+        """When the server may compute: always in its own process; in the simulation, in its turn."""
         self.ranks = ranks  # rank 0 of the server's data-parallel ranks (distributed.py), or the only process
         self.run_dir = run_dir
         self.sinks = list(sinks)
@@ -85,9 +88,11 @@ class ServerApp:
         self._live: _LiveRound | None = None  # the round being collected, to resend RoundStart on a rejoin
         self.device = resolve_device(config.device)
         configure_threads(config.threads)
-        torch.manual_seed(config.seed)
-        self.model = GlobalModel(config.image_arch, config.text_arch, config.feature_dim,
-                                 config.contrastive_loss, config.adapter_dropout).to(self.device)
+        self.random = OwnRandom(derived_seed(config.seed, SERVER))
+        """The server's own stream of torch's random numbers (weight init, dropout)."""
+        with self.random:
+            self.model = GlobalModel(config.image_arch, config.text_arch, config.feature_dim,
+                                     config.contrastive_loss, config.adapter_dropout).to(self.device)
         backbones = tuple(sorted(set(self.model.backbones().values())))
         self.backbone_digests = {name: backbone_digest(name) for name in backbones}
         self.consensus: dict[str, torch.Tensor] = {}
@@ -215,7 +220,7 @@ class ServerApp:
         generator = self._begin_round(round_)
         settings = self.strategy.settings()
         timings: dict[str, float] = {}
-        with timed(timings, "stage1"):
+        with timed(timings, "stage1"), self._computing(round_):
             stage1_loss, global_features = self._stage1(round_, generator)
         with timed(timings, "downlink"):
             live = self._downlink(round_, global_features, settings)
@@ -223,10 +228,11 @@ class ServerApp:
             self._collect(round_, live.selected, live.outcome)
         outcome = live.outcome
         quorum = quorum_met(len(outcome.uploads), len(live.selected), c.quorum)
-        with timed(timings, "stage3"):
-            distill_loss, sed_mean_weights = self._stage3(round_, live, quorum, generator)
-        with timed(timings, "eval"):
-            server_metrics = evaluate_retrieval(self.model, self.public_test, self.device, self.ranks)
+        with self._computing(round_):
+            with timed(timings, "stage3"):
+                distill_loss, sed_mean_weights = self._stage3(round_, live, quorum, generator)
+            with timed(timings, "eval"):
+                server_metrics = evaluate_retrieval(self.model, self.public_test, self.device, self.ranks)
         record = round_record(round_, c.strategy, outcome, self.clients, live.selected,
                               dict(server_metrics, stage1_loss=stage1_loss, distill_loss=distill_loss),
                               sed_mean_weights, self.admission.take_rejected(), quorum, len(self.public), self.counter,
@@ -234,6 +240,12 @@ class ServerApp:
         save_round(self.run_dir, record, self._checkpoint_tensors(), c, self.run_id, self.sinks)
         self.admission.round_in_progress = -1
         return record
+
+    @contextlib.contextmanager
+    def _computing(self, round_: int) -> Iterator[None]:
+        """The server trains or evaluates: in its turn, drawing its own random numbers."""
+        with self.turns.take(SERVER, round_), self.random:
+            yield
 
     def _begin_round(self, round_: int) -> torch.Generator:
         """This round's messages count under it; the round's seeded generator, the public rows it trains on

@@ -35,6 +35,19 @@ def client_ids(fleet: dict[str, int]) -> list[str]:
     return [f"{kind}-{i}" for kind, count in fleet.items() for i in range(count)]
 
 
+def device_settings(config: ServerConfig, kind: str, index: int) -> dict[str, object]:
+    """The ClientConfig values the fleet gives device `index` of `kind` (before the user's --local-set):
+    the server's split and caps, and its turn through the architectures. `serve --local` and `simulate`
+    build their devices from the same values."""
+    c = config
+    return {
+        "alpha": c.alpha, "seed": c.seed, "max_private": c.max_private, "max_test": c.max_test,
+        "image_arch": IMAGE_ARCH_CYCLE[index % len(IMAGE_ARCH_CYCLE)],
+        "text_arch": TEXT_ARCH_CYCLE[index % len(TEXT_ARCH_CYCLE)],
+        "round_wait_s": c.round_deadline_s * 4 + c.join_timeout_s,
+    }
+
+
 class LocalFleet:
     """Child processes, one per device; each logs to RUN_DIR/clients/ID/log.txt and keeps its state there."""
 
@@ -52,13 +65,7 @@ class LocalFleet:
         self._logs: list = []
 
     def command(self, kind: str, index: int) -> list[str]:
-        c = self.config
-        overrides = {
-            "alpha": c.alpha, "seed": c.seed, "max_private": c.max_private, "max_test": c.max_test,
-            "image_arch": IMAGE_ARCH_CYCLE[index % len(IMAGE_ARCH_CYCLE)],
-            "text_arch": TEXT_ARCH_CYCLE[index % len(TEXT_ARCH_CYCLE)],
-            "round_wait_s": c.round_deadline_s * 4 + c.join_timeout_s,
-        }
+        overrides = device_settings(self.config, kind, index)
         command = [sys.executable, "-m", "fedafd.edge_client.cli", "join", "--server", self.endpoint, "--kind", kind,
                    "--partition", str(index), "--num-partitions", str(self.fleet[kind]),
                    "--state-dir", str(self.state_dir(f"{kind}-{index}"))]

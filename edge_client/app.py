@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
@@ -28,7 +29,8 @@ from fedafd.runtime.methods import MethodSettings
 from fedafd.runtime.data.modal import ModalData, load_public_data
 from fedafd.runtime.backbones import backbone_digest, modality_backbones
 from fedafd.runtime.models import count_parameters
-from fedafd.runtime.torch_utils import configure_threads, resolve_device
+from fedafd.runtime.torch_utils import OwnRandom, configure_threads, derived_seed, resolve_device
+from fedafd.runtime.turns import FREE_TURNS, JOINING, Turns
 from fedafd.runtime.transport import ClientTransport, TransportError
 from fedafd.runtime.wire import (
     MODALITIES, MODALITIES_OF_KIND, Ack, Bye, Error, ErrorCode, FeatureUpload, Heartbeat, Join, RoundStart, Welcome, new_msg_id,
@@ -50,6 +52,17 @@ class EdgeError(FedafdError):
 
 
 @dataclass
+class SentUpload:
+    """The last upload, kept so that the same RoundStart resent after a rejoin gets the same upload (same
+    message id) instead of a second training; its features are let go once the server acknowledged it."""
+
+    start_id: str  # the RoundStart's message id
+    upload: FeatureUpload | None  # None once acknowledged
+    upload_id: str
+    codecs: dict[str, str]
+
+
+@dataclass
 class RoundReport:
     round: int
     metrics: dict[str, float]
@@ -60,8 +73,13 @@ class RoundReport:
 
 class EdgeApp:
     def __init__(self, config: ClientConfig, transport: ClientTransport, state_dir: Path | None = None,
-                 state_root: Path = STATE_ROOT):
+                 state_root: Path = STATE_ROOT, turns: Turns = FREE_TURNS, state_in_memory: bool = True):
         self.config = config
+        self.turns = turns
+        """When this device may compute: always in its own process; in the simulation, in its turn."""
+        self.state_in_memory = state_in_memory
+        """False (the simulation): between rounds the model, optimisers and towers live only in the saved
+        state on disk, so a device that is not training holds little more than its data."""
         self.state_dir = state_dir
         """Where the state lives: as given (--state-dir), or state_root/<run id>/<client id> once the
         server's Welcome names its federation."""
@@ -70,7 +88,8 @@ class EdgeApp:
         self.messenger = ClientMessenger(transport, self.counter, config.client_id)
         self.device = resolve_device(config.device)
         configure_threads(config.threads)
-        torch.manual_seed(config.seed * 7919 + config.partition)
+        self.random = OwnRandom(derived_seed(config.seed, config.client_id))
+        """This device's own stream of torch's random numbers (weight init, dropout)."""
         # Cached backbone features: of the private data for the device's modalities; of the public set for
         # both, since G of the other modality is computed here from its tower.
         self.private = load_private_data(config.kind, config.partition, config.num_partitions, config.alpha,
@@ -82,23 +101,26 @@ class EdgeApp:
         self.run_id = ""
         """The federation this device serves (from the Welcome)."""
         self.reports: list[RoundReport] = []
-        self._last_upload: tuple | None = None  # (RoundStart msg id, FeatureUpload, its msg id, codecs)
+        self.feature_dim = 0  # from the Welcome
+        self._last_upload: SentUpload | None = None
 
     # -- protocol -------------------------------------------------------------------------------
     def run(self) -> list[RoundReport]:
         """Join, serve rounds until the server says Bye. Ctrl-C sends Bye so the server stops waiting."""
         try:
-            welcome = self._join()
-            try:
-                self._build_state(welcome)
-            except StateError as err:  # tell the server, so no round waits for this device
-                self.messenger.send(Bye(reason=f"cannot continue its saved state: {err}"), round=-1)
-                raise
+            with self._turn(JOINING):
+                welcome = self._join()
+                try:
+                    self._build_state(welcome)
+                except StateError as err:  # tell the server, so no round waits for this device
+                    self.messenger.send(Bye(reason=f"cannot continue its saved state: {err}"), round=-1)
+                    raise
             while True:
                 received = self._recv(self.config.round_wait_s, "the server's next round", idle_beats=True)
                 message = received.msg
                 if isinstance(message, RoundStart):
-                    self._serve_round(message, received.msg_id)
+                    with self._turn(message.round):
+                        self._serve_round(message, received.msg_id)
                 elif isinstance(message, Bye):
                     log.info("%s: server says bye (%s)", self.config.client_id, message.reason)
                     return self.reports
@@ -114,7 +136,10 @@ class EdgeApp:
                 elif isinstance(message, Error):
                     log.warning("%s: server error %s: %s", self.config.client_id, message.code, message.reason)
                 elif isinstance(message, Ack):
-                    acked = self._last_upload[2] if self._last_upload and self._last_upload[1].round == message.round else "?"
+                    acked = "?"
+                    if self._last_upload is not None and self._last_upload.upload is not None \
+                            and self._last_upload.upload.round == message.round:
+                        acked, self._last_upload.upload = self._last_upload.upload_id, None  # kept: no resend needed
                     log.info("%s round %d: upload %s acknowledged", self.config.client_id, message.round, acked)
                 elif not isinstance(message, Welcome):
                     log.warning("%s: ignoring unexpected %s", self.config.client_id, type(message).__name__)
@@ -220,20 +245,35 @@ class EdgeApp:
             log.debug("%s: heartbeat not sent: %s", self.config.client_id, e)
 
     # -- one round ------------------------------------------------------------------------------
+    def _turn(self, phase: int) -> contextlib.ExitStack:
+        """This device computes: in its turn (the simulation's order), drawing its own random numbers."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.turns.take(self.config.client_id, phase))
+        stack.enter_context(self.random)
+        return stack
+
     def _build_state(self, welcome: Welcome) -> None:
-        c, feature_dim = self.config, welcome.feature_dim
-        self.run_id = welcome.run_id
+        c = self.config
+        self.run_id, self.feature_dim = welcome.run_id, welcome.feature_dim
         if self.state_dir is None:
             self.state_dir = state_folder(self.state_root, welcome.run_id, c.client_id)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log.info("%s: joined run %s; state in %s", c.client_id, welcome.run_id, self.state_dir)
         write_config(c, self.state_dir / STATE_CONFIG_FILE)
-        model = LocalModel(c.kind, c.image_arch, c.text_arch, feature_dim, self.private.num_classes,
-                           c.adapter_dropout).to(self.device)
-        self.state = ClientState(model, Optimizers.create(model, c.lr, c.disc_lr), GlobalTowers(feature_dim, self.device))
-        if load_state(self.state_dir, self.state, self._identity(feature_dim)):
+        self.state = self._load_state()
+        if self.state.last_round >= 0:
             log.info("%s: resumed local state of run %s after round %d", c.client_id, self.run_id,
                      self.state.last_round)
+
+    def _load_state(self) -> ClientState:
+        """The model, its optimisers and the server's towers: fresh, then overwritten by the saved state
+        when there is one (a restarted device, or one whose state waited on disk between rounds)."""
+        c = self.config
+        model = LocalModel(c.kind, c.image_arch, c.text_arch, self.feature_dim, self.private.num_classes,
+                           c.adapter_dropout).to(self.device)
+        state = ClientState(model, Optimizers.create(model, c.lr, c.disc_lr), GlobalTowers(self.feature_dim, self.device))
+        load_state(self.state_dir, state, self._identity(self.feature_dim))
+        return state
 
     def _identity(self, feature_dim: int) -> dict:
         c = self.config
@@ -241,15 +281,18 @@ class EdgeApp:
                 "feature_dim": feature_dim, "run_id": self.run_id}
 
     def _serve_round(self, start: RoundStart, start_id: str = "") -> None:
-        assert self.state is not None
-        c, state = self.config, self.state
-        if start_id and self._last_upload is not None and self._last_upload[0] == start_id:
+        c = self.config
+        last = self._last_upload
+        if start_id and last is not None and last.start_id == start_id and last.upload is not None:
             # The same RoundStart again (the server resent it after we rejoined): resend the same upload,
             # same message id, so the server keeps exactly one; never train a round twice.
-            _, upload, upload_id, codecs = self._last_upload
-            log.info("%s round %d: RoundStart again; resending upload %s", c.client_id, start.round, upload_id)
-            self.messenger.send(upload, round=start.round, msg_id=upload_id, codecs=codecs)
+            log.info("%s round %d: RoundStart again; resending upload %s", c.client_id, start.round, last.upload_id)
+            self.messenger.send(last.upload, round=start.round, msg_id=last.upload_id, codecs=last.codecs)
             return
+        if self.state is None:  # it waited on disk since the last round; building it draws no random numbers
+            with torch.random.fork_rng(devices=[]):
+                self.state = self._load_state()
+        state = self.state
         log.info("%s round %d: training", c.client_id, start.round)
         self.messenger.current_round = start.round
         settings = start.settings
@@ -316,8 +359,10 @@ class EdgeApp:
             metrics=metrics, losses=losses, train_seconds=train_seconds,
         )
         codecs, upload_id = {"features": self._uplink_codec(settings)}, new_msg_id()
-        self._last_upload = (start_id, upload, upload_id, codecs)
+        self._last_upload = SentUpload(start_id, upload, upload_id, codecs)
         sent = self.messenger.send(upload, round=start.round, msg_id=upload_id, codecs=codecs)
+        if not self.state_in_memory:  # saved above: let it go until the next round
+            self.state = None
         self.reports.append(RoundReport(start.round, metrics, losses, train_seconds, sent))
         log.info("%s round %d: %s | losses %s | %.1fs train | %d bytes up (upload %s)", c.client_id, start.round,
                  _fmt(metrics), _fmt(losses), train_seconds, sent, upload_id)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
-from fedafd.runtime.data.modal import ModalData, load_task_data
+from fedafd.runtime.data.modal import ModalData, load_task_data, read_only
 from fedafd.runtime.data.partition import cap_indices, dirichlet_partition
 
 
@@ -27,10 +28,16 @@ def load_private_data(kind: str, partition: int, num_partitions: int, alpha: flo
     of this kind given the same seed, then capped to `max_private` samples; the test split is shared.
     `backbones`: whose cached features to attach."""
     train = load_task_data(kind, "train", backbones)
-    test = load_task_data(kind, "test", backbones)
     assert train.labels is not None
     shares = dirichlet_partition(train.labels, num_partitions, alpha, seed, min_size=min_size)
     mine = cap_indices(shares[partition], max_private, seed + 1 + partition)
-    test_rows = cap_indices(np.arange(len(test)), max_test, seed)
-    return PrivateData(train=train.select(mine), test=test.select(test_rows))
+    return PrivateData(train=train.select(mine), test=_test_split(kind, max_test, seed, backbones))
+
+
+@functools.lru_cache(maxsize=None)
+def _test_split(kind: str, max_test: int, seed: int, backbones: tuple[str, ...]) -> ModalData:
+    """The test rows every device of `kind` evaluates on: the same for all of them, so one read-only copy
+    per process (a simulation's devices share it)."""
+    test = load_task_data(kind, "test", backbones)
+    return read_only(test.select(cap_indices(np.arange(len(test)), max_test, seed)))
 

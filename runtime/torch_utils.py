@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -29,6 +30,47 @@ def seeded_generator(seed: int) -> torch.Generator:
     generator = torch.Generator()
     generator.manual_seed(seed)
     return generator
+
+
+def derived_seed(seed: int, name: str) -> int:
+    """A seed of its own for `name` (a client id, a stream's purpose), the same in every process and Python
+    run (crc32, not the salted hash()), and different for different names under one run seed."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+
+
+class OwnRandom:
+    """A participant's own stream of torch's global random numbers (dropout, weight initialisation), swapped
+    in for the code inside `with`: a device or the server draws the same numbers whether it runs alone in
+    its process (`join`, `serve`) or beside others in one (`simulate`), where their turns interleave.
+    Not re-entrant; one thread at a time (the simulation gives turns one at a time)."""
+
+    def __init__(self, seed: int):
+        self._cpu = seeded_generator(seed).get_state()
+        self._cuda: list[torch.Tensor] | None = None  # taken from the CUDA generators on first use
+        self._cuda_seed = seed
+        self._outside: tuple[torch.Tensor, list[torch.Tensor] | None] | None = None
+
+    def __enter__(self) -> "OwnRandom":
+        if self._outside is not None:
+            raise RuntimeError("OwnRandom is not re-entrant")
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self._outside = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None)
+        torch.set_rng_state(self._cpu)
+        if cuda:
+            if self._cuda is None:
+                torch.cuda.manual_seed_all(self._cuda_seed)
+            else:
+                torch.cuda.set_rng_state_all(self._cuda)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        outside_cpu, outside_cuda = self._outside
+        self._outside = None
+        self._cpu = torch.get_rng_state()
+        torch.set_rng_state(outside_cpu)
+        if outside_cuda is not None:
+            self._cuda = torch.cuda.get_rng_state_all()
+            torch.cuda.set_rng_state_all(outside_cuda)
 
 
 def batch_indices(count: int, batch_size: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:

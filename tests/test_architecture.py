@@ -1,5 +1,6 @@
 """The house's layering, read from the source: no import cycle between the top-level packages (runtime,
-edge_client, cloud_server, export, benchmarks), and runtime/ imports neither side. Every import counts,
+edge_client, cloud_server, export, simulation, benchmarks), runtime/ imports neither side, and only the
+simulation, which hosts both, imports the server and the device. Every import counts,
 at module level or inside a function (a lazy import is still a dependency), as does
 importlib.import_module("fedafd....") with a literal name."""
 
@@ -87,10 +88,12 @@ def cycles(edges: dict[Edge, list[str]]) -> list[list[str]]:
 
 
 def test_the_walk_sees_every_package_and_the_imports_it_must() -> None:
-    # The walk itself: all five packages, and known imports at module level and inside functions.
+    # The walk itself: all six packages, and known imports at module level and inside functions.
     edges = package_imports()
-    assert TOP == ["benchmarks", "cloud_server", "edge_client", "export", "runtime"]
+    assert TOP == ["benchmarks", "cloud_server", "edge_client", "export", "runtime", "simulation"]
     assert ("cloud_server", "runtime") in edges and ("edge_client", "runtime") in edges
+    # The simulation hosts both sides, and is the one package that imports both.
+    assert ("simulation", "cloud_server") in edges and ("simulation", "edge_client") in edges
     assert any(where.startswith("export/") for where in edges[("export", "edge_client")])
     assert ("benchmarks", "export") in edges  # only inside functions (benchmarks/latency.py)
 
@@ -105,13 +108,14 @@ def test_no_import_cycle_between_the_top_level_packages() -> None:
 
 def test_runtime_imports_neither_side() -> None:
     edges = package_imports()
-    for side in ("cloud_server", "edge_client", "export", "benchmarks"):
+    for side in ("cloud_server", "edge_client", "export", "benchmarks", "simulation"):
         assert ("runtime", side) not in edges, f"runtime imports {side} at {edges[('runtime', side)]}"
 
 
 def test_the_server_and_the_device_meet_only_on_the_wire() -> None:
     edges = package_imports()
-    for a, b in (("cloud_server", "edge_client"), ("edge_client", "cloud_server")):
+    for a, b in (("cloud_server", "edge_client"), ("edge_client", "cloud_server"), ("cloud_server", "simulation"),
+                 ("edge_client", "simulation")):
         assert (a, b) not in edges, f"{a} imports {b} at {edges[(a, b)]}"
 
 

@@ -51,4 +51,4 @@ def test_every_console_script_is_a_typer_app_with_its_commands() -> None:
         assert isinstance(app, typer.Typer), name
         commands[name] = set(get_command(app).commands)
     assert {"join", "keys", "convert-state", "config", "export", "infer", "bench"} == commands["fedafd-edge"]
-    assert {"serve", "report", "profile", "config", "data", "nodes", "keys", "convert-checkpoint"} == commands["fedafd-cloud"]
+    assert {"serve", "simulate", "report", "profile", "config", "data", "nodes", "keys", "convert-checkpoint"} == commands["fedafd-cloud"]

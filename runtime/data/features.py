@@ -159,8 +159,10 @@ def _read_cached(path: Path, expected: dict[str, Any]) -> tuple[np.ndarray | Non
         return None, f"unreadable ({err})"
     if _bytes_sha256(raw) != record.get("npy_sha256"):
         return None, "corrupt: its sha256 differs from the sidecar's"
+    del raw
     try:
-        features = np.load(io.BytesIO(raw), allow_pickle=False)
+        # Memory-mapped, read-only: every process (and every simulated device) shares the page cache's copy.
+        features = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
         return None, f"corrupt: not a .npy array ({err})"
     shape = (expected["rows"], expected["dim"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,9 +92,20 @@ backbone features are computed once and cached (all 70,000 Fashion-MNIST images 
 on a 2-core CPU), and an edge device holds a few hundred samples anyway."""
 
 
+def read_only(data: ModalData) -> ModalData:
+    """`data` with every array marked read-only: loaded once per process and shared by whoever asks (the
+    server and every device of a simulation), so none of them may write into it."""
+    for array in [*(a for arrays in data.inputs.values() for a in arrays), *data.features.values(), data.labels]:
+        if array is not None:
+            array.setflags(write=False)
+    return data
+
+
+@functools.lru_cache(maxsize=None)
 def load_task_data(kind: str, split: str, backbones: tuple[str, ...] = ()) -> ModalData:
     """A device kind's task data set (the device takes its share): what stands in for the paper's data
-    sets is in the README's data section. Fashion-MNIST and WordNet are cut to their TASK_POOL rows."""
+    sets is in the README's data section. Fashion-MNIST and WordNet are cut to their TASK_POOL rows.
+    Loaded once per process and shared read-only."""
     if kind == "image":
         data = from_image_classes(load_fashion_mnist(split))  # for CIFAR-100
     elif kind == "text":
@@ -104,7 +116,7 @@ def load_task_data(kind: str, split: str, backbones: tuple[str, ...] = ()) -> Mo
         raise ValueError(f"kind must be image, text or multimodal, got {kind!r}")
     if kind in TASK_POOL:
         data = data.select(pool_rows(data.labels, TASK_POOL[kind][split]))
-    return with_backbone_features(data, f"{DATASET_OF_KIND[kind]}-{split}", backbones)
+    return read_only(with_backbone_features(data, f"{DATASET_OF_KIND[kind]}-{split}", backbones))
 
 
 def pool_rows(labels: np.ndarray, size: int) -> np.ndarray:
@@ -115,10 +127,12 @@ def pool_rows(labels: np.ndarray, size: int) -> np.ndarray:
     return chosen
 
 
+@functools.lru_cache(maxsize=None)
 def load_public_data(split: str = "train", backbones: tuple[str, ...] = ()) -> ModalData:
     """The public image-text set (emoji pictures with their names): split "train" is P, which the server
-    and every device hold; "test" is the server's held-out retrieval split."""
-    return with_backbone_features(from_pairs(load_emoji_pairs(split)), f"{PUBLIC_DATASET}-{split}", backbones)
+    and every device hold; "test" is the server's held-out retrieval split. Loaded once per process and
+    shared read-only."""
+    return read_only(with_backbone_features(from_pairs(load_emoji_pairs(split)), f"{PUBLIC_DATASET}-{split}", backbones))
 
 
 DATASET_OF_KIND = {"image": "fashion_mnist", "text": "wordnet", "multimodal": "tuxpaint"}

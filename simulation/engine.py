@@ -1,0 +1,165 @@
+"""The simulation engine: the server and every device of a fleet in one process, on the in-process hub.
+Every message still goes through the wire's encode/decode, and the server and the devices are the same
+ServerApp and EdgeApp that `serve` and `join` run; what changes is only who computes when:
+
+- turns (SequentialTurns): one participant computes at a time; the devices of a phase (joining, then each
+  round) in the fleet's order, the server between them. With each participant drawing its own random
+  numbers (runtime.torch_utils.OwnRandom), the same command gives the same run every time;
+- memory: the data sets and the backbones' cached features are loaded once and shared read-only (the
+  features memory-mapped), and a device's model, optimisers and towers wait on disk between its turns;
+- time: no process per device, so no device imports torch, loads the data or builds a cache of its own.
+
+Each device runs in a thread of its own only so that EdgeApp's blocking loop stays as `join` runs it; the
+turns make the threads take their steps one after another."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+import traceback
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from fedafd.cloud_server.app import ServerApp
+from fedafd.cloud_server.fleet import client_ids, device_settings
+from fedafd.edge_client.app import EdgeApp
+from fedafd.runtime.config import ClientConfig, ServerConfig, load_config
+from fedafd.runtime.errors import FedafdError
+from fedafd.runtime.transport import InprocHub
+from fedafd.runtime.turns import SERVER
+
+log = logging.getLogger("fedafd.simulate")
+
+NEVER_S = 1e9
+"""Timeouts that do not apply to simulated devices: one waiting for its turn is neither silent nor late,
+so the server's heartbeat_timeout_s and round_deadline_s (and the devices' heartbeats) are set to this."""
+
+
+class SimulationError(FedafdError):
+    """A simulated device failed; the message carries its traceback."""
+
+
+class SequentialTurns:
+    """One participant computes at a time. Within a phase (runtime.turns.JOINING, then each round) the
+    devices take their turns in `order`: a device waits until every device before it has had its turn of
+    that phase or has left. The server computes whenever no device does (it has no place in the order).
+    So devices join, train and upload in the same order every run, and no two of them ever draw from
+    torch's global random numbers at once."""
+
+    def __init__(self, order: Sequence[str]):
+        self._order = list(order)
+        self._position = {who: i for i, who in enumerate(self._order)}
+        self._cond = threading.Condition()
+        self._holder: str | None = None
+        self._done: dict[int, set[str]] = defaultdict(set)
+        self._next: dict[int, int] = defaultdict(int)  # per phase: the position of the first device not yet done
+        self._gone: set[str] = set()
+
+    @contextlib.contextmanager
+    def take(self, who: str, phase: int) -> Iterator[None]:
+        with self._cond:
+            if who != SERVER and who not in self._position:
+                raise ValueError(f"{who!r} has no place in the simulation's order")
+            self._cond.wait_for(lambda: self._holder is None and (who == SERVER or self._is_next(who, phase)))
+            self._holder = who
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._holder = None
+                if who != SERVER:
+                    self._done[phase].add(who)
+                self._cond.notify_all()
+
+    def leave(self, who: str) -> None:
+        """`who` takes no more turns (it finished or failed): nobody waits for it any more."""
+        with self._cond:
+            self._gone.add(who)
+            self._cond.notify_all()
+
+    def _is_next(self, who: str, phase: int) -> bool:
+        done, position = self._done[phase], self._next[phase]
+        while position < len(self._order) and (self._order[position] in done or self._order[position] in self._gone):
+            position += 1
+        self._next[phase] = position
+        return position == self._position[who]
+
+
+@dataclasses.dataclass
+class SimulatedDevice:
+    edge: EdgeApp
+    thread: threading.Thread | None = None
+    error: str | None = None  # the traceback of a failure
+
+
+def device_configs(server_config: ServerConfig, fleet: dict[str, int], client_overrides: Sequence[str] = ()
+                   ) -> list[ClientConfig]:
+    """The devices `serve --local` would start for this fleet (architectures, partitions, data), with the
+    settings a device in a shared process needs: no threads of its own, no heartbeats."""
+    configs = []
+    for kind, count in fleet.items():
+        for index in range(count):
+            values = dict(device_settings(server_config, kind, index), threads=0, heartbeat_s=NEVER_S)
+            overrides = [f"{key}={value}" for key, value in values.items()] + list(client_overrides)
+            configs.append(load_config(ClientConfig, None, overrides, kind=kind, partition=index, num_partitions=count,
+                                       client_id=f"{kind}-{index}"))
+    return configs
+
+
+def simulation_config(server_config: ServerConfig, fleet: dict[str, int]) -> dict[str, object]:
+    """The server settings a simulation fixes (the CLI passes them as explicit values, so -c still wins)."""
+    return {"expected_clients": len(client_ids(fleet)), "heartbeat_timeout_s": NEVER_S, "round_deadline_s": NEVER_S}
+
+
+def run_simulation(server_config: ServerConfig, fleet: dict[str, int], run_dir: Path,
+                   client_overrides: Sequence[str] = (), sinks: Sequence = (),
+                   on_stage: Callable[[str], None] = lambda text: None,
+                   on_round: Callable[[dict], None] = lambda record: None) -> list[dict]:
+    """A whole federation in this process; returns the round records (also in RUN_DIR/metrics.jsonl).
+    Devices keep their state in RUN_DIR/clients/<client id>, as with `serve --local`."""
+    configs = device_configs(server_config, fleet, client_overrides)
+    turns = SequentialTurns([c.client_id for c in configs])
+    hub = InprocHub()
+    devices: dict[str, SimulatedDevice] = {}
+
+    def failed() -> dict[str, int]:  # for the server: like a --local child process that exited with an error
+        return {cid: 1 for cid, device in devices.items() if device.error is not None}
+
+    server = ServerApp(server_config, hub.server(), run_dir, dead_clients=failed, sinks=sinks, turns=turns)
+    server.on_stage = on_stage
+    try:
+        for config in configs:
+            edge = EdgeApp(config, hub.client(config.client_id), run_dir / "clients" / config.client_id, turns=turns,
+                           state_in_memory=False)
+            devices[config.client_id] = device = SimulatedDevice(edge)
+            device.thread = threading.Thread(target=_serve, args=(device, turns, config.client_id),
+                                             name=config.client_id, daemon=True)
+        for device in devices.values():
+            device.thread.start()
+        records = server.run(on_round=on_round)
+    finally:
+        for device in devices.values():
+            if device.thread is not None and device.thread.ident is not None:
+                device.thread.join(timeout=60)
+        server.close()
+        for device in devices.values():
+            device.edge.close()
+    errors = {cid: device.error for cid, device in devices.items() if device.error is not None}
+    if errors:
+        first = next(iter(errors))
+        raise SimulationError(f"{len(errors)} simulated device(s) failed ({', '.join(errors)}); {first}:\n{errors[first]}")
+    return records
+
+
+def _serve(device: SimulatedDevice, turns: SequentialTurns, client_id: str) -> None:
+    """A device's thread: EdgeApp.run until the server's Bye; a failure is kept for the server and the caller."""
+    try:
+        device.edge.run()
+    except BaseException:  # noqa: BLE001 - reported by run_simulation, with its traceback
+        device.error = traceback.format_exc()
+        log.error("simulated device %s failed:\n%s", client_id, device.error)
+    finally:
+        turns.leave(client_id)
