@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import time
@@ -28,8 +27,8 @@ from fedafd.runtime.config import ClientConfig, write_config
 from fedafd.runtime.methods import MethodSettings
 from fedafd.runtime.data.modal import ModalData, load_public_data
 from fedafd.runtime.backbones import backbone_digest, modality_backbones
-from fedafd.runtime.models import count_parameters
-from fedafd.runtime.torch_utils import OwnRandom, configure_threads, derived_seed, resolve_device
+from fedafd.runtime.models import count_parameters, use_dropout_generator
+from fedafd.runtime.torch_utils import OwnRandom, configure_threads, derived_seed, resolve_device, seeded_generator
 from fedafd.runtime.turns import FREE_TURNS, JOINING, Turns
 from fedafd.runtime.transport import ClientTransport, TransportError
 from fedafd.runtime.wire import (
@@ -89,7 +88,10 @@ class EdgeApp:
         self.device = resolve_device(config.device)
         configure_threads(config.threads)
         self.random = OwnRandom(derived_seed(config.seed, config.client_id))
-        """This device's own stream of torch's random numbers (weight init, dropout)."""
+        """This device's own stream of torch's global random numbers, for its model's initialisation."""
+        self.dropout_generator = seeded_generator(derived_seed(config.seed, f"{config.client_id}/dropout"))
+        """Its own stream of dropout masks: a round never draws from torch's global random numbers, so devices
+        may train at the same time in one process (the simulation's workers) and still draw as when alone."""
         # Cached backbone features: of the private data for the device's modalities; of the public set for
         # both, since G of the other modality is computed here from its tower.
         self.private = load_private_data(config.kind, config.partition, config.num_partitions, config.alpha,
@@ -108,7 +110,7 @@ class EdgeApp:
     def run(self) -> list[RoundReport]:
         """Join, serve rounds until the server says Bye. Ctrl-C sends Bye so the server stops waiting."""
         try:
-            with self._turn(JOINING):
+            with self.turns.take(self.config.client_id, JOINING), self.random:  # the model's init draws
                 welcome = self._join()
                 try:
                     self._build_state(welcome)
@@ -119,8 +121,7 @@ class EdgeApp:
                 received = self._recv(self.config.round_wait_s, "the server's next round", idle_beats=True)
                 message = received.msg
                 if isinstance(message, RoundStart):
-                    with self._turn(message.round):
-                        self._serve_round(message, received.msg_id)
+                    self._serve_round(message, received.msg_id)
                 elif isinstance(message, Bye):
                     log.info("%s: server says bye (%s)", self.config.client_id, message.reason)
                     return self.reports
@@ -245,13 +246,6 @@ class EdgeApp:
             log.debug("%s: heartbeat not sent: %s", self.config.client_id, e)
 
     # -- one round ------------------------------------------------------------------------------
-    def _turn(self, phase: int) -> contextlib.ExitStack:
-        """This device computes: in its turn (the simulation's order), drawing its own random numbers."""
-        stack = contextlib.ExitStack()
-        stack.enter_context(self.turns.take(self.config.client_id, phase))
-        stack.enter_context(self.random)
-        return stack
-
     def _build_state(self, welcome: Welcome) -> None:
         c = self.config
         self.run_id, self.feature_dim = welcome.run_id, welcome.feature_dim
@@ -271,6 +265,7 @@ class EdgeApp:
         c = self.config
         model = LocalModel(c.kind, c.image_arch, c.text_arch, self.feature_dim, self.private.num_classes,
                            c.adapter_dropout).to(self.device)
+        use_dropout_generator(model, self.dropout_generator)
         state = ClientState(model, Optimizers.create(model, c.lr, c.disc_lr), GlobalTowers(self.feature_dim, self.device))
         load_state(self.state_dir, state, self._identity(self.feature_dim))
         return state
@@ -289,9 +284,24 @@ class EdgeApp:
             log.info("%s round %d: RoundStart again; resending upload %s", c.client_id, start.round, last.upload_id)
             self.messenger.send(last.upload, round=start.round, msg_id=last.upload_id, codecs=last.codecs)
             return
-        if self.state is None:  # it waited on disk since the last round; building it draws no random numbers
-            with torch.random.fork_rng(devices=[]):
-                self.state = self._load_state()
+        with self.turns.take(c.client_id, start.round):
+            train_seconds = self._train(start, start_id)
+        with self.turns.deliver(c.client_id, start.round):  # the simulation's uploads arrive in the fleet's order
+            upload = self._last_upload
+            sent = self.messenger.send(upload.upload, round=start.round, msg_id=upload.upload_id, codecs=upload.codecs)
+        if not self.state_in_memory:  # saved: it waits on disk until the next round
+            self.state = None
+        metrics, losses = upload.upload.metrics, upload.upload.losses
+        self.reports.append(RoundReport(start.round, metrics, losses, train_seconds, sent))
+        log.info("%s round %d: %s | losses %s | %.1fs train | %d bytes up (upload %s)", c.client_id, start.round,
+                 _fmt(metrics), _fmt(losses), train_seconds, sent, upload.upload_id)
+
+    def _train(self, start: RoundStart, start_id: str) -> float:
+        """Stage 2 and what follows on the device: train, evaluate, save the state, and make the upload
+        (kept in self._last_upload for the caller to send). Returns the training's seconds."""
+        c = self.config
+        if self.state is None:  # it waited on disk since the last round (the rebuilt model's init draws
+            self.state = self._load_state()  # from torch's global stream, which no device's round reads)
         state = self.state
         log.info("%s round %d: training", c.client_id, start.round)
         self.messenger.current_round = start.round
@@ -358,14 +368,8 @@ class EdgeApp:
             features={m: f.numpy().astype(np.float32, copy=False) for m, f in uploads.items()},
             metrics=metrics, losses=losses, train_seconds=train_seconds,
         )
-        codecs, upload_id = {"features": self._uplink_codec(settings)}, new_msg_id()
-        self._last_upload = SentUpload(start_id, upload, upload_id, codecs)
-        sent = self.messenger.send(upload, round=start.round, msg_id=upload_id, codecs=codecs)
-        if not self.state_in_memory:  # saved above: let it go until the next round
-            self.state = None
-        self.reports.append(RoundReport(start.round, metrics, losses, train_seconds, sent))
-        log.info("%s round %d: %s | losses %s | %.1fs train | %d bytes up (upload %s)", c.client_id, start.round,
-                 _fmt(metrics), _fmt(losses), train_seconds, sent, upload_id)
+        self._last_upload = SentUpload(start_id, upload, new_msg_id(), {"features": self._uplink_codec(settings)})
+        return train_seconds
 
     def _check_backbones(self, server_backbones: dict[str, str]) -> None:
         """The server's towers adapt frozen backbones: this device must hold the very same weights."""

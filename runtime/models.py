@@ -122,6 +122,27 @@ class TransformerTiny(nn.Module):
         return l2_normalise(self.project(masked_mean(hidden, attention_mask)))  # (B, d)
 
 
+class SeededDropout(nn.Dropout):
+    """nn.Dropout that draws its masks from `generator` when one is set: a device's own stream, so that the
+    devices a simulation trains at the same time in one process never share torch's global random numbers.
+    Without a generator (the server) it is nn.Dropout; in eval mode (and in an exported graph) the identity."""
+
+    generator: torch.Generator | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or self.generator is None:
+            return super().forward(x)
+        keep = torch.empty_like(x).bernoulli_(1.0 - self.p, generator=self.generator)
+        return x * keep / (1.0 - self.p)
+
+
+def use_dropout_generator(model: nn.Module, generator: torch.Generator) -> None:
+    """Every SeededDropout in `model` draws from `generator` from now on."""
+    for module in model.modules():
+        if isinstance(module, SeededDropout):
+            module.generator = generator
+
+
 class BackboneAdapter(nn.Module):
     """The trainable part of a tower over a frozen pretrained backbone: dropout on the backbone's
     pooled feature, then a linear layer (or a one-hidden-layer MLP) to d, L2-normalised.
@@ -134,7 +155,7 @@ class BackboneAdapter(nn.Module):
         super().__init__()
         self.input_view = backbone
         width = BACKBONES[backbone].dim
-        layers: list[nn.Module] = [nn.Dropout(dropout)]
+        layers: list[nn.Module] = [SeededDropout(dropout)]
         if hidden:
             layers += [nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, feature_dim)]
         else:

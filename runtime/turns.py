@@ -1,6 +1,6 @@
 """Who may compute now. A process that hosts one participant (`serve`, `join`) lets it compute whenever
 it likes (FREE_TURNS); the simulation engine hosts the server and every device in one process and gives
-the turns one at a time, in a fixed order, so that a run is the same every time (simulation/engine.py)."""
+the turns in a fixed order, so that a run is the same every time (simulation/engine.py)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,17 @@ class Turns(Protocol):
     def take(self, who: str, phase: int) -> ContextManager[None]:
         """Held while `who` (SERVER or a client id) computes in `phase` (JOINING or a round)."""
 
+    def deliver(self, who: str, phase: int) -> ContextManager[None]:
+        """Held while device `who` sends what it computed in round `phase` (its upload)."""
+
 
 class FreeTurns:
     """Everyone computes at once: one participant per process."""
 
     def take(self, who: str, phase: int) -> ContextManager[None]:
+        return contextlib.nullcontext()
+
+    def deliver(self, who: str, phase: int) -> ContextManager[None]:
         return contextlib.nullcontext()
 
 

@@ -30,6 +30,9 @@ def simulate(
     local_set: Annotated[Optional[list[str]], typer.Option("--local-set", help="KEY=VALUE of ClientConfig for every "
                                                            "device (e.g. disc_lr=1e-4), repeatable; `fedafd-edge "
                                                            "config` lists every key.")] = None,
+    workers: Annotated[int, typer.Option(help="Devices that train at the same time (threads; each draws its own "
+                                              "random numbers and uploads arrive in the fleet's order, so the "
+                                              "numbers do not depend on it). About the machine's cores.")] = 2,
     tensorboard: Annotated[Optional[Path], typer.Option(help="Also write every round to TensorBoard event files in "
                                                              "DIR/<run folder name> (needs fedafd[tensorboard]).")] = None,
     mlflow: Annotated[Optional[str], typer.Option(help="Also log to an MLflow run at this tracking URI "
@@ -47,6 +50,8 @@ def simulate(
         from fedafd.runtime.report import progress_line
         from fedafd.simulation.engine import run_simulation, simulation_config
 
+        if workers < 1:
+            raise typer.BadParameter(f"--workers must be >= 1, got {workers}")
         fleet_spec = parse_fleet(fleet)
         load_config(ClientConfig, None, local_set or [])  # a wrong key or value fails here, before anything starts
         server_config = load_config(ServerConfig, config, overrides, **simulation_config(ServerConfig(), fleet_spec))
@@ -57,13 +62,14 @@ def simulate(
         write_config(server_config, run_dir / CONFIG_FILE)
         typer.echo(f"fedafd-cloud: simulating {sum(fleet_spec.values())} devices in one process, run folder {run_dir}",
                    err=True)
-        params = dict(config_to_dict(server_config), fleet=fleet, local_set=local_set or [], engine="simulate")
+        params = dict(config_to_dict(server_config), fleet=fleet, local_set=local_set or [], engine="simulate",
+                      workers=workers)
         tracking = open_tracking(run_dir, params, tensorboard, mlflow)
         status = "FAILED"
         try:
             started = time.perf_counter()
             with live_status() as show:
-                run_simulation(server_config, fleet_spec, run_dir, local_set or [], sinks=[tracking], on_stage=show,
+                run_simulation(server_config, fleet_spec, run_dir, local_set or [], workers, sinks=[tracking], on_stage=show,
                                on_round=lambda record: typer.echo(progress_line(record, server_config.rounds)))
             status = "FINISHED"
             typer.echo(f"done: {server_config.rounds} rounds in {time.perf_counter() - started:.0f}s; "

@@ -29,7 +29,7 @@ from fedafd.edge_client.app import EdgeApp
 from fedafd.runtime.config import ClientConfig, ServerConfig, load_config
 from fedafd.runtime.errors import FedafdError
 from fedafd.runtime.transport import InprocHub
-from fedafd.runtime.turns import SERVER
+from fedafd.runtime.turns import JOINING, SERVER
 
 log = logging.getLogger("fedafd.simulate")
 
@@ -43,35 +43,58 @@ class SimulationError(FedafdError):
 
 
 class SequentialTurns:
-    """One participant computes at a time. Within a phase (runtime.turns.JOINING, then each round) the
-    devices take their turns in `order`: a device waits until every device before it has had its turn of
-    that phase or has left. The server computes whenever no device does (it has no place in the order).
-    So devices join, train and upload in the same order every run, and no two of them ever draw from
-    torch's global random numbers at once."""
+    """Turns in a fixed order. Joining (runtime.turns.JOINING) is one device at a time, in `order`: it draws
+    its model's initial weights from torch's global random numbers. In a round, up to `workers` devices
+    compute at once (their dropout draws from their own generators), starting in `order`, and each sends its
+    upload only after every device before it has sent its own; the server computes only when no device does.
+    A device waits for no device that has left. So devices join in the same order, draw the same numbers,
+    and their uploads reach the server in the same order every run, whatever the number of workers."""
 
-    def __init__(self, order: Sequence[str]):
+    def __init__(self, order: Sequence[str], workers: int = 1):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.workers = workers
         self._order = list(order)
         self._position = {who: i for i, who in enumerate(self._order)}
         self._cond = threading.Condition()
-        self._holder: str | None = None
-        self._done: dict[int, set[str]] = defaultdict(set)
-        self._next: dict[int, int] = defaultdict(int)  # per phase: the position of the first device not yet done
+        self._computing: set[str] = set()  # devices, or SERVER
+        self._exclusive = False  # the server, or a joining device, computes alone
+        self._started: dict[int, set[str]] = defaultdict(set)  # per phase: the devices that started it
+        self._delivered: dict[int, set[str]] = defaultdict(set)  # per round: the devices that sent their upload
         self._gone: set[str] = set()
+        self._fronts: dict[tuple[int, int], int] = defaultdict(int)
+        """Per (id of one of the sets above, phase): the position of the first device not in it and not gone;
+        it only moves forward, so a waiting device's check costs O(1) on average."""
 
     @contextlib.contextmanager
     def take(self, who: str, phase: int) -> Iterator[None]:
+        exclusive = who == SERVER or phase == JOINING
         with self._cond:
-            if who != SERVER and who not in self._position:
-                raise ValueError(f"{who!r} has no place in the simulation's order")
-            self._cond.wait_for(lambda: self._holder is None and (who == SERVER or self._is_next(who, phase)))
-            self._holder = who
+            self._check(who)
+            self._cond.wait_for(lambda: self._may_start(who, phase, exclusive))
+            self._computing.add(who)
+            self._exclusive = exclusive
+            if who != SERVER:
+                self._started[phase].add(who)
+            self._cond.notify_all()  # the next device in the order may start beside this one
         try:
             yield
         finally:
             with self._cond:
-                self._holder = None
-                if who != SERVER:
-                    self._done[phase].add(who)
+                self._computing.discard(who)
+                self._exclusive = False
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def deliver(self, who: str, phase: int) -> Iterator[None]:
+        with self._cond:
+            self._check(who)
+            self._cond.wait_for(lambda: self._all_before(who, phase, self._delivered[phase]))
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._delivered[phase].add(who)
                 self._cond.notify_all()
 
     def leave(self, who: str) -> None:
@@ -80,12 +103,23 @@ class SequentialTurns:
             self._gone.add(who)
             self._cond.notify_all()
 
-    def _is_next(self, who: str, phase: int) -> bool:
-        done, position = self._done[phase], self._next[phase]
-        while position < len(self._order) and (self._order[position] in done or self._order[position] in self._gone):
-            position += 1
-        self._next[phase] = position
-        return position == self._position[who]
+    def _check(self, who: str) -> None:
+        if who != SERVER and who not in self._position:
+            raise ValueError(f"{who!r} has no place in the simulation's order")
+
+    def _may_start(self, who: str, phase: int, exclusive: bool) -> bool:
+        if self._exclusive or (exclusive and self._computing) or len(self._computing) >= self.workers:
+            return False
+        return who == SERVER or self._all_before(who, phase, self._started[phase])
+
+    def _all_before(self, who: str, phase: int, done: set[str]) -> bool:
+        """Whether every device before `who` in the order is in `done` (of `phase`) or has left."""
+        key = (id(done), phase)
+        front = self._fronts[key]
+        while front < len(self._order) and (self._order[front] in done or self._order[front] in self._gone):
+            front += 1
+        self._fronts[key] = front
+        return front >= self._position[who]
 
 
 @dataclasses.dataclass
@@ -115,13 +149,14 @@ def simulation_config(server_config: ServerConfig, fleet: dict[str, int]) -> dic
 
 
 def run_simulation(server_config: ServerConfig, fleet: dict[str, int], run_dir: Path,
-                   client_overrides: Sequence[str] = (), sinks: Sequence = (),
+                   client_overrides: Sequence[str] = (), workers: int = 1, sinks: Sequence = (),
                    on_stage: Callable[[str], None] = lambda text: None,
                    on_round: Callable[[dict], None] = lambda record: None) -> list[dict]:
-    """A whole federation in this process; returns the round records (also in RUN_DIR/metrics.jsonl).
-    Devices keep their state in RUN_DIR/clients/<client id>, as with `serve --local`."""
+    """A whole federation in this process, up to `workers` devices training at once; returns the round
+    records (also in RUN_DIR/metrics.jsonl). Devices keep their state in RUN_DIR/clients/<client id>, as
+    with `serve --local`."""
     configs = device_configs(server_config, fleet, client_overrides)
-    turns = SequentialTurns([c.client_id for c in configs])
+    turns = SequentialTurns([c.client_id for c in configs], workers)
     hub = InprocHub()
     devices: dict[str, SimulatedDevice] = {}
 

@@ -47,6 +47,43 @@ def test_devices_take_their_turns_in_the_fleet_order_whatever_order_they_ask_in(
     assert taken == order
 
 
+def test_with_workers_devices_overlap_but_start_and_deliver_in_order_and_the_server_computes_alone() -> None:
+    # Prepare: three devices, two workers; "c" asks first and "a" computes longest.
+    turns = SequentialTurns(["a", "b", "c"], workers=2)
+    events: list[str] = []
+    lock = threading.Lock()
+    computing: set[str] = set()
+    most = [0]
+
+    def device(who: str, seconds: float) -> None:
+        with turns.take(who, 0):
+            with lock:
+                events.append(f"start {who}")
+                computing.add(who)
+                most[0] = max(most[0], len(computing))
+            time.sleep(seconds)
+            with lock:
+                computing.discard(who)
+        with turns.deliver(who, 0):
+            with lock:
+                events.append(f"deliver {who}")
+
+    threads = [threading.Thread(target=device, args=(who, seconds)) for who, seconds in (("c", 0.01), ("b", 0.01), ("a", 0.2))]
+    # Execute
+    for thread in threads:
+        thread.start()
+        time.sleep(0.02)
+    with turns.take(SERVER, 0):  # waits until no device computes
+        server_saw = set(computing)
+    for thread in threads:
+        thread.join(5)
+    # Assert
+    assert [e for e in events if e.startswith("start")] == ["start a", "start b", "start c"]
+    assert [e for e in events if e.startswith("deliver")] == ["deliver a", "deliver b", "deliver c"]
+    assert most[0] == 2, "two workers should let two devices compute at once"
+    assert server_saw == set()
+
+
 def test_a_device_that_left_is_not_waited_for_and_the_server_needs_no_place() -> None:
     turns = SequentialTurns(["a", "b"])
     turns.leave("a")
@@ -98,7 +135,8 @@ def test_own_random_streams_do_not_depend_on_how_participants_interleave() -> No
 
 def _config(seed: int) -> ServerConfig:
     values = dict(rounds=2, seed=seed, public_size=48, feature_dim=16, batch_size=16, max_private=40, max_test=32,
-                  local_epochs=1, alpha=1.0, device="cpu", join_timeout_s=60)
+                  local_epochs=1, alpha=1.0, device="cpu", join_timeout_s=60,
+                  threads=1)  # the same torch threads in every run: a matmul's sums may differ with their number
     return build_config(ServerConfig, dict(values, **simulation_config(ServerConfig(), FLEET)))
 
 
@@ -116,15 +154,16 @@ def without_timings(value):
 
 @pytest.fixture(scope="module")
 def twice(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[list[dict], Path]]:
+    """The same command twice: once with one worker, once with two (devices training at the same time)."""
     runs = []
-    for name in ("first", "second"):
+    for name, workers in (("first", 1), ("second", 2)):
         run_dir = tmp_path_factory.mktemp(name)
-        records = run_simulation(_config(seed=3), FLEET, run_dir, ["batch_size=16"])
+        records = run_simulation(_config(seed=3), FLEET, run_dir, ["batch_size=16"], workers=workers)
         runs.append((records, run_dir))
     return runs
 
 
-def test_the_same_seed_gives_the_same_metrics_but_for_timings(twice) -> None:
+def test_the_same_seed_gives_the_same_metrics_but_for_timings_with_any_number_of_workers(twice) -> None:
     (first, first_dir), (second, second_dir) = twice
     lines = [[json.loads(line) for line in (d / METRICS_FILE).read_text().splitlines()] for d in (first_dir, second_dir)]
     assert len(lines[0]) == 2
