@@ -174,17 +174,19 @@ def _device_lines(records: list[dict], name: str) -> dict[tuple[str, str | None]
 
 
 def _device_panel(axes, records: list[dict], lines: dict, colours: dict[str, str], title: str, ylabel: str,
-                  spreads: dict | None = None) -> None:
+                  legend: bool = True) -> None:
+    """One line per (device, modality); the legend (with ten devices, a tall one) outside on the right."""
     rounds = _rounds(records)
     for (cid, modality), values in lines.items():
         style = "--" if modality == "text" else "-"  # a multimodal device's two modalities apart
         label = cid if modality is None else f"{cid} {modality}"
         axes.plot(rounds, values, marker="o", linestyle=style, color=colours.get(cid, "tab:gray"), label=label)
-        if spreads is not None and (cid, modality) in spreads:  # mean +- std as a light band
-            low = [v - s for v, s in zip(values, spreads[(cid, modality)])]
-            high = [v + s for v, s in zip(values, spreads[(cid, modality)])]
-            axes.fill_between(rounds, low, high, color=colours.get(cid, "tab:gray"), alpha=0.12)
     per_round_axes(axes, title, ylabel)
+    legend_box = axes.get_legend()
+    if legend_box is not None:
+        legend_box.remove()
+    if legend and lines:
+        axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
 
 
 def discriminator_figure(records: list[dict], kinds: dict[str, str]):
@@ -194,20 +196,22 @@ def discriminator_figure(records: list[dict], kinds: dict[str, str]):
         return None
     figure, [[left, right]] = new_figure(WIDTH, 320, 1, 2)
     colours = device_colours(kinds)
-    _device_panel(left, records, intra, colours, "D_in (intra-modal): balanced accuracy", "real vs local, 0.5 = chance")
+    _device_panel(left, records, intra, colours, "D_in (intra-modal): balanced accuracy", "real vs local, 0.5 = chance",
+                  legend=False)
     _device_panel(right, records, cross, colours, "D_cr (cross-modal): balanced accuracy", "real vs local, 0.5 = chance")
     return figure
 
 
 def gates_figure(records: list[dict], kinds: dict[str, str]):
-    """GFF: each device's first- and second-level gate mean (band: +- std) per round, per modality."""
-    panels = [(_device_lines(records, f"{gate}_mean"), _device_lines(records, f"{gate}_std")) for gate in ("gate1", "gate2")]
-    if not any(means for means, _ in panels):
+    """GFF: each device's first- and second-level gate mean per round, per modality (the std is in the table)."""
+    panels = [_device_lines(records, f"{gate}_mean") for gate in ("gate1", "gate2")]
+    if not any(panels):
         return None
     figure, [row] = new_figure(WIDTH, 320, 1, 2)
     colours = device_colours(kinds)
-    for axes, (means, stds), title in zip(row, panels, ("first-level gate M(f_l + f_g)", "second-level gate M'(h)")):
-        _device_panel(axes, records, means, colours, title, "mean gate (1: z is f_l, 0: z is f_g)", stds)
+    for axes, means, title, legend in zip(row, panels, ("first-level gate M(f_l + f_g)", "second-level gate M'(h)"),
+                                          (False, True)):
+        _device_panel(axes, records, means, colours, title, "mean gate (1: z is f_l, 0: z is f_g)", legend)
     return figure
 
 
@@ -229,7 +233,7 @@ def device_task_figure(records: list[dict], kinds: dict[str, str]):
         return None
     figure, [[left, right]] = new_figure(WIDTH, 320, 1, 2)
     colours = device_colours(kinds)
-    _device_panel(left, records, norms, colours, "head's logits: mean L2 norm (test split)", "norm")
+    _device_panel(left, records, norms, colours, "head's logits: mean L2 norm (test split)", "norm", legend=False)
     _device_panel(right, records, losses, colours, "task loss (mean over the round's steps)", "loss")
     return figure
 
