@@ -33,6 +33,7 @@ from fedafd.runtime.codecs import wire_codec
 from fedafd.runtime.config import ServerConfig, config_to_dict
 from fedafd.runtime.data.modal import load_public_data
 from fedafd.runtime.data.partition import cap_indices
+from fedafd.runtime.diagnostics import mean_cosine
 from fedafd.runtime.errors import FedafdError
 from fedafd.runtime.messaging import Received, ServerMessenger
 from fedafd.runtime.methods import MethodSettings
@@ -230,13 +231,21 @@ class ServerApp:
         quorum = quorum_met(len(outcome.uploads), len(live.selected), c.quorum)
         with self._computing(round_):
             with timed(timings, "stage3"):
-                distill_loss, sed_mean_weights = self._stage3(round_, live, quorum, generator)
+                teachers, sed_mean_weights = self._teachers(round_, live, quorum)
+            with timed(timings, "diagnostics"):  # its own line in timings: what the server's diagnostics cost
+                diagnostics = self._diagnose_stage3(live, teachers)
+            with timed(timings, "stage3"):
+                distill_loss = self._distil(teachers, generator)
             with timed(timings, "eval"):
                 server_metrics = evaluate_retrieval(self.model, self.public_test, self.device, self.ranks)
+        if "r1_sum_before_stage3" in diagnostics:  # stage 3 ran: the eval above is its "after"
+            diagnostics["r1_sum_after_stage3"] = server_metrics["r1_sum"]
+            diagnostics["stage3_r1_sum_delta"] = server_metrics["r1_sum"] - diagnostics["r1_sum_before_stage3"]
         record = round_record(round_, c.strategy, outcome, self.clients, live.selected,
                               dict(server_metrics, stage1_loss=stage1_loss, distill_loss=distill_loss),
                               sed_mean_weights, self.admission.take_rejected(), quorum, len(self.public), self.counter,
-                              {"features": c.feature_codec, "tower": c.tower_codec}, timings)
+                              {"features": c.feature_codec, "tower": c.tower_codec}, timings,
+                              server_diagnostics=diagnostics)
         save_round(self.run_dir, record, self._checkpoint_tensors(), c, self.run_id, self.sinks)
         self.admission.round_in_progress = -1
         return record
@@ -287,24 +296,48 @@ class ServerApp:
             self._take_arrived(round_, selected, live.outcome)
         return live
 
-    def _stage3(self, round_: int, live: _LiveRound, quorum: bool, generator: torch.Generator
-                ) -> tuple[float, dict[str, dict[str, float]]]:
-        """Stage 3 (SED): with the quorum met, each modality's teacher folded from the round's uploads is
-        distilled into the global encoders; (the last epoch's loss, the mean SED weight per modality and
-        client). FedMD keeps the teachers as the next round's consensus."""
+    def _teachers(self, round_: int, live: _LiveRound, quorum: bool
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
+        """Stage 3 (SED), its first half: with the quorum met, each modality's teacher folded from the round's
+        uploads, on the server's device and shared with the other ranks; (the teachers, the mean SED weight
+        per modality and client). FedMD keeps the teachers as the next round's consensus."""
         c, settings = self.config, live.settings
         self.on_stage(f"round {round_ + 1}/{c.rounds}: stage 3, distilling from {len(live.outcome.uploads)} uploads")
-        distill_loss, sed_mean_weights, teachers = 0.0, {}, {}
+        sed_mean_weights, teachers = {}, {}
         if settings.uplink and quorum:
             teachers = {m: fold.teacher() for m, fold in live.folds.items() if len(fold)}
             sed_mean_weights = {m: fold.mean_weights() for m, fold in live.folds.items() if len(fold)}
             if settings.digest == "consensus":  # FedMD: this round's teachers are next round's consensus
                 self.consensus = {m: t.cpu() for m, t in teachers.items()}
         teachers = {m: t.to(self.device) for m, t in self.ranks.share_teachers(teachers).items()}
+        return teachers, sed_mean_weights
+
+    def _diagnose_stage3(self, live: _LiveRound, teachers: dict[str, torch.Tensor]) -> dict:
+        """The server's learning diagnostics (README "Learning diagnostics"), per modality with a teacher: the
+        normalised entropy of the SED weights (`sed_entropy`; left out with one client, where it is undefined)
+        and the mean cosine between the teacher and the server's stage-1 G of the same rows (`teacher_cos`);
+        and, when stage 3 is about to distil, the server's R@1 sum before it (`r1_sum_before_stage3`: one more
+        retrieval evaluation, which every server rank joins). {} when no teacher was made (LOCAL, no quorum)."""
+        diagnostics: dict = {}
+        for modality, teacher in teachers.items():
+            by_modality = diagnostics[modality] = {"teacher_cos": mean_cosine(teacher, live.global_features[modality])}
+            entropy = live.folds[modality].weight_entropy()
+            if entropy is not None:
+                by_modality["sed_entropy"] = entropy
+        if teachers and self.config.distill_epochs > 0:  # worker.py evaluates here too, on the same condition
+            before = evaluate_retrieval(self.model, self.public_test, self.device, self.ranks)
+            diagnostics["r1_sum_before_stage3"] = before["r1_sum"]
+        return diagnostics
+
+    def _distil(self, teachers: dict[str, torch.Tensor], generator: torch.Generator) -> float:
+        """Stage 3, its second half: the teachers distilled into the global encoders, distill_epochs epochs;
+        the last epoch's loss (0.0 without teachers: no stage 3)."""
+        c = self.config
+        distill_loss = 0.0
         for _ in range(c.distill_epochs):  # no teachers: no stage 3
             distill_loss = distill_epoch(self.model, self.distill_optimizer, self.public, teachers, c.gamma,
                                          c.batch_size, generator, self.device, self.ranks)
-        return distill_loss, sed_mean_weights
+        return distill_loss
 
     def _send_round_start(self, client: ClientRecord, round_: int, tower_version: int,
                           global_features: dict[str, torch.Tensor], settings: MethodSettings) -> bool:

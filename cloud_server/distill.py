@@ -15,11 +15,13 @@ No temperature is applied to the similarities: method.md writes none, so none is
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["sed_scores", "TeacherFold"]
+__all__ = ["sed_scores", "weight_entropy", "TeacherFold"]
 
 
 def _check_client_features(client_features: Tensor) -> None:
@@ -74,6 +76,20 @@ def sed_scores(client_features: Tensor, server_features: Tensor, chunk_size: int
             positive = (v_chunk * g[start:stop]).sum(dim=-1)  # (n,) = <v_ck, g_k>
             scores[c, start:stop] = positive - torch.logsumexp(sims, dim=-1)
     return scores
+
+
+def weight_entropy(weights: Tensor) -> float | None:
+    """The entropy of per-sample weights over clients, normalised by log C to [0, 1], averaged over samples:
+    ``mean_k [-sum_c w_ck log w_ck] / log C`` for weights (C, P) that sum to 1 over c (0 log 0 = 0).
+    1: every sample weighs its clients equally (the teacher is the plain mean); near 0: one client decides each
+    sample. None with one client, where log C = 0 leaves it undefined."""
+    if weights.dim() != 2 or weights.shape[1] == 0:
+        raise ValueError(f"weights must be (C, P) with P > 0, got {tuple(weights.shape)}")
+    clients = weights.shape[0]
+    if clients < 2:
+        return None
+    entropy = -torch.special.xlogy(weights, weights).sum(0)  # (P,)
+    return float(entropy.mean() / math.log(clients))
 
 
 class TeacherFold:
@@ -135,3 +151,15 @@ class TeacherFold:
             return {}
         log_norm = self._max + torch.log(self._total)
         return {cid: float(torch.exp(scores - log_norm).mean()) for cid, scores in self._scores.items()}
+
+    def weight_entropy(self) -> float | None:
+        """`weight_entropy` of the weights w_ck of every client folded in (a diagnostic: 1 = the plain mean);
+        None with fewer than two clients."""
+        if len(self._scores) < 2:
+            return None
+        log_norm = self._max + torch.log(self._total)
+        entropy = torch.zeros_like(log_norm)  # (P,), summed client by client: no (C, P) stack
+        for scores in self._scores.values():
+            weights = torch.exp(scores - log_norm)
+            entropy -= torch.special.xlogy(weights, weights)
+        return float(entropy.mean() / math.log(len(self._scores)))

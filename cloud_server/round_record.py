@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
 from fedafd.runtime.accounting import ByteCounter
+from fedafd.runtime.diagnostics import split_diagnostics
 from fedafd.runtime.wire import FeatureUpload
 
 if TYPE_CHECKING:
@@ -57,10 +58,10 @@ def quorum_met(uploads: int, selected: int, quorum: float) -> bool:
 
 @contextlib.contextmanager
 def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
-    """timings[stage] = the seconds the block took."""
+    """timings[stage] += the seconds the block took (a stage timed in two blocks gets their sum)."""
     started = time.perf_counter()
     yield
-    timings[stage] = time.perf_counter() - started
+    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - started
 
 
 def link_times(outcome: RoundOutcome, clients: dict[str, ClientRecord]) -> dict[str, dict[str, float]]:
@@ -81,18 +82,20 @@ def link_times(outcome: RoundOutcome, clients: dict[str, ClientRecord]) -> dict[
 def round_record(round_: int, strategy: str, outcome: RoundOutcome, clients: dict[str, ClientRecord],
                  selected: list[str], server: dict[str, float], sed_mean_weights: dict[str, dict[str, float]],
                  rejected: list[dict], quorum: bool, public_size: int, counter: ByteCounter,
-                 codecs: dict[str, str], timings: dict[str, float]) -> dict:
-    """The round's line of metrics.jsonl: per uploading client its kind, metrics and losses; the server's
-    retrieval and losses (`server`); stage 3's mean SED weight per modality and client; who was selected,
-    dropped (with the reason's text) and refused; the bytes of the round by message type and by what they
-    carried; each client's link times; the server's stage timings."""
+                 codecs: dict[str, str], timings: dict[str, float], server_diagnostics: dict | None = None) -> dict:
+    """The round's line of metrics.jsonl: per uploading client its kind, metrics, losses and learning
+    diagnostics (the upload's `diag_` metrics, filed apart so means of metrics by kind never see them, plus
+    its task loss as `task_loss`); the server's retrieval and losses (`server`) and its learning diagnostics
+    (`diagnostics.server`); stage 3's mean SED weight per modality and client; who was selected, dropped (with
+    the reason's text) and refused; the bytes of the round by message type and by what they carried; each
+    client's link times; the server's stage timings. README "Learning diagnostics" lists the diagnostics."""
     return {
         "round": round_,
         "strategy": strategy,
-        "clients": {cid: {"kind": clients[cid].kind if cid in clients else "?",
-                          "metrics": dict(u.metrics), "losses": dict(u.losses), "train_seconds": u.train_seconds}
+        "clients": {cid: _client_entry(clients[cid].kind if cid in clients else "?", u)
                     for cid, u in outcome.uploads.items()},
         "server": server,
+        "diagnostics": {"server": dict(server_diagnostics or {})},
         "sed_mean_weights": sed_mean_weights,
         "selected": selected,
         "dropped": {cid: drop.text for cid, drop in outcome.dropped.items()},
@@ -106,3 +109,12 @@ def round_record(round_: int, strategy: str, outcome: RoundOutcome, clients: dic
         "link": link_times(outcome, clients),
         "timings": timings,
     }
+
+
+def _client_entry(kind: str, upload: FeatureUpload) -> dict:
+    """One client's part of the record: its task metrics and its diagnostics apart."""
+    metrics, diagnostics = split_diagnostics(dict(upload.metrics))
+    if "task" in upload.losses:  # the task loss travels as a loss part; here it sits beside the diagnostics too
+        diagnostics["task_loss"] = upload.losses["task"]
+    return {"kind": kind, "metrics": metrics, "losses": dict(upload.losses), "diagnostics": diagnostics,
+            "train_seconds": upload.train_seconds}

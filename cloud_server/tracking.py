@@ -65,8 +65,9 @@ def _key(part: str) -> str:
 
 
 def flatten_record(record: dict) -> dict[str, float]:
-    """One round's record as the scalars every sink logs: the server's retrieval and stage losses, each
-    device's metrics, loss parts, bytes by direction and part, link times and SED weights (under
+    """One round's record as the scalars every sink logs: the server's retrieval and stage losses, its
+    learning diagnostics (diagnostics/server/...), each device's metrics, loss parts, learning diagnostics
+    (device/<id>/diagnostics/...), bytes by direction and part, link times and SED weights (under
     device/<id>/), the round's bytes by direction and part over all devices, stage timings, counts.
     No key is also the prefix of another (MLflow's file store keeps each key as a file)."""
     flat: dict[str, float] = {}
@@ -75,14 +76,24 @@ def flatten_record(record: dict) -> dict[str, float]:
         if isinstance(value, (bool, int, float)):
             flat[key] = float(value)
 
+    def put_tree(prefix: str, tree: dict) -> None:
+        """Nested diagnostics ({name: v, modality: {name: v}}) as prefix/name and prefix/modality/name."""
+        for name, value in tree.items():
+            if isinstance(value, dict):
+                put_tree(f"{prefix}/{_key(name)}", value)
+            else:
+                put(f"{prefix}/{_key(name)}", value)
+
     for name, value in record["server"].items():
         put(f"server/{name}", value)
+    put_tree("diagnostics/server", record.get("diagnostics", {}).get("server", {}))
     for cid, client in record["clients"].items():
         device = f"device/{_key(cid)}"
         for name, value in client["metrics"].items():
             put(f"{device}/{name}", value)
         for part, value in client["losses"].items():
             put(f"{device}/loss/{part}", value)
+        put_tree(f"{device}/diagnostics", client.get("diagnostics", {}))
         put(f"{device}/train_seconds", client["train_seconds"])
     for cid, link in record.get("link", {}).items():
         for name in ("round_trip", "compute", "comm"):

@@ -1,7 +1,8 @@
 """What every server rank but 0 runs: no socket, no run folder; rank 0's messages say what to train.
 
 Its calls follow ServerApp._run_round's stage calls one for one (stage 1's epochs, the features of each
-modality, stage 3's epochs, the evaluation): each holds collectives that every rank must enter in turn.
+modality, the evaluation before stage 3 when it distils, stage 3's epochs, the evaluation): each holds
+collectives that every rank must enter in turn.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def serve_worker(ranks: Ranks, public_all: ModalData | None = None, public_test:
             for m in MODALITIES:
                 extract_features(model.encoders[m], public, m, ranks.device, ranks=ranks)
             teachers = {m: t.to(ranks.device) for m, t in ranks.share_teachers({}).items()}
+            if teachers and config.distill_epochs > 0:  # ServerApp._diagnose_stage3: R@1 before stage 3
+                evaluate_retrieval(model, public_test, ranks.device, ranks)
             for _ in range(config.distill_epochs):
                 distill_epoch(model, distill_optimizer, public, teachers, config.gamma, config.batch_size, generator,
                               ranks.device, ranks)

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedafd.edge_client.diagnostics import DiscriminatorTally
 from fedafd.runtime.wire import other_modality
 
-__all__ = ["Discriminator", "discriminator_loss", "generator_loss", "discriminator_step"]
+__all__ = ["Discriminator", "discriminator_logits", "discriminator_loss", "generator_loss", "discriminator_step"]
 
 
 class Discriminator(nn.Module):
@@ -49,6 +50,14 @@ def _bce(logits: Tensor, target: float) -> Tensor:
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
 
 
+def discriminator_logits(
+    d_intra: nn.Module, d_cross: nn.Module, fake: Tensor, global_same: Tensor, global_other: Tensor
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{"intra": (D_in(g_same), D_in(fake)), "cross": (D_cr(g_other), D_cr(fake))}``: each discriminator's
+    (real, fake) logits, (B,) each. The loss scores them, and the diagnostics count its right calls."""
+    return {"intra": (d_intra(global_same), d_intra(fake)), "cross": (d_cross(global_other), d_cross(fake))}
+
+
 def discriminator_loss(
     d_intra: nn.Module,
     d_cross: nn.Module,
@@ -57,21 +66,20 @@ def discriminator_loss(
     global_other: Tensor,
     beta: float,
     real_label: float = 1.0,
+    tally: DiscriminatorTally | None = None,
 ) -> Tensor:
     """``beta * [BCE(D_in(g_same), 1) + BCE(D_in(f), 0) + BCE(D_cr(g_other), 1)
     + BCE(D_cr(f), 0)]``.
 
     ``f = local.detach()`` and the global features are detached too, so only the discriminators
     receive gradients. Each BCE is a mean over the batch. All inputs are (B, d). ``real_label`` below 1
-    is one-sided label smoothing (a stabiliser; method.md's loss is 1.0).
+    is one-sided label smoothing (a stabiliser; method.md's loss is 1.0). ``tally`` (diagnostics), when
+    given, counts the discriminators' right calls on these very logits.
     """
-    fake = local.detach()
-    return beta * (
-        _bce(d_intra(global_same.detach()), real_label)
-        + _bce(d_intra(fake), 0.0)
-        + _bce(d_cross(global_other.detach()), real_label)
-        + _bce(d_cross(fake), 0.0)
-    )
+    logits = discriminator_logits(d_intra, d_cross, local.detach(), global_same.detach(), global_other.detach())
+    if tally is not None:
+        tally.add(logits)
+    return beta * sum(_bce(real, real_label) + _bce(fake, 0.0) for real, fake in logits.values())
 
 
 def generator_loss(d_intra: nn.Module, d_cross: nn.Module, local: Tensor, beta: float) -> Tensor:
@@ -92,12 +100,14 @@ def discriminator_step(
     global_: dict[str, Tensor],
     beta: float,
     real_label: float = 1.0,
+    tally: DiscriminatorTally | None = None,
 ) -> float:
     """One optimiser step of both discriminators, on every modality's local features (fake; a
     multimodal client passes two) against the server's global features (real): the same modality's for
     ``D_in``, the other modality's for ``D_cr``. The local features are detached inside, so no encoder
-    gradient is touched. Returns L_D (already multiplied by ``beta``)."""
-    loss = sum(discriminator_loss(d_intra, d_cross, f, global_[m], global_[other_modality(m)], beta, real_label)
+    gradient is touched. Returns L_D (already multiplied by ``beta``). ``tally`` (diagnostics), when given,
+    counts the discriminators' right calls on the logits of this step, before it updates them."""
+    loss = sum(discriminator_loss(d_intra, d_cross, f, global_[m], global_[other_modality(m)], beta, real_label, tally)
                for m, f in local.items())
     d_optimizer.zero_grad(set_to_none=True)
     loss.backward()

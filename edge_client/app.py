@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedafd.edge_client.diagnostics import DeviceDiagnostics
 from fedafd.edge_client.model import LocalModel, GlobalTowers
 from fedafd.edge_client.private_data import load_private_data
 from fedafd.edge_client.state import (
@@ -26,6 +27,7 @@ from fedafd.runtime.errors import FedafdError
 from fedafd.runtime.config import ClientConfig, write_config
 from fedafd.runtime.methods import MethodSettings
 from fedafd.runtime.data.modal import ModalData, load_public_data
+from fedafd.runtime.diagnostics import DIAG_PREFIX, diagnostics_to_metrics, mean_cosine
 from fedafd.runtime.backbones import backbone_digest, modality_backbones
 from fedafd.runtime.models import count_parameters, use_dropout_generator
 from fedafd.runtime.torch_utils import OwnRandom, configure_threads, derived_seed, resolve_device, seeded_generator
@@ -294,7 +296,8 @@ class EdgeApp:
         metrics, losses = upload.upload.metrics, upload.upload.losses
         self.reports.append(RoundReport(start.round, metrics, losses, train_seconds, sent))
         log.info("%s round %d: %s | losses %s | %.1fs train | %d bytes up (upload %s)", c.client_id, start.round,
-                 _fmt(metrics), _fmt(losses), train_seconds, sent, upload.upload_id)
+                 _fmt({k: v for k, v in metrics.items() if not k.startswith(DIAG_PREFIX)}), _fmt(losses),
+                 train_seconds, sent, upload.upload_id)
 
     def _train(self, start: RoundStart, start_id: str) -> float:
         """Stage 2 and what follows on the device: train, evaluate, save the state, and make the upload
@@ -350,14 +353,21 @@ class EdgeApp:
                 last_beat[0] = time.monotonic()
 
         started = time.perf_counter()
+        diagnostics = DeviceDiagnostics()
         losses = train_round(state.model, state.optimizers, state.towers, self.private.train, self.public, plan,
-                             c.batch_size, c.seed * 7919 + c.partition, self.device, heartbeat)
+                             c.batch_size, c.seed * 7919 + c.partition, self.device, heartbeat, diagnostics)
         train_seconds = time.perf_counter() - started
         metrics = evaluate(state.model, state.towers, self.private.test, plan.gff, self.device,
-                           torch.from_numpy(self.private.train.labels))
+                           torch.from_numpy(self.private.train.labels), diagnostics)
         # The model's size travels with the metrics so the server can price FedAvg for the same model.
         metrics["num_params"] = float(count_parameters(state.model))
         uploads = public_features(state.model, self.public, rows, self.device) if settings.uplink else {}
+        with diagnostics.timing():  # how close what goes up is to the server's G of the same rows, when held
+            for modality, features in uploads.items():
+                if modality in public_global:
+                    diagnostics.put("upload_cos", mean_cosine(features, public_global[modality]), modality)
+        # Diagnostics ride in the metrics under diag_ keys (no wire change); the server files them apart.
+        metrics.update(diagnostics_to_metrics(diagnostics.result()))
         # Training + evaluation + feature extraction: what the server subtracts from the round trip to
         # get this device's communication time.
         metrics["compute_seconds"] = time.perf_counter() - started

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fedafd.edge_client.alignment import discriminator_step, generator_loss
+from fedafd.edge_client.diagnostics import DeviceDiagnostics, DiscriminatorTally, logit_norm
 from fedafd.edge_client.model import GlobalTowers, LocalModel
 from fedafd.runtime.data.modal import ModalData
 from fedafd.runtime.losses import distillation_loss, info_nce
@@ -143,10 +144,11 @@ def class_temperatures(model: LocalModel, private: ModalData, device: torch.devi
 
 def train_step(model: LocalModel, optimizers: Optimizers, private: ModalData, private_rows: torch.Tensor,
                global_cache: dict[str, torch.Tensor], public_batch: PublicBatch | None, plan: RoundPlan,
-               device: torch.device) -> dict[str, float]:
+               device: torch.device, tally: DiscriminatorTally | None = None) -> dict[str, float]:
     """One step. With a public batch (BAA): one discriminator step, then the local model's step on L_task
     plus L_G against the freshly updated discriminators; FedCMI adds its infiltration projector's
-    cross-entropy on the same private batch. Returns the loss parts by name."""
+    cross-entropy on the same private batch. Returns the loss parts by name. `tally` (diagnostics) counts
+    the discriminators' right calls on the discriminator step's logits."""
     parts = {"task": 0.0}
     extra = torch.zeros((), device=device)  # what the method adds to L_task
     if public_batch is not None:
@@ -159,7 +161,7 @@ def train_step(model: LocalModel, optimizers: Optimizers, private: ModalData, pr
         if plan.baa:
             intra, cross = model.discriminators["intra"], model.discriminators["cross"]
             parts["disc"] = discriminator_step(intra, cross, optimizers.discriminator, locals_,
-                                               public_batch.global_features, plan.beta, plan.real_label)
+                                               public_batch.global_features, plan.beta, plan.real_label, tally)
             adversarial = sum(generator_loss(intra, cross, local, plan.beta) for local in locals_.values())
             parts["adv_gen"] = float(adversarial.detach())
             extra = extra + adversarial
@@ -200,9 +202,10 @@ def global_public_features(towers: GlobalTowers, public: ModalData, rows: torch.
 
 def train_round(model: LocalModel, optimizers: Optimizers, towers: GlobalTowers, private: ModalData,
                 public: ModalData | None, plan: RoundPlan, batch_size: int, seed: int, device: torch.device,
-                heartbeat: Callable[[], None] = lambda: None) -> dict[str, float]:
+                heartbeat: Callable[[], None] = lambda: None, diagnostics: DeviceDiagnostics | None = None
+                ) -> dict[str, float]:
     """E local epochs over the private data, each step paired with a public batch for BAA; returns the
-    mean of each loss part over all steps."""
+    mean of each loss part over all steps. `diagnostics`, when given, tallies BAA's discriminators."""
     model.train()
     use_global = plan.gff and all(towers.has(m) for m in model.modalities)
     global_cache = global_features(towers, private, model.modalities, device) if use_global else {}
@@ -237,7 +240,8 @@ def train_round(model: LocalModel, optimizers: Optimizers, towers: GlobalTowers,
                     data=public, rows=plan.public_rows[public_positions],
                     global_features={m: f[public_positions].to(device) for m, f in plan.public_features.items()},
                 )
-            parts = train_step(model, optimizers, private, private_rows, global_cache, public_batch, plan, device)
+            parts = train_step(model, optimizers, private, private_rows, global_cache, public_batch, plan, device,
+                               diagnostics.discriminators if diagnostics is not None else None)
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value
             steps += 1
@@ -310,10 +314,12 @@ def public_features(model: LocalModel, public: ModalData, rows: torch.Tensor, de
 
 @torch.no_grad()
 def evaluate(model: LocalModel, towers: GlobalTowers, test: ModalData, use_fusion: bool, device: torch.device,
-             train_labels: torch.Tensor) -> dict[str, float]:
+             train_labels: torch.Tensor, diagnostics: DeviceDiagnostics | None = None) -> dict[str, float]:
     """Classifiers: top-1 (%) on the whole test split, the personalised top-1 and its full-test bound
     (runtime.retrieval.personalised_accuracy). Retrieval devices: R@K (%) both ways on the whole test
-    split and, as pers_*, on the test pairs of the categories the device holds (`train_labels`)."""
+    split and, as pers_*, on the test pairs of the categories the device holds (`train_labels`).
+    `diagnostics`, when given, gets GFF's gate statistics of this pass (when it fuses) and the mean norm
+    of a classifier's logits."""
     model.eval()
     use_global = use_fusion and all(towers.has(m) for m in model.modalities)
     outputs = {}
@@ -321,10 +327,16 @@ def evaluate(model: LocalModel, towers: GlobalTowers, test: ModalData, use_fusio
         local = encode_all(lambda rows, m=modality: model.encode(m, test, rows, device), len(test))
         global_ = (encode_all(lambda rows, m=modality: towers.encode(m, test, rows, device), len(test))
                    if use_global else None)
-        outputs[modality] = model.head_outputs(modality, local, global_)[1]
+        watch = (diagnostics.watching_gates(modality, model.fusions[modality])
+                 if diagnostics is not None and use_global else contextlib.nullcontext())
+        with watch:
+            outputs[modality] = model.head_outputs(modality, local, global_)[1]
     labels = test.label_batch(np.arange(len(test)), device)
     if model.head is not None:
         (logits,) = outputs.values()
+        if diagnostics is not None and len(logits):
+            with diagnostics.timing():
+                diagnostics.put("logit_norm", logit_norm(logits))
         return personalised_accuracy(logits.argmax(dim=1), labels, train_labels, model.head.out_features)
     metrics = retrieval_metrics(outputs["image"], outputs["text"], torch.arange(len(test)))
     held = held_rows(labels, train_labels)

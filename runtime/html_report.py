@@ -1,6 +1,6 @@
 """A run's report as one self-contained HTML page (`fedafd-cloud report RUN_DIR --html`): the config and final
 numbers, then per round the devices' metrics by kind, the server's retrieval, bytes by part and against
-FedAvg, stage timings, SED weights, dropped devices and rejected messages. Figures are matplotlib PNGs
+FedAvg, stage timings, SED weights, the learning diagnostics, dropped devices and rejected messages. Figures are matplotlib PNGs
 inside the page as data URIs; the page loads nothing else and runs no script."""
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ LABELS = {
     "mm_i2t_r1": "multimodal i2t R@1", "mm_t2i_r1": "multimodal t2i R@1",
     "mm_pers_i2t_r1": "multimodal i2t R@1, personalised", "mm_pers_t2i_r1": "multimodal t2i R@1, personalised",
     "up_bytes_per_client": "MB up per device", "down_bytes_per_client": "MB down per device",
+    "server_r1_sum_before_stage3": "server R@1 sum before stage 3", "server_stage3_r1_sum_delta": "stage 3's R@1 sum change",
     "seconds": "seconds",
 }
 """Column names for `summarize_round`'s keys (a key without one shows as itself)."""
@@ -152,6 +153,136 @@ def sed_figure(records: list[dict], kinds: dict[str, str]):
     return figure
 
 
+# -- learning diagnostics (README "Learning diagnostics"); each figure is None when the run has no such data --
+def _diag(container: dict, path: tuple[str, ...]) -> float:
+    """container["diagnostics"][path...], nan where absent (a round without it leaves a gap in the line)."""
+    value = container.get("diagnostics", {})
+    for key in path:
+        value = value.get(key, {}) if isinstance(value, dict) else {}
+    return float(value) if isinstance(value, (int, float)) else float("nan")
+
+
+def _device_lines(records: list[dict], name: str) -> dict[tuple[str, str | None], list[float]]:
+    """(device, modality or None) -> the device diagnostic `name` per round, for every device and modality
+    that has it in some round (a modality's diagnostic is found under its modality's dict)."""
+    keys = sorted({(cid, None) for r in records for cid, c in r["clients"].items() if name in c.get("diagnostics", {})}
+                  | {(cid, m) for r in records for cid, c in r["clients"].items()
+                     for m, v in c.get("diagnostics", {}).items() if isinstance(v, dict) and name in v},
+                  key=lambda k: (k[0], k[1] or ""))
+    return {(cid, m): [_diag(r["clients"].get(cid, {}), (name,) if m is None else (m, name)) for r in records]
+            for cid, m in keys}
+
+
+def _device_panel(axes, records: list[dict], lines: dict, colours: dict[str, str], title: str, ylabel: str,
+                  legend: bool = True) -> None:
+    """One line per (device, modality); the legend (with ten devices, a tall one) outside on the right."""
+    rounds = _rounds(records)
+    for (cid, modality), values in lines.items():
+        style = "--" if modality == "text" else "-"  # a multimodal device's two modalities apart
+        label = cid if modality is None else f"{cid} {modality}"
+        axes.plot(rounds, values, marker="o", linestyle=style, color=colours.get(cid, "tab:gray"), label=label)
+    per_round_axes(axes, title, ylabel)
+    legend_box = axes.get_legend()
+    if legend_box is not None:
+        legend_box.remove()
+    if legend and lines:
+        axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
+
+
+def discriminator_figure(records: list[dict], kinds: dict[str, str]):
+    """BAA: each device's D_in and D_cr balanced accuracy per round (0.5: chance)."""
+    intra, cross = _device_lines(records, "disc_acc_intra"), _device_lines(records, "disc_acc_cross")
+    if not intra and not cross:
+        return None
+    figure, [[left, right]] = new_figure(WIDTH, 320, 1, 2)
+    colours = device_colours(kinds)
+    _device_panel(left, records, intra, colours, "D_in (intra-modal): balanced accuracy", "real vs local, 0.5 = chance",
+                  legend=False)
+    _device_panel(right, records, cross, colours, "D_cr (cross-modal): balanced accuracy", "real vs local, 0.5 = chance")
+    return figure
+
+
+def gates_figure(records: list[dict], kinds: dict[str, str]):
+    """GFF: each device's first- and second-level gate mean per round, per modality (the std is in the table)."""
+    panels = [_device_lines(records, f"{gate}_mean") for gate in ("gate1", "gate2")]
+    if not any(panels):
+        return None
+    figure, [row] = new_figure(WIDTH, 320, 1, 2)
+    colours = device_colours(kinds)
+    for axes, means, title, legend in zip(row, panels, ("first-level gate M(f_l + f_g)", "second-level gate M'(h)"),
+                                          (False, True)):
+        _device_panel(axes, records, means, colours, title, "mean gate (1: z is f_l, 0: z is f_g)", legend)
+    return figure
+
+
+def upload_cosine_figure(records: list[dict], kinds: dict[str, str]):
+    """Each device's mean cosine between the public features it uploaded and the server's G, per modality."""
+    lines = _device_lines(records, "upload_cos")
+    if not lines:
+        return None
+    figure, [[axes]] = new_figure(WIDTH, 300)
+    _device_panel(axes, records, lines, device_colours(kinds), "uploaded public features against the server's G",
+                  "mean cosine")
+    return figure
+
+
+def device_task_figure(records: list[dict], kinds: dict[str, str]):
+    """Each classification device's mean logit norm (evaluation pass) and each device's task loss."""
+    norms, losses = _device_lines(records, "logit_norm"), _device_lines(records, "task_loss")
+    if not norms and not losses:
+        return None
+    figure, [[left, right]] = new_figure(WIDTH, 320, 1, 2)
+    colours = device_colours(kinds)
+    _device_panel(left, records, norms, colours, "head's logits: mean L2 norm (test split)", "norm", legend=False)
+    _device_panel(right, records, losses, colours, "task loss (mean over the round's steps)", "loss")
+    return figure
+
+
+def server_sed_figure(records: list[dict]):
+    """Per modality: the normalised entropy of the SED weights and the teacher's cosine with the server's G."""
+    modalities = [m for m in ("image", "text") if any(m in r.get("diagnostics", {}).get("server", {}) for r in records)]
+    if not modalities:
+        return None
+    figure, [[entropy, cosine]] = new_figure(WIDTH, 320, 1, 2)
+    rounds = _rounds(records)
+    for modality in modalities:
+        for axes, name in ((entropy, "sed_entropy"), (cosine, "teacher_cos")):
+            axes.plot(rounds, [_diag(r, ("server", modality, name)) for r in records], marker="o", label=modality)
+    per_round_axes(entropy, "SED weights: normalised entropy", "1 = plain mean, 0 = one device")
+    per_round_axes(cosine, "teacher against the server's G", "mean cosine")
+    return figure
+
+
+def stage3_figure(records: list[dict]):
+    """The server's R@1 sum just before and just after stage 3, in the rounds where it distilled."""
+    before = [_diag(r, ("server", "r1_sum_before_stage3")) for r in records]
+    if all(v != v for v in before):  # all nan: stage 3 never ran
+        return None
+    after = [_diag(r, ("server", "r1_sum_after_stage3")) for r in records]
+    figure, [[axes]] = new_figure(WIDTH, 300)
+    rounds = _rounds(records)
+    axes.plot(rounds, before, marker="o", label="before stage 3")
+    axes.plot(rounds, after, marker="o", label="after stage 3")
+    per_round_axes(axes, "server R@1 sum (i2t + t2i) around stage 3", "R@1 sum")
+    return figure
+
+
+def diagnostics_rows(record: dict) -> tuple[list[str], list[list[str]]]:
+    """The table of a round's device diagnostics: one row per device, one column per diagnostic (a modality's
+    as "modality name"), three decimals; "-" where a device has none."""
+    flat = {cid: {(f"{k} {n}" if isinstance(v, dict) else k): x
+                  for k, v in client.get("diagnostics", {}).items()
+                  for n, x in (v.items() if isinstance(v, dict) else [(k, v)])}
+            for cid, client in sorted(record["clients"].items())}
+    columns = sorted({k for values in flat.values() for k in values})
+    return ["device", *columns], [[cid, *(f"{values[k]:.3f}" if k in values else "-" for k in columns)]
+                                  for cid, values in flat.items()]
+
+
+def _maybe_image(figure, image_id: str, alt: str, missing: str) -> str:
+    return _image(figure, image_id, alt) if figure is not None else f'<p class="note">{escape(missing)}</p>'
+
+
 # -- the page ----------------------------------------------------------------------------------------
 def html_page(records: list[dict], config: dict, title: str) -> str:
     """The whole report; `records` as read from metrics.jsonl, `config` as config.json."""
@@ -217,6 +348,24 @@ def html_page(records: list[dict], config: dict, title: str) -> str:
         _image(sed, "plot-sed", "SED weights per device") if sed is not None else
         '<p class="note">No SED weights in this run (strategy local, sed off, or no round reached stage 3).</p>',
         "</section>",
+
+        '<section id="diagnostics"><h2>Learning diagnostics</h2>',
+        '<p class="note">What each part of the method does, round by round; the README\'s "Learning diagnostics" '
+        "says what a healthy value looks like. Device lines: dashed is a multimodal device's text side.</p>",
+        _maybe_image(discriminator_figure(records, kinds), "plot-diag-disc", "discriminator accuracy per device",
+                     "No discriminator accuracy: BAA did not run (strategy local, baa off, or a baseline)."),
+        _maybe_image(gates_figure(records, kinds), "plot-diag-gates", "GFF gate means per device",
+                     "No gate statistics: GFF did not run."),
+        _maybe_image(upload_cosine_figure(records, kinds), "plot-diag-upload-cos", "uploads against G per device",
+                     "No upload-vs-G cosine: no device held the server's G (or uploaded features)."),
+        _maybe_image(device_task_figure(records, kinds), "plot-diag-task", "logit norm and task loss per device",
+                     "No logit norm or task loss reported."),
+        _maybe_image(server_sed_figure(records), "plot-diag-sed", "SED entropy and teacher cosine per modality",
+                     "No SED diagnostics: no round made a teacher (strategy local, or no quorum)."),
+        _maybe_image(stage3_figure(records), "plot-diag-stage3", "server R@1 sum before and after stage 3",
+                     "No R@1 sum before stage 3: stage 3 never distilled."),
+        f'<h3>Device diagnostics, round {format_value("round", final["round"])}</h3>',
+        '<div class="wide">', _table(*diagnostics_rows(records[-1]), "diagnostics-table", {0}), "</div></section>",
 
         f'<section id="dropped"><h2>Dropped devices ({len(dropped)})</h2>',
         _table(["round", "device", "reason"], dropped, "dropped-table", {1, 2}) if dropped else "<p>None.</p>",

@@ -29,7 +29,8 @@ RETRIEVAL_KEYS = ("i2t_r1", "t2i_r1", "pers_i2t_r1", "pers_t2i_r1")
 
 
 def summarize_round(record: dict) -> dict[str, float]:
-    """Means per client kind of the task metrics, the server's retrieval, and bytes per client."""
+    """Means per client kind of the task metrics, the server's retrieval (and its R@1 sum before stage 3 with
+    stage 3's change of it, in rounds where stage 3 distilled), and bytes per client."""
     by_kind: dict[str, list[dict]] = {}
     for client in record["clients"].values():
         by_kind.setdefault(client["kind"], []).append(client["metrics"])
@@ -42,6 +43,10 @@ def summarize_round(record: dict) -> dict[str, float]:
                 summary[f"{prefix}_{key}"] = mean(values)
     summary["server_r1_sum"] = record["server"]["r1_sum"]
     summary["server_rsum"] = record["server"]["rsum"]
+    server_diagnostics = record.get("diagnostics", {}).get("server", {})
+    if "r1_sum_before_stage3" in server_diagnostics:  # stage 3 distilled this round: what it did to the server
+        summary["server_r1_sum_before_stage3"] = server_diagnostics["r1_sum_before_stage3"]
+        summary["server_stage3_r1_sum_delta"] = server_diagnostics["stage3_r1_sum_delta"]
     per_client = [c for c in record["bytes"].values()]
     if per_client:
         summary["up_bytes_per_client"] = mean(sum(c.get("up", {}).values()) for c in per_client)

@@ -190,3 +190,47 @@ def test_local_baseline_shares_nothing(runs) -> None:
             # No features go up (a LOCAL upload carries metrics only) and no tower or features come down.
             assert sum(by_direction["up"].values()) < 4_000, client_id
             assert sum(by_direction["down"].values()) < 4_000, client_id
+
+
+def test_fedafd_rounds_carry_every_learning_diagnostic(runs) -> None:
+    records, _ = runs["fedafd"]
+    for record in records:
+        server = record["diagnostics"]["server"]
+        for modality in ("image", "text"):  # two devices per modality: the entropy is defined
+            assert 0.0 <= server[modality]["sed_entropy"] <= 1.0 + 1e-9
+            assert -1.0 <= server[modality]["teacher_cos"] <= 1.0
+        assert server["r1_sum_after_stage3"] == record["server"]["r1_sum"]
+        assert server["stage3_r1_sum_delta"] == pytest.approx(server["r1_sum_after_stage3"] - server["r1_sum_before_stage3"])
+        assert record["timings"]["diagnostics"] >= 0
+        for cid, client in record["clients"].items():
+            diagnostics = client["diagnostics"]
+            modalities = {"image-0": ("image",), "text-0": ("text",), "multimodal-0": ("image", "text")}[cid]
+            assert 0.0 <= diagnostics["disc_acc_intra"] <= 1.0 and 0.0 <= diagnostics["disc_acc_cross"] <= 1.0
+            for modality in modalities:
+                by_modality = diagnostics[modality]
+                assert set(by_modality) == {"gate1_mean", "gate1_std", "gate2_mean", "gate2_std", "upload_cos"}
+                assert 0.0 < by_modality["gate1_mean"] < 1.0 and 0.0 < by_modality["gate2_mean"] < 1.0
+            assert ("logit_norm" in diagnostics) == (cid != "multimodal-0")  # classification devices only
+            assert diagnostics["task_loss"] == client["losses"]["task"]
+            assert diagnostics["seconds"] >= 0
+            assert not any(key.startswith("diag_") for key in client["metrics"])  # filed apart from the metrics
+
+
+def test_local_and_ablations_report_only_the_diagnostics_of_what_ran(runs) -> None:
+    for record in runs["local"][0]:  # no BAA, no GFF, no teacher, no stage 3
+        assert record["diagnostics"]["server"] == {}
+        for client in record["clients"].values():
+            assert not any(key.startswith("disc_acc") for key in client["diagnostics"])
+            assert "image" not in client["diagnostics"] and "text" not in client["diagnostics"]
+            assert "task_loss" in client["diagnostics"]
+    for record in runs["no_baa"][0]:  # GFF without BAA: gates but no discriminators (and no G on the device)
+        for client in record["clients"].values():
+            assert "disc_acc_intra" not in client["diagnostics"]
+            assert any("gate1_mean" in v for v in client["diagnostics"].values() if isinstance(v, dict))
+    for record in runs["no_gff"][0]:  # BAA without GFF: discriminators, no gates
+        for client in record["clients"].values():
+            assert "disc_acc_intra" in client["diagnostics"]
+            assert not any("gate1_mean" in v for v in client["diagnostics"].values() if isinstance(v, dict))
+    for record in runs["no_sed"][0]:  # the plain mean: every weight equal, entropy 1
+        for modality in ("image", "text"):
+            assert record["diagnostics"]["server"][modality]["sed_entropy"] == pytest.approx(1.0)

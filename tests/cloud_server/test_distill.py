@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from fedafd.cloud_server.distill import TeacherFold, sed_scores
+from fedafd.cloud_server.distill import TeacherFold, sed_scores, weight_entropy
+from fedafd.runtime.diagnostics import mean_cosine
 from fedafd.runtime.losses import distillation_loss
 
 
@@ -165,3 +166,41 @@ def test_distillation_loss_is_gamma_times_mse():
     # Assert: 0.4 * 1.5 = 0.6; d/ds = gamma * 2 * (s - t) / 4 = 0.2 * (s - t)
     assert loss.item() == pytest.approx(0.6)
     torch.testing.assert_close(student.grad, torch.tensor([[0.2, -0.2], [0.4, 0.0]]))
+
+
+# -- diagnostics: the SED weights' normalised entropy and the teacher's cosine with G -------------------------
+def test_weight_entropy_of_equal_dominant_and_hand_computed_weights() -> None:
+    # Prepare
+    equal = torch.full((3, 5), 1 / 3)
+    dominant = torch.tensor([[1.0, 1.0 - 1e-9], [0.0, 1e-9]])
+    two = torch.tensor([[0.25, 0.5], [0.75, 0.5]])
+    # Execute / Assert: equal weights = the plain mean = 1; one client deciding = 0
+    assert weight_entropy(equal) == pytest.approx(1.0)
+    assert weight_entropy(dominant) == pytest.approx(0.0, abs=1e-7)
+    # -(1/4 ln 1/4 + 3/4 ln 3/4) / ln 2 = 0.811278 for sample 0, 1 for sample 1: mean 0.905639
+    assert weight_entropy(two) == pytest.approx((0.811278124 + 1.0) / 2, abs=1e-8)
+    assert weight_entropy(torch.ones(1, 4)) is None  # one client: log C = 0, undefined
+
+
+def test_teacher_fold_entropy_from_the_scores() -> None:
+    # Prepare: scores 0 and ln 3 give weights 1/4 and 3/4 on every sample
+    features = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]])
+    scores = torch.tensor([[0.0, 0.0], [math.log(3.0), math.log(3.0)]])
+    # Execute
+    fold = _fold(features, scores)
+    one = _fold(features[:1], scores[:1])
+    # Assert
+    assert fold.weight_entropy() == pytest.approx(0.811278124, abs=1e-8)
+    assert _fold(features, torch.zeros(2, 2)).weight_entropy() == pytest.approx(1.0)  # without SED: plain mean
+    assert one.weight_entropy() is None
+
+
+def test_teacher_cosine_with_the_server_features_by_hand() -> None:
+    # Prepare: equal scores, clients [1, 0] and [0, 1] -> teacher [0.5, 0.5] on both samples;
+    # the server's G is [1, 0] on sample 0 (cos 1/sqrt 2) and [1, 1]/sqrt 2 on sample 1 (cos 1).
+    features = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]])
+    server = torch.tensor([[1.0, 0.0], [1 / math.sqrt(2), 1 / math.sqrt(2)]])
+    # Execute
+    cosine = mean_cosine(_fold(features, torch.zeros(2, 2)).teacher(), server)
+    # Assert
+    assert cosine == pytest.approx((1 / math.sqrt(2) + 1) / 2)

@@ -53,7 +53,10 @@ def test_link_times_split_the_round_trip_into_the_devices_compute_and_the_rest()
 
 def test_the_record_holds_every_field_of_the_round_and_only_its_bytes() -> None:
     # Prepare: two uploads (one from a device gone since), a straggler, bytes of rounds 1 and 2.
-    outcome = RoundOutcome(uploads={"a": _upload("a", 1.0, top1=80.0), "gone": _upload("gone", 1.0)},
+    # Device a's diagnostics ride in its metrics under diag_ keys.
+    outcome = RoundOutcome(uploads={"a": _upload("a", 1.0, top1=80.0, **{"diag_disc_acc_intra": 0.75,
+                                                                          "diag_image.gate1_mean": 0.25}),
+                                    "gone": _upload("gone", 1.0)},
                            dropped={"c": Drop(DropReason.DEADLINE, "no upload by the round deadline (round_deadline_s=9)")},
                            arrived_at={"a": 11.0}, duplicates=1)
     counter = ByteCounter()
@@ -64,13 +67,18 @@ def test_the_record_holds_every_field_of_the_round_and_only_its_bytes() -> None:
     # Execute
     record = round_record(2, "fedafd", outcome, {"a": _client("a", "image", 10.0)}, ["a", "c"],
                           {"r1_sum": 3.0, "stage1_loss": 1.5, "distill_loss": 0.25}, {"image": {"a": 1.0}},
-                          rejected, True, 64, counter, {"features": "fp16", "tower": "fp32"}, {"stage1": 0.5})
+                          rejected, True, 64, counter, {"features": "fp16", "tower": "fp32"}, {"stage1": 0.5},
+                          server_diagnostics={"image": {"sed_entropy": 0.5}, "r1_sum_before_stage3": 2.0})
     # Assert
     assert record == {
         "round": 2, "strategy": "fedafd",
-        "clients": {"a": {"kind": "image", "metrics": {"top1": 80.0}, "losses": {"task": 0.5}, "train_seconds": 1.0},
-                    "gone": {"kind": "?", "metrics": {}, "losses": {"task": 0.5}, "train_seconds": 1.0}},
+        "clients": {"a": {"kind": "image", "metrics": {"top1": 80.0}, "losses": {"task": 0.5},
+                          "diagnostics": {"disc_acc_intra": 0.75, "image": {"gate1_mean": 0.25}, "task_loss": 0.5},
+                          "train_seconds": 1.0},
+                    "gone": {"kind": "?", "metrics": {}, "losses": {"task": 0.5}, "diagnostics": {"task_loss": 0.5},
+                             "train_seconds": 1.0}},
         "server": {"r1_sum": 3.0, "stage1_loss": 1.5, "distill_loss": 0.25},
+        "diagnostics": {"server": {"image": {"sed_entropy": 0.5}, "r1_sum_before_stage3": 2.0}},
         "sed_mean_weights": {"image": {"a": 1.0}},
         "selected": ["a", "c"],
         "dropped": {"c": "no upload by the round deadline (round_deadline_s=9)"},
@@ -89,3 +97,6 @@ def test_timed_records_the_seconds_of_its_block() -> None:
     with timed(timings, "stage3"):
         time.sleep(0.05)
     assert 0.05 <= timings["stage3"] < 5
+    with timed(timings, "stage3"):  # a stage timed in two blocks (stage 3 around the diagnostics) adds up
+        time.sleep(0.05)
+    assert 0.1 <= timings["stage3"] < 10

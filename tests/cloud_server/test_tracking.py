@@ -82,6 +82,26 @@ def test_tensorboard_has_every_rounds_numbers_from_metrics_jsonl(tracked) -> Non
     assert scalars["device/multimodal-0/sed_weight/text"][1][1] == pytest.approx(
         second["sed_mean_weights"]["text"]["multimodal-0"], rel=1e-6)
     assert scalars["timings/stage3"][0][1] == pytest.approx(first["timings"]["stage3"], rel=1e-6)
+    # The learning diagnostics: the server's under diagnostics/server/, each device's under device/<id>/diagnostics/.
+    for tag, path in (("diagnostics/server/image/sed_entropy", ("diagnostics", "server", "image", "sed_entropy")),
+                      ("diagnostics/server/text/teacher_cos", ("diagnostics", "server", "text", "teacher_cos")),
+                      ("diagnostics/server/r1_sum_before_stage3", ("diagnostics", "server", "r1_sum_before_stage3")),
+                      ("diagnostics/server/r1_sum_after_stage3", ("diagnostics", "server", "r1_sum_after_stage3")),
+                      ("device/image-0/diagnostics/disc_acc_intra", ("clients", "image-0", "diagnostics", "disc_acc_intra")),
+                      ("device/text-0/diagnostics/logit_norm", ("clients", "text-0", "diagnostics", "logit_norm")),
+                      ("device/text-0/diagnostics/task_loss", ("clients", "text-0", "diagnostics", "task_loss")),
+                      ("device/multimodal-0/diagnostics/text/gate2_mean",
+                       ("clients", "multimodal-0", "diagnostics", "text", "gate2_mean")),
+                      ("device/multimodal-0/diagnostics/image/upload_cos",
+                       ("clients", "multimodal-0", "diagnostics", "image", "upload_cos"))):
+        expected = []
+        for record in records:
+            for key in path:
+                record = record[key]
+            expected.append(record)
+        assert [value for _, value in scalars[tag]] == pytest.approx(expected, rel=1e-6), tag
+    assert scalars["diagnostics/server/r1_sum_after_stage3"][1][1] == pytest.approx(second["server"]["r1_sum"], rel=1e-6)
+    assert not any(tag.startswith("device/image-0/diag_") for tag in scalars)  # never among the metrics
     assert sorted(scalars) == sorted(flatten_record(second))
 
 
@@ -108,6 +128,10 @@ def test_mlflow_run_has_params_metrics_by_round_and_the_report(tracked, tmp_path
     assert [(m.step, m.value) for m in history] == [(r["round"], r["server"]["r1_sum"]) for r in records]
     task = client.get_metric_history(run.info.run_id, "device/image-0/loss/task")
     assert [m.value for m in task] == [r["clients"]["image-0"]["losses"]["task"] for r in records]
+    disc = client.get_metric_history(run.info.run_id, "device/text-0/diagnostics/disc_acc_cross")
+    assert [m.value for m in disc] == [r["clients"]["text-0"]["diagnostics"]["disc_acc_cross"] for r in records]
+    entropy = client.get_metric_history(run.info.run_id, "diagnostics/server/image/sed_entropy")
+    assert [m.value for m in entropy] == [r["diagnostics"]["server"]["image"]["sed_entropy"] for r in records]
     up = client.get_metric_history(run.info.run_id, "bytes/up/public_features")
     assert [m.value for m in up] == [sum(d["up"]["public_features"] for d in r["bytes_by_part"].values()) for r in records]
     assert json.loads((tracked["run_dir"] / MLFLOW_RUN_FILE).read_text())["run_id"] == run.info.run_id
@@ -160,7 +184,9 @@ def test_flatten_record_keys_and_sums() -> None:
         "round": 3, "strategy": "fedafd", "quorum_met": True, "duplicates": 1, "public_size": 48,
         "selected": ["a", "b/c"], "dropped": {"b/c": "silent"}, "rejected": [],
         "server": {"r1_sum": 12.5, "distill_loss": 0.25},
-        "clients": {"a": {"kind": "image", "metrics": {"top1": 40.0}, "losses": {"task": 1.5}, "train_seconds": 2.0}},
+        "clients": {"a": {"kind": "image", "metrics": {"top1": 40.0}, "losses": {"task": 1.5}, "train_seconds": 2.0,
+                          "diagnostics": {"disc_acc_intra": 0.5, "image": {"gate1_mean": 0.75}}}},
+        "diagnostics": {"server": {"image": {"sed_entropy": 0.25}, "r1_sum_before_stage3": 11.0}},
         "sed_mean_weights": {"image": {"a": 0.75}},
         "bytes_by_part": {"a": {"up": {"public_features": 100, "control": 10}, "down": {"global_tower": 7}},
                           "b/c": {"up": {"control": 5}, "down": {}}},
@@ -169,7 +195,9 @@ def test_flatten_record_keys_and_sums() -> None:
     }
     assert flatten_record(record) == {
         "server/r1_sum": 12.5, "server/distill_loss": 0.25,
+        "diagnostics/server/image/sed_entropy": 0.25, "diagnostics/server/r1_sum_before_stage3": 11.0,
         "device/a/top1": 40.0, "device/a/loss/task": 1.5, "device/a/train_seconds": 2.0,
+        "device/a/diagnostics/disc_acc_intra": 0.5, "device/a/diagnostics/image/gate1_mean": 0.75,
         "device/a/link/round_trip": 3.0, "device/a/link/compute": 2.0, "device/a/link/comm": 1.0,
         "device/a/sed_weight/image": 0.75,
         "device/a/bytes/up/public_features": 100.0, "device/a/bytes/up/control": 10.0,

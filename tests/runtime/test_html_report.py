@@ -18,12 +18,14 @@ from typer.testing import CliRunner
 
 from fedafd.cloud_server.cli import app as cloud_cli
 from fedafd.runtime.config import ClientConfig, ServerConfig, build_config, write_config
-from fedafd.runtime.html_report import format_value
+from fedafd.runtime.html_report import format_value, html_page
 from fedafd.runtime.report import read_metrics, summarize_round
 
 KINDS = ("image", "text", "multimodal")
-PLOTS = {"plot-metrics", "plot-server", "plot-bytes", "plot-cumulative", "plot-timings", "plot-sed"}
-SECTIONS = {"summary", "metrics", "server", "bandwidth", "timings", "sed", "dropped", "rejected"}
+DIAGNOSTIC_PLOTS = {"plot-diag-disc", "plot-diag-gates", "plot-diag-upload-cos", "plot-diag-task", "plot-diag-sed",
+                    "plot-diag-stage3"}
+PLOTS = {"plot-metrics", "plot-server", "plot-bytes", "plot-cumulative", "plot-timings", "plot-sed", *DIAGNOSTIC_PLOTS}
+SECTIONS = {"summary", "metrics", "server", "bandwidth", "timings", "sed", "diagnostics", "dropped", "rejected"}
 JUNK = [b"not a fedafd message"]
 DROP_REASON = "silent for 30s (heartbeat_timeout_s)"
 
@@ -156,6 +158,34 @@ def test_numbers_in_the_page_are_those_of_metrics_jsonl(page, run_dir: Path) -> 
     [rejected_row] = [row for row in parsed.rows["rejected-table"][1:] if row[1] == "text-0"]
     assert rejected_row[2:4] == [rejected[0]["code"], "1"]
     assert parsed.text_of["rejected"].startswith(f"Rejected messages ({sum(len(r['rejected']) for r in records)})")
+    # The learning diagnostics: the server's R@1 sum around stage 3 in the final numbers, and the last round's
+    # device diagnostics table, both metrics.jsonl's.
+    server = last["diagnostics"]["server"]
+    assert parsed.text_of["final-server_r1_sum_before_stage3"] == f"{server['r1_sum_before_stage3']:.2f}"
+    assert parsed.text_of["final-server_stage3_r1_sum_delta"] == f"{server['stage3_r1_sum_delta']:.2f}"
+    header, *rows = parsed.rows["diagnostics-table"]
+    table = {row[0]: dict(zip(header[1:], row[1:])) for row in rows}
+    assert set(table) == {"image-0", "text-0", "multimodal-0"}
+    image, multimodal = last["clients"]["image-0"]["diagnostics"], last["clients"]["multimodal-0"]["diagnostics"]
+    assert table["image-0"]["disc_acc_intra"] == f"{image['disc_acc_intra']:.3f}"
+    assert table["image-0"]["logit_norm"] == f"{image['logit_norm']:.3f}"
+    assert table["multimodal-0"]["text gate1_mean"] == f"{multimodal['text']['gate1_mean']:.3f}"
+    assert table["multimodal-0"]["logit_norm"] == "-"  # a retrieval device has no logits
+
+
+def test_a_run_without_diagnostics_skips_their_plots(run_dir: Path) -> None:
+    # Prepare: the run's records without any diagnostics (as a LOCAL run has no BAA, SED or stage 3, or a run
+    # from before the diagnostics existed)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    for record in records:
+        record.pop("diagnostics")
+        for client in record["clients"].values():
+            client.pop("diagnostics")
+    # Execute
+    parsed = _Page(html_page(records, {}, "no diagnostics"))
+    # Assert: every other plot is there, each diagnostic one is replaced by a note
+    assert set(parsed.images) == PLOTS - DIAGNOSTIC_PLOTS
+    assert "BAA did not run" in parsed.text_of["diagnostics"] and "stage 3 never distilled" in parsed.text_of["diagnostics"]
 
 
 CHECK_IMAGES = """<script>

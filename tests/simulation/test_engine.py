@@ -140,7 +140,7 @@ def _config(seed: int) -> ServerConfig:
     return build_config(ServerConfig, dict(values, **simulation_config(ServerConfig(), FLEET)))
 
 
-TIMING_KEYS = {"timings", "train_seconds", "compute_seconds", "comm", "compute", "round_trip"}
+TIMING_KEYS = {"timings", "train_seconds", "compute_seconds", "comm", "compute", "round_trip", "seconds"}
 
 
 def without_timings(value):
