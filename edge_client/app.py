@@ -260,6 +260,10 @@ class EdgeApp:
         if self.state.last_round >= 0:
             log.info("%s: resumed local state of run %s after round %d", c.client_id, self.run_id,
                      self.state.last_round)
+        elif not self.state_in_memory:  # the freshly initialised model waits on disk for the first round
+            save_state(self.state_dir, self.state, self._identity(self.feature_dim))
+        if not self.state_in_memory:
+            self.state = None
 
     def _load_state(self) -> ClientState:
         """The model, its optimisers and the server's towers: fresh, then overwritten by the saved state

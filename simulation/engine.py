@@ -28,6 +28,7 @@ from fedafd.cloud_server.fleet import client_ids, device_settings
 from fedafd.edge_client.app import EdgeApp
 from fedafd.runtime.config import ClientConfig, ServerConfig, load_config
 from fedafd.runtime.errors import FedafdError
+from fedafd.runtime.memory import compact_allocator
 from fedafd.runtime.transport import InprocHub
 from fedafd.runtime.turns import JOINING, SERVER
 
@@ -155,6 +156,7 @@ def run_simulation(server_config: ServerConfig, fleet: dict[str, int], run_dir: 
     """A whole federation in this process, up to `workers` devices training at once; returns the round
     records (also in RUN_DIR/metrics.jsonl). Devices keep their state in RUN_DIR/clients/<client id>, as
     with `serve --local`."""
+    compact_allocator()  # before the devices' threads: freed states go back to the system
     configs = device_configs(server_config, fleet, client_overrides)
     turns = SequentialTurns([c.client_id for c in configs], workers)
     hub = InprocHub()
