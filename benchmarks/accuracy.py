@@ -1,5 +1,5 @@
-"""Accuracy benchmark: LOCAL, LOCAL + backbone, FedAFD and its ablations and codecs, each a real
-multi-process federation, over several seeds.
+"""Accuracy benchmark: LOCAL, LOCAL + backbone, FedAFD and its ablations and codecs, each a whole
+federation, over several seeds.
 
     python -m fedafd.benchmarks.accuracy --quick --seeds 0,1,2       # the README's table
     python -m fedafd.benchmarks.accuracy --seeds 0                   # the paper's protocol: 40 rounds x 5 local epochs
@@ -7,13 +7,16 @@ multi-process federation, over several seeds.
     python -m fedafd.benchmarks.accuracy --quick --variants paper --seeds 0,1,2 # the paper's comparison table
 
 The paper's client mix (3 image, 3 text, 4 multimodal devices; Dirichlet alpha 0.1) runs once per
-variant and seed through `fedafd-cloud serve --local`. Every variant gets the same budget (rounds,
-local epochs, private samples, server epochs). Writes RESULTS-<setting>.md and results-<setting>.json
-in --out.
+variant and seed through `fedafd-cloud simulate` (--engine simulate, the default: one process, the same
+numbers every time) or `fedafd-cloud serve --local` (--engine processes: a process per device over
+ZeroMQ, the end-to-end check). Every variant gets the same budget (rounds, local epochs, private samples,
+server epochs). Writes RESULTS-<setting>.md and results-<setting>.json in --out; each federation's own
+output goes to RUN_DIR/log.txt, and a progress bar over the federations estimates the time left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import statistics
@@ -21,7 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Callable, Iterator
 
 import typer
 
@@ -91,22 +94,58 @@ COLUMNS = [
 BOUNDS = [("image_top1_bound", "image top-1 bound"), ("text_top1_bound", "text top-1 bound")]
 
 
-def run_variant(name: str, overrides: dict[str, str], run_dir: Path) -> dict:
-    """One federation; its per-round summaries and wall time."""
-    command = [sys.executable, "-m", "fedafd.cloud_server.cli", "serve", "--local", FLEET, "--out", str(run_dir)]
+ENGINES = {
+    "simulate": ["simulate", "--fleet", FLEET, "--workers", "2"],
+    "processes": ["serve", "--local", FLEET],
+}
+"""How a federation runs: the simulation engine, or a real process per device (fedafd-cloud's commands)."""
+
+
+def federation_command(engine: str, overrides: dict[str, str], run_dir: Path) -> list[str]:
+    """The fedafd-cloud command line of one federation; "client.KEY" is a device setting (--local-set)."""
+    command = [sys.executable, "-m", "fedafd.simulation.cli", *ENGINES[engine], "--out", str(run_dir)]
     for key, value in overrides.items():
-        # "client.KEY" is a device setting (ClientConfig), passed to every --local device.
         command += ["--local-set", f"{key[7:]}={value}"] if key.startswith("client.") else ["-c", f"{key}={value}"]
-    typer.echo(f"[{name}] {' '.join(command[2:])}", err=True)
+    return command
+
+
+def run_variant(name: str, overrides: dict[str, str], run_dir: Path, engine: str = "simulate") -> dict:
+    """One federation; its per-round summaries and wall time. Its own output goes to RUN_DIR/log.txt."""
+    command = federation_command(engine, overrides, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    # The federation's own output is progress: it goes to stderr, so stdout stays the report alone.
-    if subprocess.run(command, stdout=sys.stderr).returncode != 0:
-        typer.secho(f"error: the {name} federation failed; see {run_dir}/clients/*/log.txt", fg="red", err=True)
+    with open(run_dir / "log.txt", "w") as log:
+        log.write(" ".join(command[2:]) + "\n")
+        log.flush()
+        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+    if returncode != 0:
+        typer.secho(f"error: the {name} federation failed; see {run_dir}/log.txt"
+                    + (" and clients/*/log.txt" if engine == "processes" else ""), fg="red", err=True)
         raise typer.Exit(1)
     wall = time.perf_counter() - started
     records = read_metrics(run_dir / METRICS_FILE)
     return {"name": name, "overrides": overrides, "wall_seconds": wall,
             "rounds": [summarize_round(record) for record in records], "run_dir": str(run_dir)}
+
+
+@contextlib.contextmanager
+def federation_progress(total: int) -> Iterator[Callable[[str], None]]:
+    """A progress bar over the federations on stderr, with the time left estimated from those done; the
+    caller says which federation starts (each call after the first counts one as finished)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("left"), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as progress:
+        task = progress.add_task("federations", total=total)
+        started = [False]
+
+        def advance(what: str) -> None:
+            progress.update(task, advance=1 if started[0] else 0, description=what)
+            started[0] = True
+
+        yield advance
 
 
 def rounds_to_reach(rounds: list[dict], target: float) -> int | None:
@@ -180,9 +219,13 @@ def main(
                                                + ", ".join(KNOWN_VARIANTS))] = ",".join(VARIANTS),
     overrides: Annotated[list[str], typer.Option("-c", "--set", help="Extra key=value for every run.")] = [],
     fmt: Annotated[str, typer.Option("--format", help="text (a markdown table) or json (on stdout; progress on stderr)")] = "text",
+    engine: Annotated[str, typer.Option(help="simulate (one process, deterministic; the default) or processes "
+                                             "(serve --local: a process per device over ZeroMQ).")] = "simulate",
 ) -> None:
     if fmt not in ("text", "json"):
         raise typer.BadParameter(f"--format must be text or json, got {fmt!r}")
+    if engine not in ENGINES:
+        raise typer.BadParameter(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     setting = "quick" if quick else "full"
     paper = variants.strip() == "paper"
     chosen = list(PAPER) if paper else [v.strip() for v in variants.split(",") if v.strip()]
@@ -193,18 +236,23 @@ def main(
     extra = dict(item.split("=", 1) for item in overrides)
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {name: [] for name in chosen}
-    for seed in seed_list:
-        for name in chosen:
-            run_dir = (out / setting / ("paper" if paper else "") / f"seed{seed}"
-                       / name.replace(" ", "_").replace("/", "").replace("+", "plus"))
-            result = run_variant(name, {**SETTINGS[setting], **KNOWN_VARIANTS[name], **extra, "seed": str(seed)}, run_dir)
-            runs[name].append(dict(result, seed=seed))
+    with federation_progress(len(seed_list) * len(chosen)) as advance:
+        for seed in seed_list:
+            for name in chosen:
+                run_dir = (out / setting / ("paper" if paper else "") / f"seed{seed}"
+                           / name.replace(" ", "_").replace("/", "").replace("+", "plus"))
+                advance(f"{name}, seed {seed}")
+                result = run_variant(name, {**SETTINGS[setting], **KNOWN_VARIANTS[name], **extra, "seed": str(seed)},
+                                     run_dir, engine)
+                runs[name].append(dict(result, seed=seed))
+        advance("done")
     table = aggregate(runs)
     if paper:  # the paper's row order, with its two rows this runtime cannot pin down
         order = ["LOCAL", "FedMD", "FedGEMS", "CreamFL", "FedET", "FedMKD", "FedDFA", "FedCMI", "FedAFD"]
         table = {name: table[name] if name in table else {"not_run": NOT_RUN[name]} for name in order}
     tag = f"{setting}-paper" if paper else setting
     report = {"setting": setting, "settings": {**SETTINGS[setting], **extra}, "fleet": FLEET, "seeds": seed_list,
+              "engine": engine,
               "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
               "table": table, "runs": runs}
     (out / f"results-{tag}.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -10,7 +10,7 @@ in one run on this machine; the wall time of each whole command (start-up includ
 round's time goes (the stage timings of metrics.jsonl, the devices' compute inside collect), and how far
 apart the two runs' final numbers are for the same seed.
 
-memory: `simulate` with N adapter devices of mixed kinds (image, text, multimodal in 2:2:1), one round, each
+memory: `simulate` with N adapter devices of mixed kinds (image, text, multimodal in 3:3:1), one round, each
 N in a fresh process; its peak resident memory (ru_maxrss) against N, with a least-squares line whose slope
 is the memory per device beyond what is shared (the data sets, the backbones' cached features, torch).
 """
@@ -100,8 +100,8 @@ def speed(
 
 
 def memory_fleet(devices: int) -> str:
-    """N devices as image:text:multimodal 2:2:1."""
-    multimodal = max(devices // 5, 1)
+    """N devices as image:text:multimodal 3:3:1 (the 760 Tux Paint pairs give 300 devices' 43 at least 10 each)."""
+    multimodal = max(devices // 7, 1)
     image = (devices - multimodal + 1) // 2
     return f"image={image},text={devices - multimodal - image},multimodal={multimodal}"
 
@@ -113,7 +113,7 @@ def memory_one(devices: int, workers: int = 2) -> None:
         started = time.perf_counter()
         command = ["simulate", "--fleet", memory_fleet(devices), "--workers", str(workers), "--out", f"{tmp}/run",
                    "-c", "rounds=1", "-c", "local_epochs=1", "-c", "max_private=100", "-c", "max_test=100",
-                   # alpha 100: an even split, so that 60 multimodal devices each get 10 of the 760 pairs
+                   # alpha 100: an even split, so that 43 multimodal devices each get 10 of the 760 pairs
                    "-c", "alpha=100", *ADAPTERS]
         from fedafd.simulation.cli import fedafd_cloud
 
@@ -162,7 +162,7 @@ def _plot(results: list[dict], fit: dict, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(5, 3.5))
     axis.plot(devices, [r["peak_rss_mb"] for r in results], "o", label="measured")
     axis.plot(line, fit["slope"] * line + fit["intercept"], "--", label=f"fit: {fit['slope']:.2f} MB/device")
-    axis.set(xlabel="simulated devices (adapters, image:text:multimodal 2:2:1)", ylabel="peak RSS MB",
+    axis.set(xlabel="simulated devices (adapters, image:text:multimodal 3:3:1)", ylabel="peak RSS MB",
              title="fedafd-cloud simulate: memory")
     axis.set_ylim(bottom=0)
     axis.grid(alpha=0.3)

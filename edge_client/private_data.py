@@ -28,10 +28,17 @@ def load_private_data(kind: str, partition: int, num_partitions: int, alpha: flo
     of this kind given the same seed, then capped to `max_private` samples; the test split is shared.
     `backbones`: whose cached features to attach."""
     train = load_task_data(kind, "train", backbones)
-    assert train.labels is not None
-    shares = dirichlet_partition(train.labels, num_partitions, alpha, seed, min_size=min_size)
+    shares = _shares(kind, num_partitions, alpha, seed, min_size)
     mine = cap_indices(shares[partition], max_private, seed + 1 + partition)
     return PrivateData(train=train.select(mine), test=_test_split(kind, max_test, seed, backbones))
+
+
+@functools.lru_cache(maxsize=None)
+def _shares(kind: str, num_partitions: int, alpha: float, seed: int, min_size: int) -> list[np.ndarray]:
+    """Every device's rows of the kind's train split: the same split for all of them, drawn once per process."""
+    labels = load_task_data(kind, "train").labels
+    assert labels is not None
+    return dirichlet_partition(labels, num_partitions, alpha, seed, min_size=min_size)
 
 
 @functools.lru_cache(maxsize=None)

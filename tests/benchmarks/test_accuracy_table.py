@@ -31,3 +31,15 @@ def test_aggregate_means_spreads_and_rounds_to_locals_final_of_the_same_seed() -
 def test_rounds_to_reach_is_one_based_and_none_when_never() -> None:
     rounds = [{"server_r1_sum": v} for v in (1.0, 5.0, 4.0)]
     assert rounds_to_reach(rounds, 5.0) == 2 and rounds_to_reach(rounds, 6.0) is None
+
+
+def test_each_engine_runs_the_same_federation_with_device_settings_as_local_set(tmp_path) -> None:
+    from fedafd.benchmarks.accuracy import FLEET, federation_command
+
+    overrides = {"rounds": "2", "client.disc_lr": "1e-3"}
+    simulate = federation_command("simulate", overrides, tmp_path)
+    processes = federation_command("processes", overrides, tmp_path)
+    assert simulate[3:5] == ["simulate", "--fleet"] and simulate[5] == FLEET
+    assert processes[3:5] == ["serve", "--local"] and processes[5] == FLEET
+    for command in (simulate, processes):
+        assert command[-6:] == ["--out", str(tmp_path), "-c", "rounds=2", "--local-set", "disc_lr=1e-3"]
