@@ -126,7 +126,9 @@ def make_states(folder: Path, feature_dim: int, max_private: int, labels: list[s
     from fedafd.edge_client.model import GlobalTowers, LocalModel
     from fedafd.edge_client.private_data import load_private_data
     from fedafd.edge_client.state import STATE_CONFIG_FILE, STATE_FILE, ClientState, save_state
-    from fedafd.edge_client.training import Optimizers, RoundPlan, train_round
+    from fedafd.edge_client.objectives import objective_for
+    from fedafd.edge_client.training import Optimizers, prepare_round, train_round
+    from fedafd.runtime.methods import MethodSettings
     from fedafd.runtime.models import backbone_of, build_encoder
 
     states = []
@@ -144,8 +146,9 @@ def make_states(folder: Path, feature_dim: int, max_private: int, labels: list[s
         flat = {f"{m}.{k}": v for m in archs for k, v in build_encoder(m, archs[m], feature_dim).state_dict().items()}
         towers.load(1, archs, flat)
         optimizers = Optimizers.create(model, 1e-3, 1e-3)
-        train_round(model, optimizers, towers, private.train, None, RoundPlan(0, 2, False, True, 0.5), 32, 0,
-                    torch.device("cpu"))
+        settings = MethodSettings("fedafd", gff=True, beta=0.5)  # GFF, no BAA
+        train_round(objective_for(prepare_round(model, optimizers, towers, private.train, settings, 0, 2, 32, 0,
+                                                torch.device("cpu"))))
         state_dir.mkdir(parents=True, exist_ok=True)
         save_state(state_dir, ClientState(model, optimizers, towers, last_round=0),
                    {"client_id": f"{label}-0", "kind": kind, "image_arch": image_arch, "text_arch": text_arch,

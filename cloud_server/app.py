@@ -24,7 +24,7 @@ from fedafd.cloud_server.distributed import ONE_PROCESS, Ranks
 from fedafd.cloud_server.persistence import restore_run, save_round, server_tensors
 from fedafd.cloud_server.round_record import Drop, DropReason, RoundOutcome, quorum_met, round_record, timed
 from fedafd.cloud_server.stages import (
-    GlobalModel, build_optimizers, distill_epoch, evaluate_retrieval, extract_features, train_contrastive_epoch,
+    GlobalModel, build_optimizers, evaluate_retrieval, extract_features,
 )
 from fedafd.cloud_server.strategies import build_strategy
 from fedafd.runtime.accounting import ByteCounter
@@ -37,7 +37,9 @@ from fedafd.runtime.diagnostics import mean_cosine
 from fedafd.runtime.errors import FedafdError
 from fedafd.runtime.messaging import Received, ServerMessenger
 from fedafd.runtime.methods import MethodSettings
-from fedafd.runtime.torch_utils import OwnRandom, configure_threads, derived_seed, resolve_device, seeded_generator
+from fedafd.runtime.torch_utils import (
+    OwnRandom, configure_threads, derived_seed, resample_seed, resolve_device, round_seed, seeded_generator,
+)
 from fedafd.runtime.turns import FREE_TURNS, SERVER, Turns
 from fedafd.runtime.transport import PeerGone, ServerTransport
 from fedafd.runtime.wire import MODALITIES, Ack, Bye, FeatureUpload, Join, Message, RoundStart, new_msg_id, new_run_id
@@ -96,8 +98,6 @@ class ServerApp:
                                      config.contrastive_loss, config.adapter_dropout).to(self.device)
         backbones = tuple(sorted(set(self.model.backbones().values())))
         self.backbone_digests = {name: backbone_digest(name) for name in backbones}
-        self.consensus: dict[str, torch.Tensor] = {}
-        """FedMD: the last round's teachers, sent down for the devices' digest (and checkpointed)."""
         self.run_id = new_run_id()
         """The federation's id, sent in every Welcome; a resumed run keeps its checkpoint's."""
         saved = self._restore() if resume else None  # run_id, next_round, the model; the optimisers' state below
@@ -113,6 +113,8 @@ class ServerApp:
                 self.distill_optimizer.load_state_dict(saved["distill_optimizer"])
             ranks.setup(config_to_dict(config), self.model, (self.optimizer, self.distill_optimizer))
             self.strategy = build_strategy(config)
+            if saved is not None:  # a checkpoint converted from format 2 holds no method state
+                self.strategy.load_state_tensors(dict(saved.get("consensus", {})))
 
     @property
     def clients(self) -> dict[str, ClientRecord]:
@@ -262,7 +264,7 @@ class ServerApp:
         c = self.config
         self.admission.round_in_progress = round_
         self.messenger.current_round = round_
-        generator = seeded_generator(c.seed * 1_000_003 + round_)
+        generator = seeded_generator(round_seed(c.seed, round_))
         if c.public_resample and c.public_size:
             self._resample_public(round_)
         self.ranks.start_round(round_, self.public_rows, generator)
@@ -273,9 +275,7 @@ class ServerApp:
         features G per modality, (P, d) on the CPU)."""
         c = self.config
         self.on_stage(f"round {round_ + 1}/{c.rounds}: stage 1, training the global encoders on {len(self.public)} public pairs")
-        stage1_loss = 0.0
-        for _ in range(c.server_epochs):
-            stage1_loss = train_contrastive_epoch(self.model, self.optimizer, self.public, c.batch_size, generator, self.device,
+        stage1_loss = self.strategy.train_public(self.model, self.optimizer, self.public, generator, self.device,
                                                   self.ranks)
         global_features = {m: extract_features(self.model.encoders[m], self.public, m, self.device, ranks=self.ranks).cpu()
                            for m in MODALITIES}
@@ -300,15 +300,14 @@ class ServerApp:
                   ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
         """Stage 3 (SED), its first half: with the quorum met, each modality's teacher folded from the round's
         uploads, on the server's device and shared with the other ranks; (the teachers, the mean SED weight
-        per modality and client). FedMD keeps the teachers as the next round's consensus."""
+        per modality and client). The strategy keeps what it carries to the next round (FedMD's consensus)."""
         c, settings = self.config, live.settings
         self.on_stage(f"round {round_ + 1}/{c.rounds}: stage 3, distilling from {len(live.outcome.uploads)} uploads")
         sed_mean_weights, teachers = {}, {}
         if settings.uplink and quorum:
             teachers = {m: fold.teacher() for m, fold in live.folds.items() if len(fold)}
             sed_mean_weights = {m: fold.mean_weights() for m, fold in live.folds.items() if len(fold)}
-            if settings.digest == "consensus":  # FedMD: this round's teachers are next round's consensus
-                self.consensus = {m: t.cpu() for m, t in teachers.items()}
+            self.strategy.keep(teachers)
         teachers = {m: t.to(self.device) for m, t in self.ranks.share_teachers(teachers).items()}
         return teachers, sed_mean_weights
 
@@ -332,32 +331,28 @@ class ServerApp:
     def _distil(self, teachers: dict[str, torch.Tensor], generator: torch.Generator) -> float:
         """Stage 3, its second half: the teachers distilled into the global encoders, distill_epochs epochs;
         the last epoch's loss (0.0 without teachers: no stage 3)."""
-        c = self.config
-        distill_loss = 0.0
-        for _ in range(c.distill_epochs):  # no teachers: no stage 3
-            distill_loss = distill_epoch(self.model, self.distill_optimizer, self.public, teachers, c.gamma,
-                                         c.batch_size, generator, self.device, self.ranks)
-        return distill_loss
+        return self.strategy.distil(self.model, self.distill_optimizer, self.public, teachers, generator, self.device,
+                                    self.ranks)
 
     def _send_round_start(self, client: ClientRecord, round_: int, tower_version: int,
                           global_features: dict[str, torch.Tensor], settings: MethodSettings) -> bool:
         c = self.config
-        tower_modalities, feature_modalities = self._downlink_plan(client, settings)
+        plan = self.strategy.downlink(client.modalities, settings, self.model, len(self.public))
         tower: dict[str, np.ndarray] = {}
         if client.tower_version_sent != tower_version:  # only when they changed
-            tower = {k: v.numpy() for k, v in self.model.tower_state(tower_modalities).items()}
+            tower = {k: v.numpy() for k, v in self.model.tower_state(plan.towers).items()}
         backbones = self.model.backbones()
         message = RoundStart(
             round=round_,
             local_epochs=c.local_epochs,
             tower_version=tower_version,
             public_indices=self.public_rows.astype(np.int64),
-            global_features={m: global_features[m].numpy() for m in feature_modalities},
+            global_features={m: global_features[m].numpy() for m in plan.global_features},
             tower=tower,
-            tower_arch={m: self.model.archs[m] for m in tower_modalities},
+            tower_arch={m: self.model.archs[m] for m in plan.towers},
             settings=settings,
-            consensus={m: f.numpy() for m, f in self.consensus.items()} if settings.digest == "consensus" else {},
-            backbones={backbones[m]: self.backbone_digests[backbones[m]] for m in tower_modalities if m in backbones},
+            consensus=plan.consensus,
+            backbones={backbones[m]: self.backbone_digests[backbones[m]] for m in plan.towers if m in backbones},
         )
         client.round_start_sent_at = time.monotonic()
         codecs = {"global_features": wire_codec(c.feature_codec), "consensus": wire_codec(c.feature_codec),
@@ -369,22 +364,6 @@ class ServerApp:
             client.tower_version_sent = tower_version if tower else client.tower_version_sent
             return True
         return False
-
-    def _downlink_plan(self, client: ClientRecord, settings: MethodSettings) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """(towers, features) a client gets: the towers of its modalities when it fuses (GFF), and when the
-        method needs the global features G of the public set (BAA, CreamFL, a digest toward the server) G of
-        both modalities, each either as the (P, d) tensor or, where that is fewer numbers, as the tower the
-        device computes G with from the public set it holds (an adapter over a frozen backbone is a quarter
-        of G_img's size at d = 256)."""
-        towers = list(client.modalities) if settings.gff else []
-        if not settings.needs_global_features:
-            return tuple(towers), ()
-        for modality in MODALITIES:
-            tower_size = sum(t.numel() for t in self.model.encoders[modality].state_dict().values())
-            if modality not in towers and tower_size < len(self.public) * self.config.feature_dim:
-                towers.append(modality)
-        towers.sort(key=MODALITIES.index)
-        return tuple(towers), tuple(m for m in MODALITIES if m not in towers)
 
     def _collect(self, round_: int, selected: list[str], outcome: RoundOutcome) -> RoundOutcome:
         """Uploads until every selected client answered, or the deadline; silent or dead clients drop
@@ -497,20 +476,19 @@ class ServerApp:
 
     def _resample_public(self, round_: int) -> None:
         """public_resample: a fresh subset of public_size rows this round, the same for every client."""
-        rows = cap_indices(np.arange(len(self.public_all)), self.config.public_size, self.config.seed * 7907 + round_ + 1)
+        rows = cap_indices(np.arange(len(self.public_all)), self.config.public_size, resample_seed(self.config.seed, round_))
         self.public_rows = np.sort(rows)
         self.public = self.public_all.select(self.public_rows)
 
     # -- persistence ----------------------------------------------------------------------------
     def _checkpoint_tensors(self) -> dict:
-        return server_tensors(self.model, self.optimizer, self.distill_optimizer, self.consensus)
+        return server_tensors(self.model, self.optimizer, self.distill_optimizer, self.strategy.state_tensors())
 
     def _restore(self) -> dict:
         """The run id, the model and next_round from the checkpoint (persistence.restore_run); returns its
         tensors, whose optimiser states the caller loads once the optimisers exist."""
         tensors, meta = restore_run(self.run_dir, self.config)
         self.model.load_state_dict(tensors["model"])
-        self.consensus = dict(tensors.get("consensus", {}))  # a checkpoint converted from format 2 has none
         self.run_id = meta["run_id"]
         self.next_round = meta["round"] + 1
         return tensors

@@ -269,7 +269,7 @@ def data_fetch() -> None:
     setup_logging(False)
     with cli_errors():
         from fedafd.runtime.data.datasets import prepare_all
-        from fedafd.runtime.data.features import build_feature_caches
+        from fedafd.runtime.data.modal import build_feature_caches
         from fedafd.runtime.data.fetch import fetch
 
         fetch()

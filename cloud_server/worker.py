@@ -18,7 +18,7 @@ from fedafd.cloud_server.stages import (
 )
 from fedafd.runtime.config import ServerConfig, build_config
 from fedafd.runtime.data.modal import ModalData, load_public_data
-from fedafd.runtime.torch_utils import configure_threads
+from fedafd.runtime.torch_utils import configure_threads, rank_seed
 from fedafd.runtime.wire import MODALITIES
 
 log = logging.getLogger("fedafd.cloud.worker")
@@ -46,7 +46,7 @@ def serve_worker(ranks: Ranks, public_all: ModalData | None = None, public_test:
         public_all = public_all if public_all is not None else load_public_data("train", backbones)
         public_test = public_test if public_test is not None else load_public_data("test", backbones)
         ranks.replicate(model)
-        torch.manual_seed(config.seed * 1_000_003 + ranks.rank)  # rank 0 keeps its stream: dropout masks differ per rank
+        torch.manual_seed(rank_seed(config.seed, ranks.rank))  # rank 0 keeps its stream: dropout masks differ per rank
         while True:
             round_, public_rows, generator_state = ranks.receive_round()
             public = public_all.select(public_rows.numpy())

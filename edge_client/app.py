@@ -17,9 +17,8 @@ from fedafd.edge_client.private_data import load_private_data
 from fedafd.edge_client.state import (
     STATE_CONFIG_FILE, STATE_ROOT, ClientState, StateError, load_state, save_state, state_folder,
 )
-from fedafd.edge_client.training import (
-    Optimizers, RoundPlan, evaluate, global_public_features, public_features, train_round,
-)
+from fedafd.edge_client.objectives import objective_for
+from fedafd.edge_client.training import G_from_towers, Optimizers, evaluate, prepare_round, train_round
 from fedafd.runtime.accounting import ByteCounter
 from fedafd.runtime.messaging import ClientMessenger
 from fedafd.runtime.codecs import wire_codec
@@ -30,7 +29,9 @@ from fedafd.runtime.data.modal import ModalData, load_public_data
 from fedafd.runtime.diagnostics import DIAG_PREFIX, diagnostics_to_metrics, mean_cosine
 from fedafd.runtime.backbones import backbone_digest, modality_backbones
 from fedafd.runtime.models import count_parameters, use_dropout_generator
-from fedafd.runtime.torch_utils import OwnRandom, configure_threads, derived_seed, resolve_device, seeded_generator
+from fedafd.runtime.torch_utils import (
+    OwnRandom, configure_threads, derived_seed, device_seed, resolve_device, seeded_generator,
+)
 from fedafd.runtime.turns import FREE_TURNS, JOINING, Turns
 from fedafd.runtime.transport import ClientTransport, TransportError
 from fedafd.runtime.wire import (
@@ -321,34 +322,15 @@ class EdgeApp:
             copied = state.model.start_from(state.towers, {"image": c.image_arch, "text": c.text_arch})
             log.info("%s: local encoder(s) %s start from the server's towers", c.client_id, list(copied) or "none")
         rows = torch.from_numpy(np.array(start.public_indices, dtype=np.int64))
+        needs = settings.needs()
         # G of a modality the server did not send is computed here from its tower (cheaper on the wire).
-        sent = {m: torch.from_numpy(np.array(f, dtype=np.float32)) for m, f in start.global_features.items()}
-        missing = tuple(m for m in MODALITIES
-                        if settings.needs_global_features and m not in sent and state.towers.has(m))
-        public_global = {**sent, **global_public_features(state.towers, self.public, rows, missing, self.device)}
-        if settings.needs_global_features and set(public_global) != set(MODALITIES):
+        G = {m: torch.from_numpy(np.array(f, dtype=np.float32)) for m, f in start.global_features.items()}
+        missing = tuple(m for m in MODALITIES if needs.global_features and m not in G and state.towers.has(m))
+        G.update(G_from_towers(state.towers, self.public, rows, missing, self.device))
+        if needs.global_features and set(G) != set(MODALITIES):
             raise EdgeError(f"the server's {settings.strategy} needs the global features of both modalities, "
-                            f"RoundStart gave {sorted(public_global)}")
+                            f"RoundStart gave {sorted(G)}")
         consensus = {m: torch.from_numpy(np.array(f, dtype=np.float32)) for m, f in start.consensus.items()}
-        digest_source = {"none": {}, "consensus": consensus, "global": public_global}[settings.digest]
-        plan = RoundPlan(
-            round=start.round,
-            local_epochs=start.local_epochs,
-            baa=settings.baa,
-            gff=settings.gff,
-            beta=settings.beta,
-            public_features=public_global,
-            public_rows=rows,
-            real_label=settings.real_label,
-            # Round 0 of FedMD has no consensus yet: no digest.
-            digest_targets={m: f for m, f in digest_source.items() if m in state.model.modalities},
-            digest_weight=settings.digest_weight,
-            contrast_weight=settings.contrast_weight,
-            contrast_temperature=settings.contrast_temperature,
-            # FedCMI's projector serves a classifier; a retrieval device trains without it.
-            infiltration_weight=settings.infiltration_weight if state.model.head is not None else 0.0,
-            dominant_modality=settings.dominant_modality,
-        )
         last_beat = [time.monotonic()]
 
         def heartbeat() -> None:
@@ -358,18 +340,21 @@ class EdgeApp:
 
         started = time.perf_counter()
         diagnostics = DeviceDiagnostics()
-        losses = train_round(state.model, state.optimizers, state.towers, self.private.train, self.public, plan,
-                             c.batch_size, c.seed * 7919 + c.partition, self.device, heartbeat, diagnostics)
+        round_ = prepare_round(state.model, state.optimizers, state.towers, self.private.train, settings, start.round,
+                               start.local_epochs, c.batch_size, device_seed(c.seed, c.partition), self.device,
+                               self.public, rows, G, consensus, diagnostics)
+        objective = objective_for(round_)
+        losses = train_round(objective, heartbeat)
         train_seconds = time.perf_counter() - started
-        metrics = evaluate(state.model, state.towers, self.private.test, plan.gff, self.device,
+        metrics = evaluate(state.model, state.towers, self.private.test, settings.gff, self.device,
                            torch.from_numpy(self.private.train.labels), diagnostics)
         # The model's size travels with the metrics so the server can price FedAvg for the same model.
         metrics["num_params"] = float(count_parameters(state.model))
-        uploads = public_features(state.model, self.public, rows, self.device) if settings.uplink else {}
+        uplink = objective.uplink()
         with diagnostics.timing():  # how close what goes up is to the server's G of the same rows, when held
-            for modality, features in uploads.items():
-                if modality in public_global:
-                    diagnostics.put("upload_cos", mean_cosine(features, public_global[modality]), modality)
+            for modality, features in uplink.items():
+                if modality in G:
+                    diagnostics.put("upload_cos", mean_cosine(features, G[modality]), modality)
         # Diagnostics ride in the metrics under diag_ keys (no wire change); the server files them apart.
         metrics.update(diagnostics_to_metrics(diagnostics.result()))
         # Training + evaluation + feature extraction: what the server subtracts from the round trip to
@@ -379,7 +364,7 @@ class EdgeApp:
         save_state(self.state_dir, state, self._identity(state.towers.feature_dim))
         upload = FeatureUpload(
             round=start.round, client_id=c.client_id,
-            features={m: f.numpy().astype(np.float32, copy=False) for m, f in uploads.items()},
+            features={m: f.numpy().astype(np.float32, copy=False) for m, f in uplink.items()},
             metrics=metrics, losses=losses, train_seconds=train_seconds,
         )
         self._last_upload = SentUpload(start_id, upload, new_msg_id(), {"features": self._uplink_codec(settings)})

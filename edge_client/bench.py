@@ -13,10 +13,10 @@ import torch
 
 from fedafd.edge_client.model import GlobalTowers, LocalModel
 from fedafd.edge_client.private_data import load_private_data
-from fedafd.edge_client.training import (
-    Optimizers, PublicBatch, RoundPlan, global_features, public_features, train_step,
-)
+from fedafd.edge_client.objectives import objective_for
+from fedafd.edge_client.training import Optimizers, prepare_round, train_step, uplink_features
 from fedafd.runtime.config import ClientConfig, ServerConfig
+from fedafd.runtime.methods import MethodSettings
 from fedafd.runtime.data.modal import load_public_data
 from fedafd.runtime.models import backbone_of, build_encoder, count_parameters
 from fedafd.runtime.wire import MODALITIES_OF_KIND
@@ -50,19 +50,18 @@ def run_bench(config: ClientConfig, onnx_dir: Path | None, graphs: list[dict], o
     towers = GlobalTowers(feature_dim, device)
     flat = {f"{m}.{k}": v for m in model.modalities for k, v in build_encoder(m, archs[m], feature_dim).state_dict().items()}
     towers.load(1, {m: archs[m] for m in model.modalities}, flat)
-    cache = global_features(towers, private.train, model.modalities, device)
     batch = config.batch_size
     private_rows = torch.arange(min(batch, len(private.train)))
     public_rows = torch.arange(batch)
-    public_batch = PublicBatch(
-        data=public, rows=public_rows,
-        global_features={m: torch.nn.functional.normalize(torch.randn(batch, feature_dim), dim=1).to(device)
-                         for m in ("image", "text")})  # D_cr compares with the other modality's G
+    G = {m: torch.nn.functional.normalize(torch.randn(batch, feature_dim), dim=1).to(device)
+         for m in ("image", "text")}  # D_cr compares with the other modality's G
+    settings = MethodSettings("fedafd", baa=True, gff=True, beta=0.5)
+    objective = objective_for(prepare_round(model, optimizers, towers, private.train, settings, 0, 1, batch, 0, device,
+                                            public, public_rows, G))
     model.train()
-    step_s = time_per_call(lambda: train_step(model, optimizers, private.train, private_rows, cache, public_batch,
-                                              RoundPlan(0, 1, baa=True, gff=True, beta=0.5), device), steps)
+    step_s = time_per_call(lambda: train_step(objective, private_rows, public_rows), steps)
     extract_rows = torch.arange(min(256, len(public)))
-    extract_s = time_per_call(lambda: public_features(model, public, extract_rows, device), 3, warmup=1)
+    extract_s = time_per_call(lambda: uplink_features(model, public, extract_rows, device), 3, warmup=1)
     measured = {
         "train_ms_per_sample": 1000 * step_s / len(private_rows),
         "extract_ms_per_sample": 1000 * extract_s / len(extract_rows),

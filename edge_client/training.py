@@ -1,47 +1,25 @@
-"""Stage 2 on a device: the task loss over the private data (with GFF), and whatever the method adds over
-the public set: BAA (FedAFD), a digest pass (FedMD, FedGEMS, FedET), contrastive regularisers (CreamFL).
-No sockets here."""
+"""Stage 2 on a device, as plain functions without sockets: the task loss over the private data (through GFF),
+the loop of E local epochs that a method's objective (edge_client/objectives) fills in, one pass over the
+public set, the uplink's features, and evaluation."""
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedafd.edge_client.alignment import discriminator_step, generator_loss
-from fedafd.edge_client.diagnostics import DeviceDiagnostics, DiscriminatorTally, logit_norm
+from fedafd.edge_client.diagnostics import DeviceDiagnostics, logit_norm
 from fedafd.edge_client.model import GlobalTowers, LocalModel
 from fedafd.runtime.data.modal import ModalData
-from fedafd.runtime.losses import distillation_loss, info_nce
+from fedafd.runtime.losses import info_nce
+from fedafd.runtime.methods import MethodSettings
 from fedafd.runtime.retrieval import held_rows, personalised_accuracy, retrieval_metrics
-from fedafd.runtime.torch_utils import batch_indices, seeded_generator
-from fedafd.runtime.wire import other_modality
-
-
-@dataclass(frozen=True)
-class RoundPlan:
-    """What the server asked for this round (RoundStart), in the form training needs."""
-
-    round: int
-    local_epochs: int
-    baa: bool
-    gff: bool
-    beta: float
-    public_features: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (P, d) global features
-    public_rows: torch.Tensor | None = None  # (P,) rows of the public train split, in the order of the features
-    real_label: float = 1.0  # the discriminators' target for real features (below 1: label smoothing)
-    digest_targets: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (P, d) to regress toward first
-    digest_weight: float = 0.0
-    contrast_weight: float = 0.0  # CreamFL's inter- + intra-modal regularisers (0: off)
-    contrast_temperature: float = 1.0
-    infiltration_weight: float = 0.0  # FedCMI's infiltration projector (0: off)
-    dominant_modality: str = "text"  # whose global features FedCMI's infiltration projector is distilled toward
+from fedafd.runtime.torch_utils import batch_indices, round_seed, seeded_generator
 
 
 @dataclass
@@ -69,15 +47,16 @@ def retrieval_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.T
     return info_nce(image, text, logit_scale.clamp(max=math.log(100.0)).exp())
 
 
-def task_loss(model: LocalModel, data: ModalData, rows: torch.Tensor, global_cache: dict[str, torch.Tensor],
+def task_loss(model: LocalModel, data: ModalData, rows: torch.Tensor, f_g: dict[str, torch.Tensor],
               device: torch.device) -> torch.Tensor:
-    """Cross-entropy on the fused feature (classification) or InfoNCE between the L2-normalised fused
-    features (retrieval), through LocalModel.head_outputs like evaluation and the ONNX graph."""
+    """Cross-entropy on the fused feature z (classification) or InfoNCE between the L2-normalised fused
+    features (retrieval), through LocalModel.head_outputs like evaluation and the ONNX graph. `f_g`: the
+    frozen global tower's features of `data` by modality (GFF; without them z is f_l)."""
     outputs = {}
     for modality in model.modalities:
-        local = model.encode(modality, data, rows, device)  # (B, d)
-        global_ = global_cache[modality][rows.to(global_cache[modality].device)] if modality in global_cache else None
-        outputs[modality] = model.head_outputs(modality, local, global_)[1]
+        f_l = model.encode(modality, data, rows, device)  # (B, d)
+        g = f_g[modality][rows.to(f_g[modality].device)] if modality in f_g else None
+        outputs[modality] = model.head_outputs(modality, f_l, g)[1]
     if model.head is not None:
         (logits,) = outputs.values()
         return F.cross_entropy(logits, data.label_batch(rows, device))
@@ -97,85 +76,108 @@ def evaluation_mode(module: torch.nn.Module) -> Iterator[None]:
             m.training = training
 
 
-@dataclass(frozen=True)
-class PublicBatch:
-    """A batch of public pairs with the server's global features of the same rows."""
+@dataclass
+class DeviceRound:
+    """What one round of local training works on: the device's model and data, the server's settings and the
+    tensors it sent (or that were computed from what it sent). Names as in method.md."""
 
-    data: ModalData  # the public set
-    rows: torch.Tensor  # (B,) rows of `data`
-    global_features: dict[str, torch.Tensor]  # modality -> (B, d)
-
-
-def creamfl_regularisers(local: torch.Tensor, old_local: torch.Tensor, positions: torch.Tensor, modality: str,
-                         global_features: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
-    """CreamFL's regularisers of a device's public features (B, d) of `modality` at `positions` of the public
-    rows. Inter-modal: cross-entropy over all P of <z_k, g_j^other> / T, the target its own pair. Intra-modal
-    (MOON's form): the server's feature of the same sample is the positive, and the feature this device's
-    encoder gave at the start of the round (`old_local`) is the negative."""
-    inter = F.cross_entropy(local @ global_features[other_modality(modality)].T / temperature, positions)
-    own = global_features[modality][positions]
-    pair = torch.stack([(local * own).sum(1), (local * old_local).sum(1)], dim=1) / temperature  # (B, 2)
-    intra = F.cross_entropy(pair, torch.zeros(len(local), dtype=torch.long, device=local.device))
-    return inter + intra
-
-
-def class_temperatures(model: LocalModel, private: ModalData, device: torch.device) -> torch.Tensor:
-    """FedCMI's class-wise temperatures (C,), once per round on the private training data: with r_c the mean
-    true-class probability through the infiltration projector over that through the encoder's own feature,
-    T_c = 1 / (1 + 2 log(r_c / mean r)) where r_c is above the mean, else 1, so the distillation is sharper for
-    the classes where the dominant modality's knowledge already serves the device better."""
-    rows = torch.arange(len(private))
-    with torch.no_grad(), evaluation_mode(model):
-        (modality,) = model.modalities
-        local = encode_all(lambda r: model.encode(modality, private, r, device), len(private))
-        labels = private.label_batch(rows, device)
-        own = torch.softmax(model.head(local), 1).gather(1, labels[:, None]).squeeze(1)
-        infiltrated = torch.softmax(model.head(model.infiltrate(local)), 1).gather(1, labels[:, None]).squeeze(1)
-    classes = model.head.out_features
-    count = torch.bincount(labels, minlength=classes).clamp_min(1)
-    ratio = (torch.bincount(labels, infiltrated, classes) / count) / (torch.bincount(labels, own, classes) / count).clamp_min(1e-6)
-    present = torch.bincount(labels, minlength=classes) > 0
-    mean = ratio[present].mean()
-    sharpen = present & (ratio > mean)
-    temperatures = torch.ones(classes, device=device)
-    temperatures[sharpen] = 1.0 / (1.0 + 2.0 * torch.log(ratio[sharpen] / mean))
-    return temperatures
+    round: int
+    local_epochs: int
+    settings: MethodSettings
+    model: LocalModel
+    optimizers: Optimizers
+    private: ModalData
+    batch_size: int
+    generator: torch.Generator
+    """The round's shuffles (private batches, public batches, public passes), drawn in the order they run."""
+    device: torch.device
+    public: ModalData | None = None
+    public_rows: torch.Tensor | None = None
+    """(P,) rows of the public train split, in the order of G and of the uplink."""
+    G: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Modality -> (P, d): the server's global public features (settings.needs().global_features)."""
+    consensus: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Modality -> (P, d): last round's teacher (FedMD)."""
+    f_g: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Modality -> (N, d): the frozen global tower's features of the private data, computed once (GFF)."""
+    diagnostics: DeviceDiagnostics | None = None
 
 
-def train_step(model: LocalModel, optimizers: Optimizers, private: ModalData, private_rows: torch.Tensor,
-               global_cache: dict[str, torch.Tensor], public_batch: PublicBatch | None, plan: RoundPlan,
-               device: torch.device, tally: DiscriminatorTally | None = None) -> dict[str, float]:
-    """One step. With a public batch (BAA): one discriminator step, then the local model's step on L_task
-    plus L_G against the freshly updated discriminators; FedCMI adds its infiltration projector's
-    cross-entropy on the same private batch. Returns the loss parts by name. `tally` (diagnostics) counts
-    the discriminators' right calls on the discriminator step's logits."""
-    parts = {"task": 0.0}
-    extra = torch.zeros((), device=device)  # what the method adds to L_task
-    if public_batch is not None:
-        # The public features are computed exactly as the uplink computes them (eval mode: running
-        # BatchNorm statistics, no dropout), so the discriminators judge, and the encoder aligns, the
-        # feature the server receives and compares with G; gradients still flow. Colour emoji also
-        # never move the statistics the private task is evaluated with.
-        with evaluation_mode(model.encoders):
-            locals_ = {m: model.encode(m, public_batch.data, public_batch.rows, device) for m in model.modalities}
-        if plan.baa:
-            intra, cross = model.discriminators["intra"], model.discriminators["cross"]
-            parts["disc"] = discriminator_step(intra, cross, optimizers.discriminator, locals_,
-                                               public_batch.global_features, plan.beta, plan.real_label, tally)
-            adversarial = sum(generator_loss(intra, cross, local, plan.beta) for local in locals_.values())
-            parts["adv_gen"] = float(adversarial.detach())
-            extra = extra + adversarial
-    task = task_loss(model, private, private_rows, global_cache, device)
-    if plan.infiltration_weight > 0:
-        # FedCMI: the infiltration projector sits under the same classifier as the encoder's own feature.
-        (modality,) = model.modalities
-        infiltrated = model.infiltrate(model.encode(modality, private, private_rows, device))
-        extra = extra + F.cross_entropy(model.head(infiltrated), private.label_batch(private_rows, device))
-    optimizers.task.zero_grad(set_to_none=True)
-    (task + extra).backward()
-    optimizers.task.step()
-    parts["task"] = task.item()
+def prepare_round(model: LocalModel, optimizers: Optimizers, towers: GlobalTowers, private: ModalData,
+                  settings: MethodSettings, round_: int, local_epochs: int, batch_size: int, seed: int,
+                  device: torch.device, public: ModalData | None = None, public_rows: torch.Tensor | None = None,
+                  G: dict[str, torch.Tensor] | None = None, consensus: dict[str, torch.Tensor] | None = None,
+                  diagnostics: DeviceDiagnostics | None = None) -> DeviceRound:
+    """A DeviceRound from what the device holds and what the server sent: f_g of the private data when the
+    settings fuse and the towers of every modality of the model arrived; the round's generator from the
+    device's seed."""
+    fuses = settings.needs().towers and all(towers.has(m) for m in model.modalities)
+    G = G or {}
+    if settings.needs().global_features and (public is None or public_rows is None or not G):
+        raise ValueError(f"{settings.strategy} with these settings needs the public set and the server's global "
+                         f"public features G")
+    return DeviceRound(
+        round=round_, local_epochs=local_epochs, settings=settings, model=model, optimizers=optimizers,
+        private=private, batch_size=batch_size, generator=seeded_generator(round_seed(seed, round_)), device=device,
+        public=public, public_rows=public_rows, G=G, consensus=consensus or {},
+        f_g=private_global_features(towers, private, model.modalities, device) if fuses else {},
+        diagnostics=diagnostics,
+    )
+
+
+class RoundObjective(Protocol):
+    """A method's device side (edge_client/objectives/base.py Objective)."""
+
+    round: DeviceRound
+
+    def before_epochs(self) -> dict[str, float]: ...
+
+    def public_batches(self) -> Iterator[torch.Tensor | None]: ...
+
+    def loss_step(self, private_rows: torch.Tensor, public_positions: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def after_epoch(self) -> dict[str, float]: ...
+
+
+def train_step(objective: RoundObjective, private_rows: torch.Tensor, public_positions: torch.Tensor | None
+               ) -> dict[str, float]:
+    """One optimiser step of the local model on the objective's loss (its own parts, such as BAA's
+    discriminator step, run inside loss_step); returns the loss parts by name."""
+    loss, parts = objective.loss_step(private_rows, public_positions)
+    task_optimizer = objective.round.optimizers.task
+    task_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    task_optimizer.step()
     return parts
+
+
+def train_round(objective: RoundObjective, heartbeat: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """E local epochs over the private data, each step paired with what objective.public_batches() gives; the
+    objective's passes before the epochs and after each one. Returns each loss part's mean over the round:
+    a step's parts over the steps, a pass's parts as the passes report them."""
+    r = objective.round
+    r.model.train()
+    totals = dict(objective.before_epochs())
+    r.model.train()
+    step_parts: set[str] = set()
+    steps = 0
+    for _epoch in range(r.local_epochs):
+        batches = zip(batch_indices(len(r.private), r.batch_size, r.generator), objective.public_batches())
+        for private_rows, public_positions in batches:
+            if len(private_rows) < 2:  # BatchNorm cannot train on a batch of one
+                continue
+            for key, value in train_step(objective, private_rows, public_positions).items():
+                totals[key] = totals.get(key, 0.0) + value
+                step_parts.add(key)
+            steps += 1
+            heartbeat()
+        for key, value in objective.after_epoch().items():
+            totals[key] = totals.get(key, 0.0) + value
+    means = {key: value / max(steps, 1) if key in step_parts else value for key, value in totals.items()}
+    if not all(math.isfinite(v) for v in means.values()):
+        raise FloatingPointError(f"training diverged in round {r.round}: {means}")
+    return means
 
 
 @torch.no_grad()
@@ -185,85 +187,19 @@ def encode_all(encode: Callable[[torch.Tensor], torch.Tensor], count: int, batch
     return torch.cat(outputs) if outputs else torch.zeros(0)
 
 
-def global_features(towers: GlobalTowers, data: ModalData, modalities: tuple[str, ...],
-                    device: torch.device) -> dict[str, torch.Tensor]:
+def private_global_features(towers: GlobalTowers, data: ModalData, modalities: tuple[str, ...],
+                            device: torch.device) -> dict[str, torch.Tensor]:
     """f_g of the private data: the tower is frozen for the whole round, so compute it once and cache it."""
     return {m: encode_all(lambda rows, m=m: towers.encode(m, data, rows, device), len(data))
             for m in modalities if towers.has(m)}
 
 
-def global_public_features(towers: GlobalTowers, public: ModalData, rows: torch.Tensor, modalities: tuple[str, ...],
-                           device: torch.device) -> dict[str, torch.Tensor]:
+def G_from_towers(towers: GlobalTowers, public: ModalData, rows: torch.Tensor, modalities: tuple[str, ...],
+                  device: torch.device) -> dict[str, torch.Tensor]:
     """G of the public rows, computed on the device from the towers the server sent (instead of the server
     sending the (P, d) features themselves): the same eval-mode encoders over the same public inputs."""
     return {m: encode_all(lambda positions, m=m: towers.encode(m, public, rows[positions], device), len(rows)).cpu()
             for m in modalities}
-
-
-def train_round(model: LocalModel, optimizers: Optimizers, towers: GlobalTowers, private: ModalData,
-                public: ModalData | None, plan: RoundPlan, batch_size: int, seed: int, device: torch.device,
-                heartbeat: Callable[[], None] = lambda: None, diagnostics: DeviceDiagnostics | None = None
-                ) -> dict[str, float]:
-    """E local epochs over the private data, each step paired with a public batch for BAA; returns the
-    mean of each loss part over all steps. `diagnostics`, when given, tallies BAA's discriminators."""
-    model.train()
-    use_global = plan.gff and all(towers.has(m) for m in model.modalities)
-    global_cache = global_features(towers, private, model.modalities, device) if use_global else {}
-    needs_global = plan.baa or plan.contrast_weight > 0 or plan.infiltration_weight > 0
-    if needs_global and (public is None or plan.public_rows is None or not plan.public_features):
-        raise ValueError("BAA, CreamFL and FedCMI need the public set and the server's global public features")
-    if plan.infiltration_weight > 0 and model.head is None:
-        raise ValueError("FedCMI's infiltration projector is for classification devices")
-    generator = seeded_generator(seed * 1_000_003 + plan.round)
-    totals: dict[str, float] = {}
-    if plan.digest_targets:
-        # FedMD's digest and the FedGEMS/FedET devices' transfer: regress the public features toward the targets.
-        totals["digest"] = public_pass(model, optimizers, public, plan.public_rows, batch_size, generator, device,
-                                       lambda positions, locals_: sum(
-                                           distillation_loss(locals_[m], target[positions].to(device), plan.digest_weight)
-                                           for m, target in plan.digest_targets.items()))
-    # CreamFL's intra-modal negative: the public features as the round started (the uplink's eval-mode
-    # encoders), constant for the round, so computed once.
-    round_start = public_features(model, public, plan.public_rows, device) if plan.contrast_weight > 0 else None
-    model.train()
-    temperatures = class_temperatures(model, private, device) if plan.infiltration_weight > 0 else None
-    global_public = {m: f.to(device) for m, f in plan.public_features.items()}
-    steps = 0
-    for _epoch in range(plan.local_epochs):
-        positions = _cycle(len(plan.public_rows), batch_size, generator) if plan.baa else itertools.repeat(None)
-        for private_rows, public_positions in zip(batch_indices(len(private), batch_size, generator), positions):
-            if len(private_rows) < 2:  # BatchNorm cannot train on a batch of one
-                continue
-            public_batch = None
-            if public_positions is not None:
-                public_batch = PublicBatch(
-                    data=public, rows=plan.public_rows[public_positions],
-                    global_features={m: f[public_positions].to(device) for m, f in plan.public_features.items()},
-                )
-            parts = train_step(model, optimizers, private, private_rows, global_cache, public_batch, plan, device,
-                               diagnostics.discriminators if diagnostics is not None else None)
-            for key, value in parts.items():
-                totals[key] = totals.get(key, 0.0) + value
-            steps += 1
-            heartbeat()
-        if round_start is not None:  # CreamFL: one regularising pass over the public set after each epoch
-            totals["contrast"] = totals.get("contrast", 0.0) + public_pass(
-                model, optimizers, public, plan.public_rows, batch_size, generator, device,
-                lambda positions, locals_: plan.contrast_weight * sum(
-                    creamfl_regularisers(local, round_start[m][positions].to(device), positions.to(device), m,
-                                         global_public, plan.contrast_temperature)
-                    for m, local in locals_.items())) / plan.local_epochs
-        if temperatures is not None:  # FedCMI: the infiltration projector's distillation toward the dominant modality
-            totals["infiltration"] = totals.get("infiltration", 0.0) + public_pass(
-                model, optimizers, public, plan.public_rows, batch_size, generator, device,
-                lambda positions, locals_: plan.infiltration_weight * infiltration_loss(
-                    model, next(iter(locals_.values())), positions.to(device), global_public[plan.dominant_modality],
-                    plan.contrast_temperature * temperatures)) / plan.local_epochs
-    per_step = {key: value / max(steps, 1) for key, value in totals.items() if key not in ("digest", "contrast", "infiltration")}
-    means = {**totals, **per_step}
-    if not all(math.isfinite(v) for v in means.values()):
-        raise FloatingPointError(f"training diverged in round {plan.round}: {means}")
-    return means
 
 
 def public_pass(model: LocalModel, optimizers: Optimizers, public: ModalData | None, public_rows: torch.Tensor | None,
@@ -286,26 +222,9 @@ def public_pass(model: LocalModel, optimizers: Optimizers, public: ModalData | N
     return total / max(steps, 1)
 
 
-def infiltration_loss(model: LocalModel, local: torch.Tensor, positions: torch.Tensor, dominant: torch.Tensor,
-                      temperatures: torch.Tensor) -> torch.Tensor:
-    """FedCMI's infiltration distillation: the projector's output for public sample k should pick out the
-    dominant modality's global feature of k among all P, at the temperature of the class the device's head
-    gives k (class-wise temperatures)."""
-    infiltrated = model.infiltrate(local)
-    with torch.no_grad():
-        classes = model.head(local).argmax(1)
-    logits = infiltrated @ dominant.T / temperatures[classes].unsqueeze(1)  # (B, P)
-    return F.cross_entropy(logits, positions)
-
-
-def _cycle(count: int, batch_size: int, generator: torch.Generator):
-    """Endless shuffled batches of positions in range(count)."""
-    while True:
-        yield from batch_indices(count, batch_size, generator)
-
-
 @torch.no_grad()
-def public_features(model: LocalModel, public: ModalData, rows: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+def uplink_features(model: LocalModel, public: ModalData, rows: torch.Tensor, device: torch.device
+                    ) -> dict[str, torch.Tensor]:
     """The uplink: local-encoder (not fused) features of the public set, eval mode, (P, d) per modality."""
     model.eval()
     return {m: encode_all(lambda positions, m=m: model.encode(m, public, rows[positions], device), len(rows)).cpu()

@@ -1,6 +1,7 @@
-"""The method settings RoundStart carries: one typed, versioned structure that the server fills from its
-strategy and the device reads as is, with no defaults of its own (a field missing or of the wrong type
-is a wire error, not a silent fallback).
+"""The method settings RoundStart carries: one typed, versioned structure, the one definition of every
+method switch and its default (off). The server's strategy sets the fields its method turns on; the device
+trains from it as is (a field missing or of the wrong type on the wire is an error, not a silent fallback).
+`needs()` says what a round of these settings needs besides them, for both sides.
 
 Each strategy is a recipe of these switches on the device (docs/strategies.md): FedAFD turns on BAA and
 GFF; FedMD digests toward the consensus; FedGEMS and FedET digest toward the server's features; CreamFL
@@ -28,35 +29,47 @@ class SettingsError(ValueError):
 
 
 @dataclass(frozen=True)
+class RoundNeeds:
+    """What a device needs for a round besides the settings; the server sends it, the device expects it."""
+
+    global_features: bool
+    """G, the server's (P, d) public features of both modalities (sent, or computed on the device from towers)."""
+    towers: bool
+    """The frozen global towers of the device's own modalities (GFF's f_g)."""
+    consensus: bool
+    """Last round's teachers (FedMD)."""
+
+
+@dataclass(frozen=True)
 class MethodSettings:
     strategy: str
-    """Which method the server runs (for logs and reports; the switches below are what the device obeys)."""
-    uplink: bool
+    """Which method the server runs: the device trains with that method's objective (edge_client/objectives)."""
+    uplink: bool = True
     """Devices upload their public features (False: LOCAL, metrics only)."""
-    feature_codec: str
+    feature_codec: str = "fp32"
     """Wire codec of the uploaded features."""
-    local_init: str
+    local_init: str = "random"
     """random, or global: a local encoder starts as a copy of the server's tower of the same architecture."""
-    baa: bool
+    baa: bool = False
     """FedAFD's bi-level adversarial alignment against the global public features."""
-    beta: float
+    beta: float = 0.0
     """Weight of the adversarial losses."""
-    real_label: float
+    real_label: float = 1.0
     """The discriminators' target for real features (below 1: one-sided label smoothing)."""
-    gff: bool
+    gff: bool = False
     """FedAFD's granularity-aware fusion of the local and the global feature."""
-    digest: str
+    digest: str = "none"
     """Before private training, one pass over the public set regressing the local features toward: none,
     consensus (last round's aggregated features, FedMD) or global (the server's, FedGEMS and FedET)."""
-    digest_weight: float
+    digest_weight: float = 0.0
     """Weight of the digest's MSE."""
-    contrast_weight: float
+    contrast_weight: float = 0.0
     """Weight of CreamFL's inter- plus intra-modal contrastive regularisers on the public set (0: off)."""
-    contrast_temperature: float
+    contrast_temperature: float = 1.0
     """Temperature of those regularisers (and of FedCMI's infiltration distillation)."""
-    infiltration_weight: float
+    infiltration_weight: float = 0.0
     """Weight of FedCMI's infiltration projector loss on classification devices (0: off)."""
-    dominant_modality: str
+    dominant_modality: str = "text"
     """The modality whose global features FedCMI's infiltration projector is distilled toward."""
 
     def __post_init__(self) -> None:
@@ -81,10 +94,15 @@ class MethodSettings:
                                 or self.infiltration_weight):
             raise SettingsError("settings without uplink (LOCAL) cannot switch on a federated part")
 
-    @property
-    def needs_global_features(self) -> bool:
-        """Whether the device needs the server's global features G of the public set this round."""
-        return self.baa or self.digest == "global" or self.contrast_weight > 0 or self.infiltration_weight > 0
+    def needs(self) -> RoundNeeds:
+        """What a round of these settings needs: G for BAA, a digest toward the server, CreamFL's and FedCMI's
+        regularisers; the towers for GFF; the consensus for FedMD's digest."""
+        return RoundNeeds(
+            global_features=(self.baa or self.digest == "global" or self.contrast_weight > 0
+                             or self.infiltration_weight > 0),
+            towers=self.gff,
+            consensus=self.digest == "consensus",
+        )
 
     def to_wire(self) -> dict[str, Any]:
         return {"version": SETTINGS_VERSION, **dataclasses.asdict(self)}

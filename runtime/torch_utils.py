@@ -32,6 +32,27 @@ def seeded_generator(seed: int) -> torch.Generator:
     return generator
 
 
+# Seed derivations, each named once (their numbers are the ones the runs so far were made with).
+def round_seed(seed: int, round_: int) -> int:
+    """The generator of one round's shuffles, from the run's (or a device's) seed."""
+    return seed * 1_000_003 + round_
+
+
+def device_seed(seed: int, partition: int) -> int:
+    """A device's training seed, from the run's seed and its partition."""
+    return seed * 7919 + partition
+
+
+def resample_seed(seed: int, round_: int) -> int:
+    """The public subset drawn for a round with public_resample."""
+    return seed * 7907 + round_ + 1
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A server rank's dropout stream (distinct per rank; rank 0 keeps the server's own)."""
+    return seed * 1_000_003 + rank
+
+
 def derived_seed(seed: int, name: str) -> int:
     """A seed of its own for `name` (a client id, a stream's purpose), the same in every process and Python
     run (crc32, not the salted hash()), and different for different names under one run seed."""

@@ -124,3 +124,37 @@ def test_a_cycle_is_found_and_named() -> None:
     edges = {("a", "b"): ["a.py:1"], ("b", "c"): ["b.py:2"], ("c", "a"): ["c.py:3"], ("d", "a"): ["d.py:4"]}
     assert cycles(edges) == [["a", "b", "c", "a"]]
     assert cycles({("a", "b"): [], ("b", "c"): []}) == []
+
+
+def module_imports() -> dict[Edge, list[str]]:
+    """(module, module it imports) -> where, for imports between two modules of the same top-level package
+    (a package's __init__ counts as a module)."""
+    known = set()
+    trees = {}
+    for name, folder in PACKAGE_DIRS.items():
+        if name.count(".") != 1:
+            continue
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            module = _module_name(path)
+            known.add(module)
+            trees[module] = (path, ast.parse(path.read_text(), filename=str(path)))
+    edges: dict[Edge, list[str]] = defaultdict(list)
+    for module, (path, tree) in trees.items():
+        top = module.split(".")[1]
+        for target, line in _imported(tree, module, path.name == "__init__.py"):
+            # `from fedafd.x.y import name` names a module when fedafd.x.y.name is one, else fedafd.x.y
+            while target and target not in known:
+                target = target.rpartition(".")[0]
+            if target and target != module and target.split(".")[1] == top and not module.startswith(target + "."):
+                where = f"{path.relative_to(ROOT)}:{line}"
+                if where not in edges[(module, target)]:
+                    edges[(module, target)].append(where)
+    return dict(edges)
+
+
+def test_no_import_cycle_between_the_modules_of_a_package() -> None:
+    edges = module_imports()
+    assert ("fedafd.edge_client.objectives.fedafd", "fedafd.edge_client.training") in edges  # the walk sees them
+    found = cycles(edges)
+    described = ["  " + " -> ".join(cycle) for cycle in found]
+    assert not found, "import cycles between modules:\n" + "\n".join(described)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from fedafd.runtime.data.emoji import load_emoji_pairs
 from fedafd.runtime.data.fashion_mnist import load_fashion_mnist
@@ -25,12 +26,36 @@ from fedafd.runtime.data.prepared import SPLITS, ImageClassData, PairData, TextC
 from fedafd.runtime.data.tuxpaint import load_tuxpaint_pairs
 from fedafd.runtime.data.wordnet import load_wordnet_topics
 
-LOADERS: dict[str, Callable[[str], ImageClassData | TextClassData | PairData]] = {
-    "fashion_mnist": load_fashion_mnist,
-    "wordnet": load_wordnet_topics,
-    "emoji": load_emoji_pairs,
-    "tuxpaint": load_tuxpaint_pairs,
-}
+PUBLIC = "public"
+"""What the public image-text set serves (the device kinds serve the others)."""
+
+
+@dataclass(frozen=True)
+class DataSet:
+    name: str
+    """Its name in the cache files (prepared arrays, backbone features)."""
+    load: Callable[[str], ImageClassData | TextClassData | PairData]
+    """Its prepared arrays of a split."""
+    serves: str
+    """The device kind whose task it is (image, text, multimodal), or PUBLIC."""
+
+
+CATALOGUE = (
+    DataSet("fashion_mnist", load_fashion_mnist, "image"),  # for CIFAR-100
+    DataSet("wordnet", load_wordnet_topics, "text"),  # for AG News
+    DataSet("emoji", load_emoji_pairs, PUBLIC),  # for MS-COCO, the public set P
+    DataSet("tuxpaint", load_tuxpaint_pairs, "multimodal"),  # for Flickr30k
+)
+"""Every data set, the one place that says which serves what (README: Data)."""
+LOADERS = {dataset.name: dataset.load for dataset in CATALOGUE}
+
+
+def dataset_for(serves: str) -> DataSet:
+    """The data set of a device kind, or of PUBLIC."""
+    for dataset in CATALOGUE:
+        if dataset.serves == serves:
+            return dataset
+    raise ValueError(f"kind must be image, text or multimodal, got {serves!r}")
 
 
 def prepare_all(log: Callable[[str], object] = print) -> None:

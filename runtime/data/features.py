@@ -32,14 +32,13 @@ import numpy as np
 import torch
 
 from fedafd.runtime.backbones import (BACKBONE_IMAGE_SIZE, BackboneSpec, backbone_digest, backbone_spec,
-                                      build_backbone, modality_backbones)
-from fedafd.runtime.data.prepared import SPLITS, file_lock
+                                      build_backbone)
+from fedafd.runtime.data.prepared import file_lock
 from fedafd.runtime.data.fetch import cache_dir
-from fedafd.runtime.data.modal import ModalData
+from fedafd.runtime.data.views import ModalData
 from fedafd.runtime.data.text import MAX_TEXT_LEN, PAD_ID
 from fedafd.runtime.errors import FedafdError
 from fedafd.runtime.hashing import file_sha256
-from fedafd.runtime.wire import MODALITIES, MODALITIES_OF_KIND
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +180,7 @@ def _write_cached(path: Path, features: np.ndarray, record: dict[str, Any]) -> N
     _write_json(_sidecar(path), {**record, "npy_sha256": _bytes_sha256(raw)})
 
 
-def _features(backbone: str, dataset: str, data: ModalData, image_size: int,
+def compute_features(backbone: str, dataset: str, data: ModalData, image_size: int,
               progress: bool) -> tuple[np.ndarray, float | None]:
     """(features, seconds spent encoding them now, or None when they were read from the cache)."""
     spec = backbone_spec(backbone)
@@ -212,7 +211,7 @@ def backbone_features(backbone: str, dataset: str, data: ModalData, image_size: 
     """float32 (N, dim): row i is the frozen `backbone`'s feature of row i of `data` (the inputs of the
     backbone's modality), from the cache when it holds exactly these, else computed with ONNX Runtime and
     cached. `dataset` names the data in the cache's file names, e.g. "fashion_mnist-train"."""
-    return _features(backbone, dataset, data, image_size, progress)[0]
+    return compute_features(backbone, dataset, data, image_size, progress)[0]
 
 
 # --- ONNX export and ONNX Runtime ----------------------------------------------------------------
@@ -326,46 +325,3 @@ def _extract(spec: BackboneSpec, dataset: str, data: ModalData, image_size: int,
     if not np.isfinite(features).all():
         raise FeatureCacheError(f"{spec.name} gave NaN or Inf features for {dataset}")
     return features, time.perf_counter() - start_encoding
-
-
-# --- every cache the federation uses -----------------------------------------------------------
-
-
-def feature_sets() -> list[tuple[str, str, Callable[[], ModalData]]]:
-    """(backbone, dataset name, loader) for every feature cache a federation reads: each task set and the
-    public set, with the backbones of their modalities, named as the loaders name them."""
-    from fedafd.runtime.data.modal import DATASET_OF_KIND, PUBLIC_DATASET, load_public_data, load_task_data
-
-    sets: list[tuple[str, str, Callable[[], ModalData]]] = []
-    for split in SPLITS:
-        sources = [(DATASET_OF_KIND[kind], MODALITIES_OF_KIND[kind], lambda k=kind, s=split: load_task_data(k, s))
-                   for kind in DATASET_OF_KIND]
-        sources.append((PUBLIC_DATASET, MODALITIES, lambda s=split: load_public_data(s)))
-        for name, modalities, load in sources:
-            sets += [(backbone, f"{name}-{split}", load) for backbone in modality_backbones(modalities)]
-    return sets
-
-
-def feature_cache_paths() -> dict[str, Path]:
-    """"backbone/dataset" -> its cache file, for every set of `feature_sets` (present or not)."""
-    return {f"{backbone}/{dataset}": feature_cache_path(backbone, dataset) for backbone, dataset, _ in feature_sets()}
-
-
-def build_feature_caches(log: Callable[[str], object] = print, progress: bool = True) -> dict[str, float]:
-    """Compute (or check) every feature cache of `feature_sets`; logs one line per cache with its time and
-    encoding rate. Returns "backbone/dataset" -> seconds (loading the data set excluded). Idempotent: what is
-    cached is only read back."""
-    seconds = {}
-    for backbone, dataset, load in feature_sets():
-        data = load()
-        start = time.perf_counter()
-        features, encode_seconds = _features(backbone, dataset, data, BACKBONE_IMAGE_SIZE, progress)
-        took = time.perf_counter() - start
-        seconds[f"{backbone}/{dataset}"] = took
-        if encode_seconds is None:
-            how = "cached"
-        else:
-            unit = "images" if backbone_spec(backbone).modality == "image" else "texts"
-            how = f"computed, {len(features) / max(encode_seconds, 1e-9):.0f} {unit}/s"
-        log(f"{backbone} features of {dataset}: {features.shape[0]} x {features.shape[1]} ({how}, {took:.1f} s)")
-    return seconds

@@ -1,71 +1,24 @@
-"""One view over every data set: arrays grouped by modality, so training code never branches on the data set."""
+"""The data sets as ModalData (runtime/data/views.py), loaded once per process and shared read-only: each device
+kind's task set and the public set, as the catalogue (runtime/data/datasets.py) names them, with their frozen
+backbones' cached features; and the list of every feature cache a federation reads."""
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
-import torch
 
-from fedafd.runtime.data.emoji import load_emoji_pairs
-from fedafd.runtime.data.fashion_mnist import load_fashion_mnist
-from fedafd.runtime.data.prepared import ImageClassData, PairData, TextClassData, stratified_split
-from fedafd.runtime.data.tuxpaint import load_tuxpaint_pairs
-from fedafd.runtime.data.wordnet import load_wordnet_topics
+from fedafd.runtime.backbones import BACKBONE_IMAGE_SIZE, backbone_spec, modality_backbones
+from fedafd.runtime.data.datasets import PUBLIC, dataset_for
+from fedafd.runtime.data.features import backbone_features, compute_features, feature_cache_path
+from fedafd.runtime.data.prepared import SPLITS, ImageClassData, PairData, TextClassData, stratified_split
+from fedafd.runtime.data.views import RAW, ModalData
+from fedafd.runtime.wire import MODALITIES, MODALITIES_OF_KIND
 
-
-RAW = "raw"
-"""The input view of encoders trained from scratch: pixels or token ids (the other views are backbones)."""
-
-
-@dataclass(frozen=True)
-class ModalData:
-    """inputs['image'] = (images uint8 (N,3,32,32),); inputs['text'] = (input_ids, attention_mask) int64 (N,L).
-    features[backbone] = float32 (N, D): the frozen backbone's cached features of the same rows."""
-
-    inputs: dict[str, tuple[np.ndarray, ...]]
-    labels: np.ndarray | None = None
-    class_names: tuple[str, ...] = ()
-    features: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        first = next(iter(self.inputs.values()))
-        return len(first[0])
-
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        return tuple(self.inputs)
-
-    def select(self, indices: np.ndarray) -> "ModalData":
-        indices = np.asarray(indices, dtype=np.int64)
-        return ModalData(
-            inputs={m: tuple(array[indices] for array in arrays) for m, arrays in self.inputs.items()},
-            labels=None if self.labels is None else self.labels[indices],
-            class_names=self.class_names,
-            features={name: array[indices] for name, array in self.features.items()},
-        )
-
-    def batch(self, modality: str, indices: torch.Tensor | np.ndarray | slice, device: torch.device,
-              view: str = RAW) -> tuple[torch.Tensor, ...]:
-        """Tensors for an encoder of `modality` that reads `view`: images as float in [0,1], token ids as
-        int64 (RAW), or the named backbone's cached features as float32 (B, D)."""
-        if isinstance(indices, torch.Tensor):
-            indices = indices.numpy()
-        if view != RAW:
-            if view not in self.features:
-                raise KeyError(f"no cached {view} features for this data set (have: {sorted(self.features)})")
-            return (torch.from_numpy(np.ascontiguousarray(self.features[view][indices])).to(device, torch.float32),)
-        arrays = [array[indices] for array in self.inputs[modality]]
-        if modality == "image":
-            return (torch.from_numpy(np.ascontiguousarray(arrays[0])).to(device, torch.float32).div_(255.0),)
-        return tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device, torch.int64) for a in arrays)
-
-    def label_batch(self, indices: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
-        assert self.labels is not None, "this data set has no labels"
-        if isinstance(indices, torch.Tensor):
-            indices = indices.numpy()
-        return torch.from_numpy(np.ascontiguousarray(self.labels[indices])).to(device, torch.int64)
+__all__ = ["RAW", "ModalData", "load_public_data", "load_task_data"]
 
 
 def from_image_classes(data: ImageClassData) -> ModalData:
@@ -101,22 +54,25 @@ def read_only(data: ModalData) -> ModalData:
     return data
 
 
+def as_modal(data: ImageClassData | TextClassData | PairData) -> ModalData:
+    """Prepared arrays as the one view training reads."""
+    if isinstance(data, ImageClassData):
+        return from_image_classes(data)
+    if isinstance(data, TextClassData):
+        return from_text_classes(data)
+    return from_pairs(data)
+
+
 @functools.lru_cache(maxsize=None)
 def load_task_data(kind: str, split: str, backbones: tuple[str, ...] = ()) -> ModalData:
     """A device kind's task data set (the device takes its share): what stands in for the paper's data
     sets is in the README's data section. Fashion-MNIST and WordNet are cut to their TASK_POOL rows.
     Loaded once per process and shared read-only."""
-    if kind == "image":
-        data = from_image_classes(load_fashion_mnist(split))  # for CIFAR-100
-    elif kind == "text":
-        data = from_text_classes(load_wordnet_topics(split))  # for AG News
-    elif kind == "multimodal":
-        data = from_pairs(load_tuxpaint_pairs(split))  # for Flickr30k
-    else:
-        raise ValueError(f"kind must be image, text or multimodal, got {kind!r}")
+    dataset = dataset_for(kind)
+    data = as_modal(dataset.load(split))
     if kind in TASK_POOL:
         data = data.select(pool_rows(data.labels, TASK_POOL[kind][split]))
-    return read_only(with_backbone_features(data, f"{DATASET_OF_KIND[kind]}-{split}", backbones))
+    return read_only(with_backbone_features(data, f"{dataset.name}-{split}", backbones))
 
 
 def pool_rows(labels: np.ndarray, size: int) -> np.ndarray:
@@ -132,12 +88,8 @@ def load_public_data(split: str = "train", backbones: tuple[str, ...] = ()) -> M
     """The public image-text set (emoji pictures with their names): split "train" is P, which the server
     and every device hold; "test" is the server's held-out retrieval split. Loaded once per process and
     shared read-only."""
-    return read_only(with_backbone_features(from_pairs(load_emoji_pairs(split)), f"{PUBLIC_DATASET}-{split}", backbones))
-
-
-DATASET_OF_KIND = {"image": "fashion_mnist", "text": "wordnet", "multimodal": "tuxpaint"}
-"""The name of each kind's task set in the feature cache's file names."""
-PUBLIC_DATASET = "emoji"
+    dataset = dataset_for(PUBLIC)
+    return read_only(with_backbone_features(as_modal(dataset.load(split)), f"{dataset.name}-{split}", backbones))
 
 
 def with_backbone_features(data: ModalData, dataset: str, backbones: tuple[str, ...]) -> ModalData:
@@ -145,9 +97,48 @@ def with_backbone_features(data: ModalData, dataset: str, backbones: tuple[str, 
     the feature cache)."""
     if not backbones:
         return data
-    from fedafd.runtime.data.features import backbone_features
-
     features = dict(data.features)
     for name in backbones:
         features[name] = backbone_features(name, dataset, data)
     return ModalData(data.inputs, data.labels, data.class_names, features)
+
+
+# --- every cache the federation uses -----------------------------------------------------------
+
+
+def feature_sets() -> list[tuple[str, str, Callable[[], ModalData]]]:
+    """(backbone, dataset name, loader) for every feature cache a federation reads: each task set and the
+    public set, with the backbones of their modalities, named as the catalogue names them."""
+    sets: list[tuple[str, str, Callable[[], ModalData]]] = []
+    for split in SPLITS:
+        sources = [(dataset_for(kind).name, MODALITIES_OF_KIND[kind], lambda k=kind, s=split: load_task_data(k, s))
+                   for kind in MODALITIES_OF_KIND]
+        sources.append((dataset_for(PUBLIC).name, MODALITIES, lambda s=split: load_public_data(s)))
+        for name, modalities, load in sources:
+            sets += [(backbone, f"{name}-{split}", load) for backbone in modality_backbones(modalities)]
+    return sets
+
+
+def feature_cache_paths() -> dict[str, Path]:
+    """"backbone/dataset" -> its cache file, for every set of `feature_sets` (present or not)."""
+    return {f"{backbone}/{dataset}": feature_cache_path(backbone, dataset) for backbone, dataset, _ in feature_sets()}
+
+
+def build_feature_caches(log: Callable[[str], object] = print, progress: bool = True) -> dict[str, float]:
+    """Compute (or check) every feature cache of `feature_sets`; logs one line per cache with its time and
+    encoding rate. Returns "backbone/dataset" -> seconds (loading the data set excluded). Idempotent: what is
+    cached is only read back."""
+    seconds = {}
+    for backbone, dataset, load in feature_sets():
+        data = load()
+        start = time.perf_counter()
+        features, encode_seconds = compute_features(backbone, dataset, data, BACKBONE_IMAGE_SIZE, progress)
+        took = time.perf_counter() - start
+        seconds[f"{backbone}/{dataset}"] = took
+        if encode_seconds is None:
+            how = "cached"
+        else:
+            unit = "images" if backbone_spec(backbone).modality == "image" else "texts"
+            how = f"computed, {len(features) / max(encode_seconds, 1e-9):.0f} {unit}/s"
+        log(f"{backbone} features of {dataset}: {features.shape[0]} x {features.shape[1]} ({how}, {took:.1f} s)")
+    return seconds

@@ -3,6 +3,8 @@ fewer numbers, its tower or G; a device computes the same G from a tower as the 
 
 from __future__ import annotations
 
+import dataclasses
+
 import threading
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from fedafd.cloud_server.admission import ClientRecord
 from fedafd.cloud_server.app import ServerApp
 from fedafd.cloud_server.stages import extract_features
 from fedafd.edge_client.model import GlobalTowers
-from fedafd.edge_client.training import global_public_features
+from fedafd.edge_client.training import G_from_towers
 from fedafd.runtime import wire
 from fedafd.runtime.codecs import wire_codec
 from fedafd.runtime.config import ServerConfig, build_config
@@ -30,8 +32,11 @@ def _server(tmp_path: Path, public_size: int) -> ServerApp:
 
 
 def _plan(server: ServerApp, kind: str, strategy: str = "fedafd") -> tuple[tuple[str, ...], tuple[str, ...]]:
-    settings = build_strategy(build_config(ServerConfig, {"strategy": strategy})).settings()
-    return server._downlink_plan(ClientRecord(f"{kind}-0", kind, {}, 10, 0), settings)
+    """(towers, G tensors) the server sends a device of `kind` under `strategy` (the strategy's downlink hook)."""
+    method = build_strategy(dataclasses.replace(server.config, strategy=strategy))
+    plan = method.downlink(ClientRecord(f"{kind}-0", kind, {}, 10, 0).modalities, method.settings(), server.model,
+                           len(server.public))
+    return plan.towers, plan.global_features
 
 
 def test_adapter_towers_replace_g_when_they_are_fewer_numbers(tmp_path: Path) -> None:
@@ -69,7 +74,7 @@ def test_a_device_computes_the_servers_g_from_towers_sent_as_fp16(tmp_path: Path
         towers = GlobalTowers(D, device)
         towers.load(1, dict(received.tower_arch), {k: torch.from_numpy(np.array(v)) for k, v in received.tower.items()})
         rows = torch.from_numpy(server.public_rows.astype(np.int64))
-        computed = global_public_features(towers, server.public_all, rows, ("image", "text"), device)
+        computed = G_from_towers(towers, server.public_all, rows, ("image", "text"), device)
     finally:
         server.close()
     assert server.config.tower_codec == "fp16"

@@ -104,9 +104,10 @@ def test_fedet_weighs_each_device_by_the_variance_of_its_log_probabilities() -> 
 
 def test_each_strategy_sends_its_recipe_and_local_sends_nothing_federated() -> None:
     recipes = {name: build_strategy(ServerConfig(strategy=name)).settings() for name in STRATEGIES}
-    assert not recipes["local"].uplink and not recipes["local"].needs_global_features
+    assert not recipes["local"].uplink and not recipes["local"].needs().global_features
     assert recipes["fedafd"].baa and recipes["fedafd"].gff and recipes["fedafd"].digest == "none"
-    assert recipes["fedmd"].digest == "consensus" and not recipes["fedmd"].needs_global_features
+    assert recipes["fedmd"].digest == "consensus" and not recipes["fedmd"].needs().global_features
+    assert recipes["fedmd"].needs().consensus and not recipes["fedafd"].needs().consensus
     assert recipes["creamfl"].contrast_weight == 0.5 and recipes["creamfl"].contrast_temperature == 0.5
     assert recipes["fedgems"].digest == recipes["fedet"].digest == "global"
     assert recipes["fedcmi"].infiltration_weight > 0 and recipes["fedcmi"].dominant_modality == "text"

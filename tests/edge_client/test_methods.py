@@ -1,6 +1,6 @@
-"""The baselines' device losses (docs/strategies.md) by hand, through the production functions train_round
-calls: CreamFL's regularisers, FedCMI's infiltration distillation and class-wise temperatures, and the
-digest pass of FedMD, FedGEMS and FedET."""
+"""The baselines' device losses (docs/strategies.md) by hand, through the production functions their objectives
+(edge_client/objectives) call: CreamFL's regularisers, FedCMI's infiltration distillation and class-wise
+temperatures, and the digest pass of FedMD, FedGEMS and FedET."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import torch
 from torch import nn
 
 from fedafd.edge_client.model import GlobalTowers, LocalModel
-from fedafd.edge_client.training import (
-    Optimizers, RoundPlan, class_temperatures, creamfl_regularisers, infiltration_loss, public_features, public_pass,
-    train_round,
-)
+from fedafd.edge_client.objectives import objective_for
+from fedafd.edge_client.objectives.creamfl import creamfl_regularisers
+from fedafd.edge_client.objectives.fedcmi import class_temperatures, infiltration_loss
+from fedafd.edge_client.training import Optimizers, prepare_round, public_pass, train_round, uplink_features
 from fedafd.runtime.data.modal import ModalData
 from fedafd.runtime.losses import distillation_loss
+from fedafd.runtime.methods import MethodSettings
 
 D = 4
 CPU = torch.device("cpu")
@@ -120,13 +121,12 @@ def test_a_creamfl_round_reports_the_regularisers_of_its_public_features_by_hand
     rows = torch.arange(10)
     gen = torch.Generator().manual_seed(6)
     g = {m: nn.functional.normalize(torch.randn(10, D, generator=gen), dim=-1) for m in ("image", "text")}
-    plan = RoundPlan(0, 1, baa=False, gff=False, beta=0.0, public_features=g, public_rows=rows,
-                     contrast_weight=0.5, contrast_temperature=0.5)
+    settings = MethodSettings("creamfl", contrast_weight=0.5, contrast_temperature=0.5)
     # Execute
-    losses = train_round(model, Optimizers.create(model, 0.0, 0.0), GlobalTowers(D, CPU), private, public, plan,
-                         batch_size=16, seed=0, device=CPU)
+    losses = train_round(objective_for(prepare_round(model, Optimizers.create(model, 0.0, 0.0), GlobalTowers(D, CPU),
+                                                     private, settings, 0, 1, 16, 0, CPU, public, rows, g)))
     # Assert: 0.5 x (CE over P of <z_k, g_j^text> / 0.5 + CE of [<z_k, g_k^image>, <z_k, z_k>] / 0.5), z unit-norm.
-    z = public_features(model, public, rows, CPU)["image"]
+    z = uplink_features(model, public, rows, CPU)["image"]
     inter = nn.functional.cross_entropy(z @ g["text"].T / 0.5, rows)
     pair = torch.stack([(z * g["image"]).sum(1), (z * z).sum(1)], dim=1) / 0.5
     intra = nn.functional.cross_entropy(pair, torch.zeros(10, dtype=torch.long))

@@ -1,5 +1,5 @@
 """The device's training step: what a wrong implementation would get silently wrong. Every test runs the
-production train_step / task_loss / evaluate on a tiny LocalModel and tiny data."""
+production train_step (with FedAFD's objective) / task_loss / evaluate on a tiny LocalModel and tiny data."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import torch
 from torch import nn
 
 from fedafd.edge_client.model import GlobalTowers, LocalModel
+from fedafd.edge_client.objectives.fedafd import FedAfdObjective
 from fedafd.edge_client.training import (
-    Optimizers, PublicBatch, RoundPlan, evaluation_mode, public_features, task_loss, train_step,
+    DeviceRound, Optimizers, evaluation_mode, task_loss, train_step, uplink_features,
 )
 from fedafd.runtime.data.modal import ModalData
+from fedafd.runtime.methods import MethodSettings
 
 D = 16
 WIDTH = 1280  # EfficientNet-Lite0's pooled width, which the effnet adapters read
@@ -31,16 +33,25 @@ def _model(arch: str = "effnet_linear", seed: int = 0) -> LocalModel:
     return LocalModel("image", arch, "minilm_linear", D, num_classes=3, adapter_dropout=0.0)
 
 
-def _public_batch(public: ModalData, seed: int = 1) -> PublicBatch:
+def _G(public: ModalData, seed: int = 1) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    g = {m: nn.functional.normalize(torch.randn(len(public), D, generator=gen), dim=-1) for m in ("image", "text")}
-    return PublicBatch(data=public, rows=torch.arange(len(public)), global_features=g)
+    return {m: nn.functional.normalize(torch.randn(len(public), D, generator=gen), dim=-1) for m in ("image", "text")}
+
+
+def _baa_step(model: LocalModel, optimizers: Optimizers, private: ModalData, public: ModalData, beta: float) -> None:
+    """One production step of FedAFD's objective (BAA on, GFF off) pairing all of `private` with all of `public`."""
+    rows = torch.arange(len(public))
+    round_ = DeviceRound(round=0, local_epochs=1, settings=MethodSettings("fedafd", baa=True, beta=beta),
+                         model=model, optimizers=optimizers, private=private, batch_size=len(private),
+                         generator=torch.Generator(), device=torch.device("cpu"), public=public, public_rows=rows,
+                         G=_G(public))
+    train_step(FedAfdObjective(round_), torch.arange(len(private)), rows)
 
 
 def _intra_score(model: LocalModel, public: ModalData) -> float:
     """Mean D_in logit of the public features: how 'real' the intra-modal discriminator finds them."""
     with torch.no_grad():
-        return float(model.discriminators["intra"](public_features(model, public, torch.arange(len(public)),
+        return float(model.discriminators["intra"](uplink_features(model, public, torch.arange(len(public)),
                                                                       torch.device("cpu"))["image"]).mean())
 
 
@@ -75,8 +86,7 @@ def test_baa_moves_the_uploaded_public_features_toward_what_the_discriminator_sc
         before = _intra_score(model, public)
         # Execute: the production step, 20 times, with and without the adversarial term.
         for _ in range(20):
-            train_step(model, optimizers, private, torch.arange(32), {}, _public_batch(public),
-                       RoundPlan(0, 1, baa=True, gff=False, beta=beta), torch.device("cpu"))
+            _baa_step(model, optimizers, private, public, beta)
         scores[beta] = _intra_score(model, public) - before
     # Assert: with BAA the *uploaded* (eval-mode) features score as more real; without it they do not
     # move that way nearly as much. Deleting L_G from the step's backward makes the two equal.
@@ -100,12 +110,11 @@ def test_baa_judges_the_feature_the_device_uploads() -> None:
         # Execute: one step (D_in sees G, then the local public feature, in its own step, then the
         # local feature again in L_G).
         # (What would be uploaded now: the step's own private batch then moves BatchNorm's running statistics.)
-        uploaded = public_features(model.train(), public, torch.arange(12), torch.device("cpu"))["image"]
+        uploaded = uplink_features(model.train(), public, torch.arange(12), torch.device("cpu"))["image"]
         model.train()
-        train_step(model, Optimizers.create(model, 0.0, 0.0), public, torch.arange(12), {}, _public_batch(public),
-                   RoundPlan(0, 1, baa=True, gff=False, beta=0.5), torch.device("cpu"))
+        _baa_step(model, Optimizers.create(model, 0.0, 0.0), public, public, 0.5)
         # Assert: the discriminator judged exactly the uploaded feature (eval mode: running statistics, no dropout).
-        fakes = [x for x in seen["inputs"] if x.shape == uploaded.shape and not torch.equal(x, _public_batch(public).global_features["image"])]
+        fakes = [x for x in seen["inputs"] if x.shape == uploaded.shape and not torch.equal(x, _G(public)["image"])]
         assert len(fakes) == 2
         for fake in fakes:
             torch.testing.assert_close(fake, uploaded, atol=1e-6, rtol=0)

@@ -18,7 +18,9 @@ import torch
 from fedafd.edge_client.model import MODALITIES_OF_KIND, GlobalTowers, LocalModel
 from fedafd.edge_client.private_data import load_private_data
 from fedafd.edge_client.state import ClientState, save_state
-from fedafd.edge_client.training import Optimizers, RoundPlan, train_round
+from fedafd.edge_client.objectives import objective_for
+from fedafd.edge_client.training import Optimizers, prepare_round, train_round
+from fedafd.runtime.methods import MethodSettings
 from fedafd.runtime.models import backbone_of, build_encoder
 
 FEATURE_DIM = 32
@@ -46,8 +48,9 @@ def make_client_state(folder: Path, kind: str, spec: dict | None = None, max_pri
     flat = {f"{m}.{name}": t for m, tower in towers.items() for name, t in tower.state_dict().items()}
     global_towers.load(2, spec["towers"], flat)
     optimizers = Optimizers.create(model, 3e-3, 1e-3)
-    plan = RoundPlan(round=0, local_epochs=2, baa=False, gff=True, beta=0.5)
-    train_round(model, optimizers, global_towers, private.train, None, plan, 16, 0, torch.device("cpu"))
+    settings = MethodSettings("fedafd", gff=True, beta=0.5)  # GFF, no BAA
+    train_round(objective_for(prepare_round(model, optimizers, global_towers, private.train, settings, 0, 2, 16, 0,
+                                            torch.device("cpu"))))
     state = ClientState(model, optimizers, global_towers, last_round=0)
     folder.mkdir(parents=True, exist_ok=True)
     save_state(folder, state, {"client_id": f"{kind}-0", "kind": kind, "image_arch": spec["image_arch"],

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fedafd.runtime.backbones import BACKBONES, backbone_digest, build_backbone
-from fedafd.runtime.data import features
+from fedafd.runtime.data import features, modal
 from fedafd.runtime.data.features import backbone_features, feature_cache_path, onnx_path
 from fedafd.runtime.data.modal import load_public_data, load_task_data
 
@@ -313,20 +313,20 @@ def test_processes_starting_at_once_build_once(feature_home, public_rows, monkey
 
 
 def test_the_federation_sets():
-    names = [(backbone, dataset) for backbone, dataset, _ in features.feature_sets()]
+    names = [(backbone, dataset) for backbone, dataset, _ in modal.feature_sets()]
     expected = {(backbone, f"{name}-{split}") for split in ("train", "test")
                 for backbone, name in (("efficientnet_lite0", "fashion_mnist"), ("efficientnet_lite0", "tuxpaint"),
                                        ("efficientnet_lite0", "emoji"), ("minilm", "wordnet"), ("minilm", "tuxpaint"),
                                        ("minilm", "emoji"))}
     assert len(names) == 12 and set(names) == expected
-    assert set(features.feature_cache_paths()) == {f"{b}/{d}" for b, d in expected}
+    assert set(modal.feature_cache_paths()) == {f"{b}/{d}" for b, d in expected}
 
 
 def test_build_feature_caches_reports_each_set(feature_home, public_rows, monkeypatch):
-    monkeypatch.setattr(features, "feature_sets", lambda: [("minilm", "emoji-slice", lambda: public_rows)])
+    monkeypatch.setattr(modal, "feature_sets", lambda: [("minilm", "emoji-slice", lambda: public_rows)])
     lines: list[str] = []
-    first = features.build_feature_caches(log=lines.append, progress=False)
-    features.build_feature_caches(log=lines.append, progress=False)
+    first = modal.build_feature_caches(log=lines.append, progress=False)
+    modal.build_feature_caches(log=lines.append, progress=False)
     assert list(first) == ["minilm/emoji-slice"]
     assert "computed" in lines[0] and "texts/s" in lines[0] and f"{ROWS} x 384" in lines[0]
     assert "cached" in lines[1]

@@ -1,0 +1,58 @@
+"""ModalData: one view over every data set, arrays grouped by modality, so training code never branches on the
+data set (runtime/data/modal.py loads them into it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+RAW = "raw"
+"""The input view of encoders trained from scratch: pixels or token ids (the other views are backbones)."""
+
+
+@dataclass(frozen=True)
+class ModalData:
+    """inputs['image'] = (images uint8 (N,3,32,32),); inputs['text'] = (input_ids, attention_mask) int64 (N,L).
+    features[backbone] = float32 (N, D): the frozen backbone's cached features of the same rows."""
+
+    inputs: dict[str, tuple[np.ndarray, ...]]
+    labels: np.ndarray | None = None
+    class_names: tuple[str, ...] = ()
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        first = next(iter(self.inputs.values()))
+        return len(first[0])
+
+    def select(self, indices: np.ndarray) -> "ModalData":
+        indices = np.asarray(indices, dtype=np.int64)
+        return ModalData(
+            inputs={m: tuple(array[indices] for array in arrays) for m, arrays in self.inputs.items()},
+            labels=None if self.labels is None else self.labels[indices],
+            class_names=self.class_names,
+            features={name: array[indices] for name, array in self.features.items()},
+        )
+
+    def batch(self, modality: str, indices: torch.Tensor | np.ndarray | slice, device: torch.device,
+              view: str = RAW) -> tuple[torch.Tensor, ...]:
+        """Tensors for an encoder of `modality` that reads `view`: images as float in [0,1], token ids as
+        int64 (RAW), or the named backbone's cached features as float32 (B, D)."""
+        if isinstance(indices, torch.Tensor):
+            indices = indices.numpy()
+        if view != RAW:
+            if view not in self.features:
+                raise KeyError(f"no cached {view} features for this data set (have: {sorted(self.features)})")
+            return (torch.from_numpy(np.ascontiguousarray(self.features[view][indices])).to(device, torch.float32),)
+        arrays = [array[indices] for array in self.inputs[modality]]
+        if modality == "image":
+            return (torch.from_numpy(np.ascontiguousarray(arrays[0])).to(device, torch.float32).div_(255.0),)
+        return tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device, torch.int64) for a in arrays)
+
+    def label_batch(self, indices: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
+        assert self.labels is not None, "this data set has no labels"
+        if isinstance(indices, torch.Tensor):
+            indices = indices.numpy()
+        return torch.from_numpy(np.ascontiguousarray(self.labels[indices])).to(device, torch.int64)
