@@ -17,7 +17,7 @@ from fedafd.cloud_server.contrastive import build_contrastive_loss
 from fedafd.cloud_server.distributed import ONE_PROCESS, Ranks
 from fedafd.runtime.losses import distillation_loss
 from fedafd.runtime.data.modal import RAW, ModalData
-from fedafd.runtime.models import ADAPTER_DROPOUT, build_encoder, encode_rows, input_view
+from fedafd.runtime.models import ADAPTER_DROPOUT, build_encoder, encode_all, encode_rows, input_view
 from fedafd.runtime.retrieval import retrieval_metrics
 from fedafd.runtime.torch_utils import batch_indices
 
@@ -32,9 +32,6 @@ class GlobalModel(nn.Module):
         self.encoders = nn.ModuleDict({m: build_encoder(m, arch, feature_dim, adapter_dropout)
                                        for m, arch in self.archs.items()})
         self.loss = build_contrastive_loss(contrastive_loss)
-
-    def encode(self, modality: str, data: ModalData, rows, device: torch.device) -> torch.Tensor:
-        return encode_rows(self.encoders[modality], modality, data, rows, device)  # (B, d)
 
     def backbones(self) -> dict[str, str]:
         """Modality -> the frozen backbone its tower adapts (towers trained from scratch have none)."""
@@ -81,8 +78,8 @@ def extract_features(encoder: nn.Module, data: ModalData, modality: str, device:
     """(N, d) L2-normalised features in eval mode, rows in order (every rank encodes its shard; all get all)."""
     encoder.eval()
     mine = ranks.shard(torch.arange(len(data)))
-    chunks = [encode_rows(encoder, modality, data, mine[part], device) for part in batch_indices(len(mine), batch_size)]
-    return ranks.gather(torch.cat(chunks), len(data))
+    return ranks.gather(encode_all(lambda part: encode_rows(encoder, modality, data, mine[part], device), len(mine),
+                                   batch_size), len(data))
 
 
 def distill_epoch(model: GlobalModel, optimizer: torch.optim.Optimizer, public: ModalData,

@@ -17,6 +17,7 @@ from fedafd.edge_client.diagnostics import DeviceDiagnostics, logit_norm
 from fedafd.edge_client.model import GlobalTowers, LocalModel
 from fedafd.runtime.data.modal import ModalData
 from fedafd.runtime.losses import info_nce
+from fedafd.runtime.models import encode_all
 from fedafd.runtime.methods import MethodSettings
 from fedafd.runtime.retrieval import held_rows, personalised_accuracy, retrieval_metrics
 from fedafd.runtime.torch_utils import batch_indices, round_seed, seeded_generator
@@ -178,13 +179,6 @@ def train_round(objective: RoundObjective, heartbeat: Callable[[], None] = lambd
     if not all(math.isfinite(v) for v in means.values()):
         raise FloatingPointError(f"training diverged in round {r.round}: {means}")
     return means
-
-
-@torch.no_grad()
-def encode_all(encode: Callable[[torch.Tensor], torch.Tensor], count: int, batch_size: int = 256) -> torch.Tensor:
-    """(N, d) features of rows 0..count-1 in order; `encode(rows)` encodes one batch of row indices."""
-    outputs = [encode(rows) for rows in batch_indices(count, batch_size)]
-    return torch.cat(outputs) if outputs else torch.zeros(0)
 
 
 def private_global_features(towers: GlobalTowers, data: ModalData, modalities: tuple[str, ...],

@@ -42,49 +42,63 @@ def _decode(peer: str, frames) -> Received:
     return Received(peer, d.msg, d.msg_id, d.nbytes, None)
 
 
-class ServerMessenger:
-    """Server side: encodes, sends, receives and decodes messages, counting every byte."""
+class _Messenger:
+    """Encoding, decoding and counting, the same on both sides; a side says whose bytes they are and which
+    direction is which."""
+
+    def __init__(self, counter: ByteCounter, sending: str, receiving: str):
+        self.counter = counter
+        self._sending, self._receiving = sending, receiving  # "down"/"up" as this side sends/receives
+        self.current_round = -1
+        """Round that received messages without a round of their own (Join, Welcome, Bye) count under."""
+
+    def _count_sent(self, frames, msg: Message, round: int, who: str) -> int:
+        """Counts `msg`'s frames as sent by this side (to or for `who`); returns their bytes."""
+        nbytes = frames_nbytes(frames)
+        self.counter.add(round, who, self._sending, msg.TYPE.value, nbytes)
+        self.counter.add_parts(round, who, self._sending, frame_parts(frames))
+        return nbytes
+
+    def _decoded(self, peer: str, frames, who: str) -> Received:
+        """Received frames, decoded (a malformed message as a value) and counted under `who`."""
+        r = _decode(peer, frames)
+        msg_type = MALFORMED if r.error else r.msg.TYPE.value
+        round_ = _round_of(r.msg, self.current_round)
+        self.counter.add(round_, who, self._receiving, msg_type, r.nbytes)
+        self.counter.add_parts(round_, who, self._receiving, frame_parts(frames))
+        return r
+
+
+class ServerMessenger(_Messenger):
+    """Server side: encodes, sends, receives and decodes messages, counting every byte under its device."""
 
     def __init__(self, transport: ServerTransport, counter: ByteCounter):
+        super().__init__(counter, sending="down", receiving="up")
         self.transport = transport
-        self.counter = counter
-        self.current_round = -1
-        """Round that received messages without a round of their own (Join, Bye) count under."""
 
     def send(self, peer: str, msg: Message, round: int, msg_id: str | None = None,
              codecs: dict[str, str] | None = None) -> int:
         """Sends `msg` to `peer` (tensor fields stored with `codecs`, see wire.encode); returns the bytes
         sent. Raises PeerGone / TransportError / WireError."""
         frames = encode(msg, msg_id, codecs)
-        self.transport.send(peer, frames)
-        nbytes = frames_nbytes(frames)
-        self.counter.add(round, peer, "down", msg.TYPE.value, nbytes)
-        self.counter.add_parts(round, peer, "down", frame_parts(frames))
-        return nbytes
+        self.transport.send(peer, frames)  # counted once it went: a refused send counts nothing
+        return self._count_sent(frames, msg, round, peer)
 
     def recv(self, timeout_s: float) -> Received | None:
         got = self.transport.recv(timeout_s)
-        if got is None:
-            return None
-        r = _decode(*got)
-        msg_type = MALFORMED if r.error else r.msg.TYPE.value
-        self.counter.add(_round_of(r.msg, self.current_round), r.peer, "up", msg_type, r.nbytes)
-        self.counter.add_parts(_round_of(r.msg, self.current_round), r.peer, "up", frame_parts(got[1]))
-        return r
+        return None if got is None else self._decoded(got[0], got[1], who=got[0])
 
     def close(self) -> None:
         self.transport.close()
 
 
-class ClientMessenger:
+class ClientMessenger(_Messenger):
     """Client side: the same as ServerMessenger, with one peer (the server) and bytes kept under `client_id`."""
 
     def __init__(self, transport: ClientTransport, counter: ByteCounter, client_id: str):
+        super().__init__(counter, sending="up", receiving="down")
         self.transport = transport
-        self.counter = counter
         self.client_id = client_id
-        self.current_round = -1
-        """Round that received messages without a round of their own (Welcome, Bye) count under."""
 
     def send(self, msg: Message, round: int, msg_id: str | None = None,
              codecs: dict[str, str] | None = None) -> int:
@@ -92,20 +106,11 @@ class ClientMessenger:
         Raises TransportError / WireError."""
         frames = encode(msg, msg_id, codecs)
         self.transport.send(frames)
-        nbytes = frames_nbytes(frames)
-        self.counter.add(round, self.client_id, "up", msg.TYPE.value, nbytes)
-        self.counter.add_parts(round, self.client_id, "up", frame_parts(frames))
-        return nbytes
+        return self._count_sent(frames, msg, round, self.client_id)
 
     def recv(self, timeout_s: float) -> Received | None:
         frames = self.transport.recv(timeout_s)
-        if frames is None:
-            return None
-        r = _decode(SERVER_PEER, frames)
-        msg_type = MALFORMED if r.error else r.msg.TYPE.value
-        self.counter.add(_round_of(r.msg, self.current_round), self.client_id, "down", msg_type, r.nbytes)
-        self.counter.add_parts(_round_of(r.msg, self.current_round), self.client_id, "down", frame_parts(frames))
-        return r
+        return None if frames is None else self._decoded(SERVER_PEER, frames, who=self.client_id)
 
     def close(self) -> None:
         self.transport.close()

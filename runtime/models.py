@@ -22,6 +22,7 @@ from torch import nn
 from fedafd.runtime.backbones import BACKBONES, masked_mean
 from fedafd.runtime.data.modal import RAW, ModalData
 from fedafd.runtime.data.text import MAX_TEXT_LEN, PAD_ID, VOCAB_SIZE
+from fedafd.runtime.torch_utils import batch_indices
 
 # Channel statistics of the 3x32x32 training images are unknown ahead of time (they mix grayscale
 # products, emoji and stamps), so the small nets centre [0, 1] on 0.5; BatchNorm does the rest.
@@ -219,6 +220,14 @@ def encode_rows(encoder: nn.Module, modality: str, data: ModalData, rows, device
     """(B, d) features of `rows` of `data`, from what the encoder reads: raw inputs or its backbone's
     cached features."""
     return encoder(*data.batch(modality, rows, device, input_view(encoder)))
+
+
+@torch.no_grad()
+def encode_all(encode: Callable[[torch.Tensor], torch.Tensor], count: int, batch_size: int = 256) -> torch.Tensor:
+    """(N, d) features of rows 0..count-1 in order, in batches; `encode(rows)` encodes one batch of row indices
+    (the server's G and evaluation, a device's f_g, uplink and evaluation all batch through here)."""
+    outputs = [encode(rows) for rows in batch_indices(count, batch_size)]
+    return torch.cat(outputs) if outputs else torch.zeros(0)
 
 
 def count_parameters(model: nn.Module) -> int:

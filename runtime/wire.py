@@ -125,8 +125,6 @@ class TensorSpec:
     """True: the field is a dict[str, ndarray], each entry sent as "<field>/<key>"."""
     keys: tuple[str, ...] | None = None
     """Keys a group may hold (None: any non-empty name)."""
-    min_keys: int = 0
-    """Fewest entries a group must hold."""
     rows: bool = False
     """Indexed by public sample: every such tensor in one message has the same first dim."""
 
@@ -515,9 +513,6 @@ class _TensorSet:
         for fname, spec in self.layout.tensors.items():
             if fname not in self.values:
                 raise WireError(ErrorCode.BAD_FIELD, f"tensor '{fname}' is missing")
-            if spec.group and len(self.values[fname]) < spec.min_keys:
-                raise WireError(ErrorCode.BAD_FIELD,
-                                f"field '{fname}' needs at least {spec.min_keys} tensor(s)")
         return self.values
 
 

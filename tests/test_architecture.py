@@ -158,3 +158,43 @@ def test_no_import_cycle_between_the_modules_of_a_package() -> None:
     found = cycles(edges)
     described = ["  " + " -> ".join(cycle) for cycle in found]
     assert not found, "import cycles between modules:\n" + "\n".join(described)
+
+
+def switch_lists(tree: ast.AST, switches: set[str]) -> list[tuple[int, list[str]]]:
+    """(line, names) of every class, dict literal or call in `tree` that spells out most of the method switches
+    (a config or a strategy naming the few it sets is not a second list)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name != "MethodSettings":
+            named = {n.target.id for n in node.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+        elif isinstance(node, ast.Dict):
+            named = {k.value for k in node.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)}
+        elif isinstance(node, ast.Call):
+            named = {k.arg for k in node.keywords if k.arg}
+        else:
+            continue
+        if len(named & switches) > len(switches) // 2:
+            found.append((node.lineno, sorted(named & switches)))
+    return found
+
+
+def test_the_method_switches_are_defined_once() -> None:
+    """MethodSettings is the one list of the method's switches and their defaults: no other class, dict or call
+    spells most of them out (as the all-off dict, RoundPlan and the device's field-by-field copy once did)."""
+    import dataclasses
+
+    from fedafd.runtime.methods import MethodSettings
+
+    switches = {f.name for f in dataclasses.fields(MethodSettings)} - {"strategy"}
+    old_all_off = ast.parse("base = dict(strategy='x', uplink=True, feature_codec='fp32', local_init='random', baa=False, "
+                            "beta=0.0, real_label=1.0, gff=False, digest='none', digest_weight=0.0, "
+                            "contrast_weight=0.0, contrast_temperature=1.0, infiltration_weight=0.0, dominant_modality='text')")
+    assert switch_lists(old_all_off, switches), "the check must find a second list"
+    found = []
+    for name, folder in PACKAGE_DIRS.items():
+        if name.count(".") != 1:
+            continue
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for line, names in switch_lists(ast.parse(path.read_text(), filename=str(path)), switches):
+                found.append(f"{path.relative_to(ROOT)}:{line}: {names}")
+    assert not found, "a second definition of the method switches:\n" + "\n".join(found)

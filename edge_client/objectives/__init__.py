@@ -1,21 +1,25 @@
-"""The methods on the device, one file each, found by the strategy's name in the round's settings; their server
-sides are cloud_server/strategies/<name>.py."""
+"""The methods on the device, one file each, found by the strategy's name in the round's settings (`<NAME>.py`
+here and its Objective of that name); their server sides are cloud_server/strategies/<NAME>.py."""
 
 from __future__ import annotations
 
-from fedafd.edge_client.objectives.base import Objective, digest
-from fedafd.edge_client.objectives.creamfl import CreamFlObjective
-from fedafd.edge_client.objectives.fedafd import FedAfdObjective
-from fedafd.edge_client.objectives.fedcmi import FedCmiObjective
-from fedafd.edge_client.objectives.fedet import FedEtObjective
-from fedafd.edge_client.objectives.fedgems import FedGemsObjective
-from fedafd.edge_client.objectives.fedmd import FedMdObjective
-from fedafd.edge_client.objectives.local import LocalObjective
-from fedafd.edge_client.training import DeviceRound
+import importlib
 
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (
-    FedAfdObjective, LocalObjective, FedMdObjective, CreamFlObjective, FedGemsObjective, FedEtObjective,
-    FedCmiObjective)}
+from fedafd.edge_client.objectives.base import Objective, digest
+from fedafd.edge_client.training import DeviceRound
+from fedafd.runtime.methods import STRATEGIES
+
+
+def objective_class(name: str) -> type[Objective]:
+    """The Objective called `name`, from the module of that name in this package."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(STRATEGIES)}")
+    module = importlib.import_module(f"{__name__}.{name}")
+    (cls,) = [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, Objective) and c.name == name]
+    return cls
+
+
+OBJECTIVES: dict[str, type[Objective]] = {name: objective_class(name) for name in STRATEGIES}
 
 
 def objective_for(round: DeviceRound) -> Objective:
@@ -23,4 +27,4 @@ def objective_for(round: DeviceRound) -> Objective:
     return OBJECTIVES[round.settings.strategy](round)
 
 
-__all__ = ["OBJECTIVES", "Objective", "digest", "objective_for"]
+__all__ = ["OBJECTIVES", "Objective", "digest", "objective_class", "objective_for"]

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from fedafd.edge_client.model import LocalModel
 from fedafd.edge_client.objectives.base import Objective
-from fedafd.edge_client.training import encode_all, evaluation_mode, public_pass, task_loss
+from fedafd.edge_client.training import evaluation_mode, public_pass, task_loss
+from fedafd.runtime.models import encode_all
 from fedafd.runtime.data.modal import ModalData
 
 
