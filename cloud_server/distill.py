@@ -10,7 +10,9 @@ feature of the same modality, both L2-normalised::
     w_ck = softmax_c(s_ck)                               # per sample, over clients
     t_k  = sum_c w_ck * v_ck                             # the aggregated teacher
 
-No temperature is applied to the similarities: method.md writes none, so none is added.
+method.md writes no temperature; ``temperature`` (config ``sed_temperature``, 1: the method's form) divides
+the similarities, ``s_ck = <v_ck, g_k>/T - log sum_j exp(<v_ck, g_j>/T)``: cosines in [-1, 1] over P samples
+at T = 1 leave every client's log-probability near -log P and the weights near uniform.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def _check_client_features(client_features: Tensor) -> None:
         raise ValueError("client_features has no public samples (P == 0)")
 
 
-def sed_scores(client_features: Tensor, server_features: Tensor, chunk_size: int = 1024) -> Tensor:
+def sed_scores(client_features: Tensor, server_features: Tensor, chunk_size: int = 1024,
+               temperature: float = 1.0) -> Tensor:
     """SED scores ``s_ck`` for every client and public sample.
 
     Args:
@@ -46,9 +49,10 @@ def sed_scores(client_features: Tensor, server_features: Tensor, chunk_size: int
         server_features: (P, d) global features of the same modality. Need not be normalised.
         chunk_size: rows of ``P`` scored at once; peak extra memory is (chunk_size, P) per client,
             never (P, P).
+        temperature: divides the cosine similarities (1: method.md's form).
 
     Returns:
-        (C, P) float tensor, ``s_ck = <v_ck, g_k> - logsumexp_j <v_ck, g_j>`` on L2-normalised
+        (C, P) float tensor, ``s_ck = <v_ck, g_k>/T - logsumexp_j <v_ck, g_j>/T`` on L2-normalised
         features (always <= 0, a log-probability).
     """
     _check_client_features(client_features)
@@ -64,6 +68,8 @@ def sed_scores(client_features: Tensor, server_features: Tensor, chunk_size: int
         )
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
 
     g = F.normalize(server_features.float(), dim=-1)  # (P, d)
     v = F.normalize(client_features.float().to(g.device), dim=-1)  # (C, P, d)
@@ -72,8 +78,8 @@ def sed_scores(client_features: Tensor, server_features: Tensor, chunk_size: int
         for start in range(0, n_public, chunk_size):
             stop = min(start + chunk_size, n_public)
             v_chunk = v[c, start:stop]  # (n, d)
-            sims = v_chunk @ g.T  # (n, P)
-            positive = (v_chunk * g[start:stop]).sum(dim=-1)  # (n,) = <v_ck, g_k>
+            sims = v_chunk @ g.T / temperature  # (n, P)
+            positive = (v_chunk * g[start:stop]).sum(dim=-1) / temperature  # (n,) = <v_ck, g_k> / T
             scores[c, start:stop] = positive - torch.logsumexp(sims, dim=-1)
     return scores
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from fedafd.cloud_server.contrastive import build_contrastive_loss
 from fedafd.cloud_server.distributed import ONE_PROCESS, Ranks
-from fedafd.runtime.losses import distillation_loss
+from fedafd.runtime.losses import DISTILL_TARGETS
 from fedafd.runtime.data.modal import RAW, ModalData
 from fedafd.runtime.models import ADAPTER_DROPOUT, build_encoder, encode_all, encode_rows, input_view
 from fedafd.runtime.retrieval import retrieval_metrics
@@ -84,10 +84,11 @@ def extract_features(encoder: nn.Module, data: ModalData, modality: str, device:
 
 def distill_epoch(model: GlobalModel, optimizer: torch.optim.Optimizer, public: ModalData,
                   teachers: dict[str, torch.Tensor], gamma: float, batch_size: int, generator: torch.Generator,
-                  device: torch.device, ranks: Ranks = ONE_PROCESS) -> float:
+                  device: torch.device, ranks: Ranks = ONE_PROCESS, target: str = "features") -> float:
     """Stage 3: gamma * MSE between each global encoder's output and its modality's teacher, over P.
     Modalities without a teacher (no client sent them this round) are skipped. Per sample, so each rank
-    needs only its shard (weighted by its share of the batch)."""
+    needs only its shard (weighted by its share of the batch). `target` (runtime.losses.DISTILL_TARGETS):
+    features (method.md) or relations (the cosine similarities within each rank's shard of the batch)."""
     if not teachers:
         return 0.0
     model.train()
@@ -98,7 +99,7 @@ def distill_epoch(model: GlobalModel, optimizer: torch.optim.Optimizer, public: 
             continue
         mine = ranks.shard(rows)
         loss = ranks.share(len(mine), len(rows)) * sum(
-            distillation_loss(encode_rows(encoders[m], m, public, mine, device), teacher[mine.to(teacher.device)], gamma)
+            DISTILL_TARGETS[target](encode_rows(encoders[m], m, public, mine, device), teacher[mine.to(teacher.device)], gamma)
             for m, teacher in teachers.items()
         )
         optimizer.zero_grad(set_to_none=True)

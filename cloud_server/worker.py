@@ -61,7 +61,7 @@ def serve_worker(ranks: Ranks, public_all: ModalData | None = None, public_test:
                 evaluate_retrieval(model, public_test, ranks.device, ranks)
             for _ in range(config.distill_epochs):
                 distill_epoch(model, distill_optimizer, public, teachers, config.gamma, config.batch_size, generator,
-                              ranks.device, ranks)
+                              ranks.device, ranks, config.distill_target)
             evaluate_retrieval(model, public_test, ranks.device, ranks)
             rounds += 1
             log.info("rank %d: round %d done", ranks.rank, round_)

@@ -271,7 +271,7 @@ class EdgeApp:
         when there is one (a restarted device, or one whose state waited on disk between rounds)."""
         c = self.config
         model = LocalModel(c.kind, c.image_arch, c.text_arch, self.feature_dim, self.private.num_classes,
-                           c.adapter_dropout).to(self.device)
+                           c.adapter_dropout, c.head, c.head_scale).to(self.device)
         use_dropout_generator(model, self.dropout_generator)
         state = ClientState(model, Optimizers.create(model, c.lr, c.disc_lr), GlobalTowers(self.feature_dim, self.device))
         load_state(self.state_dir, state, self._identity(self.feature_dim))

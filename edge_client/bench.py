@@ -44,7 +44,7 @@ def run_bench(config: ClientConfig, onnx_dir: Path | None, graphs: list[dict], o
                                 backbones=backbones)
     public = load_public_data("train", backbones)
     model = LocalModel(config.kind, config.image_arch, config.text_arch, feature_dim, private.num_classes,
-                       config.adapter_dropout).to(device)
+                       config.adapter_dropout, config.head, config.head_scale).to(device)
     optimizers = Optimizers.create(model, config.lr, config.disc_lr)
     # A frozen global tower of the server's default architecture (random weights: same cost as trained ones).
     towers = GlobalTowers(feature_dim, device)

@@ -2,14 +2,49 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from fedafd.edge_client.alignment import Discriminator
 from fedafd.edge_client.fusion import GranularityFusion
+from fedafd.runtime.config import CLASSIFIER_HEADS
 from fedafd.runtime.data.modal import ModalData
 from fedafd.runtime.models import ADAPTER_DROPOUT, build_encoder, encode_rows, input_view, l2_normalise
 from fedafd.runtime.wire import MODALITIES_OF_KIND
+
+
+MAX_HEAD_SCALE = 100.0
+"""Ceiling of the cosine head's learnable logit scale (as CLIP caps its temperature)."""
+
+
+class CosineClassifier(nn.Module):
+    """``logits = s * <z / |z|, w_c / |w_c|>`` with a learnable scale ``s = exp(log_scale)`` (capped at
+    MAX_HEAD_SCALE), so logits can grow past the +-|w| a linear layer reads from unit-norm (or convex mixes of
+    unit-norm) features. (B, d) -> (B, C)."""
+
+    def __init__(self, in_features: int, out_features: int, scale: float = 16.0):
+        super().__init__()
+        if scale <= 0:
+            raise ValueError(f"the cosine head's initial scale must be > 0, got {scale}")
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.normal_(self.weight, std=in_features ** -0.5)
+        self.log_scale = nn.Parameter(torch.tensor(float(math.log(scale))))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        cosine = l2_normalise(features) @ l2_normalise(self.weight).T  # (B, C)
+        return self.log_scale.clamp(max=math.log(MAX_HEAD_SCALE)).exp() * cosine
+
+
+def build_head(head: str, feature_dim: int, num_classes: int, scale: float = 16.0) -> nn.Module:
+    """A classification head of the given kind (HEADS)."""
+    if head == "cosine":
+        return CosineClassifier(feature_dim, num_classes, scale)
+    if head == "linear":
+        return nn.Linear(feature_dim, num_classes)
+    raise ValueError(f"unknown head {head!r}; known: {', '.join(CLASSIFIER_HEADS)}")
 
 
 class LocalModel(nn.Module):
@@ -17,7 +52,7 @@ class LocalModel(nn.Module):
     features come from different towers, so one shared gate would have to serve two distributions)."""
 
     def __init__(self, kind: str, image_arch: str, text_arch: str, feature_dim: int, num_classes: int,
-                 adapter_dropout: float = ADAPTER_DROPOUT):
+                 adapter_dropout: float = ADAPTER_DROPOUT, head: str = "linear", head_scale: float = 16.0):
         super().__init__()
         self.kind = kind
         self.modalities = MODALITIES_OF_KIND[kind]
@@ -25,9 +60,9 @@ class LocalModel(nn.Module):
         self.encoders = nn.ModuleDict({m: build_encoder(m, archs[m], feature_dim, adapter_dropout)
                                        for m in self.modalities})
         self.fusions = nn.ModuleDict({m: GranularityFusion(feature_dim) for m in self.modalities})
-        # Classification devices: a linear head on the fused feature. Retrieval devices: a learnable
-        # InfoNCE temperature (log scale, CLIP's init 1/0.07).
-        self.head = nn.Linear(feature_dim, num_classes) if kind != "multimodal" else None
+        # Classification devices: a head on the fused feature (`head`: cosine with a learnable scale, or the
+        # paper's linear). Retrieval devices: a learnable InfoNCE temperature (log scale, CLIP's init 1/0.07).
+        self.head = build_head(head, feature_dim, num_classes, head_scale) if kind != "multimodal" else None
         self.logit_scale = nn.Parameter(torch.tensor(2.6593)) if kind == "multimodal" else None
         self.discriminators = nn.ModuleDict({"intra": Discriminator(feature_dim), "cross": Discriminator(feature_dim)})
         # FedCMI's infiltration projector (classification devices): trained only under that strategy.

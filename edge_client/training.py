@@ -133,6 +133,8 @@ class RoundObjective(Protocol):
 
     def before_epochs(self) -> dict[str, float]: ...
 
+    def before_epoch(self) -> dict[str, float]: ...
+
     def public_batches(self) -> Iterator[torch.Tensor | None]: ...
 
     def loss_step(self, private_rows: torch.Tensor, public_positions: torch.Tensor | None
@@ -155,8 +157,8 @@ def train_step(objective: RoundObjective, private_rows: torch.Tensor, public_pos
 
 def train_round(objective: RoundObjective, heartbeat: Callable[[], None] = lambda: None) -> dict[str, float]:
     """E local epochs over the private data, each step paired with what objective.public_batches() gives; the
-    objective's passes before the epochs and after each one. Returns each loss part's mean over the round:
-    a step's parts over the steps, a pass's parts as the passes report them."""
+    objective's passes before the epochs, and before and after each one. Returns each loss part's mean over the
+    round: a step's parts over the steps, a pass's parts as the passes report them."""
     r = objective.round
     r.model.train()
     totals = dict(objective.before_epochs())
@@ -164,6 +166,8 @@ def train_round(objective: RoundObjective, heartbeat: Callable[[], None] = lambd
     step_parts: set[str] = set()
     steps = 0
     for _epoch in range(r.local_epochs):
+        for key, value in objective.before_epoch().items():
+            totals[key] = totals.get(key, 0.0) + value
         batches = zip(batch_indices(len(r.private), r.batch_size, r.generator), objective.public_batches())
         for private_rows, public_positions in batches:
             if len(private_rows) < 2:  # BatchNorm cannot train on a batch of one

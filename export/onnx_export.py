@@ -97,7 +97,9 @@ def load_client(state_dir: Path) -> LoadedClient:
     weights = tensors["model"]
     num_classes = int(weights["head.weight"].shape[0]) if "head.weight" in weights else 0
     try:
-        model = LocalModel(meta["kind"], meta["image_arch"], meta["text_arch"], meta["feature_dim"], max(num_classes, 1))
+        head = "cosine" if "head.log_scale" in weights else "linear"  # the head the state was trained with
+        model = LocalModel(meta["kind"], meta["image_arch"], meta["text_arch"], meta["feature_dim"], max(num_classes, 1),
+                           head=head)
         model.load_state_dict(weights)
         towers = GlobalTowers(meta["feature_dim"], torch.device("cpu"))
         if tensors["towers"]:

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fedafd.runtime.codecs import FEATURE_CODECS
-from fedafd.runtime.methods import LOCAL_INITS, STRATEGIES
+from fedafd.runtime.methods import BAA_SCHEDULES, LOCAL_INITS, STRATEGIES
 from fedafd.runtime.wire import CLIENT_KINDS
 
 CONTRASTIVE_LOSSES = ("pcme", "infonce")
+CLASSIFIER_HEADS = ("cosine", "linear")
 DEVICES = ("auto", "cpu", "cuda")
 TOWER_CODECS = ("fp32", "fp16", "int8_row")
 
@@ -74,6 +75,8 @@ class ServerConfig:
     """Stage-3 distillation epochs over the public set per round."""
     gamma: float = 0.4
     """Weight of the distillation MSE (paper: 0.4)."""
+    distill_target: str = "features"
+    """What stage 3 distils: features (the teacher's own, MSE; method.md) or relations (the teacher's cosine similarities within each batch, MSE)."""
     batch_size: int = 64
     """Server batch size for stage 1, stage 3 and feature extraction."""
     lr: float = 1e-3
@@ -82,6 +85,8 @@ class ServerConfig:
     """Adam learning rate of stage 3 (its own optimiser: distillation and contrastive training keep separate moments)."""
     sed_chunk: int = 512
     """Rows per chunk when computing SED scores (memory O(chunk x P))."""
+    sed_temperature: float = 1.0
+    """Temperature dividing SED's cosine similarities (1: method.md's form; smaller tells devices apart more sharply)."""
     strategy: str = "fedafd"
     """The method: fedafd, local (no federation), fedmd, creamfl, fedgems, fedet or fedcmi (docs/strategies.md)."""
     baa: bool = True
@@ -92,6 +97,12 @@ class ServerConfig:
     """Similarity-guided ensemble distillation; off: distil toward the plain mean (ablation switch)."""
     beta: float = 0.5
     """Weight of the adversarial losses (paper: 0.5)."""
+    baa_schedule: str = "pass"
+    """BAA's schedule: pass (each local epoch, an adversarial pass over the public pairs, one discriminator and one encoder step per batch, then the private pass; the research code's) or paired (one public batch per private step)."""
+    baa_batches: int = 0
+    """Public batches in each epoch's adversarial pass (0: the whole public set)."""
+    disc_steps: int = 1
+    """Discriminator steps per public batch before each encoder step."""
     local_init: str = "random"
     """How a device's local encoders start: random, or global (a copy of the server's tower where the architecture is the same)."""
     real_label: float = 1.0
@@ -119,6 +130,7 @@ class ServerConfig:
         _check_non_negative(self, "expected_clients", "join_settle_s", "public_size", "distill_epochs", "threads",
                             "max_private", "max_test", "gamma", "beta")
         _check_positive(self, "join_timeout_s", "round_deadline_s", "heartbeat_timeout_s", "lr", "distill_lr", "alpha",
+                        "sed_temperature",
                         "worker_timeout_s")
         _check_fraction(self, "adapter_dropout")
         if not 0.5 < self.real_label <= 1.0:
@@ -129,6 +141,10 @@ class ServerConfig:
             raise ConfigError("strategy fedmd sends last round's consensus of the public rows: it needs public_resample=false")
         _check_choice(self, "contrastive_loss", CONTRASTIVE_LOSSES)
         _check_choice(self, "local_init", LOCAL_INITS)
+        _check_choice(self, "baa_schedule", BAA_SCHEDULES)
+        _check_choice(self, "distill_target", ("features", "relations"))
+        _check_non_negative(self, "baa_batches")
+        _check_positive(self, "disc_steps")
         if not 0.0 < self.quorum <= 1.0:
             raise ConfigError(f"quorum must be in (0, 1], got {self.quorum}")
         if self.feature_dim % 4:
@@ -171,6 +187,10 @@ class ClientConfig:
     """Adam learning rate of the local model, heads and fusion."""
     disc_lr: float = 1e-4
     """Adam learning rate of the discriminators (the research code's 1e-4)."""
+    head: str = "cosine"
+    """Classification head: cosine (cosine similarities times a learnable logit scale) or linear (the paper's)."""
+    head_scale: float = 16.0
+    """Initial logit scale of the cosine head (learnable, capped at 100)."""
     device: str = "cpu"
     """Torch device: cpu, cuda or auto."""
     threads: int = 1
@@ -189,7 +209,8 @@ class ClientConfig:
         _check_choice(self, "device", DEVICES)
         _check_positive(self, "num_partitions", "batch_size")
         _check_non_negative(self, "partition", "max_private", "max_test", "threads")
-        _check_positive(self, "alpha", "lr", "disc_lr", "heartbeat_s", "round_wait_s", "connect_timeout_s")
+        _check_positive(self, "alpha", "lr", "disc_lr", "heartbeat_s", "round_wait_s", "connect_timeout_s", "head_scale")
+        _check_choice(self, "head", CLASSIFIER_HEADS)
         _check_fraction(self, "adapter_dropout")
         if self.partition >= self.num_partitions:
             raise ConfigError(f"partition must be < num_partitions ({self.num_partitions}), got {self.partition}")

@@ -24,3 +24,19 @@ def distillation_loss(student: Tensor, teacher: Tensor, gamma: float) -> Tensor:
     if student.shape != teacher.shape:
         raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} shapes differ")
     return gamma * F.mse_loss(student, teacher.detach().to(student.dtype))
+
+
+def relation_loss(student: Tensor, teacher: Tensor, gamma: float) -> Tensor:
+    """``gamma * MSE(S S^T, T T^T)`` over a batch, S and T the L2-normalised rows of student and teacher (B, d):
+    the student's cosine similarities between the batch's samples regressed toward the teacher's. Invariant to
+    any rotation of the teacher's space, so a teacher in a space of its own teaches its relations, not its
+    coordinates. The teacher gets no gradient."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} shapes differ")
+    s = F.normalize(student, dim=-1)
+    t = F.normalize(teacher.detach().to(student.dtype), dim=-1)
+    return gamma * F.mse_loss(s @ s.T, t @ t.T)  # (B, B) each
+
+
+DISTILL_TARGETS = {"features": distillation_loss, "relations": relation_loss}
+"""Stage 3's targets: the teacher's features (method.md's MSE) or its within-batch relations."""

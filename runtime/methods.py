@@ -17,11 +17,13 @@ from typing import Any
 
 from fedafd.runtime.codecs import FEATURE_CODECS
 
-SETTINGS_VERSION = 1
-"""1: the first typed settings (strategy, BAA, GFF, digest, contrastive regularisers, infiltration)."""
+SETTINGS_VERSION = 2
+"""1: the first typed settings (strategy, BAA, GFF, digest, contrastive regularisers, infiltration);
+2: BAA's schedule (baa_schedule, baa_batches, disc_steps)."""
 STRATEGIES = ("fedafd", "local", "fedmd", "creamfl", "fedgems", "fedet", "fedcmi")
 DIGEST_TARGETS = ("none", "consensus", "global")
 LOCAL_INITS = ("random", "global")
+BAA_SCHEDULES = ("pass", "paired")
 
 
 class SettingsError(ValueError):
@@ -56,6 +58,13 @@ class MethodSettings:
     """Weight of the adversarial losses."""
     real_label: float = 1.0
     """The discriminators' target for real features (below 1: one-sided label smoothing)."""
+    baa_schedule: str = "pass"
+    """pass: each local epoch starts with an adversarial pass over the public pairs (one discriminator step, one
+    encoder step per public batch), then the private pass; paired: each private step is paired with one public batch."""
+    baa_batches: int = 0
+    """Public batches in each adversarial pass (0: every batch of the public set, a whole pass)."""
+    disc_steps: int = 1
+    """Discriminator steps per public batch before the encoder's step."""
     gff: bool = False
     """FedAFD's granularity-aware fusion of the local and the global feature."""
     digest: str = "none"
@@ -81,10 +90,13 @@ class MethodSettings:
             if not ok:
                 raise SettingsError(f"settings.{f.name} must be {want.__name__}, got {type(value).__name__}")
         for name, choices in (("strategy", STRATEGIES), ("feature_codec", FEATURE_CODECS),
-                              ("local_init", LOCAL_INITS), ("digest", DIGEST_TARGETS),
+                              ("local_init", LOCAL_INITS), ("digest", DIGEST_TARGETS), ("baa_schedule", BAA_SCHEDULES),
                               ("dominant_modality", ("image", "text"))):
             if getattr(self, name) not in choices:
                 raise SettingsError(f"settings.{name} is {getattr(self, name)!r}, must be one of {', '.join(choices)}")
+        if self.baa_batches < 0 or self.disc_steps < 1:
+            raise SettingsError(f"settings.baa_batches must be >= 0 and disc_steps >= 1, got {self.baa_batches}, "
+                                f"{self.disc_steps}")
         for name in ("beta", "digest_weight", "contrast_weight", "infiltration_weight"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"settings.{name} must be >= 0, got {getattr(self, name)}")

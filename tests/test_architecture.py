@@ -165,7 +165,8 @@ def switch_lists(tree: ast.AST, switches: set[str]) -> list[tuple[int, list[str]
     (a config or a strategy naming the few it sets is not a second list)."""
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ClassDef) and node.name != "MethodSettings":
+        # The configs (runtime/config.py) are what a user sets, FedAFD's knobs among them, not the device's list.
+        if isinstance(node, ast.ClassDef) and node.name not in ("MethodSettings", "ServerConfig", "ClientConfig"):
             named = {n.target.id for n in node.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
         elif isinstance(node, ast.Dict):
             named = {k.value for k in node.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)}

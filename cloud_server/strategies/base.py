@@ -87,11 +87,12 @@ class Strategy:
     def distil(self, model: GlobalModel, optimizer: torch.optim.Optimizer, public: ModalData,
                teachers: dict[str, Tensor], generator: torch.Generator, device: torch.device,
                ranks: Ranks = ONE_PROCESS) -> float:
-        """Stage 3: the global encoders distilled toward the teachers (none: nothing); the last epoch's loss."""
+        """Stage 3: the global encoders distilled toward the teachers (none: nothing), their features or their
+        relations (`distill_target`); the last epoch's loss."""
         loss = 0.0
         for _ in range(self.config.distill_epochs):
             loss = distill_epoch(model, optimizer, public, teachers, self.config.gamma, self.config.batch_size,
-                                 generator, device, ranks)
+                                 generator, device, ranks, self.config.distill_target)
         return loss
 
     # -- state across rounds (checkpointed) ----------------------------------------------------------

@@ -26,6 +26,11 @@ class Objective:
         """What runs before the first epoch (a digest pass, round-constant tensors); loss parts by name."""
         return {}
 
+    def before_epoch(self) -> dict[str, float]:
+        """What opens each epoch (FedAFD's adversarial pass); loss parts by name, each already divided by the
+        number of epochs, so their sum over the round is their mean."""
+        return {}
+
     def public_batches(self) -> Iterator[torch.Tensor | None]:
         """Called at each epoch's start: positions in the public rows to pair with each private batch, or None."""
         return itertools.repeat(None)

@@ -204,3 +204,48 @@ def test_teacher_cosine_with_the_server_features_by_hand() -> None:
     cosine = mean_cosine(_fold(features, torch.zeros(2, 2)).teacher(), server)
     # Assert
     assert cosine == pytest.approx((1 / math.sqrt(2) + 1) / 2)
+
+
+# -- SED's temperature and stage 3's relational target -------------------------------------------------------
+def test_sed_temperature_divides_the_similarities_by_hand() -> None:
+    # Prepare: the hand case above, at T = 0.5 (similarities doubled).
+    clients, server = _hand_case()
+    # Execute
+    scores = sed_scores(clients, server, temperature=0.5)
+    # Assert: client A, sample 0: sims [2, 0, -2] -> s = 2 - log(e^2 + 1 + e^-2); client B, sample 0: sims
+    # [0, 2, 0] -> s = -log(2 + e^2); sample 1: A and B both [0, 2, 0] with the positive 2.
+    lse_a, lse_up, lse_down = math.log(E**2 + 1 + E**-2), math.log(2 + E**2), math.log(2 + E**-2)
+    expected = torch.tensor([[2 - lse_a, 2 - lse_up, 2 - lse_a], [-lse_up, 2 - lse_up, -lse_down]])
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
+    # Sample 0's weight of A is sharper than at T = 1 (0.75838): 1 / (1 + exp(s_B - s_A)) = 0.89057.
+    w_a = torch.softmax(scores[:, 0], 0)[0]
+    assert float(w_a) == pytest.approx(1 / (1 + math.exp(-lse_up - 2 + lse_a)), abs=1e-5)
+    assert float(w_a) == pytest.approx(0.89057, abs=1e-4)
+    with pytest.raises(ValueError, match="temperature"):
+        sed_scores(clients, server, temperature=0.0)
+
+
+def test_the_fedafd_strategy_scores_with_the_configured_temperature() -> None:
+    from fedafd.cloud_server.strategies.fedafd import FedAfd
+    from fedafd.runtime.config import ServerConfig
+
+    clients, server = _hand_case()
+    strategy = FedAfd(ServerConfig(sed_temperature=0.5))
+    scores = strategy.score("image", clients[1], {"image": server})
+    torch.testing.assert_close(scores, sed_scores(clients[1:], server, temperature=0.5)[0])
+    assert not torch.allclose(scores, sed_scores(clients[1:], server)[0])
+
+
+def test_relation_loss_by_hand_and_invariant_to_a_rotation_of_the_teacher() -> None:
+    from fedafd.runtime.losses import relation_loss
+
+    # Prepare: student rows e1, e1 (cosine 1); teacher rows e1, e2 (cosine 0), the second scaled by 3.
+    student = torch.tensor([[1.0, 0.0], [2.0, 0.0]])
+    teacher = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
+    # Execute
+    loss = relation_loss(student, teacher, gamma=0.4)
+    # Assert: Gram matrices [[1, 1], [1, 1]] and [[1, 0], [0, 1]]: two of four entries differ by 1 -> MSE 0.5.
+    assert float(loss) == pytest.approx(0.4 * 0.5)
+    rotation = torch.tensor([[0.0, -1.0], [1.0, 0.0]])
+    assert float(relation_loss(student, teacher @ rotation, 0.4)) == pytest.approx(0.4 * 0.5)
+    assert float(relation_loss(teacher @ rotation, teacher, 0.4)) == pytest.approx(0.0, abs=1e-7)

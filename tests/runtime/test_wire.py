@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from fedafd.cloud_server.strategies import build_strategy
 from fedafd.runtime.config import ServerConfig
 from fedafd.runtime import wire
+from fedafd.runtime.methods import SETTINGS_VERSION
 from fedafd.runtime.wire import ErrorCode, WireError
 
 P, D = 5, 4
@@ -434,12 +435,12 @@ def test_method_settings_travel_typed_and_versioned() -> None:
     decoded = wire.decode(wire.encode(msg)).msg
     # Assert: the device gets the very recipe, as a MethodSettings, with the version on the wire.
     assert decoded.settings == msg.settings
-    assert _settings_fields(msg)["version"] == 1
+    assert _settings_fields(msg)["version"] == SETTINGS_VERSION == 2
 
 
 @pytest.mark.parametrize("change, reason", [
     (lambda s: s.pop("baa"), "missing"),
-    (lambda s: s.update(version=2), "version"),
+    (lambda s: s.update(version=1), "version"),
     (lambda s: s.update(beta="0.5"), "beta must be float"),
     (lambda s: s.update(baa=1), "baa must be bool"),
     (lambda s: s.update(digest="sometimes"), "digest"),
