@@ -158,6 +158,17 @@ def auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     return float(greater + 0.5 * ties)
 
 
+def cross_validated_auc(x: np.ndarray, y: np.ndarray, folds: int = 5) -> float | None:
+    """The attack's AUC on held-out shadows (k-fold): what the fingerprint reveals when the targets are trained
+    as the shadows are; the gap to the real devices' AUC is what the shadows fail to imitate."""
+    order = np.arange(len(x))
+    scores = np.zeros(y.shape)
+    for fold in range(folds):
+        test = order % folds == fold
+        scores[test] = ridge_scores(x[~test], y[~test], x[test])
+    return auc(scores.ravel(), y.ravel())
+
+
 def top_k_recovery(scores: np.ndarray, holds: np.ndarray) -> tuple[float, float]:
     """(mean over devices of the share of a device's k best-scored classes that it holds, k = the classes it
     holds; the same for a random ranking, k / C)."""
@@ -187,14 +198,15 @@ def main(
         archs = sorted({d.arch for d in group})
         typer.echo(f"{kind}: {len(group)} devices ({', '.join(archs)}), training {shadows} shadows", err=True)
         shadow = shadow_devices(kind, archs, shadows, feature_dim, samples, epochs, probe, seed)
-        scores = ridge_scores(np.stack([d.fingerprint for d in shadow]), np.stack([d.holds for d in shadow]),
-                              np.stack([d.fingerprint for d in group]))
+        shadow_x, shadow_y = np.stack([d.fingerprint for d in shadow]), np.stack([d.holds for d in shadow])
+        scores = ridge_scores(shadow_x, shadow_y, np.stack([d.fingerprint for d in group]))
         holds = np.stack([d.holds for d in group])
         found, chance = top_k_recovery(scores, holds)
         results[kind] = {"devices": len(group), "architectures": archs, "auc": auc(scores.ravel(), holds.ravel()),
-                         "top_k_recovery": found, "top_k_chance": chance}
+                         "top_k_recovery": found, "top_k_chance": chance,
+                         "shadow_cv_auc": cross_validated_auc(shadow_x, shadow_y)}
         typer.echo(f"{kind}: AUC {results[kind]['auc']:.3f} (chance 0.5), top-k recovery {found:.3f} "
-                   f"(chance {chance:.3f})")
+                   f"(chance {chance:.3f}); on held-out shadows AUC {results[kind]['shadow_cv_auc']:.3f}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"runs": [str(r) for r in runs], "shadows": shadows, "epochs": epochs, "seed": seed,
                                "probe_rows": PROBE_ROWS, "results": results}, indent=2) + "\n")

@@ -42,3 +42,15 @@ def test_ridge_scores_rank_the_class_the_fingerprint_reveals() -> None:
     x[:, 0] += 3.0 * holds[:, 0]
     scores = ridge_scores(x, holds, x)
     assert auc(scores[:, 0], holds[:, 0]) > 0.95
+
+
+def test_held_out_shadows_are_predicted_when_the_fingerprint_reveals_the_class_and_not_otherwise() -> None:
+    from fedafd.benchmarks.privacy import cross_validated_auc
+
+    rng = np.random.default_rng(2)
+    holds = rng.random((60, 1)) < 0.5
+    noise = rng.normal(size=(60, 4))
+    revealing = noise.copy()
+    revealing[:, 0] += 3.0 * holds[:, 0]
+    assert cross_validated_auc(revealing, holds) > 0.9
+    assert abs(cross_validated_auc(noise, holds) - 0.5) < 0.2
