@@ -181,7 +181,9 @@ def top_k_recovery(scores: np.ndarray, holds: np.ndarray) -> tuple[float, float]
 
 
 def main(
-    runs: Annotated[list[Path], typer.Argument(help="Finished run folders (simulate or serve --local).")],
+    runs: Annotated[list[Path], typer.Argument(help="Finished run folders (simulate or serve --local).")] = None,
+    shadow_check: Annotated[list[str], typer.Option(help="KIND:ARCH, repeatable: only measure the attack on held-out "
+                                                          "shadows of that kind and architecture (no run needed).")] = [],
     shadows: Annotated[int, typer.Option(help="Shadow devices per kind (taking turns through the targets' architectures).")] = 30,
     epochs: Annotated[int, typer.Option(help="Local epochs each shadow trains alone.")] = 10,
     samples: Annotated[int, typer.Option(help="Private samples of each shadow (the devices' max_private).")] = 100,
@@ -190,6 +192,15 @@ def main(
 ) -> None:
     public_size = len(load_public_data("train"))
     probe = probe_rows(public_size, seed)
+    if shadow_check:
+        for item in shadow_check:
+            kind, _, arch = item.partition(":")
+            shadow = shadow_devices(kind, [arch], shadows, 256, samples, epochs, probe, seed)
+            x, y = np.stack([d.fingerprint for d in shadow]), np.stack([d.holds for d in shadow])
+            typer.echo(f"{kind}/{arch}: AUC on held-out shadows {cross_validated_auc(x, y):.3f} (chance 0.5)")
+        return
+    if not runs:
+        raise typer.BadParameter("give run folders, or --shadow-check KIND:ARCH")
     targets = [device for run in runs for device in real_devices(run, probe)]
     feature_dim = json.loads((runs[0] / "config.json").read_text())["feature_dim"]
     results = {}
