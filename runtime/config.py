@@ -85,8 +85,8 @@ class ServerConfig:
     """Adam learning rate of stage 3 (its own optimiser: distillation and contrastive training keep separate moments)."""
     sed_chunk: int = 512
     """Rows per chunk when computing SED scores (memory O(chunk x P))."""
-    sed_temperature: float = 1.0
-    """Temperature dividing SED's cosine similarities (1: method.md's form; smaller tells devices apart more sharply)."""
+    sed_temperature: float = 0.1
+    """Temperature dividing SED's cosine similarities (1: method.md's form; 0.1 measured best: docs/learning.md H4)."""
     strategy: str = "fedafd"
     """The method: fedafd, local (no federation), fedmd, creamfl, fedgems, fedet or fedcmi (docs/strategies.md)."""
     baa: bool = True
@@ -97,8 +97,8 @@ class ServerConfig:
     """Similarity-guided ensemble distillation; off: distil toward the plain mean (ablation switch)."""
     beta: float = 0.5
     """Weight of the adversarial losses (paper: 0.5)."""
-    baa_schedule: str = "pass"
-    """BAA's schedule: pass (each local epoch, an adversarial pass over the public pairs, one discriminator and one encoder step per batch, then the private pass; the research code's) or paired (one public batch per private step)."""
+    baa_schedule: str = "paired"
+    """BAA's schedule: paired (one public batch per private step; measured level with pass, at half the cost: docs/learning.md H3) or pass (each local epoch, an adversarial pass over the public pairs, one discriminator and one encoder step per batch, then the private pass; the research code's)."""
     baa_batches: int = 0
     """Public batches in each epoch's adversarial pass (0: the whole public set)."""
     disc_steps: int = 1

@@ -58,7 +58,7 @@ class MethodSettings:
     """Weight of the adversarial losses."""
     real_label: float = 1.0
     """The discriminators' target for real features (below 1: one-sided label smoothing)."""
-    baa_schedule: str = "pass"
+    baa_schedule: str = "paired"
     """pass: each local epoch starts with an adversarial pass over the public pairs (one discriminator step, one
     encoder step per public batch), then the private pass; paired: each private step is paired with one public batch."""
     baa_batches: int = 0

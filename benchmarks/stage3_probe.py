@@ -1,0 +1,118 @@
+"""Stage 3 offline, on the state a FedAFD federation ended with: the server's checkpoint and every device's
+saved model, read back from a `simulate` run folder. The devices' uploads are recomputed (the uplink's own
+function), folded into SED's teacher at several temperatures, and one more stage 3 is run from the server's
+final weights with each target, so SED's temperature and stage 3's form can be compared without a federation
+per setting.
+
+    python -m fedafd.benchmarks.stage3_probe runs/afd/seed100 runs/afd/seed101 --temperatures 1,0.1,0.03
+
+For each run and temperature: the weights' normalised entropy and the teacher's cosine with G per modality;
+for each target (features, relations), the server's R@1 sum on the public test split after one stage-3 epoch
+at the run's gamma and distill_lr (or TARGET@LR's), minus before (a fresh Adam: the checkpoint's distillation moments are not
+reused). One round's effect from the end state is a proxy for ten rounds' effect, nothing more.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+import typer
+
+from fedafd.cloud_server.checkpoint import load_server_checkpoint
+from fedafd.cloud_server.distill import TeacherFold, sed_scores
+from fedafd.cloud_server.stages import GlobalModel, distill_epoch, evaluate_retrieval, extract_features
+from fedafd.edge_client.model import LocalModel
+from fedafd.edge_client.training import uplink_features
+from fedafd.runtime.checkpoint import load_checkpoint
+from fedafd.runtime.config import ServerConfig, build_config
+from fedafd.runtime.data.modal import load_public_data
+from fedafd.runtime.data.partition import cap_indices
+from fedafd.runtime.diagnostics import mean_cosine
+from fedafd.runtime.models import backbone_of
+from fedafd.runtime.torch_utils import seeded_generator
+from fedafd.runtime.wire import MODALITIES
+
+CPU = torch.device("cpu")
+
+
+def device_uploads(run_dir: Path, public, rows: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    """Client id -> modality -> (P, d): what each device would upload from its saved model."""
+    uploads = {}
+    for state_file in sorted(run_dir.glob("clients/*/client_state.safetensors")):
+        tensors, meta = load_checkpoint(state_file)
+        weights = tensors["model"]
+        head = "cosine" if "head.log_scale" in weights else "linear"
+        classes = int(weights["head.weight"].shape[0]) if "head.weight" in weights else 1
+        model = LocalModel(meta["kind"], meta["image_arch"], meta["text_arch"], meta["feature_dim"], classes, head=head)
+        model.load_state_dict(weights)
+        uploads[meta["client_id"]] = uplink_features(model, public, rows, CPU)
+    return uploads
+
+
+def probe(run_dir: Path, temperatures: list[float], targets: list[str]) -> dict:
+    config = build_config(ServerConfig, {k: v for k, v in json.loads((run_dir / "config.json").read_text()).items()})
+    tensors, _meta = load_server_checkpoint(run_dir, "the probe")
+    model = GlobalModel(config.image_arch, config.text_arch, config.feature_dim, config.contrastive_loss,
+                        config.adapter_dropout)
+    model.load_state_dict(tensors["model"])
+    backbones = tuple(sorted({backbone_of(a) for a in ("effnet_linear", "minilm_linear")}))
+    public_all = load_public_data("train", backbones)
+    rows = np.sort(cap_indices(np.arange(len(public_all)), config.public_size, config.seed))
+    public, public_test = public_all.select(rows), load_public_data("test", backbones)
+    torch.manual_seed(config.seed)
+    g = {m: extract_features(model.encoders[m], public, m, CPU) for m in MODALITIES}
+    uploads = device_uploads(run_dir, public_all, torch.from_numpy(rows))
+    before = evaluate_retrieval(model, public_test, CPU)["r1_sum"]
+    result = {"run": str(run_dir), "r1_sum": before, "upload_cos": {
+        cid: {m: mean_cosine(f, g[m]) for m, f in ups.items()} for cid, ups in uploads.items()}, "temperatures": {}}
+    for temperature in temperatures:
+        teachers, entry = {}, {}
+        for m in MODALITIES:
+            fold = TeacherFold()
+            for cid, ups in uploads.items():
+                if m in ups:
+                    fold.add(cid, ups[m], sed_scores(ups[m].unsqueeze(0), g[m], 512, temperature)[0])
+            teachers[m] = fold.teacher()
+            entry[m] = {"sed_entropy": fold.weight_entropy(), "teacher_cos": mean_cosine(teachers[m], g[m])}
+        for spec in targets:
+            target, _, lr = spec.partition("@")  # "relations@1e-4": a target at a learning rate of its own
+            student = copy.deepcopy(model)
+            optimizer = torch.optim.Adam(student.encoders.parameters(), lr=float(lr) if lr else config.distill_lr)
+            torch.manual_seed(config.seed)
+            distill_epoch(student, optimizer, public, teachers, config.gamma, config.batch_size,
+                          seeded_generator(config.seed), CPU, target=target)
+            entry[f"delta_{spec}"] = evaluate_retrieval(student, public_test, CPU)["r1_sum"] - before
+        result["temperatures"][str(temperature)] = entry
+    return result
+
+
+def main(runs: Annotated[list[Path], typer.Argument(help="simulate run folders of FedAFD federations")],
+         temperatures: Annotated[str, typer.Option(help="comma-separated SED temperatures")] = "1,0.3,0.1,0.03,0.01",
+         targets: Annotated[str, typer.Option(help="stage-3 targets, each as TARGET or TARGET@DISTILL_LR")] = "features,relations",
+         out: Annotated[Path | None, typer.Option(help="write the JSON here too")] = None) -> None:
+    temps, chosen = [float(t) for t in temperatures.split(",")], targets.split(",")
+    results = [probe(run, temps, chosen) for run in runs]
+    for t in temps:
+        rows = [r["temperatures"][str(t)] for r in results]
+        cells = [f"T={t:<5}"]
+        for m in MODALITIES:
+            ent = [row[m]["sed_entropy"] for row in rows]
+            cos = [row[m]["teacher_cos"] for row in rows]
+            cells.append(f"{m}: entropy {statistics.mean(ent):.3f} teacher_cos {statistics.mean(cos):.3f}")
+        for target in chosen:
+            deltas = [row[f"delta_{target}"] for row in rows]
+            spread = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
+            cells.append(f"{target} dR@1sum {statistics.mean(deltas):+.2f} ± {spread:.2f}")
+        typer.echo(" | ".join(cells))
+    if out is not None:
+        out.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    typer.run(main)
