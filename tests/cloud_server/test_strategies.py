@@ -35,14 +35,18 @@ def test_fedafd_weighs_by_sed_against_the_same_modality() -> None:
     # Prepare: two image devices; the server's image features equal device a's.
     server = {"image": unit([[1.0, 0.0], [0.0, 1.0]]), "text": unit([[0.0, 1.0], [1.0, 0.0]])}
     uploads = {"a": {"image": server["image"].clone()}, "b": {"image": unit([[0.0, 1.0], [1.0, 0.0]])}}
-    # Execute
-    folds = teacher_of("fedafd", uploads, server)
+    # Execute: method.md's form (temperature 1) and the default temperature 0.1.
+    folds = teacher_of("fedafd", uploads, server, sed_temperature=1.0)
+    sharp = teacher_of("fedafd", uploads, server)
     # Assert: by hand, s_a = 1 - log(e + 1), s_b = 0 - log(1 + e) for both samples, so
     # w_a = e / (e + 1) = 0.7311 and the teacher leans toward a; no text device, no text teacher.
     assert len(folds["text"]) == 0
     w_a = E / (E + 1)
     assert folds["image"].mean_weights()["a"] == pytest.approx(0.7311, abs=1e-4)
     torch.testing.assert_close(folds["image"].teacher(), w_a * uploads["a"]["image"] + (1 - w_a) * uploads["b"]["image"])
+    # At T = 0.1 the similarities are divided by 0.1: s_a - s_b = 10, so w_a = e^10 / (e^10 + 1).
+    assert ServerConfig().sed_temperature == 0.1
+    assert sharp["image"].mean_weights()["a"] == pytest.approx(E ** 10 / (E ** 10 + 1), abs=1e-6)
 
 
 def test_without_sed_and_in_fedmd_and_fedcmi_the_teacher_is_the_plain_mean() -> None:
@@ -61,7 +65,7 @@ def test_creamfl_scores_an_image_upload_against_the_servers_text_features() -> N
     uploads = {"a": {"image": a}, "b": {"image": b}}
     # Execute
     creamfl = teacher_of("creamfl", uploads, server)["image"].mean_weights()
-    fedafd = teacher_of("fedafd", uploads, server)["image"].mean_weights()
+    fedafd = teacher_of("fedafd", uploads, server, sed_temperature=1.0)["image"].mean_weights()
     # Assert: w_a = e / (e + 1) for CreamFL, the mirror image for FedAFD
     assert creamfl["a"] == pytest.approx(E / (E + 1), abs=1e-5)
     assert fedafd["a"] == pytest.approx(1 / (E + 1), abs=1e-5)
