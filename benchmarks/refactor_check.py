@@ -21,7 +21,7 @@ from typing import Annotated
 
 import typer
 
-from fedafd.runtime.report import METRICS_FILE
+from fedafd.runtime.report import METRICS_FILE, without_timings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 
@@ -33,17 +33,6 @@ VARIANTS = {
     "fedet": ["strategy=fedet"], "fedcmi": ["strategy=fedcmi"], "init_global": ["local_init=global"],
     "int8": ["feature_codec=int8_row"],
 }
-TIMING_KEYS = {"timings", "train_seconds", "compute_seconds", "comm", "compute", "round_trip", "seconds"}
-
-
-def without_timings(value):
-    if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items() if k not in TIMING_KEYS}
-    if isinstance(value, list):
-        return [without_timings(v) for v in value]
-    return value
-
-
 def first_difference(a, b, path: str = "") -> str:
     """Where two records first differ ("" when they are equal)."""
     if type(a) is not type(b):

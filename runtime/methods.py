@@ -26,6 +26,18 @@ LOCAL_INITS = ("random", "global")
 BAA_SCHEDULES = ("pass", "paired")
 
 
+def method_class(package: str, name: str, base: type):
+    """The subclass of `base` called `name` (its `name` attribute) in module `package.name`: how the server finds a
+    method's strategy and the device its objective, by the name in the settings."""
+    import importlib
+
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(STRATEGIES)}")
+    module = importlib.import_module(f"{package}.{name}")
+    (cls,) = [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, base) and c.name == name]
+    return cls
+
+
 class SettingsError(ValueError):
     """Method settings that this build cannot run; the message names the field."""
 

@@ -13,6 +13,19 @@ CONFIG_FILE = "config.json"
 """In a run folder: the server's effective config."""
 
 
+TIMING_KEYS = frozenset({"timings", "train_seconds", "compute_seconds", "comm", "compute", "round_trip", "seconds"})
+"""The wall-clock figures of a round's record: the only part two runs of the same simulation may differ in."""
+
+
+def without_timings(value):
+    """A record (or list of records) with every wall-clock figure removed."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if k not in TIMING_KEYS}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

@@ -4,21 +4,15 @@ choice made where a paper is unclear: docs/strategies.md (with "Adding a method"
 
 from __future__ import annotations
 
-import importlib
-
 from fedafd.cloud_server.strategies.base import Downlink, Strategy
 from fedafd.cloud_server.strategies.fedgems import CONFIDENCE_TEMPERATURE, UNSELECTED, retrieval_log_probs
 from fedafd.runtime.config import ServerConfig
-from fedafd.runtime.methods import STRATEGIES
+from fedafd.runtime.methods import STRATEGIES, method_class
 
 
 def strategy_class(name: str) -> type[Strategy]:
     """The Strategy called `name`, from the module of that name in this package."""
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
-    module = importlib.import_module(f"{__name__}.{name}")
-    (cls,) = [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, Strategy) and c.name == name]
-    return cls
+    return method_class(__name__, name, Strategy)
 
 
 STRATEGY_CLASSES: dict[str, type[Strategy]] = {name: strategy_class(name) for name in STRATEGIES}

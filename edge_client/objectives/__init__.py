@@ -3,20 +3,14 @@ here and its Objective of that name); their server sides are cloud_server/strate
 
 from __future__ import annotations
 
-import importlib
-
 from fedafd.edge_client.objectives.base import Objective, digest
 from fedafd.edge_client.training import DeviceRound
-from fedafd.runtime.methods import STRATEGIES
+from fedafd.runtime.methods import STRATEGIES, method_class
 
 
 def objective_class(name: str) -> type[Objective]:
     """The Objective called `name`, from the module of that name in this package."""
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(STRATEGIES)}")
-    module = importlib.import_module(f"{__name__}.{name}")
-    (cls,) = [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, Objective) and c.name == name]
-    return cls
+    return method_class(__name__, name, Objective)
 
 
 OBJECTIVES: dict[str, type[Objective]] = {name: objective_class(name) for name in STRATEGIES}

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fedafd.runtime.config import ServerConfig, build_config
-from fedafd.runtime.report import METRICS_FILE
+from fedafd.runtime.report import METRICS_FILE, without_timings
 from fedafd.runtime.torch_utils import OwnRandom
 from fedafd.runtime.turns import JOINING, SERVER
 from fedafd.simulation.engine import SequentialTurns, device_configs, run_simulation, simulation_config
@@ -138,18 +138,6 @@ def _config(seed: int, fleet: dict[str, int] = FLEET) -> ServerConfig:
                   local_epochs=1, alpha=1.0, device="cpu", join_timeout_s=60,
                   threads=1)  # the same torch threads in every run: a matmul's sums may differ with their number
     return build_config(ServerConfig, dict(values, **simulation_config(ServerConfig(), fleet)))
-
-
-TIMING_KEYS = {"timings", "train_seconds", "compute_seconds", "comm", "compute", "round_trip", "seconds"}
-
-
-def without_timings(value):
-    """A record with every wall-clock figure removed (the only thing allowed to differ between two runs)."""
-    if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items() if k not in TIMING_KEYS}
-    if isinstance(value, list):
-        return [without_timings(v) for v in value]
-    return value
 
 
 @pytest.fixture(scope="module")
