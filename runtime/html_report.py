@@ -189,30 +189,31 @@ def _device_panel(axes, records: list[dict], lines: dict, colours: dict[str, str
         axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
 
 
+def _paired_device_figure(records: list[dict], kinds: dict[str, str], left: tuple[str, str, str],
+                          right: tuple[str, str, str]):
+    """Two panels of one per-device diagnostic each, `(key, title, y label)`; None when neither has data."""
+    lines = [_device_lines(records, key) for key, _, _ in (left, right)]
+    if not any(lines):
+        return None
+    figure, [row] = new_figure(WIDTH, 320, 1, 2)
+    colours = device_colours(kinds)
+    for axes, panel_lines, (_, title, label), legend in zip(row, lines, (left, right), (False, True)):
+        _device_panel(axes, records, panel_lines, colours, title, label, legend=legend)
+    return figure
+
+
 def discriminator_figure(records: list[dict], kinds: dict[str, str]):
     """BAA: each device's D_in and D_cr balanced accuracy per round (0.5: chance)."""
-    intra, cross = _device_lines(records, "disc_acc_intra"), _device_lines(records, "disc_acc_cross")
-    if not intra and not cross:
-        return None
-    figure, [[left, right]] = new_figure(WIDTH, 320, 1, 2)
-    colours = device_colours(kinds)
-    _device_panel(left, records, intra, colours, "D_in (intra-modal): balanced accuracy", "real vs local, 0.5 = chance",
-                  legend=False)
-    _device_panel(right, records, cross, colours, "D_cr (cross-modal): balanced accuracy", "real vs local, 0.5 = chance")
-    return figure
+    return _paired_device_figure(
+        records, kinds, ("disc_acc_intra", "D_in (intra-modal): balanced accuracy", "real vs local, 0.5 = chance"),
+        ("disc_acc_cross", "D_cr (cross-modal): balanced accuracy", "real vs local, 0.5 = chance"))
 
 
 def gates_figure(records: list[dict], kinds: dict[str, str]):
     """GFF: each device's first- and second-level gate mean per round, per modality (the std is in the table)."""
-    panels = [_device_lines(records, f"{gate}_mean") for gate in ("gate1", "gate2")]
-    if not any(panels):
-        return None
-    figure, [row] = new_figure(WIDTH, 320, 1, 2)
-    colours = device_colours(kinds)
-    for axes, means, title, legend in zip(row, panels, ("first-level gate M(f_l + f_g)", "second-level gate M'(h)"),
-                                          (False, True)):
-        _device_panel(axes, records, means, colours, title, "mean gate (1: z is f_l, 0: z is f_g)", legend)
-    return figure
+    label = "mean gate (1: z is f_l, 0: z is f_g)"
+    return _paired_device_figure(records, kinds, ("gate1_mean", "first-level gate M(f_l + f_g)", label),
+                                 ("gate2_mean", "second-level gate M'(h)", label))
 
 
 def upload_cosine_figure(records: list[dict], kinds: dict[str, str]):
@@ -228,14 +229,8 @@ def upload_cosine_figure(records: list[dict], kinds: dict[str, str]):
 
 def device_task_figure(records: list[dict], kinds: dict[str, str]):
     """Each classification device's mean logit norm (evaluation pass) and each device's task loss."""
-    norms, losses = _device_lines(records, "logit_norm"), _device_lines(records, "task_loss")
-    if not norms and not losses:
-        return None
-    figure, [[left, right]] = new_figure(WIDTH, 320, 1, 2)
-    colours = device_colours(kinds)
-    _device_panel(left, records, norms, colours, "head's logits: mean L2 norm (test split)", "norm", legend=False)
-    _device_panel(right, records, losses, colours, "task loss (mean over the round's steps)", "loss")
-    return figure
+    return _paired_device_figure(records, kinds, ("logit_norm", "head's logits: mean L2 norm (test split)", "norm"),
+                                 ("task_loss", "task loss (mean over the round's steps)", "loss"))
 
 
 def server_sed_figure(records: list[dict]):
