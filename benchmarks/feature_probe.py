@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 import typer
 
-from fedafd.edge_client.model import GlobalTowers, LocalModel
+from fedafd.edge_client.model import GlobalTowers, LocalModel, saved_model_options
 from fedafd.edge_client.private_data import load_private_data
 from fedafd.edge_client.training import encode_all
 from fedafd.runtime.backbones import modality_backbones
@@ -55,7 +55,7 @@ def probe_device(state_dir: Path) -> dict | None:
                                 backbones=modality_backbones((modality,)))
     weights = tensors["model"]
     model = LocalModel(config["kind"], config["image_arch"], config["text_arch"], meta["feature_dim"],
-                       private.num_classes, head="cosine" if "head.log_scale" in weights else "linear")
+                       private.num_classes, **saved_model_options(weights))
     model.load_state_dict(weights)
     model.eval()
     towers = GlobalTowers(meta["feature_dim"], CPU)

@@ -27,7 +27,7 @@ import typer
 from fedafd.cloud_server.checkpoint import load_server_checkpoint
 from fedafd.cloud_server.distill import TeacherFold, sed_scores
 from fedafd.cloud_server.stages import GlobalModel, distill_epoch, evaluate_retrieval, extract_features
-from fedafd.edge_client.model import LocalModel
+from fedafd.edge_client.model import LocalModel, saved_model_options
 from fedafd.edge_client.training import uplink_features
 from fedafd.runtime.checkpoint import load_checkpoint
 from fedafd.runtime.config import ServerConfig, build_config
@@ -47,9 +47,9 @@ def device_uploads(run_dir: Path, public, rows: torch.Tensor) -> dict[str, dict[
     for state_file in sorted(run_dir.glob("clients/*/client_state.safetensors")):
         tensors, meta = load_checkpoint(state_file)
         weights = tensors["model"]
-        head = "cosine" if "head.log_scale" in weights else "linear"
         classes = int(weights["head.weight"].shape[0]) if "head.weight" in weights else 1
-        model = LocalModel(meta["kind"], meta["image_arch"], meta["text_arch"], meta["feature_dim"], classes, head=head)
+        model = LocalModel(meta["kind"], meta["image_arch"], meta["text_arch"], meta["feature_dim"], classes,
+                           **saved_model_options(weights))
         model.load_state_dict(weights)
         uploads[meta["client_id"]] = uplink_features(model, public, rows, CPU)
     return uploads

@@ -77,7 +77,7 @@ def serve(
         # Nothing here imports torch: the socket is bound and the --local devices started first, so they
         # import and load while this process does (ServerApp answers their Joins while it loads).
         from fedafd.cloud_server.checkpoint import check_fresh, check_resume
-        from fedafd.cloud_server.fleet import LocalFleet, client_ids, parse_fleet
+        from fedafd.cloud_server.fleet import LocalFleet, client_ids, fleet_configs, parse_fleet
         from fedafd.cloud_server.limits import max_upload_bytes
         from fedafd.cloud_server.tracking import open_tracking, require_extras
         from fedafd.runtime.keys import ALLOW_LIST, SERVER_KEY, AllowList, generate_keypair, load_keypair
@@ -91,6 +91,8 @@ def serve(
             load_config(ClientConfig, None, local_set)  # a wrong key or value fails here, not in 10 children
         explicit = {"expected_clients": len(client_ids(fleet_spec))} if fleet_spec else {}
         server_config = load_config(ServerConfig, config, overrides, **explicit)
+        if fleet_spec:
+            fleet_configs(server_config, fleet_spec, local_set or [])  # every device's settings, before any starts
         if rank != 0:  # no socket, no run folder: rank 0 sends what to train
             from fedafd.cloud_server.worker import serve_worker
 

@@ -6,14 +6,21 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
-from fedafd.runtime.config import ConfigError, ServerConfig
+from fedafd.runtime.config import ClientConfig, ConfigError, ServerConfig, load_config
 from fedafd.runtime.wire import CLIENT_KINDS
 
-# Devices differ in architecture on purpose (that is what FedAFD is for): they take turns through these,
-# adapters of two shapes over the frozen backbones and a small net trained from scratch.
-IMAGE_ARCH_CYCLE = ("effnet_linear", "cnn_small", "effnet_mlp")
-TEXT_ARCH_CYCLE = ("minilm_linear", "gru", "minilm_mlp")
+# Device regimes (ServerConfig.device_regime): the architectures a fleet's devices take turns through, per
+# modality. Devices differ in architecture on purpose (that is what FedAFD is for).
+DEVICE_REGIMES: dict[str, dict[str, tuple[str, ...]]] = {
+    # adapters of two shapes over the frozen backbones and a small net trained from scratch
+    "mixed": {"image": ("effnet_linear", "cnn_small", "effnet_mlp"), "text": ("minilm_linear", "gru", "minilm_mlp")},
+    # the paper's: every device encoder smaller than the server's towers (small nets trained from scratch)
+    "paper": {"image": ("cnn_small",), "text": ("gru",)},
+    # every device holds the pretrained backbone the server's towers adapt (LOCAL here is "LOCAL + backbone")
+    "adapters": {"image": ("effnet_linear", "effnet_mlp"), "text": ("minilm_linear", "minilm_mlp")},
+}
 
 
 def parse_fleet(spec: str) -> dict[str, int]:
@@ -37,15 +44,37 @@ def client_ids(fleet: dict[str, int]) -> list[str]:
 
 def device_settings(config: ServerConfig, kind: str, index: int) -> dict[str, object]:
     """The ClientConfig values the fleet gives device `index` of `kind` (before the user's --local-set):
-    the server's split and caps, and its turn through the architectures. `serve --local` and `simulate`
+    the server's split and caps, and its turn through the architectures of the config's device regime. `serve --local` and `simulate`
     build their devices from the same values."""
     c = config
+    cycle = DEVICE_REGIMES[c.device_regime]
     return {
         "alpha": c.alpha, "seed": c.seed, "max_private": c.max_private, "max_test": c.max_test,
-        "image_arch": IMAGE_ARCH_CYCLE[index % len(IMAGE_ARCH_CYCLE)],
-        "text_arch": TEXT_ARCH_CYCLE[index % len(TEXT_ARCH_CYCLE)],
+        "image_arch": cycle["image"][index % len(cycle["image"])],
+        "text_arch": cycle["text"][index % len(cycle["text"])],
         "round_wait_s": c.round_deadline_s * 4 + c.join_timeout_s,
     }
+
+
+def fleet_configs(config: ServerConfig, fleet: dict[str, int], client_overrides: Sequence[str] = (),
+                  **extra: object) -> list[ClientConfig]:
+    """Every device's ClientConfig (the fleet's values, `extra`, then the user's --local-set), validated before
+    anything starts, and differentially private devices checked against the server's method settings."""
+    from fedafd.cloud_server.strategies import build_strategy
+
+    configs = []
+    for kind, count in fleet.items():
+        for index in range(count):
+            values = dict(device_settings(config, kind, index), **extra)
+            overrides = [f"{key}={value}" for key, value in values.items()] + list(client_overrides)
+            try:
+                configs.append(load_config(ClientConfig, None, overrides, kind=kind, partition=index,
+                                           num_partitions=count, client_id=f"{kind}-{index}"))
+            except ConfigError as err:
+                raise ConfigError(f"device {kind}-{index}: {err}") from None
+    if any(c.dp for c in configs) and (why := build_strategy(config).settings().dp_conflict()):
+        raise ConfigError(f"dp devices cannot train strategy={config.strategy} as configured: {why}")
+    return configs
 
 
 class LocalFleet:

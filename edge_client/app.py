@@ -18,6 +18,9 @@ from fedafd.edge_client.state import (
     STATE_CONFIG_FILE, STATE_ROOT, ClientState, StateError, load_state, save_state, state_folder,
 )
 from fedafd.edge_client.objectives import objective_for
+from fedafd.edge_client.privacy import (
+    PrivacyBudget, PrivateSteps, noisy_upload, private_modules, sample_rate, steps_per_epoch,
+)
 from fedafd.edge_client.training import G_from_towers, Optimizers, evaluate, prepare_round, train_round
 from fedafd.runtime.accounting import ByteCounter
 from fedafd.runtime.messaging import ClientMessenger
@@ -30,7 +33,7 @@ from fedafd.runtime.diagnostics import DIAG_PREFIX, diagnostics_to_metrics, mean
 from fedafd.runtime.backbones import backbone_digest, modality_backbones
 from fedafd.runtime.models import count_parameters, use_dropout_generator
 from fedafd.runtime.torch_utils import (
-    OwnRandom, configure_threads, derived_seed, device_seed, resolve_device, seeded_generator,
+    OwnRandom, configure_threads, derived_seed, device_seed, resolve_device, round_seed, seeded_generator,
 )
 from fedafd.runtime.turns import FREE_TURNS, JOINING, Turns
 from fedafd.runtime.transport import ClientTransport, TransportError
@@ -271,7 +274,8 @@ class EdgeApp:
         when there is one (a restarted device, or one whose state waited on disk between rounds)."""
         c = self.config
         model = LocalModel(c.kind, c.image_arch, c.text_arch, self.feature_dim, self.private.num_classes,
-                           c.adapter_dropout, c.head, c.head_scale).to(self.device)
+                           c.adapter_dropout, c.head, c.head_scale,
+                           fusion_norm="layer" if c.dp else "batch").to(self.device)  # DP: no BatchNorm
         use_dropout_generator(model, self.dropout_generator)
         state = ClientState(model, Optimizers.create(model, c.lr, c.disc_lr), GlobalTowers(self.feature_dim, self.device))
         load_state(self.state_dir, state, self._identity(self.feature_dim))
@@ -340,17 +344,42 @@ class EdgeApp:
 
         started = time.perf_counter()
         diagnostics = DeviceDiagnostics()
+        seed = device_seed(c.seed, c.partition)
         round_ = prepare_round(state.model, state.optimizers, state.towers, self.private.train, settings, start.round,
-                               start.local_epochs, c.batch_size, device_seed(c.seed, c.partition), self.device,
+                               start.local_epochs, c.batch_size, seed, self.device,
                                self.public, rows, G, consensus, diagnostics)
         objective = objective_for(round_)
-        losses = train_round(objective, heartbeat)
+        budget = self._privacy_budget(state) if c.dp else None
+        steps, rate = (start.local_epochs * steps_per_epoch(len(self.private.train), c.batch_size),
+                       sample_rate(len(self.private.train), c.batch_size))
+        trains = budget is None or budget.affords(steps, rate)
+        if budget is None:
+            losses = train_round(objective, heartbeat)
+        elif not trains:
+            log.warning("%s round %d: privacy budget: this round's %d DP-SGD steps would take epsilon from %.3g to "
+                        "%.3g, past dp_epsilon=%g (delta %g); the device no longer trains, it still evaluates and "
+                        "uploads", c.client_id, start.round, steps, budget.spent(), budget.epsilon_after(steps, rate),
+                        budget.epsilon, budget.delta)
+            losses = {}
+        else:
+            round_.privacy = PrivateSteps(private_modules(state.model, bool(round_.f_g)), budget,
+                                          len(self.private.train), c.batch_size, c.lr, round_seed(seed, start.round))
+            try:
+                losses = train_round(objective, heartbeat)
+            finally:
+                round_.privacy.close()
+            state.dp_history = budget.history
         train_seconds = time.perf_counter() - started
         metrics = evaluate(state.model, state.towers, self.private.test, settings.gff, self.device,
                            torch.from_numpy(self.private.train.labels), diagnostics)
         # The model's size travels with the metrics so the server can price FedAvg for the same model.
         metrics["num_params"] = float(count_parameters(state.model))
         uplink = objective.uplink()
+        if c.upload_noise > 0:
+            uplink = noisy_upload(uplink, c.upload_clip, c.upload_noise,
+                                  seeded_generator(derived_seed(round_seed(seed, start.round), "upload-noise")))
+        if budget is not None:  # what it has spent so far, and whether it still trains
+            metrics.update(dp_epsilon=budget.spent(), dp_delta=budget.delta, dp_training=float(trains))
         with diagnostics.timing():  # how close what goes up is to the server's G of the same rows, when held
             for modality, features in uplink.items():
                 if modality in G:
@@ -369,6 +398,10 @@ class EdgeApp:
         )
         self._last_upload = SentUpload(start_id, upload, new_msg_id(), {"features": self._uplink_codec(settings)})
         return train_seconds
+
+    def _privacy_budget(self, state: ClientState) -> PrivacyBudget:
+        c = self.config
+        return PrivacyBudget(c.dp_epsilon, c.dp_delta, c.dp_noise, c.dp_clip, list(state.dp_history))
 
     def _check_backbones(self, server_backbones: dict[str, str]) -> None:
         """The server's towers adapt frozen backbones: this device must hold the very same weights."""

@@ -1,7 +1,8 @@
 """Granularity-aware feature fusion (GFF), method.md round step 3.
 
 ``M(x) = sigmoid(T1(x) + T2(x))`` with T1, T2 two parallel bottlenecks ``d -> d/4 -> d``
-(Linear, BatchNorm1d, ReLU, Linear, BatchNorm1d)::
+(Linear, BatchNorm1d, ReLU, Linear, BatchNorm1d; LayerNorm in place of BatchNorm on differentially private
+devices, whose per-sample gradients BatchNorm's batch statistics would mix)::
 
     h = M(f_l + f_g) * f_l + (1 - M(f_l + f_g)) * f_g      # first level
     z = M'(h) * f_l + (1 - M'(h)) * f_g                    # second level, its own gate
@@ -17,28 +18,33 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["bottleneck", "AttentionGate", "GranularityFusion", "gated_mix", "fuse"]
+__all__ = ["FUSION_NORMS", "bottleneck", "AttentionGate", "GranularityFusion", "gated_mix", "fuse"]
 
 
-def bottleneck(dim: int, reduction: int = 4) -> nn.Sequential:
-    """``Linear(d, d/r), BatchNorm1d, ReLU, Linear(d/r, d), BatchNorm1d`` (d/r at least 1)."""
+FUSION_NORMS = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm}
+"""The bottlenecks' normalisation: batch (method.md's) or layer (DP-SGD: one sample's output depends on it alone)."""
+
+
+def bottleneck(dim: int, reduction: int = 4, norm: str = "batch") -> nn.Sequential:
+    """``Linear(d, d/r), Norm, ReLU, Linear(d/r, d), Norm`` (d/r at least 1; Norm: FUSION_NORMS[norm])."""
     hidden = max(1, dim // reduction)
+    Norm = FUSION_NORMS[norm]
     return nn.Sequential(
         nn.Linear(dim, hidden),
-        nn.BatchNorm1d(hidden),
+        Norm(hidden),
         nn.ReLU(),
         nn.Linear(hidden, dim),
-        nn.BatchNorm1d(dim),
+        Norm(dim),
     )
 
 
 class AttentionGate(nn.Module):
     """``M(x) = sigmoid(T1(x) + T2(x))``: (B, d) -> per-element gate in (0, 1), shape (B, d)."""
 
-    def __init__(self, dim: int, reduction: int = 4) -> None:
+    def __init__(self, dim: int, reduction: int = 4, norm: str = "batch") -> None:
         super().__init__()
-        self.t1 = bottleneck(dim, reduction)
-        self.t2 = bottleneck(dim, reduction)
+        self.t1 = bottleneck(dim, reduction, norm)
+        self.t2 = bottleneck(dim, reduction, norm)
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.sigmoid(self.t1(x) + self.t2(x))
@@ -67,10 +73,10 @@ def fuse(
 class GranularityFusion(nn.Module):
     """Two-level GFF with two independent :class:`AttentionGate` s: ``forward(f_l, f_g) -> z``."""
 
-    def __init__(self, dim: int, reduction: int = 4) -> None:
+    def __init__(self, dim: int, reduction: int = 4, norm: str = "batch") -> None:
         super().__init__()
-        self.gate1 = AttentionGate(dim, reduction)
-        self.gate2 = AttentionGate(dim, reduction)
+        self.gate1 = AttentionGate(dim, reduction, norm)
+        self.gate2 = AttentionGate(dim, reduction, norm)
 
     def forward(self, f_local: Tensor, f_global: Tensor) -> Tensor:
         return fuse(self.gate1, self.gate2, f_local, f_global)

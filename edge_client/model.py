@@ -47,19 +47,28 @@ def build_head(head: str, feature_dim: int, num_classes: int, scale: float = 16.
     raise ValueError(f"unknown head {head!r}; known: {', '.join(CLASSIFIER_HEADS)}")
 
 
+def saved_model_options(weights: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The LocalModel options a saved state_dict was built with, read off its keys: the head (a cosine head
+    keeps its log scale) and the fusion's norm (BatchNorm keeps running statistics)."""
+    return {"head": "cosine" if "head.log_scale" in weights else "linear",
+            "fusion_norm": "batch" if any(k.startswith("fusions.") and k.endswith(".running_mean") for k in weights)
+            or not any(k.startswith("fusions.") for k in weights) else "layer"}
+
+
 class LocalModel(nn.Module):
     """A device's own model. Multimodal devices keep one fusion module per modality (the image and text
     features come from different towers, so one shared gate would have to serve two distributions)."""
 
     def __init__(self, kind: str, image_arch: str, text_arch: str, feature_dim: int, num_classes: int,
-                 adapter_dropout: float = ADAPTER_DROPOUT, head: str = "linear", head_scale: float = 16.0):
+                 adapter_dropout: float = ADAPTER_DROPOUT, head: str = "linear", head_scale: float = 16.0,
+                 fusion_norm: str = "batch"):
         super().__init__()
         self.kind = kind
         self.modalities = MODALITIES_OF_KIND[kind]
         archs = {"image": image_arch, "text": text_arch}
         self.encoders = nn.ModuleDict({m: build_encoder(m, archs[m], feature_dim, adapter_dropout)
                                        for m in self.modalities})
-        self.fusions = nn.ModuleDict({m: GranularityFusion(feature_dim) for m in self.modalities})
+        self.fusions = nn.ModuleDict({m: GranularityFusion(feature_dim, norm=fusion_norm) for m in self.modalities})
         # Classification devices: a head on the fused feature (`head`: cosine with a learnable scale, or the
         # paper's linear). Retrieval devices: a learnable InfoNCE temperature (log scale, CLIP's init 1/0.07).
         self.head = build_head(head, feature_dim, num_classes, head_scale) if kind != "multimodal" else None
@@ -108,6 +117,15 @@ class LocalModel(nn.Module):
     def task_parameters(self) -> list[nn.Parameter]:
         """Everything the task/generator step updates (not the discriminators)."""
         return [p for name, p in self.named_parameters() if not name.startswith("discriminators.")]
+
+    def private_modules(self) -> nn.ModuleDict:
+        """What the private task loss trains (DP-SGD wraps exactly these): the local encoders, the fusions and
+        the head. The discriminators only ever see public rows and G; a retrieval device's logit scale is a
+        bare parameter, and retrieval is not DP-trained (its InfoNCE couples the samples of a batch)."""
+        parts = {"encoders": self.encoders, "fusions": self.fusions}
+        if self.head is not None:
+            parts["head"] = self.head
+        return nn.ModuleDict(parts)
 
     def discriminator_parameters(self) -> list[nn.Parameter]:
         return list(self.discriminators.parameters())

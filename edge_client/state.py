@@ -7,7 +7,7 @@ federation in the Welcome, so a new federation starts afresh and a resumed one c
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedafd.edge_client.model import GlobalTowers, LocalModel
@@ -37,6 +37,8 @@ class ClientState:
     optimizers: Optimizers
     towers: GlobalTowers
     last_round: int = -1
+    dp_history: list = field(default_factory=list)
+    """A DP device's privacy accountant history, [(noise multiplier, sample rate, steps), ...] (edge_client/privacy.py)."""
 
 
 def state_folder(root: Path, run_id: str, client_id: str) -> Path:
@@ -49,7 +51,7 @@ def save_state(state_dir: Path, state: ClientState, meta: dict) -> None:
         "optimizers": state.optimizers.state_dict(),
         "towers": state.towers.flat_state(),
     }
-    full_meta = dict(meta, state_version=STATE_VERSION, last_round=state.last_round,
+    full_meta = dict(meta, state_version=STATE_VERSION, last_round=state.last_round, dp_history=state.dp_history,
                      tower_version=state.towers.version, tower_archs=state.towers.archs)
     save_checkpoint(state_dir / STATE_FILE, tree, full_meta)
 
@@ -93,6 +95,7 @@ def load_state(state_dir: Path, state: ClientState, expected_meta: dict) -> bool
     if tree["towers"]:
         state.towers.load(meta["tower_version"], meta["tower_archs"], tree["towers"])
     state.last_round = meta["last_round"]
+    state.dp_history = [tuple(entry) for entry in meta.get("dp_history", [])]
     return True
 
 

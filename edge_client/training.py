@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from fedafd.runtime.models import encode_all
 from fedafd.runtime.methods import MethodSettings
 from fedafd.runtime.retrieval import held_rows, personalised_accuracy, retrieval_metrics
 from fedafd.runtime.torch_utils import batch_indices, round_seed, seeded_generator
+
+if TYPE_CHECKING:
+    from fedafd.edge_client.privacy import PrivateSteps
 
 
 @dataclass
@@ -102,6 +105,8 @@ class DeviceRound:
     f_g: dict[str, torch.Tensor] = field(default_factory=dict)
     """Modality -> (N, d): the frozen global tower's features of the private data, computed once (GFF)."""
     diagnostics: DeviceDiagnostics | None = None
+    privacy: "PrivateSteps | None" = None
+    """DP-SGD for the private steps (a DP device), or None: plain Adam on optimizers.task."""
 
 
 def prepare_round(model: LocalModel, optimizers: Optimizers, towers: GlobalTowers, private: ModalData,
@@ -146,12 +151,15 @@ class RoundObjective(Protocol):
 def train_step(objective: RoundObjective, private_rows: torch.Tensor, public_positions: torch.Tensor | None
                ) -> dict[str, float]:
     """One optimiser step of the local model on the objective's loss (its own parts, such as BAA's
-    discriminator step, run inside loss_step); returns the loss parts by name."""
-    loss, parts = objective.loss_step(private_rows, public_positions)
-    task_optimizer = objective.round.optimizers.task
-    task_optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    task_optimizer.step()
+    discriminator step, run inside loss_step); returns the loss parts by name. On a DP device the step is
+    DP-SGD: per-sample gradients recorded through the forward and backward, clipped and noised by the step."""
+    privacy = objective.round.privacy
+    optimizer = objective.round.optimizers.task if privacy is None else privacy.optimizer
+    with privacy.recording() if privacy is not None else contextlib.nullcontext():
+        loss, parts = objective.loss_step(private_rows, public_positions)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    optimizer.step()
     return parts
 
 
@@ -160,17 +168,22 @@ def train_round(objective: RoundObjective, heartbeat: Callable[[], None] = lambd
     objective's passes before the epochs, and before and after each one. Returns each loss part's mean over the
     round: a step's parts over the steps, a pass's parts as the passes report them."""
     r = objective.round
+    if r.privacy is not None and (reason := r.settings.dp_conflict()):
+        raise ValueError(f"a DP device cannot train {r.settings.strategy} with these settings: {reason}")
     r.model.train()
     totals = dict(objective.before_epochs())
     r.model.train()
     step_parts: set[str] = set()
     steps = 0
+    # BatchNorm cannot train on a batch of one; a DP device has none (and Poisson batches may be that small)
+    smallest = 2 if r.privacy is None else 1
     for _epoch in range(r.local_epochs):
         for key, value in objective.before_epoch().items():
             totals[key] = totals.get(key, 0.0) + value
-        batches = zip(batch_indices(len(r.private), r.batch_size, r.generator), objective.public_batches())
-        for private_rows, public_positions in batches:
-            if len(private_rows) < 2:  # BatchNorm cannot train on a batch of one
+        private_batches = (batch_indices(len(r.private), r.batch_size, r.generator) if r.privacy is None
+                           else r.privacy.batches(r.generator))
+        for private_rows, public_positions in zip(private_batches, objective.public_batches()):
+            if len(private_rows) < smallest:
                 continue
             for key, value in train_step(objective, private_rows, public_positions).items():
                 totals[key] = totals.get(key, 0.0) + value

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedafd.edge_client.model import MODALITIES_OF_KIND, GlobalTowers, LocalModel
+from fedafd.edge_client.model import MODALITIES_OF_KIND, GlobalTowers, LocalModel, saved_model_options
 from fedafd.cloud_server.checkpoint import CHECKPOINT_FILE as SERVER_CHECKPOINT
 from fedafd.cloud_server.checkpoint import LEGACY_CHECKPOINT_FILE, checkpoint_path, load_server_checkpoint
 from fedafd.cloud_server.stages import GlobalModel
@@ -97,9 +97,8 @@ def load_client(state_dir: Path) -> LoadedClient:
     weights = tensors["model"]
     num_classes = int(weights["head.weight"].shape[0]) if "head.weight" in weights else 0
     try:
-        head = "cosine" if "head.log_scale" in weights else "linear"  # the head the state was trained with
         model = LocalModel(meta["kind"], meta["image_arch"], meta["text_arch"], meta["feature_dim"], max(num_classes, 1),
-                           head=head)
+                           **saved_model_options(weights))  # the head and fusion the state was trained with
         model.load_state_dict(weights)
         towers = GlobalTowers(meta["feature_dim"], torch.device("cpu"))
         if tensors["towers"]:

@@ -22,6 +22,8 @@ from fedafd.runtime.wire import CLIENT_KINDS
 CONTRASTIVE_LOSSES = ("pcme", "infonce")
 CLASSIFIER_HEADS = ("cosine", "linear")
 DEVICES = ("auto", "cpu", "cuda")
+DEVICE_REGIMES = ("mixed", "paper", "adapters")
+"""cloud_server.fleet.DEVICE_REGIMES says which architectures each regime's devices take turns through."""
 TOWER_CODECS = ("fp32", "fp16", "int8_row")
 
 
@@ -113,6 +115,8 @@ class ServerConfig:
     """Cap on each --local client's private training samples (0: no cap)."""
     max_test: int = 1000
     """Cap on each --local client's test samples (0: the whole test split)."""
+    device_regime: str = "mixed"
+    """Architectures of --local and simulated devices: mixed (adapters and small nets from scratch), paper (every device a small net from scratch, smaller than the server's towers) or adapters (every device an adapter over the frozen backbones)."""
     feature_codec: str = "fp32"
     """How public features travel both ways (uplink features, downlink global features): fp32, fp16, int8_row, int8_col."""
     tower_codec: str = "fp16"
@@ -143,6 +147,7 @@ class ServerConfig:
         _check_choice(self, "local_init", LOCAL_INITS)
         _check_choice(self, "baa_schedule", BAA_SCHEDULES)
         _check_choice(self, "distill_target", ("features", "relations"))
+        _check_choice(self, "device_regime", DEVICE_REGIMES)
         _check_non_negative(self, "baa_batches")
         _check_positive(self, "disc_steps")
         if not 0.0 < self.quorum <= 1.0:
@@ -203,6 +208,22 @@ class ClientConfig:
     """Seconds to wait for the server's Welcome after joining."""
     profile: str = ""
     """Device profile whose link to emulate (a shipped name such as phone_lte, or a TOML path; "": no shaping)."""
+    dp: bool = False
+    """Differential privacy: train everything that reads private data with DP-SGD (Opacus; classification devices
+    with the architectures Opacus can wrap; README "Differentially private devices")."""
+    dp_epsilon: float = 8.0
+    """DP budget epsilon: the device stops training (it still evaluates and uploads) before a round would spend more."""
+    dp_delta: float = 1e-5
+    """DP delta of the (epsilon, delta) guarantee (below 1 / the number of private samples, by convention)."""
+    dp_clip: float = 1.0
+    """DP-SGD's per-sample gradient norm bound C."""
+    dp_noise: float = 1.0
+    """DP-SGD's noise multiplier sigma (Gaussian noise of std sigma * C on each step's summed clipped gradients)."""
+    upload_noise: float = 0.0
+    """Gaussian noise std added to each uploaded feature element after clipping each row to norm upload_clip (0: off).
+    A cheap obfuscation of what goes up, not a differential-privacy guarantee for the private data."""
+    upload_clip: float = 1.0
+    """Row norm bound of the uploaded features when upload_noise > 0."""
 
     def validate(self) -> None:
         _check_choice(self, "kind", CLIENT_KINDS)
@@ -218,10 +239,44 @@ class ClientConfig:
 
         _check_choice(self, "image_arch", IMAGE_ARCHS)
         _check_choice(self, "text_arch", TEXT_ARCHS)
+        _check_non_negative(self, "upload_noise")
+        _check_positive(self, "upload_clip")
+        if self.dp:
+            self._validate_dp()
         if not self.client_id:
             self.client_id = f"{self.kind}-{self.partition}"
         if not self.client_id.replace("-", "").replace("_", "").isalnum() or len(self.client_id) > 64:
             raise ConfigError(f"client_id must be 1-64 letters, digits, '-' or '_', got {self.client_id!r}")
+
+
+    def _validate_dp(self) -> None:
+        """DP-SGD's settings, and whether this device's task and encoder can be trained with it at all."""
+        _check_positive(self, "dp_epsilon", "dp_clip", "dp_noise")
+        if not 0.0 < self.dp_delta < 1.0:
+            raise ConfigError(f"dp_delta must be in (0, 1), got {self.dp_delta}")
+        if self.kind == "multimodal":
+            raise ConfigError("dp: retrieval devices cannot train with DP-SGD (their InfoNCE loss couples the samples of "
+                              "a batch, so no per-sample gradient exists); use dp on image or text devices")
+        from opacus.validators import ModuleValidator
+
+        from fedafd.runtime.models import build_encoder
+
+        key = f"{self.kind}_arch"
+        arch = getattr(self, key)
+        problems = ModuleValidator.validate(build_encoder(self.kind, arch, 8, self.adapter_dropout), strict=False)
+        if problems:
+            raise ConfigError(f"dp: {key}={arch} cannot be trained with DP-SGD ({str(problems[0]).split('. ')[0]}); "
+                              f"pick an architecture Opacus can wrap: {', '.join(dp_archs(self.kind))}")
+
+
+def dp_archs(kind: str) -> tuple[str, ...]:
+    """The encoders of `kind` that Opacus can train with DP-SGD (no BatchNorm, no plain nn.GRU)."""
+    from opacus.validators import ModuleValidator
+
+    from fedafd.runtime.models import IMAGE_ARCHS, TEXT_ARCHS, build_encoder
+
+    archs = IMAGE_ARCHS if kind == "image" else TEXT_ARCHS
+    return tuple(a for a in archs if not ModuleValidator.validate(build_encoder(kind, a, 8), strict=False))
 
 
 ConfigT = TypeVar("ConfigT", ServerConfig, ClientConfig)

@@ -128,6 +128,17 @@ class MethodSettings:
             consensus=self.digest == "consensus",
         )
 
+    def dp_conflict(self) -> str:
+        """Why a differentially private device cannot train these settings ("" when it can): DP-SGD covers the
+        private steps only, so nothing may read private data outside them or bring public rows into them."""
+        if self.baa and self.baa_schedule == "paired":
+            return ("BAA's paired schedule puts public rows into each private step; set baa_schedule=pass (adversarial "
+                    "passes over the public set, no privacy cost) or baa=false")
+        if self.infiltration_weight > 0:
+            return ("FedCMI's class temperatures read the private data outside the private steps; set "
+                    "infiltration_weight=0")
+        return ""
+
     def to_wire(self) -> dict[str, Any]:
         return {"version": SETTINGS_VERSION, **dataclasses.asdict(self)}
 

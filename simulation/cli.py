@@ -48,13 +48,14 @@ def simulate(
         from fedafd.cloud_server.fleet import parse_fleet
         from fedafd.cloud_server.tracking import open_tracking, require_extras
         from fedafd.runtime.report import progress_line
-        from fedafd.simulation.engine import run_simulation, simulation_config
+        from fedafd.simulation.engine import device_configs, run_simulation, simulation_config
 
         if workers < 1:
             raise typer.BadParameter(f"--workers must be >= 1, got {workers}")
         fleet_spec = parse_fleet(fleet)
         load_config(ClientConfig, None, local_set or [])  # a wrong key or value fails here, before anything starts
         server_config = load_config(ServerConfig, config, overrides, **simulation_config(ServerConfig(), fleet_spec))
+        device_configs(server_config, fleet_spec, local_set or [])  # every device's settings, before anything starts
         require_extras(*(name for name, given in (("tensorboard", tensorboard), ("mlflow", mlflow)) if given))
         run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         check_fresh(run_dir)

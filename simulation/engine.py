@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from fedafd.cloud_server.app import ServerApp
-from fedafd.cloud_server.fleet import client_ids, device_settings
+from fedafd.cloud_server.fleet import client_ids, fleet_configs
 from fedafd.edge_client.app import EdgeApp
-from fedafd.runtime.config import ClientConfig, ServerConfig, load_config
+from fedafd.runtime.config import ClientConfig, ServerConfig
 from fedafd.runtime.errors import FedafdError
 from fedafd.runtime.memory import compact_allocator
 from fedafd.runtime.transport import InprocHub
@@ -134,14 +134,7 @@ def device_configs(server_config: ServerConfig, fleet: dict[str, int], client_ov
                    ) -> list[ClientConfig]:
     """The devices `serve --local` would start for this fleet (architectures, partitions, data), with the
     settings a device in a shared process needs: no threads of its own, no heartbeats."""
-    configs = []
-    for kind, count in fleet.items():
-        for index in range(count):
-            values = dict(device_settings(server_config, kind, index), threads=0, heartbeat_s=NEVER_S)
-            overrides = [f"{key}={value}" for key, value in values.items()] + list(client_overrides)
-            configs.append(load_config(ClientConfig, None, overrides, kind=kind, partition=index, num_partitions=count,
-                                       client_id=f"{kind}-{index}"))
-    return configs
+    return fleet_configs(server_config, fleet, client_overrides, threads=0, heartbeat_s=NEVER_S)
 
 
 def simulation_config(server_config: ServerConfig, fleet: dict[str, int]) -> dict[str, object]:

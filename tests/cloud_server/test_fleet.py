@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from fedafd.cloud_server.fleet import LocalFleet, client_ids, parse_fleet
-from fedafd.runtime.config import ConfigError, ServerConfig
+from fedafd.cloud_server.fleet import DEVICE_REGIMES, LocalFleet, client_ids, fleet_configs, parse_fleet
+from fedafd.runtime.config import DEVICE_REGIMES as CONFIG_REGIMES
+from fedafd.runtime.config import ConfigError, ServerConfig, load_config
 
 
 def test_parse_fleet_spec() -> None:
@@ -44,3 +45,20 @@ def test_a_bad_device_setting_is_refused_before_anything_starts(tmp_path: Path) 
                                       "--local-set", "disc_lr=fast"])
     assert result.exit_code == 2
     assert "disc_lr must be a number" in result.output
+
+
+@pytest.mark.parametrize("regime, image, text", [
+    ("mixed", ["effnet_linear", "cnn_small", "effnet_mlp", "effnet_linear"], ["minilm_linear", "gru", "minilm_mlp", "minilm_linear"]),
+    ("paper", ["cnn_small"] * 4, ["gru"] * 4),
+    ("adapters", ["effnet_linear", "effnet_mlp"] * 2, ["minilm_linear", "minilm_mlp"] * 2),
+])
+def test_each_device_regime_gives_its_architectures_in_turn(regime: str, image: list[str], text: list[str]) -> None:
+    configs = fleet_configs(ServerConfig(device_regime=regime), {"image": 4, "multimodal": 4})
+    assert [c.image_arch for c in configs if c.kind == "image"] == image
+    assert [(c.image_arch, c.text_arch) for c in configs if c.kind == "multimodal"] == list(zip(image, text))
+
+
+def test_the_config_knows_every_regime_the_fleet_defines() -> None:
+    assert set(CONFIG_REGIMES) == set(DEVICE_REGIMES)
+    with pytest.raises(ConfigError, match="device_regime"):
+        load_config(ServerConfig, None, ["device_regime=tiny"])

@@ -46,7 +46,8 @@ def test_simulate_writes_a_run_folder_that_report_profile_and_tensorboard_read(t
 
 def test_simulate_refuses_bad_input_before_writing_anything(tmp_path: Path) -> None:
     for args, says in ((["--fleet", "image=1,phone=2"], "KIND=N"), (["--fleet", "image=1", "--local-set", "nope=1"], "nope"),
-                       (["--fleet", "image=1", "-c", "rounds=-1"], "rounds"), (["--fleet", "image=1", "--workers", "0"], "workers")):
+                       (["--fleet", "image=1", "-c", "rounds=-1"], "rounds"), (["--fleet", "image=1", "--workers", "0"], "workers"),
+                       (["--fleet", "image=2", "--local-set", "dp=true"], "image-1: dp: image_arch=cnn_small")):
         done = _cloud("simulate", *args, "--out", str(tmp_path / "run"))
         assert done.returncode != 0 and says in done.stderr + done.stdout, (args, done.stderr)
         assert not (tmp_path / "run").exists()
