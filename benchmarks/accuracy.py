@@ -33,7 +33,7 @@ from fedafd.runtime.report import METRICS_FILE, read_metrics, summarize_round
 FLEET = "image=3,text=3,multimodal=4"
 
 # Every device an adapter over the frozen backbone (instead of the fleet's mix with small nets).
-ALL_ADAPTERS = {"client.image_arch": "effnet_linear", "client.text_arch": "minilm_linear"}
+ALL_ADAPTERS = {"device_regime": "adapters"}
 VARIANTS: dict[str, dict[str, str]] = {
     "LOCAL": {"strategy": "local"},
     "LOCAL + backbone": {"strategy": "local", **ALL_ADAPTERS},
@@ -96,23 +96,25 @@ BOUNDS = [("image_top1_bound", "image top-1 bound"), ("text_top1_bound", "text t
 
 
 ENGINES = {
-    "simulate": ["simulate", "--fleet", FLEET, "--workers", "2"],
-    "processes": ["serve", "--local", FLEET],
+    "simulate": ["simulate", "--workers", "2", "--fleet"],
+    "processes": ["serve", "--local"],
 }
-"""How a federation runs: the simulation engine, or a real process per device (fedafd-cloud's commands)."""
+"""How a federation runs: the simulation engine, or a real process per device (fedafd-cloud's commands, before
+the fleet)."""
 
 
-def federation_command(engine: str, overrides: dict[str, str], run_dir: Path) -> list[str]:
+def federation_command(engine: str, overrides: dict[str, str], run_dir: Path, fleet: str = FLEET) -> list[str]:
     """The fedafd-cloud command line of one federation; "client.KEY" is a device setting (--local-set)."""
-    command = [sys.executable, "-m", "fedafd.simulation.cli", *ENGINES[engine], "--out", str(run_dir)]
+    command = [sys.executable, "-m", "fedafd.simulation.cli", *ENGINES[engine], fleet, "--out", str(run_dir)]
     for key, value in overrides.items():
         command += ["--local-set", f"{key[7:]}={value}"] if key.startswith("client.") else ["-c", f"{key}={value}"]
     return command
 
 
-def run_variant(name: str, overrides: dict[str, str], run_dir: Path, engine: str = "simulate") -> dict:
+def run_variant(name: str, overrides: dict[str, str], run_dir: Path, engine: str = "simulate",
+                fleet: str = FLEET) -> dict:
     """One federation; its per-round summaries and wall time. Its own output goes to RUN_DIR/log.txt."""
-    command = federation_command(engine, overrides, run_dir)
+    command = federation_command(engine, overrides, run_dir, fleet)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with open(run_dir / "log.txt", "w") as log:

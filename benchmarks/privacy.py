@@ -28,6 +28,7 @@ in an upload beyond what the label set already says (see README, Security).
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +42,14 @@ import typer
 from fedafd.edge_client.model import GlobalTowers, LocalModel
 from fedafd.edge_client.objectives import objective_for
 from fedafd.edge_client.private_data import load_private_data
+from fedafd.edge_client.privacy import PrivacyBudget, noisy_upload, train_private_round, upload_noise_generator
 from fedafd.edge_client.state import ClientState, load_state
 from fedafd.edge_client.training import Optimizers, prepare_round, train_round, uplink_features
 from fedafd.runtime.backbones import modality_backbones
 from fedafd.runtime.config import ClientConfig, build_config
 from fedafd.runtime.data.modal import load_public_data, load_task_data
 from fedafd.runtime.methods import MethodSettings
+from fedafd.runtime.torch_utils import device_seed, seeded_generator
 from fedafd.runtime.wire import MODALITIES, MODALITIES_OF_KIND
 
 PROBE_ROWS = 48
@@ -54,6 +57,26 @@ PROBE_ROWS = 48
 HOLDS_SHARE = 0.05
 """A device holds a class when at least this share of its private samples are of it."""
 CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Defence:
+    """What the devices did to their uploads and training (the attacker knows it and trains its shadows alike)."""
+
+    dp_noise: float = 0.0
+    """DP-SGD's noise multiplier (0: no DP-SGD)."""
+    dp_clip: float = 1.0
+    upload_noise: float = 0.0
+    upload_clip: float = 1.0
+
+    @staticmethod
+    def of(config: ClientConfig) -> "Defence":
+        return Defence(config.dp_noise if config.dp else 0.0, config.dp_clip, config.upload_noise, config.upload_clip)
+
+    def upload(self, features: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if not self.upload_noise:
+            return features
+        return noisy_upload({"f": features}, self.upload_clip, self.upload_noise, generator)["f"]
 
 
 @dataclass
@@ -65,6 +88,7 @@ class Device:
     arch: str
     fingerprint: np.ndarray
     holds: np.ndarray  # (C,) bool
+    defence: Defence = Defence()
 
 
 def fingerprint(features: torch.Tensor, probe: torch.Tensor) -> np.ndarray:
@@ -99,23 +123,27 @@ def real_devices(run_dir: Path, probe: torch.Tensor) -> list[Device]:
                                     config.max_private, config.max_test, backbones=modality_backbones(modalities))
         meta = json.loads((folder / "client_state.json").read_text())
         model = LocalModel(config.kind, config.image_arch, config.text_arch, meta["feature_dim"], private.num_classes,
-                           config.adapter_dropout, config.head, config.head_scale)
+                           config.adapter_dropout, config.head, config.head_scale, "layer" if config.dp else "batch")
         state = ClientState(model, Optimizers.create(model, config.lr, config.disc_lr), GlobalTowers(meta["feature_dim"], CPU))
         load_state(folder, state, {})
         public = load_public_data("train", modality_backbones(MODALITIES))
         (modality,) = modalities
         features = uplink_features(model, public, torch.arange(len(public)), CPU)[modality]
+        # the last upload as it went up: with the device's own upload noise of that round
+        features = Defence.of(config).upload(features, upload_noise_generator(device_seed(config.seed, config.partition),
+                                                                              meta["last_round"]))
         arch = config.image_arch if modality == "image" else config.text_arch
         devices.append(Device(f"{run_dir.name}/{config.client_id}", config.kind, arch, fingerprint(features, probe),
-                              holds_classes(private.train.labels, private.num_classes)))
+                              holds_classes(private.train.labels, private.num_classes), Defence.of(config)))
     return devices
 
 
 def shadow_devices(kind: str, archs: list[str], count: int, feature_dim: int, samples: int, epochs: int,
-                   probe: torch.Tensor, seed: int) -> list[Device]:
+                   probe: torch.Tensor, seed: int, defence: Defence = Defence()) -> list[Device]:
     """`count` devices the attacker trains alone on the task's test split (data no device trains on), taking
     turns through `archs` (the targets' architectures, from their Joins), each on a random set of 1 to 3
-    classes with the devices' sample budget; their fingerprints and label sets."""
+    classes with the devices' sample budget and the devices' defence (DP-SGD with their noise and clip, upload
+    noise); their fingerprints and label sets."""
     modalities = MODALITIES_OF_KIND[kind]
     aux = load_task_data(kind, "test", modality_backbones(modalities))
     public = load_public_data("train", modality_backbones(MODALITIES))
@@ -128,13 +156,18 @@ def shadow_devices(kind: str, archs: list[str], count: int, feature_dim: int, sa
         rows = rng.permutation(np.flatnonzero(np.isin(aux.labels, chosen)))[:samples]
         data = aux.select(rows)
         torch.manual_seed(seed * 10_007 + index)
-        model = LocalModel(kind, arch, arch, feature_dim, classes)
+        model = LocalModel(kind, arch, arch, feature_dim, classes, fusion_norm="layer" if defence.dp_noise else "batch")
         optimizers = Optimizers.create(model, 1e-3, 1e-4)
         round_ = prepare_round(model, optimizers, GlobalTowers(feature_dim, CPU), data, MethodSettings("local", uplink=False),
                                0, epochs, 64, seed + index, CPU)
-        train_round(objective_for(round_))
+        if defence.dp_noise:
+            budget = PrivacyBudget(math.inf, 1e-5, defence.dp_noise, defence.dp_clip)
+            train_private_round(objective_for(round_), budget, 1e-3, seed + index)
+        else:
+            train_round(objective_for(round_))
         (modality,) = modalities
         features = uplink_features(model, public, torch.arange(len(public)), CPU)[modality]
+        features = defence.upload(features, seeded_generator(seed * 10_007 + index))
         devices.append(Device(f"shadow-{index}", kind, arch, fingerprint(features, probe), holds_classes(data.labels, classes)))
     return devices
 
@@ -180,6 +213,32 @@ def top_k_recovery(scores: np.ndarray, holds: np.ndarray) -> tuple[float, float]
     return statistics.fmean(found), statistics.fmean(chance)
 
 
+def attack(targets: list[Device], shadows: int, epochs: int, samples: int, probe: torch.Tensor, seed: int,
+           feature_dim: int) -> dict[str, dict]:
+    """Per kind: shadows trained like the targets (their architectures and defence), the ridge attack fit on
+    them, and its success on the targets (AUC, top-k recovery) and on held-out shadows (cross-validated AUC)."""
+    results = {}
+    for kind in sorted({d.kind for d in targets}):
+        group = [d for d in targets if d.kind == kind]
+        archs = sorted({d.arch for d in group})
+        defences = {d.defence for d in group}
+        if len(defences) > 1:
+            raise typer.BadParameter(f"the {kind} devices used different defences ({defences}); attack one at a time")
+        (defence,) = defences
+        typer.echo(f"{kind}: {len(group)} devices ({', '.join(archs)}), training {shadows} shadows", err=True)
+        shadow = shadow_devices(kind, archs, shadows, feature_dim, samples, epochs, probe, seed, defence)
+        shadow_x, shadow_y = np.stack([d.fingerprint for d in shadow]), np.stack([d.holds for d in shadow])
+        scores = ridge_scores(shadow_x, shadow_y, np.stack([d.fingerprint for d in group]))
+        holds = np.stack([d.holds for d in group])
+        found, chance = top_k_recovery(scores, holds)
+        results[kind] = {"devices": len(group), "architectures": archs, "auc": auc(scores.ravel(), holds.ravel()),
+                         "top_k_recovery": found, "top_k_chance": chance,
+                         "shadow_cv_auc": cross_validated_auc(shadow_x, shadow_y)}
+        typer.echo(f"{kind}: AUC {results[kind]['auc']:.3f} (chance 0.5), top-k recovery {found:.3f} "
+                   f"(chance {chance:.3f}); on held-out shadows AUC {results[kind]['shadow_cv_auc']:.3f}", err=True)
+    return results
+
+
 def main(
     runs: Annotated[list[Path], typer.Argument(help="Finished run folders (simulate or serve --local).")] = None,
     shadow_check: Annotated[list[str], typer.Option(help="KIND:ARCH, repeatable: only measure the attack on held-out "
@@ -203,21 +262,7 @@ def main(
         raise typer.BadParameter("give run folders, or --shadow-check KIND:ARCH")
     targets = [device for run in runs for device in real_devices(run, probe)]
     feature_dim = json.loads((runs[0] / "config.json").read_text())["feature_dim"]
-    results = {}
-    for kind in sorted({d.kind for d in targets}):
-        group = [d for d in targets if d.kind == kind]
-        archs = sorted({d.arch for d in group})
-        typer.echo(f"{kind}: {len(group)} devices ({', '.join(archs)}), training {shadows} shadows", err=True)
-        shadow = shadow_devices(kind, archs, shadows, feature_dim, samples, epochs, probe, seed)
-        shadow_x, shadow_y = np.stack([d.fingerprint for d in shadow]), np.stack([d.holds for d in shadow])
-        scores = ridge_scores(shadow_x, shadow_y, np.stack([d.fingerprint for d in group]))
-        holds = np.stack([d.holds for d in group])
-        found, chance = top_k_recovery(scores, holds)
-        results[kind] = {"devices": len(group), "architectures": archs, "auc": auc(scores.ravel(), holds.ravel()),
-                         "top_k_recovery": found, "top_k_chance": chance,
-                         "shadow_cv_auc": cross_validated_auc(shadow_x, shadow_y)}
-        typer.echo(f"{kind}: AUC {results[kind]['auc']:.3f} (chance 0.5), top-k recovery {found:.3f} "
-                   f"(chance {chance:.3f}); on held-out shadows AUC {results[kind]['shadow_cv_auc']:.3f}")
+    results = attack(targets, shadows, epochs, samples, probe, seed, feature_dim)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"runs": [str(r) for r in runs], "shadows": shadows, "epochs": epochs, "seed": seed,
                                "probe_rows": PROBE_ROWS, "results": results}, indent=2) + "\n")

@@ -19,7 +19,7 @@ from fedafd.edge_client.state import (
 )
 from fedafd.edge_client.objectives import objective_for
 from fedafd.edge_client.privacy import (
-    PrivacyBudget, PrivateSteps, noisy_upload, private_modules, sample_rate, steps_per_epoch,
+    PrivacyBudget, noisy_upload, sample_rate, steps_per_epoch, train_private_round, upload_noise_generator,
 )
 from fedafd.edge_client.training import G_from_towers, Optimizers, evaluate, prepare_round, train_round
 from fedafd.runtime.accounting import ByteCounter
@@ -362,12 +362,7 @@ class EdgeApp:
                         budget.epsilon, budget.delta)
             losses = {}
         else:
-            round_.privacy = PrivateSteps(private_modules(state.model, bool(round_.f_g)), budget,
-                                          len(self.private.train), c.batch_size, c.lr, round_seed(seed, start.round))
-            try:
-                losses = train_round(objective, heartbeat)
-            finally:
-                round_.privacy.close()
+            losses = train_private_round(objective, budget, c.lr, round_seed(seed, start.round), heartbeat)
             state.dp_history = budget.history
         train_seconds = time.perf_counter() - started
         metrics = evaluate(state.model, state.towers, self.private.test, settings.gff, self.device,
@@ -376,8 +371,7 @@ class EdgeApp:
         metrics["num_params"] = float(count_parameters(state.model))
         uplink = objective.uplink()
         if c.upload_noise > 0:
-            uplink = noisy_upload(uplink, c.upload_clip, c.upload_noise,
-                                  seeded_generator(derived_seed(round_seed(seed, start.round), "upload-noise")))
+            uplink = noisy_upload(uplink, c.upload_clip, c.upload_noise, upload_noise_generator(seed, start.round))
         if budget is not None:  # what it has spent so far, and whether it still trains
             metrics.update(dp_epsilon=budget.spent(), dp_delta=budget.delta, dp_training=float(trains))
         with diagnostics.timing():  # how close what goes up is to the server's G of the same rows, when held

@@ -22,7 +22,7 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from opacus import GradSampleModule
@@ -30,7 +30,8 @@ from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from fedafd.runtime.torch_utils import derived_seed, seeded_generator
+from fedafd.edge_client.training import train_round
+from fedafd.runtime.torch_utils import derived_seed, round_seed, seeded_generator
 
 # Opacus's backward hooks on an adapter's first layer, whose input (cached backbone features) needs no gradient:
 # torch warns on every step that the hook sees output gradients only, which is all per-sample gradients need.
@@ -131,10 +132,28 @@ class PrivateSteps:
                     delattr(parameter, name)
 
 
+def train_private_round(objective, budget: PrivacyBudget, lr: float, seed: int,
+                        heartbeat: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """train_round with DP-SGD on the private steps (the round's objective as on any device), accounted in
+    `budget`; the per-sample machinery is off the model again afterwards. Returns the loss parts."""
+    r = objective.round
+    r.privacy = PrivateSteps(private_modules(r.model, bool(r.f_g)), budget, len(r.private), r.batch_size, lr, seed)
+    try:
+        return train_round(objective, heartbeat)
+    finally:
+        r.privacy.close()
+        r.privacy = None
+
+
 def private_modules(model, fuses: bool) -> nn.ModuleDict:
     """The modules a private step trains this round: the encoders and the head, and GFF when the round fuses."""
     parts = model.private_modules()
     return nn.ModuleDict({name: module for name, module in parts.items() if fuses or name != "fusions"})
+
+
+def upload_noise_generator(seed: int, round_: int) -> torch.Generator:
+    """The stream of a device's upload noise in a round (`seed`: the device's own seed)."""
+    return seeded_generator(derived_seed(round_seed(seed, round_), "upload-noise"))
 
 
 def noisy_upload(features: dict[str, torch.Tensor], clip: float, std: float, generator: torch.Generator
