@@ -373,7 +373,8 @@ class EdgeApp:
         if c.upload_noise > 0:
             uplink = noisy_upload(uplink, c.upload_clip, c.upload_noise, upload_noise_generator(seed, start.round))
         if budget is not None:  # what it has spent so far, and whether it still trains
-            metrics.update(dp_epsilon=budget.spent(), dp_delta=budget.delta, dp_training=float(trains))
+            metrics.update(dp_epsilon=budget.spent(), dp_budget=budget.epsilon, dp_delta=budget.delta,
+                           dp_training=float(trains))
         with diagnostics.timing():  # how close what goes up is to the server's G of the same rows, when held
             for modality, features in uplink.items():
                 if modality in G:

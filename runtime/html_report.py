@@ -262,6 +262,40 @@ def stage3_figure(records: list[dict]):
     return figure
 
 
+def privacy_figure(records: list[dict], kinds: dict[str, str]):
+    """Differentially private devices: each one's spent epsilon per round (its budget dotted), and the run's own
+    privacy-utility trace (its personalised top-1 against the epsilon spent so far). None without DP devices."""
+    private = sorted({cid for r in records for cid, c in r["clients"].items() if "dp_epsilon" in c["metrics"]})
+    if not private:
+        return None
+    figure, [[left, right]] = new_figure(WIDTH, 320, 1, 2)
+    colours = device_colours(kinds)
+    rounds = _rounds(records)
+    for cid in private:
+        metrics = [r["clients"].get(cid, {}).get("metrics", {}) for r in records]
+        spent = [m.get("dp_epsilon", float("nan")) for m in metrics]
+        left.plot(rounds, spent, marker="o", color=colours.get(cid, "tab:gray"), label=cid)
+        budgets = [m["dp_budget"] for m in metrics if "dp_budget" in m]
+        if budgets:
+            left.axhline(budgets[-1], linestyle=":", color=colours.get(cid, "tab:gray"), linewidth=0.8)
+        right.plot(spent, [m.get("pers_top1", float("nan")) for m in metrics], marker="o",
+                   color=colours.get(cid, "tab:gray"), label=cid)
+    per_round_axes(left, "epsilon spent (dotted: the budget)", "epsilon")
+    right.set_title("personalised top-1 against epsilon spent")
+    right.set_xlabel("epsilon spent")
+    right.set_ylabel("top-1 %")
+    right.grid(True, alpha=0.3)
+    right.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
+    return figure
+
+
+def privacy_rows(record: dict) -> list[list[str]]:
+    """Per DP device in `record`: epsilon spent, the budget, delta, whether it still trains."""
+    return [[cid, f"{m['dp_epsilon']:.3g}", f"{m['dp_budget']:g}" if "dp_budget" in m else "-", f"{m['dp_delta']:g}",
+             "yes" if m.get("dp_training") else "no (budget spent)"]
+            for cid, c in sorted(record["clients"].items()) if "dp_epsilon" in (m := c["metrics"])]
+
+
 def diagnostics_rows(record: dict) -> tuple[list[str], list[list[str]]]:
     """The table of a round's device diagnostics: one row per device, one column per diagnostic (a modality's
     as "modality name"), three decimals; "-" where a device has none."""
@@ -303,6 +337,7 @@ def html_page(records: list[dict], config: dict, title: str) -> str:
                        f"{k['num_params']:,.0f}-parameter model)"
                        for kind, k in profile["kinds"].items() if k["ratio_to_fedavg"]["total"] is not None)
     sed = sed_figure(records, kinds)
+    privacy = privacy_figure(records, kinds)
     dropped = [[str(r["round"] + 1), cid, reason] for r in records for cid, reason in sorted(r.get("dropped", {}).items())]
     rejected: dict[tuple[int, str, str], list[str]] = {}  # (round, peer, code) -> reasons: fuzzing sends hundreds
     for r in records:
@@ -362,6 +397,14 @@ def html_page(records: list[dict], config: dict, title: str) -> str:
         f'<h3>Device diagnostics, round {format_value("round", final["round"])}</h3>',
         '<div class="wide">', _table(*diagnostics_rows(records[-1]), "diagnostics-table", {0}), "</div></section>",
 
+        *([] if privacy is None else [
+            '<section id="privacy"><h2>Differential privacy</h2>',
+            '<p class="note">DP-SGD devices: the (epsilon, delta) each has spent, by Opacus\'s RDP accountant, on the '
+            "private steps only (public passes spend nothing); uploads inherit it by post-processing. The evaluation "
+            "metrics a device reports are outside the guarantee (README, Security).</p>",
+            _image(privacy, "plot-privacy", "epsilon spent per device and the privacy-utility trace"),
+            _table(["device", "epsilon spent", "budget", "delta", "still trains"], privacy_rows(records[-1]),
+                   "privacy-table", {0, 4}), "</section>"]),
         f'<section id="dropped"><h2>Dropped devices ({len(dropped)})</h2>',
         _table(["round", "device", "reason"], dropped, "dropped-table", {1, 2}) if dropped else "<p>None.</p>",
         "</section>",

@@ -13,6 +13,7 @@ from opacus.accountants import RDPAccountant
 from fedafd.cloud_server.fleet import fleet_configs
 from fedafd.cloud_server.tracking import flatten_record
 from fedafd.runtime.config import ConfigError, ServerConfig, build_config
+from fedafd.runtime.html_report import write_html_report
 from fedafd.runtime.report import METRICS_FILE
 from fedafd.simulation.engine import run_simulation, simulation_config
 
@@ -33,12 +34,20 @@ def _epsilon(steps: int) -> float:
     return accountant.get_epsilon(1e-5)
 
 
-def test_dp_devices_report_opacus_epsilon_every_round_and_stop_before_the_budget(tmp_path: Path) -> None:
-    # Prepare: a budget that two rounds of 6 steps fit and a third does not.
-    budget = (_epsilon(12) + _epsilon(18)) / 2
-    overrides = ["dp=true", f"dp_epsilon={budget}", f"dp_noise={NOISE}", f"batch_size={BATCH}"]
-    # Execute
-    records = run_simulation(_config(), FLEET, tmp_path, overrides)
+BUDGET = (_epsilon(12) + _epsilon(18)) / 2
+"""A budget that two rounds of 6 steps fit and a third does not."""
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
+    run_dir = tmp_path_factory.mktemp("dp")
+    overrides = ["dp=true", f"dp_epsilon={BUDGET}", f"dp_noise={NOISE}", f"batch_size={BATCH}"]
+    return run_simulation(_config(), FLEET, run_dir, overrides), run_dir
+
+
+def test_dp_devices_report_opacus_epsilon_every_round_and_stop_before_the_budget(dp_run) -> None:
+    records, tmp_path = dp_run
+    budget = BUDGET
     # Assert: metrics.jsonl holds each device's spent epsilon, Opacus's for the steps so far; round 3 trains not.
     lines = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
     assert len(lines) == 3 and len(records) == 3
@@ -46,12 +55,26 @@ def test_dp_devices_report_opacus_epsilon_every_round_and_stop_before_the_budget
         metrics = [line["clients"][client_id]["metrics"] for line in lines]
         assert [m["dp_epsilon"] for m in metrics] == pytest.approx([_epsilon(6), _epsilon(12), _epsilon(12)], rel=1e-9)
         assert [m["dp_training"] for m in metrics] == [1.0, 1.0, 0.0]
-        assert all(m["dp_delta"] == 1e-5 and m["dp_epsilon"] <= budget for m in metrics)
+        assert all(m["dp_delta"] == 1e-5 and m["dp_epsilon"] <= budget == m["dp_budget"] for m in metrics)
         assert lines[2]["clients"][client_id]["losses"] == {}  # nothing trained in round 3
         assert flatten_record(lines[1])[f"device/{client_id}/dp_epsilon"] == pytest.approx(_epsilon(12))
     # The device's accountant history survives in its state (a restarted device goes on counting).
     state = json.loads((tmp_path / "clients" / "image-0" / "client_state.json").read_text())
     assert state["dp_history"] == [[NOISE, pytest.approx(1 / 3), 12]]
+
+
+def test_the_html_report_shows_each_dp_devices_epsilon_and_a_run_without_dp_has_no_such_section(dp_run, tmp_path) -> None:
+    records, run_dir = dp_run
+    page = write_html_report(run_dir).read_text()
+    section = page[page.index('<section id="privacy">'):]
+    section = section[:section.index("</section>")]
+    assert 'id="plot-privacy"' in section
+    assert f"<td>{records[-1]['clients']['image-0']['metrics']['dp_epsilon']:.3g}</td>" in section
+    assert "no (budget spent)" in section
+    assert section.count("<tr>") == 3  # the header and the two DP devices
+    plain = tmp_path / "plain"
+    run_simulation(_config(rounds=1), {"image": 1}, plain)
+    assert '<section id="privacy">' not in write_html_report(plain).read_text()
 
 
 @pytest.mark.parametrize("overrides, config, message", [
