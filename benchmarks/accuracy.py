@@ -38,7 +38,8 @@ VARIANTS: dict[str, dict[str, str]] = {
     "LOCAL": {"strategy": "local"},
     "LOCAL + backbone": {"strategy": "local", **ALL_ADAPTERS},
     "FedAFD": {"strategy": "fedafd"},
-    "FedAFD w/o BAA": {"strategy": "fedafd", "baa": "false"},
+    "FedAFD w/o BAA": {"strategy": "fedafd", "baa": "false"},  # the default since H7 (docs/learning.md)
+    "FedAFD with BAA": {"strategy": "fedafd", "baa": "true"},  # the paper's method
     "FedAFD w/o GFF": {"strategy": "fedafd", "gff": "false"},
     "FedAFD w/o SED": {"strategy": "fedafd", "sed": "false"},
     # Feature codecs on the wire (uplink features, and downlink global features where they travel).

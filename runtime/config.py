@@ -91,8 +91,8 @@ class ServerConfig:
     """Temperature dividing SED's cosine similarities (1: method.md's form; 0.1 measured best: docs/learning.md H4)."""
     strategy: str = "fedafd"
     """The method: fedafd, local (no federation), fedmd, creamfl, fedgems, fedet or fedcmi (docs/strategies.md)."""
-    baa: bool = True
-    """Bi-level adversarial alignment on the clients (ablation switch)."""
+    baa: bool = False
+    """Bi-level adversarial alignment on the clients: the paper's method has it on; off measured better on every device kind here (docs/learning.md H3, H7)."""
     gff: bool = True
     """Granularity-aware feature fusion on the clients (ablation switch)."""
     sed: bool = True

@@ -16,11 +16,11 @@ ROUNDS = 2
 FEATURE_DIM = 16
 
 VARIANTS = {
-    "fedafd": {},
+    "fedafd": {"baa": True},  # the paper's whole method (BAA is off by default: docs/learning.md H7)
     "local": {"strategy": "local"},
-    "no_baa": {"baa": False},
-    "no_gff": {"gff": False},
-    "no_sed": {"sed": False},
+    "no_baa": {},  # the default
+    "no_gff": {"baa": True, "gff": False},
+    "no_sed": {"baa": True, "sed": False},
     "fedmd": {"strategy": "fedmd"},
     "creamfl": {"strategy": "creamfl"},
     "fedgems": {"strategy": "fedgems"},

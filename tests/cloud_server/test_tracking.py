@@ -33,7 +33,7 @@ def tracked(inproc_federation, tmp_path_factory: pytest.TempPathFactory) -> dict
     run_dir = root / "run-a"
     run_dir.mkdir()
     server_config = build_config(ServerConfig, dict(
-        rounds=ROUNDS, expected_clients=len(KINDS), min_clients=len(KINDS), public_size=48, feature_dim=16,
+        rounds=ROUNDS, baa=True, expected_clients=len(KINDS), min_clients=len(KINDS), public_size=48, feature_dim=16,
         image_arch="cnn_small", text_arch="gru", batch_size=16, device="cpu", join_timeout_s=60, round_deadline_s=120))
     clients = [build_config(ClientConfig, dict(kind=kind, max_private=48, max_test=32, batch_size=16,
                                                image_arch="cnn_small", text_arch="gru")) for kind in KINDS]

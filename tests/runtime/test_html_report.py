@@ -53,7 +53,7 @@ class _JunkFirst:
 def run_dir(inproc_federation, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("run")
     config = build_config(ServerConfig, dict(
-        rounds=2, expected_clients=3, min_clients=3, public_size=48, feature_dim=16, image_arch="cnn_small",
+        rounds=2, baa=True, expected_clients=3, min_clients=3, public_size=48, feature_dim=16, image_arch="cnn_small",
         text_arch="gru", batch_size=16, device="cpu", join_timeout_s=60, round_deadline_s=120))
     write_config(config, run_dir / "config.json")
     clients = [build_config(ClientConfig, dict(kind=kind, max_private=48, max_test=32, batch_size=16)) for kind in KINDS]
