@@ -17,6 +17,7 @@ import torch
 
 from fedafd.edge_client.model import MODALITIES_OF_KIND, GlobalTowers, LocalModel
 from fedafd.edge_client.private_data import load_private_data
+from fedafd.edge_client.privacy import PrivacyBudget, train_private_round
 from fedafd.edge_client.state import ClientState, save_state
 from fedafd.edge_client.objectives import objective_for
 from fedafd.edge_client.training import Optimizers, prepare_round, train_round
@@ -34,23 +35,29 @@ CLIENTS = {
 }
 
 
-def make_client_state(folder: Path, kind: str, spec: dict | None = None, max_private: int = 64) -> Path:
-    """Train one short round (GFF on, no BAA) on real private data and save it as `join` would."""
+def make_client_state(folder: Path, kind: str, spec: dict | None = None, max_private: int = 64, dp: bool = False) -> Path:
+    """Train one short round (GFF on, no BAA) on real private data and save it as `join` would (`dp`: as a DP
+    device, with DP-SGD and GFF's LayerNorm gates)."""
     torch.manual_seed(0)
     spec = spec or CLIENTS[kind]
     modalities = MODALITIES_OF_KIND[kind]
     archs = [spec[f"{m}_arch"] for m in modalities] + [spec["towers"][m] for m in modalities]
     backbones = tuple(sorted({backbone_of(a) for a in archs} - {None}))
     private = load_private_data(kind, 0, 1, 0.1, 0, max_private, MAX_TEST, backbones=backbones)
-    model = LocalModel(kind, spec["image_arch"], spec["text_arch"], FEATURE_DIM, private.num_classes)
+    model = LocalModel(kind, spec["image_arch"], spec["text_arch"], FEATURE_DIM, private.num_classes,
+                       fusion_norm="layer" if dp else "batch")
     global_towers = GlobalTowers(FEATURE_DIM, torch.device("cpu"))
     towers = {m: build_encoder(m, spec["towers"][m], FEATURE_DIM) for m in modalities}
     flat = {f"{m}.{name}": t for m, tower in towers.items() for name, t in tower.state_dict().items()}
     global_towers.load(2, spec["towers"], flat)
     optimizers = Optimizers.create(model, 3e-3, 1e-3)
     settings = MethodSettings("fedafd", gff=True, beta=0.5)  # GFF, no BAA
-    train_round(objective_for(prepare_round(model, optimizers, global_towers, private.train, settings, 0, 2, 16, 0,
-                                            torch.device("cpu"))))
+    objective = objective_for(prepare_round(model, optimizers, global_towers, private.train, settings, 0, 2, 16, 0,
+                                            torch.device("cpu")))
+    if dp:
+        train_private_round(objective, PrivacyBudget(100.0, 1e-5, 1.0, 1.0), 3e-3, seed=0)
+    else:
+        train_round(objective)
     state = ClientState(model, optimizers, global_towers, last_round=0)
     folder.mkdir(parents=True, exist_ok=True)
     save_state(folder, state, {"client_id": f"{kind}-0", "kind": kind, "image_arch": spec["image_arch"],
@@ -78,3 +85,10 @@ def exported(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 def text_state(tmp_path_factory) -> Path:
     """A trained text client's state alone (no backbones: the cheapest to export)."""
     return make_client_state(tmp_path_factory.mktemp("text_state"), "text")
+
+
+@pytest.fixture(scope="session")
+def dp_image_state(tmp_path_factory) -> Path:
+    """An image device's state trained with DP-SGD: an adapter, and GFF's gates with LayerNorm."""
+    spec = {"image_arch": "effnet_linear", "text_arch": "minilm_linear", "towers": {"image": "effnet_linear"}}
+    return make_client_state(tmp_path_factory.mktemp("dp_state"), "image", spec, dp=True)

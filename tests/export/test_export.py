@@ -117,6 +117,15 @@ def test_parity_with_pytorch_and_training_is_recorded_and_tight(exported, kind: 
         assert parity["top1_agreement"] >= 0.95
 
 
+def test_a_dp_devices_model_with_layer_norm_gates_exports_with_parity(dp_image_state: Path, tmp_path: Path) -> None:
+    # Execute: an image device trained with DP-SGD (an adapter, GFF's gates with LayerNorm)
+    export_client(dp_image_state, tmp_path / "model", ExportOptions(parity_samples=32, eval_samples=64, quantize=False))
+    # Assert: the exporter rebuilt the LayerNorm fusion (the weights load strictly) and ONNX Runtime agrees.
+    (entry,) = graph_entries(manifest_of(tmp_path / "model"))[:1]
+    assert max(entry["parity"]["max_abs_diff"].values()) <= 1e-4
+    assert max(entry["parity"]["vs_training"]["max_abs_diff"].values()) <= 1e-4
+
+
 @pytest.mark.parametrize("kind", ("image", "multimodal"))
 def test_graph_on_raw_inputs_matches_the_training_code_path(exported, kind: str) -> None:
     """Independent of the recorded numbers: `head_outputs` on the cached (ONNX Runtime) backbone features,
