@@ -8,8 +8,8 @@ What reads private data, and what does not:
   public set, G and the current weights, so they spend no budget; per-sample hooks are off during them;
 - the uploads are the local encoders' features of the public set: a function of the DP-trained weights and
   public data only, so they carry the same (epsilon, delta) by post-processing.
-Not covered: the evaluation metrics and training losses a device reports (computed on its private data), and
-the private global features f_g the device computes for GFF stay on the device.
+Not covered: the evaluation metrics and training losses a device reports (computed on its private data). The
+global tower's features of the private data (GFF's f_g) never leave the device.
 
 A DP step uses its own Adam over the modules it trains, fresh each round (Opacus's optimizer needs a
 per-sample gradient for every parameter it holds, and the device's persistent optimiser also holds the
@@ -101,7 +101,7 @@ class PrivateSteps:
         parameters = [p for p in modules.parameters() if p.requires_grad]
         self.optimizer = DPOptimizer(torch.optim.Adam(parameters, lr=lr), noise_multiplier=budget.noise_multiplier,
                                      max_grad_norm=budget.max_grad_norm,
-                                     expected_batch_size=max(1, round(self.rate * private_count)),
+                                     expected_batch_size=max(1, int(self.rate * private_count)),  # as Opacus's make_private
                                      loss_reduction="mean", generator=seeded_generator(derived_seed(seed, "dp-noise")))
         self.steps = 0
 

@@ -39,7 +39,9 @@ def test_each_engine_runs_the_same_federation_with_device_settings_as_local_set(
     overrides = {"rounds": "2", "client.disc_lr": "1e-3"}
     simulate = federation_command("simulate", overrides, tmp_path)
     processes = federation_command("processes", overrides, tmp_path)
-    assert simulate[3:5] == ["simulate", "--fleet"] and simulate[5] == FLEET
+    assert simulate[3] == "simulate" and simulate[simulate.index("--fleet") + 1] == FLEET
     assert processes[3:5] == ["serve", "--local"] and processes[5] == FLEET
+    other = federation_command("simulate", overrides, tmp_path, fleet="image=3,text=3")
+    assert other[other.index("--fleet") + 1] == "image=3,text=3"
     for command in (simulate, processes):
         assert command[-6:] == ["--out", str(tmp_path), "-c", "rounds=2", "--local-set", "disc_lr=1e-3"]
