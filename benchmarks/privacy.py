@@ -42,9 +42,9 @@ import typer
 from fedafd.edge_client.model import GlobalTowers, LocalModel
 from fedafd.edge_client.objectives import objective_for
 from fedafd.edge_client.private_data import load_private_data
-from fedafd.edge_client.privacy import PrivacyBudget, noisy_upload, train_private_round, upload_noise_generator
+from fedafd.edge_client.privacy import PrivacyBudget, noisy_upload, upload_noise_generator
 from fedafd.edge_client.state import ClientState, load_state
-from fedafd.edge_client.training import Optimizers, prepare_round, train_round, uplink_features
+from fedafd.edge_client.training import Optimizers, prepare_round, train_private_round, train_round, uplink_features
 from fedafd.runtime.backbones import modality_backbones
 from fedafd.runtime.config import ClientConfig, build_config
 from fedafd.runtime.data.modal import load_public_data, load_task_data

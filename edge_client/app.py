@@ -19,9 +19,11 @@ from fedafd.edge_client.state import (
 )
 from fedafd.edge_client.objectives import objective_for
 from fedafd.edge_client.privacy import (
-    PrivacyBudget, noisy_upload, sample_rate, steps_per_epoch, train_private_round, upload_noise_generator,
+    PrivacyBudget, noisy_upload, sample_rate, steps_per_epoch, upload_noise_generator,
 )
-from fedafd.edge_client.training import G_from_towers, Optimizers, evaluate, prepare_round, train_round
+from fedafd.edge_client.training import (
+    G_from_towers, Optimizers, evaluate, prepare_round, train_private_round, train_round,
+)
 from fedafd.runtime.accounting import ByteCounter
 from fedafd.runtime.messaging import ClientMessenger
 from fedafd.runtime.codecs import wire_codec

@@ -22,7 +22,7 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from opacus import GradSampleModule
@@ -30,7 +30,6 @@ from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from fedafd.edge_client.training import train_round
 from fedafd.runtime.torch_utils import derived_seed, round_seed, seeded_generator
 
 # Opacus's backward hooks on an adapter's first layer, whose input (cached backbone features) needs no gradient:
@@ -130,19 +129,6 @@ class PrivateSteps:
             for name in ("grad_sample", "_forward_counter", "summed_grad"):
                 if hasattr(parameter, name):
                     delattr(parameter, name)
-
-
-def train_private_round(objective, budget: PrivacyBudget, lr: float, seed: int,
-                        heartbeat: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """train_round with DP-SGD on the private steps (the round's objective as on any device), accounted in
-    `budget`; the per-sample machinery is off the model again afterwards. Returns the loss parts."""
-    r = objective.round
-    r.privacy = PrivateSteps(private_modules(r.model, bool(r.f_g)), budget, len(r.private), r.batch_size, lr, seed)
-    try:
-        return train_round(objective, heartbeat)
-    finally:
-        r.privacy.close()
-        r.privacy = None
 
 
 def private_modules(model, fuses: bool) -> nn.ModuleDict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from fedafd.edge_client.diagnostics import DeviceDiagnostics, logit_norm
 from fedafd.edge_client.model import GlobalTowers, LocalModel
+from fedafd.edge_client.privacy import PrivacyBudget, PrivateSteps, private_modules
 from fedafd.runtime.data.modal import ModalData
 from fedafd.runtime.losses import info_nce
 from fedafd.runtime.models import encode_all
@@ -22,8 +23,6 @@ from fedafd.runtime.methods import MethodSettings
 from fedafd.runtime.retrieval import held_rows, personalised_accuracy, retrieval_metrics
 from fedafd.runtime.torch_utils import batch_indices, round_seed, seeded_generator
 
-if TYPE_CHECKING:
-    from fedafd.edge_client.privacy import PrivateSteps
 
 
 @dataclass
@@ -105,7 +104,7 @@ class DeviceRound:
     f_g: dict[str, torch.Tensor] = field(default_factory=dict)
     """Modality -> (N, d): the frozen global tower's features of the private data, computed once (GFF)."""
     diagnostics: DeviceDiagnostics | None = None
-    privacy: "PrivateSteps | None" = None
+    privacy: PrivateSteps | None = None
     """DP-SGD for the private steps (a DP device), or None: plain Adam on optimizers.task."""
 
 
@@ -196,6 +195,19 @@ def train_round(objective: RoundObjective, heartbeat: Callable[[], None] = lambd
     if not all(math.isfinite(v) for v in means.values()):
         raise FloatingPointError(f"training diverged in round {r.round}: {means}")
     return means
+
+
+def train_private_round(objective: RoundObjective, budget: PrivacyBudget, lr: float, seed: int,
+                        heartbeat: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """train_round with DP-SGD on the private steps (edge_client/privacy.py), accounted in `budget`; the
+    per-sample machinery is off the model again afterwards. Returns the loss parts."""
+    r = objective.round
+    r.privacy = PrivateSteps(private_modules(r.model, bool(r.f_g)), budget, len(r.private), r.batch_size, lr, seed)
+    try:
+        return train_round(objective, heartbeat)
+    finally:
+        r.privacy.close()
+        r.privacy = None
 
 
 def private_global_features(towers: GlobalTowers, data: ModalData, modalities: tuple[str, ...],

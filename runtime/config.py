@@ -209,8 +209,7 @@ class ClientConfig:
     profile: str = ""
     """Device profile whose link to emulate (a shipped name such as phone_lte, or a TOML path; "": no shaping)."""
     dp: bool = False
-    """Differential privacy: train everything that reads private data with DP-SGD (Opacus; classification devices
-    with the architectures Opacus can wrap; README "Differentially private devices")."""
+    """Differential privacy: DP-SGD (Opacus) on everything that reads private data (classification devices, encoders Opacus can wrap)."""
     dp_epsilon: float = 8.0
     """DP budget epsilon: the device stops training (it still evaluates and uploads) before a round would spend more."""
     dp_delta: float = 1e-5
@@ -220,8 +219,7 @@ class ClientConfig:
     dp_noise: float = 1.0
     """DP-SGD's noise multiplier sigma (Gaussian noise of std sigma * C on each step's summed clipped gradients)."""
     upload_noise: float = 0.0
-    """Gaussian noise std added to each uploaded feature element after clipping each row to norm upload_clip (0: off).
-    A cheap obfuscation of what goes up, not a differential-privacy guarantee for the private data."""
+    """Std of Gaussian noise on each uploaded feature element, rows clipped to upload_clip first (0: off; no DP guarantee)."""
     upload_clip: float = 1.0
     """Row norm bound of the uploaded features when upload_noise > 0."""
 

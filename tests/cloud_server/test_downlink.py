@@ -27,7 +27,7 @@ D = 16
 
 
 def _server(tmp_path: Path, public_size: int) -> ServerApp:
-    config = build_config(ServerConfig, {"feature_dim": D, "public_size": public_size})
+    config = build_config(ServerConfig, {"feature_dim": D, "public_size": public_size, "baa": True})  # BAA needs G
     return ServerApp(config, InprocHub().server(), tmp_path / f"run{public_size}")
 
 

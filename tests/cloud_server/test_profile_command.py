@@ -27,7 +27,7 @@ KINDS = ("image", "text", "multimodal")
 def run(inproc_federation, tmp_path_factory: pytest.TempPathFactory):
     run_dir = tmp_path_factory.mktemp("run")
     config = build_config(ServerConfig, dict(
-        rounds=ROUNDS, expected_clients=3, min_clients=3, public_size=P, feature_dim=D, image_arch="cnn_small",
+        rounds=ROUNDS, baa=True, expected_clients=3, min_clients=3, public_size=P, feature_dim=D, image_arch="cnn_small",
         text_arch="gru", batch_size=16, device="cpu", join_timeout_s=60, round_deadline_s=120,
         feature_codec="int8_row", tower_codec="fp16", public_resample=True))
     write_config(config, run_dir / "config.json")

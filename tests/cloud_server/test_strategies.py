@@ -109,7 +109,8 @@ def test_fedet_weighs_each_device_by_the_variance_of_its_log_probabilities() -> 
 def test_each_strategy_sends_its_recipe_and_local_sends_nothing_federated() -> None:
     recipes = {name: build_strategy(ServerConfig(strategy=name)).settings() for name in STRATEGIES}
     assert not recipes["local"].uplink and not recipes["local"].needs().global_features
-    assert recipes["fedafd"].baa and recipes["fedafd"].gff and recipes["fedafd"].digest == "none"
+    assert not recipes["fedafd"].baa and recipes["fedafd"].gff and recipes["fedafd"].digest == "none"  # BAA: off (H7)
+    assert build_strategy(ServerConfig(strategy="fedafd", baa=True)).settings().baa
     assert recipes["fedmd"].digest == "consensus" and not recipes["fedmd"].needs().global_features
     assert recipes["fedmd"].needs().consensus and not recipes["fedafd"].needs().consensus
     assert recipes["creamfl"].contrast_weight == 0.5 and recipes["creamfl"].contrast_temperature == 0.5

@@ -17,10 +17,10 @@ import torch
 
 from fedafd.edge_client.model import MODALITIES_OF_KIND, GlobalTowers, LocalModel
 from fedafd.edge_client.private_data import load_private_data
-from fedafd.edge_client.privacy import PrivacyBudget, train_private_round
+from fedafd.edge_client.privacy import PrivacyBudget
 from fedafd.edge_client.state import ClientState, save_state
 from fedafd.edge_client.objectives import objective_for
-from fedafd.edge_client.training import Optimizers, prepare_round, train_round
+from fedafd.edge_client.training import Optimizers, prepare_round, train_private_round, train_round
 from fedafd.runtime.methods import MethodSettings
 from fedafd.runtime.models import backbone_of, build_encoder
 
