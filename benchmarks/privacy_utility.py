@@ -26,6 +26,7 @@ from fedafd.benchmarks.accuracy import federation_progress, run_variant
 from fedafd.benchmarks.privacy import PROBE_ROWS, attack, probe_rows, real_devices
 from fedafd.edge_client.privacy import sample_rate, steps_per_epoch
 from fedafd.runtime.data.modal import load_public_data
+from fedafd.runtime.report import METRICS_FILE, read_metrics, summarize_round
 
 FLEET = "image=3,text=3"
 BASE = {"strategy": "fedafd", "baa": "false", "device_regime": "adapters", "rounds": "5", "local_epochs": "2",
@@ -33,6 +34,10 @@ BASE = {"strategy": "fedafd", "baa": "false", "device_regime": "adapters", "roun
 """Every arm's federation (the DP arms add their device settings)."""
 BATCH = 64
 DELTA = 1e-5
+ARM_FILE = "arm.json"
+"""In an arm's run folder: the settings its federation finished with, and its wall time."""
+ATTACK_FILE = "attack.json"
+"""In an arm's run folder: the attack's results on it."""
 COLUMNS = [("image_pers_top1", "image pers. top-1"), ("text_pers_top1", "text pers. top-1"),
            ("image_top1", "image top-1"), ("text_top1", "text top-1"), ("server_r1_sum", "server R@1 sum")]
 
@@ -56,6 +61,36 @@ def arms(epsilons: list[float], upload_noise: float, base: dict[str, str]) -> di
                                              "client.dp_noise": f"{dp_noise_for(epsilon, base):.6f}",
                                              "client.batch_size": str(BATCH)}
     return chosen
+
+
+def arm_result(name: str, overrides: dict[str, str], run_dir: Path, shadows: int, probe, seed: int) -> dict:
+    """One arm's federation and the attack on it. Both are kept in the run folder (the federation's config and
+    metrics.jsonl, the attack's ATTACK_FILE): an interrupted benchmark run again goes on where it stopped, and a
+    finished arm whose federation settings are the same is not run twice."""
+    done = _finished(run_dir, overrides)
+    if done is None:
+        result = run_variant(name, overrides, run_dir, fleet=FLEET)
+        (run_dir / ARM_FILE).write_text(json.dumps({"overrides": overrides, "wall_seconds": result["wall_seconds"]}))
+    records = read_metrics(run_dir / METRICS_FILE)
+    attack_file = run_dir / ATTACK_FILE
+    if attack_file.is_file() and json.loads(attack_file.read_text())["shadows"] == shadows:
+        found = json.loads(attack_file.read_text())["results"]
+    else:
+        found = attack(real_devices(run_dir, probe), shadows, int(overrides["rounds"]) * int(overrides["local_epochs"]),
+                       int(overrides["max_private"]), probe, seed, int(overrides.get("feature_dim", 256)))
+        attack_file.write_text(json.dumps({"shadows": shadows, "results": found}, indent=2) + "\n")
+    return {"seed": seed, "last": summarize_round(records[-1]), "epsilon": spent_epsilon(records[-1]), "attack": found,
+            "wall_seconds": json.loads((run_dir / ARM_FILE).read_text())["wall_seconds"], "run_dir": str(run_dir)}
+
+
+def _finished(run_dir: Path, overrides: dict[str, str]) -> dict | None:
+    """The arm file of a finished federation with these settings, or None."""
+    arm = run_dir / ARM_FILE
+    if not arm.is_file() or json.loads(arm.read_text())["overrides"] != overrides:
+        return None
+    if len(read_metrics(run_dir / METRICS_FILE)) != int(overrides["rounds"]):
+        return None
+    return json.loads(arm.read_text())
 
 
 def spent_epsilon(record: dict) -> float | None:
@@ -89,12 +124,8 @@ def main(
             for name, extra in chosen.items():
                 advance(f"{name}, seed {seed}")
                 run_dir = out / "runs" / f"seed{seed}" / name.replace(" ", "_")
-                result = run_variant(name, {**base, **extra, "seed": str(seed)}, run_dir, fleet=FLEET)
-                records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-                found = attack(real_devices(run_dir, probe), shadows, int(base["rounds"]) * int(base["local_epochs"]),
-                               int(base["max_private"]), probe, seed, int(base.get("feature_dim", 256)))
-                runs[name].append({"seed": seed, "last": result["rounds"][-1], "epsilon": spent_epsilon(records[-1]),
-                                   "attack": found, "wall_seconds": result["wall_seconds"], "run_dir": str(run_dir)})
+                overrides = {**base, **extra, "seed": str(seed)}
+                runs[name].append(arm_result(name, overrides, run_dir, shadows, probe, seed))
         advance("done")
     table = {}
     for name, results in runs.items():
