@@ -15,7 +15,7 @@ import typer
 from fedafd.runtime.cli_support import (
     Format, ProfileFormat, cli_errors, config_listing, live_status, raise_open_files_limit, setup_logging,
 )
-from fedafd.runtime.config import ClientConfig, ServerConfig, config_to_dict, load_config, write_config
+from fedafd.runtime.config import ServerConfig, config_to_dict, load_config, write_config
 from fedafd.runtime.report import CONFIG_FILE, METRICS_FILE
 
 app = typer.Typer(help="The fedafd cloud server.", no_args_is_help=True, add_completion=False)
@@ -85,14 +85,13 @@ def serve(
         from fedafd.runtime.transport import CurveServerKeys, ZmqServerTransport
 
         fleet_spec = parse_fleet(local) if local else None
-        if local_set:
-            if fleet_spec is None:
-                raise typer.BadParameter("--local-set needs --local")
-            load_config(ClientConfig, None, local_set)  # a wrong key or value fails here, not in 10 children
+        if local_set and fleet_spec is None:
+            raise typer.BadParameter("--local-set needs --local")
         explicit = {"expected_clients": len(client_ids(fleet_spec))} if fleet_spec else {}
         server_config = load_config(ServerConfig, config, overrides, **explicit)
         if fleet_spec:
-            fleet_configs(server_config, fleet_spec, local_set or [])  # every device's settings, before any starts
+            # every device's settings: a wrong key or value fails here, not in 10 children
+            fleet_configs(server_config, fleet_spec, local_set or [])
         if rank != 0:  # no socket, no run folder: rank 0 sends what to train
             from fedafd.cloud_server.worker import serve_worker
 

@@ -352,20 +352,22 @@ class EdgeApp:
                                self.public, rows, G, consensus, diagnostics)
         objective = objective_for(round_)
         budget = self._privacy_budget(state) if c.dp else None
-        steps, rate = (start.local_epochs * steps_per_epoch(len(self.private.train), c.batch_size),
-                       sample_rate(len(self.private.train), c.batch_size))
-        trains = budget is None or budget.affords(steps, rate)
+        trains = True
         if budget is None:
             losses = train_round(objective, heartbeat)
-        elif not trains:
-            log.warning("%s round %d: privacy budget: this round's %d DP-SGD steps would take epsilon from %.3g to "
-                        "%.3g, past dp_epsilon=%g (delta %g); the device no longer trains, it still evaluates and "
-                        "uploads", c.client_id, start.round, steps, budget.spent(), budget.epsilon_after(steps, rate),
-                        budget.epsilon, budget.delta)
-            losses = {}
         else:
-            losses = train_private_round(objective, budget, c.lr, round_seed(seed, start.round), heartbeat)
-            state.dp_history = budget.history
+            steps = start.local_epochs * steps_per_epoch(len(self.private.train), c.batch_size)
+            rate = sample_rate(len(self.private.train), c.batch_size)
+            trains = budget.affords(steps, rate)
+            if trains:
+                losses = train_private_round(objective, budget, c.lr, round_seed(seed, start.round), heartbeat)
+                state.dp_history = budget.history
+            else:
+                log.warning("%s round %d: privacy budget: this round's %d DP-SGD steps would take epsilon from %.3g "
+                            "to %.3g, past dp_epsilon=%g (delta %g); the device no longer trains, it still evaluates "
+                            "and uploads", c.client_id, start.round, steps, budget.spent(),
+                            budget.epsilon_after(steps, rate), budget.epsilon, budget.delta)
+                losses = {}
         train_seconds = time.perf_counter() - started
         metrics = evaluate(state.model, state.towers, self.private.test, settings.gff, self.device,
                            torch.from_numpy(self.private.train.labels), diagnostics)

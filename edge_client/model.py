@@ -118,11 +118,11 @@ class LocalModel(nn.Module):
         """Everything the task/generator step updates (not the discriminators)."""
         return [p for name, p in self.named_parameters() if not name.startswith("discriminators.")]
 
-    def private_modules(self) -> nn.ModuleDict:
-        """What the private task loss trains (DP-SGD wraps exactly these): the local encoders, the fusions and
-        the head. The discriminators only ever see public rows and G; a retrieval device's logit scale is a
-        bare parameter, and retrieval is not DP-trained (its InfoNCE couples the samples of a batch)."""
-        parts = {"encoders": self.encoders, "fusions": self.fusions}
+    def private_modules(self, fuses: bool) -> nn.ModuleDict:
+        """What the private task loss trains (DP-SGD wraps exactly these): the local encoders, the fusions when the
+        round fuses, and the head. The discriminators only ever see public rows and G; a retrieval device's logit
+        scale is a bare parameter, and retrieval is not DP-trained (its InfoNCE couples the samples of a batch)."""
+        parts = {"encoders": self.encoders, **({"fusions": self.fusions} if fuses else {})}
         if self.head is not None:
             parts["head"] = self.head
         return nn.ModuleDict(parts)

@@ -131,12 +131,6 @@ class PrivateSteps:
                     delattr(parameter, name)
 
 
-def private_modules(model, fuses: bool) -> nn.ModuleDict:
-    """The modules a private step trains this round: the encoders and the head, and GFF when the round fuses."""
-    parts = model.private_modules()
-    return nn.ModuleDict({name: module for name, module in parts.items() if fuses or name != "fusions"})
-
-
 def upload_noise_generator(seed: int, round_: int) -> torch.Generator:
     """The stream of a device's upload noise in a round (`seed`: the device's own seed)."""
     return seeded_generator(derived_seed(round_seed(seed, round_), "upload-noise"))

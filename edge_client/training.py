@@ -15,14 +15,13 @@ import torch.nn.functional as F
 
 from fedafd.edge_client.diagnostics import DeviceDiagnostics, logit_norm
 from fedafd.edge_client.model import GlobalTowers, LocalModel
-from fedafd.edge_client.privacy import PrivacyBudget, PrivateSteps, private_modules
+from fedafd.edge_client.privacy import PrivacyBudget, PrivateSteps
 from fedafd.runtime.data.modal import ModalData
 from fedafd.runtime.losses import info_nce
 from fedafd.runtime.models import encode_all
 from fedafd.runtime.methods import MethodSettings
 from fedafd.runtime.retrieval import held_rows, personalised_accuracy, retrieval_metrics
 from fedafd.runtime.torch_utils import batch_indices, round_seed, seeded_generator
-
 
 
 @dataclass
@@ -202,7 +201,8 @@ def train_private_round(objective: RoundObjective, budget: PrivacyBudget, lr: fl
     """train_round with DP-SGD on the private steps (edge_client/privacy.py), accounted in `budget`; the
     per-sample machinery is off the model again afterwards. Returns the loss parts."""
     r = objective.round
-    r.privacy = PrivateSteps(private_modules(r.model, bool(r.f_g)), budget, len(r.private), r.batch_size, lr, seed)
+    r.privacy = PrivateSteps(r.model.private_modules(fuses=bool(r.f_g)), budget, len(r.private), r.batch_size, lr,
+                             seed)
     try:
         return train_round(objective, heartbeat)
     finally:

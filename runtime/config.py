@@ -246,7 +246,6 @@ class ClientConfig:
         if not self.client_id.replace("-", "").replace("_", "").isalnum() or len(self.client_id) > 64:
             raise ConfigError(f"client_id must be 1-64 letters, digits, '-' or '_', got {self.client_id!r}")
 
-
     def _validate_dp(self) -> None:
         """DP-SGD's settings, and whether this device's task and encoder can be trained with it at all."""
         _check_positive(self, "dp_epsilon", "dp_clip", "dp_noise")

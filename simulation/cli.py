@@ -11,7 +11,7 @@ import typer
 
 from fedafd.cloud_server.cli import app as server_app
 from fedafd.runtime.cli_support import cli_errors, live_status, setup_logging
-from fedafd.runtime.config import ClientConfig, ServerConfig, config_to_dict, load_config, write_config
+from fedafd.runtime.config import ServerConfig, config_to_dict, load_config, write_config
 from fedafd.runtime.report import CONFIG_FILE, METRICS_FILE
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
@@ -53,9 +53,9 @@ def simulate(
         if workers < 1:
             raise typer.BadParameter(f"--workers must be >= 1, got {workers}")
         fleet_spec = parse_fleet(fleet)
-        load_config(ClientConfig, None, local_set or [])  # a wrong key or value fails here, before anything starts
         server_config = load_config(ServerConfig, config, overrides, **simulation_config(ServerConfig(), fleet_spec))
-        device_configs(server_config, fleet_spec, local_set or [])  # every device's settings, before anything starts
+        # every device's settings: a wrong key or value fails here, before anything starts
+        device_configs(server_config, fleet_spec, local_set or [])
         require_extras(*(name for name, given in (("tensorboard", tensorboard), ("mlflow", mlflow)) if given))
         run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         check_fresh(run_dir)

@@ -15,7 +15,7 @@ from torch import nn
 from fedafd.edge_client.model import LocalModel, saved_model_options
 from fedafd.edge_client.objectives.fedafd import FedAfdObjective
 from fedafd.edge_client.privacy import (
-    PrivacyBudget, PrivateSteps, noisy_upload, private_modules, sample_rate, steps_per_epoch,
+    PrivacyBudget, PrivateSteps, noisy_upload, sample_rate, steps_per_epoch,
 )
 from fedafd.edge_client.training import DeviceRound, Optimizers, train_round, train_step
 from fedafd.runtime.data.modal import ModalData
@@ -50,7 +50,7 @@ def _round(settings: MethodSettings, private: ModalData, public: ModalData | Non
 
 def _private_steps(r: DeviceRound, noise: float, clip: float, epsilon: float = 100.0) -> PrivateSteps:
     budget = PrivacyBudget(epsilon, 1e-5, noise, clip)
-    return PrivateSteps(private_modules(r.model, fuses=False), budget, len(r.private), r.batch_size, 1e-3, seed=7)
+    return PrivateSteps(r.model.private_modules(fuses=False), budget, len(r.private), r.batch_size, 1e-3, seed=7)
 
 
 def test_sampling_rate_and_steps_follow_opacus_poisson_loader() -> None:
@@ -86,14 +86,14 @@ def test_a_dp_step_clips_each_sample_gradient_and_adds_noise() -> None:
         r.privacy = _private_steps(r, noise=noise, clip=1e-3)
         # Execute: the production step (the task loss through the DP optimizer)
         train_step(FedAfdObjective(r), torch.arange(16), None)
-        grads[noise] = torch.cat([p.grad.flatten() for p in private_modules(r.model, False).parameters()])
+        grads[noise] = torch.cat([p.grad.flatten() for p in r.model.private_modules(fuses=False).parameters()])
         r.privacy.close()
     # Assert: without noise the summed gradient is at most 16 clipped samples over the expected batch of 16,
     # i.e. norm <= C; the plain gradient of the same loss is orders of magnitude larger.
     assert grads[0.0].norm() <= 1e-3 * (1 + 1e-5)
     r = _round(MethodSettings("local", uplink=False), private, batch_size=16)
     train_step(FedAfdObjective(r), torch.arange(16), None)
-    plain = torch.cat([p.grad.flatten() for p in private_modules(r.model, False).parameters()])
+    plain = torch.cat([p.grad.flatten() for p in r.model.private_modules(fuses=False).parameters()])
     assert plain.norm() > 100 * 1e-3
     # With sigma = 2: noise of std sigma * C / 16 on each of the coordinates.
     noise = grads[2.0] - grads[0.0]
