@@ -114,12 +114,22 @@ def federation_command(engine: str, overrides: dict[str, str], run_dir: Path, fl
 
 def run_variant(name: str, overrides: dict[str, str], run_dir: Path, engine: str = "simulate",
                 fleet: str = FLEET) -> dict:
-    """One federation; its per-round summaries and wall time. Its own output goes to RUN_DIR/log.txt."""
+    """One federation; its per-round summaries and wall time. Its own output goes to RUN_DIR/log.txt.
+
+    A run folder that already holds this exact command's finished federation (all its rounds in metrics.jsonl) is
+    read back instead of run again, so an interrupted benchmark resumes where it stopped."""
     command = federation_command(engine, overrides, run_dir, fleet)
+    command_line = " ".join(command[2:])
+    finished = finished_run(run_dir, command_line, int(overrides.get("rounds", 0)))
+    if finished is not None:
+        records, wall = finished
+        return {"name": name, "overrides": overrides, "wall_seconds": wall, "resumed": True,
+                "rounds": [summarize_round(record) for record in records], "run_dir": str(run_dir)}
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / DONE_FILE).unlink(missing_ok=True)
     started = time.perf_counter()
     with open(run_dir / "log.txt", "w") as log:
-        log.write(" ".join(command[2:]) + "\n")
+        log.write(command_line + "\n")
         log.flush()
         returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
     if returncode != 0:
@@ -127,9 +137,26 @@ def run_variant(name: str, overrides: dict[str, str], run_dir: Path, engine: str
                     + (" and clients/*/log.txt" if engine == "processes" else ""), fg="red", err=True)
         raise typer.Exit(1)
     wall = time.perf_counter() - started
+    (run_dir / DONE_FILE).write_text(json.dumps({"command": command_line, "wall_seconds": wall}) + "\n")
     records = read_metrics(run_dir / METRICS_FILE)
     return {"name": name, "overrides": overrides, "wall_seconds": wall,
             "rounds": [summarize_round(record) for record in records], "run_dir": str(run_dir)}
+
+
+DONE_FILE = "done.json"
+"""Written when a federation finishes: its command line and wall time (what resuming checks)."""
+
+
+def finished_run(run_dir: Path, command_line: str, rounds: int) -> tuple[list[dict], float] | None:
+    """The records and wall time of RUN_DIR's finished federation if it ran exactly COMMAND_LINE, else None."""
+    try:
+        done = json.loads((run_dir / DONE_FILE).read_text())
+        records = read_metrics(run_dir / METRICS_FILE)
+    except (OSError, ValueError):
+        return None
+    if done.get("command") != command_line or len(records) != rounds:
+        return None
+    return records, float(done["wall_seconds"])
 
 
 @contextlib.contextmanager
