@@ -22,15 +22,17 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
-from opacus import GradSampleModule
-from opacus.accountants import RDPAccountant
-from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from fedafd.runtime.torch_utils import derived_seed, round_seed, seeded_generator
+
+if TYPE_CHECKING:
+    from opacus.accountants import RDPAccountant
+# Opacus is imported where it is used: importing it costs about 7 s of CPU, paid by every device process and
+# simulation at start-up, DP or not.
 
 # Opacus's backward hooks on an adapter's first layer, whose input (cached backbone features) needs no gradient:
 # torch warns on every step that the hook sees output gradients only, which is all per-sample gradients need.
@@ -50,6 +52,8 @@ class PrivacyBudget:
     history: list[tuple[float, float, int]] = field(default_factory=list)
 
     def accountant(self, extra_steps: int = 0, sample_rate: float = 0.0) -> RDPAccountant:
+        from opacus.accountants import RDPAccountant
+
         accountant = RDPAccountant()
         accountant.history = [tuple(entry) for entry in self.history]
         if extra_steps:
@@ -91,6 +95,9 @@ class PrivateSteps:
 
     def __init__(self, modules: nn.ModuleDict, budget: PrivacyBudget, private_count: int, batch_size: int, lr: float,
                  seed: int):
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
         self.budget = budget
         self.rate = sample_rate(private_count, batch_size)
         self.private_count = private_count
