@@ -279,7 +279,7 @@ class EdgeApp:
                            c.adapter_dropout, c.head, c.head_scale,
                            fusion_norm="layer" if c.dp else "batch").to(self.device)  # DP: no BatchNorm
         use_dropout_generator(model, self.dropout_generator)
-        state = ClientState(model, Optimizers.create(model, c.lr, c.disc_lr), GlobalTowers(self.feature_dim, self.device))
+        state = ClientState(model, Optimizers.create(model, c.lr, c.disc_lr, c.fusion_lr), GlobalTowers(self.feature_dim, self.device))
         load_state(self.state_dir, state, self._identity(self.feature_dim))
         return state
 
@@ -360,7 +360,7 @@ class EdgeApp:
             rate = sample_rate(len(self.private.train), c.batch_size)
             trains = budget.affords(steps, rate)
             if trains:
-                losses = train_private_round(objective, budget, c.lr, round_seed(seed, start.round), heartbeat)
+                losses = train_private_round(objective, budget, c.lr, round_seed(seed, start.round), heartbeat, c.fusion_lr)
                 state.dp_history = budget.history
             else:
                 log.warning("%s round %d: privacy budget: this round's %d DP-SGD steps would take epsilon from %.3g "

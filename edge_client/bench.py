@@ -45,7 +45,7 @@ def run_bench(config: ClientConfig, onnx_dir: Path | None, graphs: list[dict], o
     public = load_public_data("train", backbones)
     model = LocalModel(config.kind, config.image_arch, config.text_arch, feature_dim, private.num_classes,
                        config.adapter_dropout, config.head, config.head_scale).to(device)
-    optimizers = Optimizers.create(model, config.lr, config.disc_lr)
+    optimizers = Optimizers.create(model, config.lr, config.disc_lr, config.fusion_lr)
     # A frozen global tower of the server's default architecture (random weights: same cost as trained ones).
     towers = GlobalTowers(feature_dim, device)
     flat = {f"{m}.{k}": v for m in model.modalities for k, v in build_encoder(m, archs[m], feature_dim).state_dict().items()}

@@ -114,9 +114,9 @@ class LocalModel(nn.Module):
                 copied.append(modality)
         return tuple(copied)
 
-    def task_parameters(self) -> list[nn.Parameter]:
-        """Everything the task/generator step updates (not the discriminators)."""
-        return [p for name, p in self.named_parameters() if not name.startswith("discriminators.")]
+    def named_task_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Everything the task/generator step updates (not the discriminators), by name."""
+        return [(name, p) for name, p in self.named_parameters() if not name.startswith("discriminators.")]
 
     def private_modules(self, fuses: bool) -> nn.ModuleDict:
         """What the private task loss trains (DP-SGD wraps exactly these): the local encoders, the fusions when the
@@ -167,3 +167,13 @@ class GlobalTowers:
     @torch.no_grad()
     def encode(self, modality: str, data: ModalData, rows, device: torch.device) -> torch.Tensor:
         return encode_rows(self.encoders[modality], modality, data, rows, device)
+
+
+def adam_groups(named: list[tuple[str, nn.Parameter]], lr: float, fusion_lr: float) -> list[dict]:
+    """Adam's parameter groups: GFF's gates ("fusions.*") at fusion_lr, the rest at lr; one group when fusion_lr is
+    0 (the same as lr), so optimiser states saved before fusion_lr existed still load. The gates end in BatchNorm,
+    whose bias alone sets a gate's mean: at lr 1e-3 Adam moves it by at most 1e-3 a step (docs/learning.md H10)."""
+    if not fusion_lr or fusion_lr == lr:
+        return [{"params": [p for _, p in named], "lr": lr}]
+    return [{"params": [p for name, p in named if not name.startswith("fusions.")], "lr": lr},
+            {"params": [p for name, p in named if name.startswith("fusions.")], "lr": fusion_lr}]

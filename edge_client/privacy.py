@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 from torch import nn
 
+from fedafd.edge_client.model import adam_groups
 from fedafd.runtime.torch_utils import derived_seed, round_seed, seeded_generator
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ class PrivateSteps:
     runs), Opacus's DPOptimizer, Poisson batches, and the budget's accounting of each step."""
 
     def __init__(self, modules: nn.ModuleDict, budget: PrivacyBudget, private_count: int, batch_size: int, lr: float,
-                 seed: int):
+                 seed: int, fusion_lr: float = 0.0):
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
@@ -104,8 +105,9 @@ class PrivateSteps:
         self.steps_per_epoch = steps_per_epoch(private_count, batch_size)
         self.modules = GradSampleModule(modules, loss_reduction="mean", strict=True)
         self.modules.disable_hooks()
-        parameters = [p for p in modules.parameters() if p.requires_grad]
-        self.optimizer = DPOptimizer(torch.optim.Adam(parameters, lr=lr), noise_multiplier=budget.noise_multiplier,
+        parameters = [(name, p) for name, p in modules.named_parameters() if p.requires_grad]
+        adam = torch.optim.Adam(adam_groups(parameters, lr, fusion_lr), lr=lr)
+        self.optimizer = DPOptimizer(adam, noise_multiplier=budget.noise_multiplier,
                                      max_grad_norm=budget.max_grad_norm,
                                      expected_batch_size=max(1, int(self.rate * private_count)),  # as Opacus's make_private
                                      loss_reduction="mean", generator=seeded_generator(derived_seed(seed, "dp-noise")))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fedafd.edge_client.diagnostics import DeviceDiagnostics, logit_norm
-from fedafd.edge_client.model import GlobalTowers, LocalModel
+from fedafd.edge_client.model import GlobalTowers, LocalModel, adam_groups
 from fedafd.edge_client.privacy import PrivacyBudget, PrivateSteps
 from fedafd.runtime.data.modal import ModalData
 from fedafd.runtime.losses import info_nce
@@ -30,9 +30,9 @@ class Optimizers:
     discriminator: torch.optim.Optimizer
 
     @staticmethod
-    def create(model: LocalModel, lr: float, disc_lr: float) -> "Optimizers":
+    def create(model: LocalModel, lr: float, disc_lr: float, fusion_lr: float = 0.0) -> "Optimizers":
         return Optimizers(
-            task=torch.optim.Adam(model.task_parameters(), lr=lr),
+            task=torch.optim.Adam(adam_groups(model.named_task_parameters(), lr, fusion_lr), lr=lr),
             discriminator=torch.optim.Adam(model.discriminator_parameters(), lr=disc_lr, betas=(0.5, 0.999)),
         )
 
@@ -197,12 +197,12 @@ def train_round(objective: RoundObjective, heartbeat: Callable[[], None] = lambd
 
 
 def train_private_round(objective: RoundObjective, budget: PrivacyBudget, lr: float, seed: int,
-                        heartbeat: Callable[[], None] = lambda: None) -> dict[str, float]:
+                        heartbeat: Callable[[], None] = lambda: None, fusion_lr: float = 0.0) -> dict[str, float]:
     """train_round with DP-SGD on the private steps (edge_client/privacy.py), accounted in `budget`; the
     per-sample machinery is off the model again afterwards. Returns the loss parts."""
     r = objective.round
     r.privacy = PrivateSteps(r.model.private_modules(fuses=bool(r.f_g)), budget, len(r.private), r.batch_size, lr,
-                             seed)
+                             seed, fusion_lr)
     try:
         return train_round(objective, heartbeat)
     finally:

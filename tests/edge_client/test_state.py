@@ -29,7 +29,7 @@ def fresh(seed: int, feature_dim: int = 16) -> ClientState:
 def trained(seed: int = 0) -> ClientState:
     """A state after one optimiser step, with a tower from the server."""
     state = fresh(seed)
-    for p in state.model.task_parameters():
+    for _, p in state.model.named_task_parameters():
         p.grad = torch.full_like(p, 0.1)
     state.optimizers.task.step()
     tower = build_encoder("image", "cnn_small", 16)
