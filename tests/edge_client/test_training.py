@@ -175,3 +175,25 @@ def test_global_towers_encode_cached_features_of_an_adapter_tower() -> None:
     expected = sender(torch.from_numpy(data.features["efficientnet_lite0"]))
     torch.testing.assert_close(towers.encode("image", data, np.arange(6), torch.device("cpu")), expected)
     assert not any(p.requires_grad for p in towers.encoders["image"].parameters())
+
+
+@pytest.mark.parametrize("fusion_lr", [0.0, 0.1])
+def test_fusion_lr_is_the_step_of_gffs_gates_and_nothing_else(fusion_lr: float) -> None:
+    # Prepare: a device that fuses (f_g given), BAA off, the gates in their own Adam group at fusion_lr.
+    private = _image_data(32, seed=0)
+    model = _model()
+    optimizers = Optimizers.create(model, lr=1e-3, disc_lr=0.0, fusion_lr=fusion_lr)
+    f_g = {"image": nn.functional.normalize(torch.randn(len(private), D, generator=torch.Generator().manual_seed(2)),
+                                            dim=-1)}
+    round_ = DeviceRound(round=0, local_epochs=1, settings=MethodSettings("fedafd", baa=False), model=model,
+                         optimizers=optimizers, private=private, batch_size=len(private), generator=torch.Generator(),
+                         device=torch.device("cpu"), f_g=f_g)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    # Execute: one production step.
+    train_step(FedAfdObjective(round_), torch.arange(len(private)), None)
+    moved = {name: float((p.detach() - before[name]).abs().max()) for name, p in model.named_parameters()}
+    # Assert: Adam's first step moves each parameter by its group's lr (m / sqrt(v) = sign(g)): the bias of the
+    # gate's last BatchNorm, which alone sets the gate's mean, by fusion_lr (lr when 0); the encoder by lr.
+    gate_bias = moved["fusions.image.gate1.t1.4.bias"]
+    assert gate_bias == pytest.approx(fusion_lr or 1e-3, rel=0.01)
+    assert max(v for name, v in moved.items() if not name.startswith("fusions.")) == pytest.approx(1e-3, rel=0.01)
