@@ -273,8 +273,9 @@ def main(
                 run_dir = (out / setting / ("paper" if paper else "") / f"seed{seed}"
                            / name.replace(" ", "_").replace("/", "").replace("+", "plus"))
                 advance(f"{name}, seed {seed}")
-                result = run_variant(name, {**SETTINGS[setting], **KNOWN_VARIANTS[name], **extra, "seed": str(seed)},
-                                     run_dir, engine)
+                run_settings = {**SETTINGS[setting], **KNOWN_VARIANTS[name], **extra, "seed": str(seed)}
+                run_settings.update(KNOWN_VARIANTS[name])  # a variant is what it says, whatever -c sets for every run
+                result = run_variant(name, run_settings, run_dir, engine)
                 runs[name].append(dict(result, seed=seed))
         advance("done")
     table = aggregate(runs)

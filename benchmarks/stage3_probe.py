@@ -35,15 +35,16 @@ from fedafd.runtime.data.modal import load_public_data
 from fedafd.runtime.data.partition import cap_indices
 from fedafd.runtime.diagnostics import mean_cosine
 from fedafd.runtime.models import backbone_of
+from fedafd.runtime.retrieval import retrieval_metrics
 from fedafd.runtime.torch_utils import seeded_generator
 from fedafd.runtime.wire import MODALITIES
 
 CPU = torch.device("cpu")
 
 
-def device_uploads(run_dir: Path, public, rows: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
-    """Client id -> modality -> (P, d): what each device would upload from its saved model."""
-    uploads = {}
+def device_models(run_dir: Path) -> dict[str, LocalModel]:
+    """Client id -> the model its saved state holds."""
+    models = {}
     for state_file in sorted(run_dir.glob("clients/*/client_state.safetensors")):
         tensors, meta = load_checkpoint(state_file)
         weights = tensors["model"]
@@ -51,8 +52,18 @@ def device_uploads(run_dir: Path, public, rows: torch.Tensor) -> dict[str, dict[
         model = LocalModel(meta["kind"], meta["image_arch"], meta["text_arch"], meta["feature_dim"], classes,
                            **saved_model_options(weights))
         model.load_state_dict(weights)
-        uploads[meta["client_id"]] = uplink_features(model, public, rows, CPU)
-    return uploads
+        models[meta["client_id"]] = model
+    return models
+
+
+def device_uploads(models: dict[str, LocalModel], public, rows: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    """Client id -> modality -> (P, d): what each device would upload from its saved model."""
+    return {cid: uplink_features(model, public, rows, CPU) for cid, model in models.items()}
+
+
+def r1_sum(features: dict[str, torch.Tensor]) -> float:
+    """i2t + t2i R@1 of row-aligned image and text features (row i's image matches row i's caption)."""
+    return retrieval_metrics(features["image"], features["text"], torch.arange(len(features["image"])))["r1_sum"]
 
 
 def probe(run_dir: Path, temperatures: list[float], targets: list[str]) -> dict:
@@ -67,10 +78,19 @@ def probe(run_dir: Path, temperatures: list[float], targets: list[str]) -> dict:
     public, public_test = public_all.select(rows), load_public_data("test", backbones)
     torch.manual_seed(config.seed)
     g = {m: extract_features(model.encoders[m], public, m, CPU) for m in MODALITIES}
-    uploads = device_uploads(run_dir, public_all, torch.from_numpy(rows))
+    models = device_models(run_dir)
+    uploads = device_uploads(models, public_all, torch.from_numpy(rows))
     before = evaluate_retrieval(model, public_test, CPU)["r1_sum"]
+    # What the teacher knows of retrieval, beside what the server knows: R@1 sum of G and of each retrieval
+    # device's own features on the public pairs the server trains on, and of the devices on the held-out pairs.
+    test_rows = torch.arange(len(public_test))
     result = {"run": str(run_dir), "r1_sum": before, "upload_cos": {
-        cid: {m: mean_cosine(f, g[m]) for m, f in ups.items()} for cid, ups in uploads.items()}, "temperatures": {}}
+        cid: {m: mean_cosine(f, g[m]) for m, f in ups.items()} for cid, ups in uploads.items()},
+        "server_public_r1_sum": r1_sum(g),
+        "device_public_r1_sum": {cid: r1_sum(ups) for cid, ups in uploads.items() if len(ups) == 2},
+        "device_test_r1_sum": {cid: r1_sum(uplink_features(m, public_test, test_rows, CPU))
+                               for cid, m in models.items() if len(m.modalities) == 2},
+        "temperatures": {}}
     for temperature in temperatures:
         teachers, entry = {}, {}
         for m in MODALITIES:
@@ -80,6 +100,7 @@ def probe(run_dir: Path, temperatures: list[float], targets: list[str]) -> dict:
                     fold.add(cid, ups[m], sed_scores(ups[m].unsqueeze(0), g[m], 512, temperature)[0])
             teachers[m] = fold.teacher()
             entry[m] = {"sed_entropy": fold.weight_entropy(), "teacher_cos": mean_cosine(teachers[m], g[m])}
+        entry["teacher_public_r1_sum"] = r1_sum(teachers)  # SED folds each modality on its own
         for spec in targets:
             target, _, lr = spec.partition("@")  # "relations@1e-4": a target at a learning rate of its own
             student = copy.deepcopy(model)
@@ -109,7 +130,15 @@ def main(runs: Annotated[list[Path], typer.Argument(help="simulate run folders o
             deltas = [row[f"delta_{target}"] for row in rows]
             spread = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
             cells.append(f"{target} dR@1sum {statistics.mean(deltas):+.2f} ± {spread:.2f}")
+        teacher = [row["teacher_public_r1_sum"] for row in rows]
+        cells.append(f"teacher R@1 sum on the public pairs {statistics.mean(teacher):.1f}")
         typer.echo(" | ".join(cells))
+    server = [r["server_public_r1_sum"] for r in results]
+    devices = [v for r in results for v in r["device_public_r1_sum"].values()]
+    held_out = [v for r in results for v in r["device_test_r1_sum"].values()]
+    typer.echo(f"R@1 sum on the public pairs: server {statistics.mean(server):.1f}, retrieval devices "
+               f"{statistics.mean(devices):.1f} (each); on the held-out pairs: server "
+               f"{statistics.mean(r['r1_sum'] for r in results):.1f}, retrieval devices {statistics.mean(held_out):.1f}")
     if out is not None:
         out.write_text(json.dumps(results, indent=1) + "\n")
 

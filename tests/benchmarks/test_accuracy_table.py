@@ -45,3 +45,33 @@ def test_each_engine_runs_the_same_federation_with_device_settings_as_local_set(
     assert other[other.index("--fleet") + 1] == "image=3,text=3"
     for command in (simulate, processes):
         assert command[-6:] == ["--out", str(tmp_path), "-c", "rounds=2", "--local-set", "disc_lr=1e-3"]
+
+
+def test_a_finished_federation_with_the_same_command_is_read_back_and_nothing_else_is(tmp_path, monkeypatch) -> None:
+    import json
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from fedafd.benchmarks import accuracy
+
+    # Prepare: a real finished run (the committed LOCAL seed 0 of the paper regime) and the settings it ran with.
+    source = Path(__file__).parents[2] / "benchmarks/results/gain/paper/quick/seed0/LOCAL"
+    settings = {**accuracy.SETTINGS["quick"], "strategy": "local", "device_regime": "paper", "seed": "0"}
+    run_dir = tmp_path / "LOCAL"
+    shutil.copytree(source, run_dir, ignore=shutil.ignore_patterns("clients"))
+    command_line = " ".join(accuracy.federation_command("simulate", settings, run_dir)[2:])
+    (run_dir / accuracy.DONE_FILE).write_text(json.dumps({"command": command_line, "wall_seconds": 12.5}))
+    launched = []
+    monkeypatch.setattr(subprocess, "run", lambda command, **kw: launched.append(command) or subprocess.CompletedProcess(command, 1))
+    # Execute / Assert: the same command is read back, without a federation, with the run's wall time and rounds.
+    result = accuracy.run_variant("LOCAL", settings, run_dir)
+    assert not launched and result["resumed"] and result["wall_seconds"] == 12.5 and len(result["rounds"]) == 10
+    # Another setting, or a run cut short, is run again (here the stubbed launch fails, which the benchmark reports).
+    for changed, rounds in (({**settings, "seed": "1"}, 10), (settings, 9)):
+        lines = (source / "metrics.jsonl").read_text().splitlines()[:rounds]
+        (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        (run_dir / accuracy.DONE_FILE).write_text(json.dumps({"command": command_line, "wall_seconds": 12.5}))
+        with pytest.raises(accuracy.typer.Exit):
+            accuracy.run_variant("LOCAL", changed, run_dir)
+    assert len(launched) == 2 and not (run_dir / accuracy.DONE_FILE).exists()
