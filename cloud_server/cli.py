@@ -301,17 +301,25 @@ def report(
     html: Annotated[bool, typer.Option("--html", help="Also write one self-contained page with plots "
                                                       "(RUN_DIR/report.html, or --out).")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Where the --html page goes.")] = None,
+    against: Annotated[Optional[Path], typer.Option(help="Another run folder (e.g. the same fleet with "
+                                                         "-c strategy=local): the last rounds side by side.")] = None,
 ) -> None:
     """Per-round summary of a run: client-kind means, server retrieval, bytes per client; with --html also a
-    page of plots and tables (metrics, bytes against FedAvg, stage timings, SED weights, drops, rejections)."""
+    page of plots and tables (metrics, bytes against FedAvg, stage timings, SED weights, drops, rejections);
+    with --against, the last round beside another run's, with the differences."""
     with cli_errors():
-        from fedafd.runtime.report import read_metrics, summarize_round
+        from fedafd.runtime.report import compare_runs, read_metrics, read_run, summarize_round
 
-        path = run_dir / METRICS_FILE
-        if not path.exists():
-            raise typer.BadParameter(f"no {METRICS_FILE} in {run_dir}")
+        for folder in (run_dir, against) if against is not None else (run_dir,):
+            if not (folder / METRICS_FILE).exists():
+                raise typer.BadParameter(f"no {METRICS_FILE} in {folder}")
         if out is not None and not html:
             raise typer.BadParameter("--out is where the --html page goes; pass --html too")
+        if against is not None:
+            comparison = compare_runs(read_run(run_dir), read_run(against))
+            typer.echo(json.dumps(comparison, indent=2) if fmt == "json" else comparison_text(comparison, run_dir, against))
+            return
+        path = run_dir / METRICS_FILE
         rows = [summarize_round(record) for record in read_metrics(path)]
         if html:
             from fedafd.runtime.html_report import write_html_report
@@ -324,6 +332,17 @@ def report(
         typer.echo(" | ".join(keys))
         for row in rows:
             typer.echo(" | ".join(f"{row[k]:.4g}" if k in row else "-" for k in keys))
+
+
+def comparison_text(comparison: dict, run_dir: Path, against: Path) -> str:
+    rounds = comparison["rounds"]
+    lines = [f"last round of {run_dir} (round {rounds[0]}) against {against} (round {rounds[1]})",
+             "the runs' configs differ in: " + (", ".join(comparison["config_differs"]) or "nothing"),
+             f"{'metric':<32} {'run':>10} {'against':>10} {'difference':>11}"]
+    for key, entry in comparison["metrics"].items():
+        number = ".4g" if "bytes" in key else ".2f"
+        lines.append(f"{key:<32} {entry['run']:>10{number}} {entry['against']:>10{number}} {entry['difference']:>+11{number}}")
+    return "\n".join(lines)
 
 
 @app.command()

@@ -82,3 +82,21 @@ def progress_line(record: dict, rounds: int) -> str:
     if record["dropped"]:
         parts.append(f"dropped {sorted(record['dropped'])}")
     return " | ".join(parts)
+
+
+NOT_COMPARED = frozenset({"round", "seconds"})
+
+
+def compare_runs(run: tuple[list[dict], dict], against: tuple[list[dict], dict]) -> dict:
+    """The last round of a run beside the last round of another (read_run's records and config each): every
+    summarize_round number of both with the difference, and the config keys in which the two runs differ (a fair
+    comparison differs in its strategy alone)."""
+    (records, config), (other_records, other_config) = run, against
+    if not records or not other_records:
+        raise ValueError("both runs need at least one finished round in metrics.jsonl")
+    last, other = summarize_round(records[-1]), summarize_round(other_records[-1])
+    keys = [k for k in last if k in other and k not in NOT_COMPARED]
+    return {"rounds": [last["round"] + 1, other["round"] + 1],
+            "config_differs": sorted(k for k in set(config) | set(other_config)
+                                     if config.get(k) != other_config.get(k)),
+            "metrics": {k: {"run": last[k], "against": other[k], "difference": last[k] - other[k]} for k in keys}}

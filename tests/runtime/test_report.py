@@ -36,3 +36,36 @@ def test_progress_line_shows_personalised_beside_full_test() -> None:
     line = progress_line(_record(), rounds=3)
     assert line.startswith("round 3/3 | server R@1 sum 44.0 rsum 250.0")
     assert "image top-1 20.0 (pers. 80.0)" in line and "multimodal i2t R@1 5.0 (pers. 9.0)" in line
+
+
+def test_report_against_puts_the_last_rounds_side_by_side_with_their_differences(tmp_path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from fedafd.cloud_server.cli import app as cloud_cli
+
+    # Prepare: two run folders whose last rounds differ by hand-chosen numbers, and whose configs differ in the
+    # strategy alone.
+    first, last = _record(), dict(_record(), round=3, server={"r1_sum": 47.5, "rsum": 251.0})
+    other = dict(_record(), round=3, server={"r1_sum": 45.0, "rsum": 240.0},
+                 clients={"image-0": {"kind": "image", "metrics": {"top1": 20.0, "pers_top1": 75.0, "top1_bound": 40.0}}})
+    for name, records, strategy in (("fedafd", [first, last], "fedafd"), ("local", [other], "local")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (tmp_path / name / "config.json").write_text(json.dumps({"strategy": strategy, "seed": 0}))
+    # Execute
+    result = CliRunner().invoke(cloud_cli, ["report", str(tmp_path / "fedafd"), "--against", str(tmp_path / "local"),
+                                            "--format", "json"])
+    text = CliRunner().invoke(cloud_cli, ["report", str(tmp_path / "fedafd"), "--against", str(tmp_path / "local")])
+    # Assert: the last round of each (round 4 of both), the image means (20 and 80 personalised against 20 and 75),
+    # the server's R@1 sum 47.5 against 45, and the one config key that differs.
+    assert result.exit_code == 0, result.output
+    comparison = json.loads(result.output)
+    assert comparison["rounds"] == [4, 4] and comparison["config_differs"] == ["strategy"]
+    assert comparison["metrics"]["image_pers_top1"] == {"run": 80.0, "against": 75.0, "difference": 5.0}
+    assert comparison["metrics"]["server_r1_sum"]["difference"] == pytest.approx(2.5)
+    assert "mm_i2t_r1" not in comparison["metrics"]  # the other run has no retrieval device: nothing to compare
+    assert text.exit_code == 0 and "differ in: strategy" in text.output and "+5.00" in text.output
+    missing = CliRunner().invoke(cloud_cli, ["report", str(tmp_path / "fedafd"), "--against", str(tmp_path)])
+    assert missing.exit_code != 0 and "no metrics.jsonl" in missing.output
