@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -125,8 +126,9 @@ def run_variant(name: str, overrides: dict[str, str], run_dir: Path, engine: str
         records, wall = finished
         return {"name": name, "overrides": overrides, "wall_seconds": wall, "resumed": True,
                 "rounds": [summarize_round(record) for record in records], "run_dir": str(run_dir)}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / DONE_FILE).unlink(missing_ok=True)
+    if run_dir.exists():  # an unfinished or different federation: start afresh (its device states would refuse it)
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
     started = time.perf_counter()
     with open(run_dir / "log.txt", "w") as log:
         log.write(command_line + "\n")

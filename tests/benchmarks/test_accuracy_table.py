@@ -68,10 +68,13 @@ def test_a_finished_federation_with_the_same_command_is_read_back_and_nothing_el
     result = accuracy.run_variant("LOCAL", settings, run_dir)
     assert not launched and result["resumed"] and result["wall_seconds"] == 12.5 and len(result["rounds"]) == 10
     # Another setting, or a run cut short, is run again (here the stubbed launch fails, which the benchmark reports).
+    # The folder is emptied first: an unfinished federation's device states would refuse a new one.
     for changed, rounds in (({**settings, "seed": "1"}, 10), (settings, 9)):
         lines = (source / "metrics.jsonl").read_text().splitlines()[:rounds]
         (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
         (run_dir / accuracy.DONE_FILE).write_text(json.dumps({"command": command_line, "wall_seconds": 12.5}))
+        (run_dir / "clients" / "image-0").mkdir(parents=True)
         with pytest.raises(accuracy.typer.Exit):
             accuracy.run_variant("LOCAL", changed, run_dir)
-    assert len(launched) == 2 and not (run_dir / accuracy.DONE_FILE).exists()
+        assert sorted(p.name for p in run_dir.iterdir()) == ["log.txt"]
+    assert len(launched) == 2
