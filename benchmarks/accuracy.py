@@ -122,26 +122,25 @@ def run_variant(name: str, overrides: dict[str, str], run_dir: Path, engine: str
     command = federation_command(engine, overrides, run_dir, fleet)
     command_line = " ".join(command[2:])
     finished = finished_run(run_dir, command_line, int(overrides.get("rounds", 0)))
-    if finished is not None:
+    if finished is None:
+        if run_dir.exists():  # an unfinished or different federation: start afresh (its device states would refuse it)
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        started = time.perf_counter()
+        with open(run_dir / "log.txt", "w") as log:
+            log.write(command_line + "\n")
+            log.flush()
+            returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+        if returncode != 0:
+            typer.secho(f"error: the {name} federation failed; see {run_dir}/log.txt"
+                        + (" and clients/*/log.txt" if engine == "processes" else ""), fg="red", err=True)
+            raise typer.Exit(1)
+        wall = time.perf_counter() - started
+        (run_dir / DONE_FILE).write_text(json.dumps({"command": command_line, "wall_seconds": wall}) + "\n")
+        records = read_metrics(run_dir / METRICS_FILE)
+    else:
         records, wall = finished
-        return {"name": name, "overrides": overrides, "wall_seconds": wall, "resumed": True,
-                "rounds": [summarize_round(record) for record in records], "run_dir": str(run_dir)}
-    if run_dir.exists():  # an unfinished or different federation: start afresh (its device states would refuse it)
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    started = time.perf_counter()
-    with open(run_dir / "log.txt", "w") as log:
-        log.write(command_line + "\n")
-        log.flush()
-        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
-    if returncode != 0:
-        typer.secho(f"error: the {name} federation failed; see {run_dir}/log.txt"
-                    + (" and clients/*/log.txt" if engine == "processes" else ""), fg="red", err=True)
-        raise typer.Exit(1)
-    wall = time.perf_counter() - started
-    (run_dir / DONE_FILE).write_text(json.dumps({"command": command_line, "wall_seconds": wall}) + "\n")
-    records = read_metrics(run_dir / METRICS_FILE)
-    return {"name": name, "overrides": overrides, "wall_seconds": wall,
+    return {"name": name, "overrides": overrides, "wall_seconds": wall, "resumed": finished is not None,
             "rounds": [summarize_round(record) for record in records], "run_dir": str(run_dir)}
 
 
@@ -275,8 +274,9 @@ def main(
                 run_dir = (out / setting / ("paper" if paper else "") / f"seed{seed}"
                            / name.replace(" ", "_").replace("/", "").replace("+", "plus"))
                 advance(f"{name}, seed {seed}")
-                run_settings = {**SETTINGS[setting], **KNOWN_VARIANTS[name], **extra, "seed": str(seed)}
-                run_settings.update(KNOWN_VARIANTS[name])  # a variant is what it says, whatever -c sets for every run
+                variant = KNOWN_VARIANTS[name]  # a variant is what it says, whatever -c sets for every run
+                run_settings = {**SETTINGS[setting], **variant, **{k: v for k, v in extra.items() if k not in variant},
+                                "seed": str(seed)}
                 result = run_variant(name, run_settings, run_dir, engine)
                 runs[name].append(dict(result, seed=seed))
         advance("done")

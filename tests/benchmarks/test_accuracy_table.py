@@ -78,3 +78,24 @@ def test_a_finished_federation_with_the_same_command_is_read_back_and_nothing_el
             accuracy.run_variant("LOCAL", changed, run_dir)
         assert sorted(p.name for p in run_dir.iterdir()) == ["log.txt"]
     assert len(launched) == 2
+
+
+def test_a_variants_own_settings_win_over_the_settings_given_for_every_run(tmp_path, monkeypatch) -> None:
+    from fedafd.benchmarks import accuracy
+
+    # Prepare: capture the settings each federation would run with instead of running it.
+    ran = {}
+
+    def fake_run(name, overrides, run_dir, engine="simulate", fleet=accuracy.FLEET):
+        ran[name] = overrides
+        return {"name": name, "overrides": overrides, "wall_seconds": 1.0, "run_dir": str(run_dir),
+                "rounds": [{"round": 0, "server_r1_sum": 40.0, "up_bytes_per_client": 0.0,
+                            "down_bytes_per_client": 0.0}]}
+
+    monkeypatch.setattr(accuracy, "run_variant", fake_run)
+    # Execute: -c device_regime=paper for every run, beside a variant that is the adapters regime.
+    accuracy.main(quick=True, seeds="0", out=tmp_path, variants="LOCAL,LOCAL + backbone",
+                  overrides=["device_regime=paper", "alpha=0.5"], fmt="json", engine="simulate")
+    # Assert: LOCAL takes -c's regime, LOCAL + backbone keeps its own; -c's other keys reach both.
+    assert ran["LOCAL"]["device_regime"] == "paper" and ran["LOCAL + backbone"]["device_regime"] == "adapters"
+    assert ran["LOCAL"]["alpha"] == ran["LOCAL + backbone"]["alpha"] == "0.5"
