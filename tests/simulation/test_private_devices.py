@@ -21,10 +21,10 @@ FLEET = {"image": 1, "text": 1}
 PRIVATE, BATCH, EPOCHS, NOISE = 40, 16, 2, 1.2  # 3 Poisson steps an epoch at q = 1/3, 6 a round
 
 
-def _config(**values) -> ServerConfig:
+def _config(fleet: dict[str, int] = FLEET, **values) -> ServerConfig:
     base = dict(rounds=3, seed=0, public_size=48, feature_dim=16, batch_size=16, max_private=PRIVATE, max_test=32,
                 local_epochs=EPOCHS, alpha=1.0, device="cpu", threads=1, device_regime="adapters", baa=False)
-    return build_config(ServerConfig, dict(base, **values, **simulation_config(ServerConfig(), FLEET)))
+    return build_config(ServerConfig, dict(base, **values, **simulation_config(ServerConfig(), fleet)))
 
 
 def _epsilon(steps: int) -> float:
@@ -73,7 +73,7 @@ def test_the_html_report_shows_each_dp_devices_epsilon_and_a_run_without_dp_has_
     assert "no (budget spent)" in section
     assert section.count("<tr>") == 3  # the header and the two DP devices
     plain = tmp_path / "plain"
-    run_simulation(_config(rounds=1), {"image": 1}, plain)
+    run_simulation(_config({"image": 1}, rounds=1), {"image": 1}, plain)  # a config expecting 2 devices waits join_timeout_s
     assert '<section id="privacy">' not in write_html_report(plain).read_text()
 
 
