@@ -349,7 +349,7 @@ class EdgeApp:
         seed = device_seed(c.seed, c.partition)
         round_ = prepare_round(state.model, state.optimizers, state.towers, self.private.train, settings, start.round,
                                start.local_epochs, c.batch_size, seed, self.device,
-                               self.public, rows, G, consensus, diagnostics)
+                               self.public, rows, G, consensus, diagnostics, c.local_task_weight)
         objective = objective_for(round_)
         budget = self._privacy_budget(state) if c.dp else None
         trains = True

@@ -50,15 +50,27 @@ def retrieval_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.T
 
 
 def task_loss(model: LocalModel, data: ModalData, rows: torch.Tensor, f_g: dict[str, torch.Tensor],
-              device: torch.device) -> torch.Tensor:
+              device: torch.device, local_weight: float = 0.0) -> torch.Tensor:
     """Cross-entropy on the fused feature z (classification) or InfoNCE between the L2-normalised fused
     features (retrieval), through LocalModel.head_outputs like evaluation and the ONNX graph. `f_g`: the
-    frozen global tower's features of `data` by modality (GFF; without them z is f_l)."""
-    outputs = {}
+    frozen global tower's features of `data` by modality (GFF; without them z is f_l). `local_weight` > 0 adds
+    the same loss on f_l alone (through the same head) at that weight, where z is fused."""
+    fused, local = {}, {}
     for modality in model.modalities:
         f_l = model.encode(modality, data, rows, device)  # (B, d)
         g = f_g[modality][rows.to(f_g[modality].device)] if modality in f_g else None
-        outputs[modality] = model.head_outputs(modality, f_l, g)[1]
+        fused[modality] = model.head_outputs(modality, f_l, g)[1]
+        if local_weight and g is not None:
+            local[modality] = model.head_outputs(modality, f_l, None)[1]
+    loss = _task_loss_of(model, data, rows, fused, device)
+    if local:
+        loss = loss + local_weight * _task_loss_of(model, data, rows, local, device)
+    return loss
+
+
+def _task_loss_of(model: LocalModel, data: ModalData, rows: torch.Tensor, outputs: dict[str, torch.Tensor],
+                  device: torch.device) -> torch.Tensor:
+    """The task's loss on the head's outputs by modality: cross-entropy on the logits, or InfoNCE of the pairs."""
     if model.head is not None:
         (logits,) = outputs.values()
         return F.cross_entropy(logits, data.label_batch(rows, device))
@@ -105,13 +117,15 @@ class DeviceRound:
     diagnostics: DeviceDiagnostics | None = None
     privacy: PrivateSteps | None = None
     """DP-SGD for the private steps (a DP device), or None: plain Adam on optimizers.task."""
+    local_task_weight: float = 0.0
+    """Weight of the task loss on f_l alone beside the one on z (ClientConfig.local_task_weight)."""
 
 
 def prepare_round(model: LocalModel, optimizers: Optimizers, towers: GlobalTowers, private: ModalData,
                   settings: MethodSettings, round_: int, local_epochs: int, batch_size: int, seed: int,
                   device: torch.device, public: ModalData | None = None, public_rows: torch.Tensor | None = None,
                   G: dict[str, torch.Tensor] | None = None, consensus: dict[str, torch.Tensor] | None = None,
-                  diagnostics: DeviceDiagnostics | None = None) -> DeviceRound:
+                  diagnostics: DeviceDiagnostics | None = None, local_task_weight: float = 0.0) -> DeviceRound:
     """A DeviceRound from what the device holds and what the server sent: f_g of the private data when the
     settings fuse and the towers of every modality of the model arrived; the round's generator from the
     device's seed."""
@@ -125,7 +139,7 @@ def prepare_round(model: LocalModel, optimizers: Optimizers, towers: GlobalTower
         private=private, batch_size=batch_size, generator=seeded_generator(round_seed(seed, round_)), device=device,
         public=public, public_rows=public_rows, G=G, consensus=consensus or {},
         f_g=private_global_features(towers, private, model.modalities, device) if fuses else {},
-        diagnostics=diagnostics,
+        diagnostics=diagnostics, local_task_weight=local_task_weight,
     )
 
 

@@ -192,6 +192,9 @@ class ClientConfig:
     """Adam learning rate of the local model, heads and fusion."""
     fusion_lr: float = 0.0
     """Adam learning rate of GFF's gates (0: lr). Their means move only through a BatchNorm bias (docs/learning.md H10)."""
+    local_task_weight: float = 0.0
+    """Weight of a second task loss on f_l alone, beside the one on z, in rounds that fuse (the local encoder keeps
+    learning its task while f_g carries z; 0: the paper's task loss on z only; docs/learning.md H14)."""
     disc_lr: float = 1e-4
     """Adam learning rate of the discriminators (the research code's 1e-4)."""
     head: str = "cosine"
@@ -229,7 +232,8 @@ class ClientConfig:
         _check_choice(self, "kind", CLIENT_KINDS)
         _check_choice(self, "device", DEVICES)
         _check_positive(self, "num_partitions", "batch_size")
-        _check_non_negative(self, "partition", "max_private", "max_test", "threads", "fusion_lr")
+        _check_non_negative(self, "partition", "max_private", "max_test", "threads", "fusion_lr",
+                            "local_task_weight")
         _check_positive(self, "alpha", "lr", "disc_lr", "heartbeat_s", "round_wait_s", "connect_timeout_s", "head_scale")
         _check_choice(self, "head", CLASSIFIER_HEADS)
         _check_fraction(self, "adapter_dropout")

@@ -39,7 +39,7 @@ class Objective:
                   ) -> tuple[torch.Tensor, dict[str, float]]:
         """One step's loss (the caller steps the task optimiser on it) and its parts by name."""
         r = self.round
-        task = task_loss(r.model, r.private, private_rows, r.f_g, r.device)
+        task = task_loss(r.model, r.private, private_rows, r.f_g, r.device, r.local_task_weight)
         return task + torch.zeros((), device=r.device), {"task": task.item()}
 
     def after_epoch(self) -> dict[str, float]:

@@ -90,7 +90,7 @@ class FedAfdObjective(Objective):
             adversarial = sum(generator_loss(intra, cross, local, settings.beta) for local in f_l.values())
             parts["adv_gen"] = float(adversarial.detach())
             extra = extra + adversarial
-        task = task_loss(model, r.private, private_rows, r.f_g, r.device)
+        task = task_loss(model, r.private, private_rows, r.f_g, r.device, r.local_task_weight)
         parts["task"] = task.item()
         return task + extra, parts
 

@@ -69,7 +69,7 @@ class FedCmiObjective(Objective):
             return super().loss_step(private_rows, public_positions)
         r, model = self.round, self.round.model
         extra = torch.zeros((), device=r.device)
-        task = task_loss(model, r.private, private_rows, r.f_g, r.device)
+        task = task_loss(model, r.private, private_rows, r.f_g, r.device, r.local_task_weight)
         # The infiltration projector sits under the same classifier as the encoder's own feature.
         (modality,) = model.modalities
         infiltrated = model.infiltrate(model.encode(modality, r.private, private_rows, r.device))

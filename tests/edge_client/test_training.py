@@ -197,3 +197,47 @@ def test_fusion_lr_is_the_step_of_gffs_gates_and_nothing_else(fusion_lr: float) 
     gate_bias = moved["fusions.image.gate1.t1.4.bias"]
     assert gate_bias == pytest.approx(fusion_lr or 1e-3, rel=0.01)
     assert max(v for name, v in moved.items() if not name.startswith("fusions.")) == pytest.approx(1e-3, rel=0.01)
+
+
+def test_local_task_weight_adds_the_task_loss_on_f_l_alone_where_z_is_fused() -> None:
+    # Prepare: an image device in eval mode (no dropout, running statistics), f_g given.
+    private = _image_data(16, seed=3)
+    model = _model().eval()
+    rows = torch.arange(16)
+    f_g = {"image": nn.functional.normalize(torch.randn(16, D, generator=torch.Generator().manual_seed(4)), dim=-1)}
+    labels = torch.from_numpy(private.labels)
+    # Execute
+    with torch.no_grad():
+        weighted = task_loss(model, private, rows, f_g, torch.device("cpu"), local_weight=0.3)
+        local_alone = task_loss(model, private, rows, {}, torch.device("cpu"), local_weight=0.3)
+        f_l = model.encode("image", private, rows, torch.device("cpu"))
+        on_z = nn.functional.cross_entropy(model.head(model.fuse("image", f_l, f_g["image"])), labels)
+        on_f_l = nn.functional.cross_entropy(model.head(f_l), labels)
+    # Assert: CE(head(z)) + 0.3 CE(head(f_l)) where z is fused; without f_g (z is f_l) the loss is counted once.
+    torch.testing.assert_close(weighted, on_z + 0.3 * on_f_l)
+    torch.testing.assert_close(local_alone, on_f_l)
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_local_task_weight_reaches_the_step_from_prepare_round(weight: float) -> None:
+    # Prepare: the production round of a fusing device, through prepare_round as the device app builds it.
+    from fedafd.edge_client.objectives import objective_for
+    from fedafd.edge_client.training import prepare_round
+
+    private = _image_data(16, seed=3)
+    model = _model()
+    towers = GlobalTowers(D, torch.device("cpu"))
+    torch.manual_seed(5)
+    sender = LocalModel("image", "effnet_linear", "minilm_linear", D, 3).encoders["image"]
+    towers.load(1, {"image": "effnet_linear"}, {f"image.{k}": v for k, v in sender.state_dict().items()})
+    round_ = prepare_round(model, Optimizers.create(model, 0.0, 0.0), towers, private,
+                           MethodSettings("fedafd", gff=True), 0, 1, 16, 0, torch.device("cpu"),
+                           local_task_weight=weight)
+    rows = torch.arange(16)
+    # Execute: the objective's loss, and the loss on z alone and on f_l alone, on the same rows in eval mode.
+    with evaluation_mode(model), torch.no_grad():
+        loss, _ = objective_for(round_).loss_step(rows, None)
+        on_z = task_loss(model, private, rows, round_.f_g, torch.device("cpu"))
+        on_f_l = task_loss(model, private, rows, {}, torch.device("cpu"))
+    # Assert: the device's loss is the one its weight names.
+    torch.testing.assert_close(loss, on_z + weight * on_f_l)
