@@ -193,8 +193,7 @@ class ClientConfig:
     fusion_lr: float = 0.0
     """Adam learning rate of GFF's gates (0: lr). Their means move only through a BatchNorm bias (docs/learning.md H10)."""
     local_task_weight: float = 0.0
-    """Weight of a second task loss on f_l alone, beside the one on z, in rounds that fuse (the local encoder keeps
-    learning its task while f_g carries z; 0: the paper's task loss on z only; docs/learning.md H14)."""
+    """Weight of a task loss on f_l alone beside the one on z, in rounds that fuse (0: the paper's loss on z only; docs/learning.md H14)."""
     disc_lr: float = 1e-4
     """Adam learning rate of the discriminators (the research code's 1e-4)."""
     head: str = "cosine"
