@@ -55,6 +55,10 @@ SENSITIVITY: dict[str, dict[str, str]] = {
     "FedAFD init from global": {"strategy": "fedafd", "local_init": "global"},
     "FedAFD distill lr 1e-4": {"strategy": "fedafd", "distill_lr": "1e-4"},
     "FedAFD distill lr 1e-3": {"strategy": "fedafd", "distill_lr": "1e-3"},
+    "FedAFD fusion lr 3e-2": {"strategy": "fedafd", "client.fusion_lr": "3e-2"},  # docs/learning.md H10
+    "FedAFD local loss": {"strategy": "fedafd", "client.local_task_weight": "1"},  # H14
+    "FedAFD fusion lr 3e-2 + local loss": {"strategy": "fedafd", "client.fusion_lr": "3e-2",
+                                           "client.local_task_weight": "1"},
 }
 # The FedAFD paper's comparison (its Table 1), in its row order; each baseline is a strategy (docs/strategies.md).
 PAPER: dict[str, dict[str, str]] = {
