@@ -17,6 +17,7 @@ output goes to RUN_DIR/log.txt, and a progress bar over the federations estimate
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import platform
 import shutil
@@ -125,7 +126,8 @@ def run_variant(name: str, overrides: dict[str, str], run_dir: Path, engine: str
     read back instead of run again, so an interrupted benchmark resumes where it stopped."""
     command = federation_command(engine, overrides, run_dir, fleet)
     command_line = " ".join(command[2:])
-    finished = finished_run(run_dir, command_line, int(overrides.get("rounds", 0)))
+    defaults = config_defaults()
+    finished = finished_run(run_dir, command_line, int(overrides.get("rounds", 0)), defaults)
     if finished is None:
         if run_dir.exists():  # an unfinished or different federation: start afresh (its device states would refuse it)
             shutil.rmtree(run_dir)
@@ -140,7 +142,8 @@ def run_variant(name: str, overrides: dict[str, str], run_dir: Path, engine: str
                         + (" and clients/*/log.txt" if engine == "processes" else ""), fg="red", err=True)
             raise typer.Exit(1)
         wall = time.perf_counter() - started
-        (run_dir / DONE_FILE).write_text(json.dumps({"command": command_line, "wall_seconds": wall}) + "\n")
+        (run_dir / DONE_FILE).write_text(json.dumps({"command": command_line, "defaults": defaults,
+                                                        "wall_seconds": wall}) + "\n")
         records = read_metrics(run_dir / METRICS_FILE)
     else:
         records, wall = finished
@@ -152,14 +155,25 @@ DONE_FILE = "done.json"
 """Written when a federation finishes: its command line and wall time (what resuming checks)."""
 
 
-def finished_run(run_dir: Path, command_line: str, rounds: int) -> tuple[list[dict], float] | None:
-    """The records and wall time of RUN_DIR's finished federation if it ran exactly COMMAND_LINE, else None."""
+def config_defaults() -> dict[str, dict]:
+    """Every server and device setting's default: a command line means these too, so a run made under other
+    defaults (say, before a default changed) is not this command's run."""
+    from fedafd.runtime.config import ClientConfig, ServerConfig
+
+    defaults = {cls.__name__: {f.name: f.default for f in dataclasses.fields(cls)} for cls in (ServerConfig, ClientConfig)}
+    return json.loads(json.dumps(defaults))  # as done.json reads back (a tuple default comes back a list)
+
+
+def finished_run(run_dir: Path, command_line: str, rounds: int, defaults: dict[str, dict]
+                 ) -> tuple[list[dict], float] | None:
+    """The records and wall time of RUN_DIR's finished federation if it ran exactly COMMAND_LINE under DEFAULTS
+    (config_defaults()), else None."""
     try:
         done = json.loads((run_dir / DONE_FILE).read_text())
         records = read_metrics(run_dir / METRICS_FILE)
     except (OSError, ValueError):
         return None
-    if done.get("command") != command_line or len(records) != rounds:
+    if done.get("command") != command_line or done.get("defaults") != defaults or len(records) != rounds:
         return None
     return records, float(done["wall_seconds"])
 

@@ -61,23 +61,28 @@ def test_a_finished_federation_with_the_same_command_is_read_back_and_nothing_el
     run_dir = tmp_path / "LOCAL"
     shutil.copytree(source, run_dir, ignore=shutil.ignore_patterns("clients"))
     command_line = " ".join(accuracy.federation_command("simulate", settings, run_dir)[2:])
-    (run_dir / accuracy.DONE_FILE).write_text(json.dumps({"command": command_line, "wall_seconds": 12.5}))
+    defaults = accuracy.config_defaults()
+    done = {"command": command_line, "defaults": defaults, "wall_seconds": 12.5}
+    (run_dir / accuracy.DONE_FILE).write_text(json.dumps(done))
     launched = []
     monkeypatch.setattr(subprocess, "run", lambda command, **kw: launched.append(command) or subprocess.CompletedProcess(command, 1))
     # Execute / Assert: the same command is read back, without a federation, with the run's wall time and rounds.
     result = accuracy.run_variant("LOCAL", settings, run_dir)
     assert not launched and result["resumed"] and result["wall_seconds"] == 12.5 and len(result["rounds"]) == 10
-    # Another setting, or a run cut short, is run again (here the stubbed launch fails, which the benchmark reports).
-    # The folder is emptied first: an unfinished federation's device states would refuse a new one.
-    for changed, rounds in (({**settings, "seed": "1"}, 10), (settings, 9)):
+    # Another setting, a run cut short, or the same command run under other defaults (a default changed since, so
+    # the same command line meant another federation) is run again (here the stubbed launch fails, which the
+    # benchmark reports). The folder is emptied first: an unfinished federation's device states would refuse a new one.
+    earlier = {**defaults, "ClientConfig": {**defaults["ClientConfig"], "fusion_lr": 0.5}}
+    for changed, rounds, ran_under in (({**settings, "seed": "1"}, 10, defaults), (settings, 9, defaults),
+                                       (settings, 10, earlier)):
         lines = (source / "metrics.jsonl").read_text().splitlines()[:rounds]
         (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-        (run_dir / accuracy.DONE_FILE).write_text(json.dumps({"command": command_line, "wall_seconds": 12.5}))
+        (run_dir / accuracy.DONE_FILE).write_text(json.dumps({**done, "defaults": ran_under}))
         (run_dir / "clients" / "image-0").mkdir(parents=True)
         with pytest.raises(accuracy.typer.Exit):
             accuracy.run_variant("LOCAL", changed, run_dir)
         assert sorted(p.name for p in run_dir.iterdir()) == ["log.txt"]
-    assert len(launched) == 2
+    assert len(launched) == 3
 
 
 def test_a_variants_own_settings_win_over_the_settings_given_for_every_run(tmp_path, monkeypatch) -> None:
