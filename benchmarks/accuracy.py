@@ -57,7 +57,7 @@ SENSITIVITY: dict[str, dict[str, str]] = {
     "FedAFD distill lr 1e-4": {"strategy": "fedafd", "distill_lr": "1e-4"},
     "FedAFD distill lr 1e-3": {"strategy": "fedafd", "distill_lr": "1e-3"},
     "FedAFD fusion lr 3e-2": {"strategy": "fedafd", "client.fusion_lr": "3e-2"},  # docs/learning.md H10
-    "FedAFD + backbone, fusion lr 3e-2": {"strategy": "fedafd", **ALL_ADAPTERS, "client.fusion_lr": "3e-2"},
+    "FedAFD + backbone fusion lr 3e-2": {"strategy": "fedafd", **ALL_ADAPTERS, "client.fusion_lr": "3e-2"},
     "FedAFD local loss": {"strategy": "fedafd", "client.local_task_weight": "1"},  # H14
     "FedAFD fusion lr 3e-2 + local loss": {"strategy": "fedafd", "client.fusion_lr": "3e-2",
                                            "client.local_task_weight": "1"},
