@@ -171,7 +171,7 @@ class GlobalTowers:
 
 def adam_groups(named: list[tuple[str, nn.Parameter]], lr: float, fusion_lr: float) -> list[dict]:
     """Adam's parameter groups: GFF's gates ("fusions.*") at fusion_lr, the rest at lr; one group when fusion_lr is
-    0 (the same as lr), so optimiser states saved before fusion_lr existed still load. The gates end in BatchNorm,
+    0 or lr (the paper's single rate, and the optimiser states saved before fusion_lr existed). The gates end in BatchNorm,
     whose bias alone sets a gate's mean: at lr 1e-3 Adam moves it by at most 1e-3 a step (docs/learning.md H10)."""
     if not fusion_lr or fusion_lr == lr:
         return [{"params": [p for _, p in named], "lr": lr}]

@@ -40,6 +40,11 @@ class Optimizers:
         return {"task": self.task.state_dict(), "discriminator": self.discriminator.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        saved, now = len(state["task"]["param_groups"]), len(self.task.param_groups)
+        if saved != now:
+            raise ValueError(f"this device state's optimiser has {saved} parameter group(s), this device {now}: it was "
+                             f"saved with {'fusion_lr equal to lr (0)' if saved == 1 else 'its own fusion_lr'}; "
+                             f"resume it with the same fusion_lr (--local-set fusion_lr=...)")
         self.task.load_state_dict(state["task"])
         self.discriminator.load_state_dict(state["discriminator"])
 

@@ -241,3 +241,13 @@ def test_local_task_weight_reaches_the_step_from_prepare_round(weight: float) ->
         on_f_l = task_loss(model, private, rows, {}, torch.device("cpu"))
     # Assert: the device's loss is the one its weight names.
     torch.testing.assert_close(loss, on_z + weight * on_f_l)
+
+
+def test_an_optimiser_state_saved_under_another_fusion_lr_is_refused_with_the_key_named() -> None:
+    # Prepare: a device state saved with one Adam group (fusion_lr 0, the paper's single rate).
+    model = _model()
+    saved = Optimizers.create(model, lr=1e-3, disc_lr=1e-4, fusion_lr=0.0).state_dict()
+    # Execute / Assert: a device at its own fusion_lr (two groups) says what to set; the same setting loads.
+    with pytest.raises(ValueError, match="fusion_lr"):
+        Optimizers.create(model, lr=1e-3, disc_lr=1e-4, fusion_lr=3e-2).load_state_dict(saved)
+    Optimizers.create(model, lr=1e-3, disc_lr=1e-4, fusion_lr=0.0).load_state_dict(saved)
