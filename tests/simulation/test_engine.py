@@ -177,3 +177,21 @@ def test_devices_get_the_fleets_architectures_and_partitions_and_keep_their_stat
     assert configs["text-0"].batch_size == 16 and configs["text-0"].threads == 0
     for client_id in configs:
         assert (run_dir / "clients" / client_id / "client_state.safetensors").is_file()
+
+
+def test_a_devices_own_training_settings_reach_its_optimiser_and_its_rounds(tmp_path: Path, monkeypatch) -> None:
+    # Prepare: spies on what the device app builds its optimiser and each round with (the production calls).
+    from fedafd.edge_client import app
+    from fedafd.edge_client.training import Optimizers, prepare_round
+
+    created, prepared = [], []
+    monkeypatch.setattr(app.Optimizers, "create", staticmethod(
+        lambda model, lr, disc_lr, fusion_lr=0.0: created.append(fusion_lr) or Optimizers(
+            task=torch.optim.Adam(model.parameters(), lr=lr), discriminator=torch.optim.Adam([torch.zeros(1)]))))
+    monkeypatch.setattr(app, "prepare_round", lambda *args, **kwargs: prepared.append(args[-1]) or
+                        prepare_round(*args, **kwargs))
+    # Execute: one device, one round, its settings given as `--local-set` gives them.
+    run_simulation(_config(seed=5, fleet={"image": 1}), {"image": 1}, tmp_path,
+                   ["fusion_lr=0.2", "local_task_weight=0.5"])
+    # Assert
+    assert created and set(created) == {0.2} and prepared and set(prepared) == {0.5}
