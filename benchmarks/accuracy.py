@@ -153,7 +153,8 @@ def run_variant(name: str, overrides: dict[str, str], run_dir: Path, engine: str
 
 
 DONE_FILE = "done.json"
-"""Written when a federation finishes: its command line and wall time (what resuming checks)."""
+"""Written when a federation finishes: its command line, the defaults it ran under (both what resuming checks) and
+its wall time."""
 
 
 def config_defaults() -> dict[str, dict]:

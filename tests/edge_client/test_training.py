@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from fedafd.edge_client.model import GlobalTowers, LocalModel
+from fedafd.edge_client.objectives import objective_for
 from fedafd.edge_client.objectives.fedafd import FedAfdObjective
 from fedafd.edge_client.training import (
-    DeviceRound, Optimizers, evaluation_mode, task_loss, train_step, uplink_features,
+    DeviceRound, Optimizers, evaluation_mode, prepare_round, task_loss, train_step, uplink_features,
 )
 from fedafd.runtime.data.modal import ModalData
 from fedafd.runtime.methods import MethodSettings
@@ -221,9 +222,6 @@ def test_local_task_weight_adds_the_task_loss_on_f_l_alone_where_z_is_fused() ->
 @pytest.mark.parametrize("weight", [0.0, 1.0])
 def test_local_task_weight_reaches_the_step_from_prepare_round(weight: float) -> None:
     # Prepare: the production round of a fusing device, through prepare_round as the device app builds it.
-    from fedafd.edge_client.objectives import objective_for
-    from fedafd.edge_client.training import prepare_round
-
     private = _image_data(16, seed=3)
     model = _model()
     towers = GlobalTowers(D, torch.device("cpu"))
