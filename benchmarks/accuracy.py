@@ -36,6 +36,8 @@ FLEET = "image=3,text=3,multimodal=4"
 
 # Every device an adapter over the frozen backbone (instead of the fleet's mix with small nets).
 ALL_ADAPTERS = {"device_regime": "adapters"}
+# GFF's gates at the rate of the rest of the device (the paper's one Adam rate) instead of their own fusion_lr.
+ONE_LR = {"client.fusion_lr": "0"}
 VARIANTS: dict[str, dict[str, str]] = {
     "LOCAL": {"strategy": "local"},
     "LOCAL + backbone": {"strategy": "local", **ALL_ADAPTERS},
@@ -56,11 +58,11 @@ SENSITIVITY: dict[str, dict[str, str]] = {
     "FedAFD init from global": {"strategy": "fedafd", "local_init": "global"},
     "FedAFD distill lr 1e-4": {"strategy": "fedafd", "distill_lr": "1e-4"},
     "FedAFD distill lr 1e-3": {"strategy": "fedafd", "distill_lr": "1e-3"},
-    "FedAFD fusion lr 3e-2": {"strategy": "fedafd", "client.fusion_lr": "3e-2"},  # docs/learning.md H10
-    "FedAFD + backbone fusion lr 3e-2": {"strategy": "fedafd", **ALL_ADAPTERS, "client.fusion_lr": "3e-2"},
+    # GFF's gates at the paper's single learning rate (fusion_lr 0), the default before docs/learning.md H10.
+    "FedAFD one lr": {"strategy": "fedafd", **ONE_LR},
+    "FedAFD + backbone one lr": {"strategy": "fedafd", **ALL_ADAPTERS, **ONE_LR},
+    "FedAFD with BAA one lr": {"strategy": "fedafd", "baa": "true", **ONE_LR},
     "FedAFD local loss": {"strategy": "fedafd", "client.local_task_weight": "1"},  # H14
-    "FedAFD fusion lr 3e-2 + local loss": {"strategy": "fedafd", "client.fusion_lr": "3e-2",
-                                           "client.local_task_weight": "1"},
 }
 # The FedAFD paper's comparison (its Table 1), in its row order; each baseline is a strategy (docs/strategies.md).
 PAPER: dict[str, dict[str, str]] = {
@@ -96,7 +98,9 @@ COLUMNS = [
     ("text_top1", "text top-1"),
     ("text_pers_top1", "text pers. top-1"),
     ("mm_i2t_r1", "multimodal i2t R@1"),
+    ("mm_t2i_r1", "multimodal t2i R@1"),
     ("mm_pers_i2t_r1", "multimodal pers. i2t R@1"),
+    ("mm_pers_t2i_r1", "multimodal pers. t2i R@1"),
     ("server_r1_sum", "server R@1 sum"),
     ("server_rsum", "server rsum"),
 ]
@@ -220,8 +224,24 @@ def aggregate(runs_by_variant: dict[str, list[dict]]) -> dict[str, dict]:
         reached = [rounds_to_reach(run["rounds"], local_final[run["seed"]]) for run in runs if run["seed"] in local_final]
         row["rounds_to_local_server"] = reached
         row["wall_seconds"] = _mean_std([run["wall_seconds"] for run in runs])
+        if name != "LOCAL" and local_final:
+            row["minus_local"] = paired_differences(runs, runs_by_variant["LOCAL"])
         table[name] = row
     return table
+
+
+def paired_differences(runs: list[dict], baseline: list[dict]) -> dict[str, dict]:
+    """Each column's final-round difference from the baseline's run of the same seed: mean and standard deviation
+    over the seeds both ran, and on how many of them the variant is ahead. A seed gives every method the same private
+    partitions, which move the numbers more than most methods do, so the paired difference is the comparison."""
+    base = {run["seed"]: run["rounds"][-1] for run in baseline}
+    pairs = [(run["rounds"][-1], base[run["seed"]]) for run in runs if run["seed"] in base]
+    differences = {}
+    for key, _ in COLUMNS:
+        values = [final[key] - other[key] for final, other in pairs if key in final and key in other]
+        if values:
+            differences[key] = {**_mean_std(values), "ahead": sum(value > 0 for value in values)}
+    return differences
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -249,6 +269,21 @@ def markdown_table(table: dict[str, dict]) -> str:
     bounds = next((row for row in table.values() if "not_run" not in row), {})
     notes = ", ".join(f"{label} {bounds[key]['mean']:.1f}" for key, label in BOUNDS if bounds.get(key))
     return "\n".join(lines) + (f"\n\nFull-test bounds (share of test samples in the classes a device holds, mean over devices): {notes}." if notes else "")
+
+
+def difference_table(table: dict[str, dict]) -> str:
+    """Each variant minus LOCAL on the same seed: mean ± std over seeds (seeds ahead / seeds)."""
+    header = ["method − LOCAL"] + [label for _, label in COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, row in table.items():
+        if "minus_local" not in row:
+            continue
+        cells = [name]
+        for key, _ in COLUMNS:
+            stats = row["minus_local"].get(key)
+            cells.append(f"{stats['mean']:+.2f} ± {stats['std']:.2f} ({stats['ahead']}/{stats['n']})" if stats else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _cell(stats: dict | None) -> str:
@@ -291,8 +326,8 @@ def main(
     with federation_progress(len(seed_list) * len(chosen)) as advance:
         for seed in seed_list:
             for name in chosen:
-                run_dir = (out / setting / ("paper" if paper else "") / f"seed{seed}"
-                           / name.replace(" ", "_").replace("/", "").replace("+", "plus"))
+                # One folder per variant and seed, whichever table asks: the paper's table reads LOCAL's and FedAFD's too.
+                run_dir = out / setting / f"seed{seed}" / name.replace(" ", "_").replace("/", "").replace("+", "plus")
                 advance(f"{name}, seed {seed}")
                 variant = KNOWN_VARIANTS[name]  # a variant is what it says, whatever -c sets for every run
                 run_settings = {**SETTINGS[setting], **variant, **{k: v for k, v in extra.items() if k not in variant},
@@ -315,7 +350,10 @@ def main(
                 + "\n\nFinal-round means over the devices of a kind, then mean ± standard deviation over seeds (top-1 %, "
                   "R@1 %); pers. = personalised (weighted to each device's own label distribution); server R@1 sum = "
                   "i2t R@1 + t2i R@1 on the 374 held-out emoji, rsum = R@1+R@5+R@10 both ways.\n\n"
-                + markdown_table(table) + "\n")
+                + markdown_table(table)
+                + "\n\nPaired by seed (a seed gives every method the same private partitions), "
+                  "then mean ± standard deviation over seeds, and (seeds ahead of LOCAL / seeds):\n\n"
+                + difference_table(table) + "\n")
     (out / f"RESULTS-{tag}.md").write_text(markdown)
     typer.echo(json.dumps(report, indent=2) if fmt == "json" else markdown)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedafd.benchmarks.accuracy import aggregate, markdown_table, rounds_to_reach
+from fedafd.benchmarks.accuracy import aggregate, difference_table, markdown_table, rounds_to_reach
 
 
 def _run(seed: int, server: list[float], image_pers: float) -> dict:
@@ -16,16 +16,31 @@ def _run(seed: int, server: list[float], image_pers: float) -> dict:
 
 def test_aggregate_means_spreads_and_rounds_to_locals_final_of_the_same_seed() -> None:
     runs = {"LOCAL": [_run(0, [10, 20, 30], 70.0), _run(1, [10, 20, 40], 80.0)],
-            "FedAFD": [_run(0, [25, 35, 36], 74.0), _run(1, [10, 30, 35], 84.0)]}
+            "FedAFD": [_run(0, [25, 35, 36], 74.0), _run(1, [10, 30, 35], 79.0)]}
     table = aggregate(runs)
-    assert table["FedAFD"]["image_pers_top1"] == {"mean": 79.0, "std": pytest.approx(7.0711, abs=1e-4), "n": 2}
+    assert table["FedAFD"]["image_pers_top1"] == {"mean": 76.5, "std": pytest.approx(3.5355, abs=1e-4), "n": 2}
     # Seed 0: LOCAL ends at 30, FedAFD reaches it in round 2; seed 1: LOCAL ends at 40, FedAFD never does.
     assert table["FedAFD"]["rounds_to_local_server"] == [2, None]
     assert table["LOCAL"]["rounds_to_local_server"] == [3, 3]
     assert table["LOCAL"]["wall_seconds"]["mean"] == 15.0
     lines = markdown_table(table).splitlines()
-    assert lines[3].startswith("| FedAFD |") and "79.00 ± 7.07" in lines[3] and "2, not reached" in lines[3]
+    assert lines[3].startswith("| FedAFD |") and "76.50 ± 3.54" in lines[3] and "2, not reached" in lines[3]
     assert "2.00 MB / 500.0 kB" in lines[3]
+
+
+def test_differences_from_local_are_paired_by_seed_with_the_seeds_ahead() -> None:
+    # FedAFD - LOCAL, seed by seed: image 74 - 70 = +4 and 79 - 80 = -1; server 36 - 30 = +6 and 35 - 40 = -5.
+    # Seed 2 has no LOCAL run to pair with, so it counts in FedAFD's mean but not in its differences.
+    runs = {"LOCAL": [_run(0, [10, 20, 30], 70.0), _run(1, [10, 20, 40], 80.0)],
+            "FedAFD": [_run(0, [25, 35, 36], 74.0), _run(1, [10, 30, 35], 79.0), _run(2, [50], 99.0)]}
+    table = aggregate(runs)
+    minus_local = table["FedAFD"]["minus_local"]
+    assert minus_local["image_pers_top1"] == {"mean": 1.5, "std": pytest.approx(3.5355, abs=1e-4), "n": 2, "ahead": 1}
+    assert minus_local["server_r1_sum"] == {"mean": 0.5, "std": pytest.approx(7.7782, abs=1e-4), "n": 2, "ahead": 1}
+    assert "minus_local" not in table["LOCAL"] and "image_top1" not in minus_local  # not measured: no cell
+    lines = difference_table(table).splitlines()
+    assert len(lines) == 3 and lines[2].startswith("| FedAFD |")
+    assert "+1.50 ± 3.54 (1/2)" in lines[2] and "+0.50 ± 7.78 (1/2)" in lines[2] and "| - |" in lines[2]
 
 
 def test_rounds_to_reach_is_one_based_and_none_when_never() -> None:
@@ -89,10 +104,11 @@ def test_a_variants_own_settings_win_over_the_settings_given_for_every_run(tmp_p
     from fedafd.benchmarks import accuracy
 
     # Prepare: capture the settings each federation would run with instead of running it.
-    ran = {}
+    ran, folders = {}, {}
 
     def fake_run(name, overrides, run_dir, engine="simulate", fleet=accuracy.FLEET):
         ran[name] = overrides
+        folders.setdefault(name, []).append(run_dir)
         return {"name": name, "overrides": overrides, "wall_seconds": 1.0, "run_dir": str(run_dir),
                 "rounds": [{"round": 0, "server_r1_sum": 40.0, "up_bytes_per_client": 0.0,
                             "down_bytes_per_client": 0.0}]}
@@ -104,3 +120,7 @@ def test_a_variants_own_settings_win_over_the_settings_given_for_every_run(tmp_p
     # Assert: LOCAL takes -c's regime, LOCAL + backbone keeps its own; -c's other keys reach both.
     assert ran["LOCAL"]["device_regime"] == "paper" and ran["LOCAL + backbone"]["device_regime"] == "adapters"
     assert ran["LOCAL"]["alpha"] == ran["LOCAL + backbone"]["alpha"] == "0.5"
+    # The paper's table runs its LOCAL in the same folder: one federation, read by both tables.
+    accuracy.main(quick=True, seeds="0", out=tmp_path, variants="paper", overrides=["device_regime=paper"],
+                  fmt="json", engine="simulate")
+    assert folders["LOCAL"] == [tmp_path / "quick/seed0/LOCAL"] * 2 and folders["FedAFD"] == [tmp_path / "quick/seed0/FedAFD"]
