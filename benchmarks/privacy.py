@@ -115,6 +115,7 @@ def real_devices(run_dir: Path, probe: torch.Tensor) -> list[Device]:
     for folder in sorted((run_dir / "clients").iterdir()):
         values = json.loads((folder / "config.json").read_text())
         values.setdefault("head", "linear")  # states saved before the cosine head had the paper's linear one
+        values.setdefault("fusion_lr", 0.0)  # and before GFF's own rate, one Adam group
         config = build_config(ClientConfig, values)
         if config.kind == "multimodal":
             continue
@@ -124,7 +125,8 @@ def real_devices(run_dir: Path, probe: torch.Tensor) -> list[Device]:
         meta = json.loads((folder / "client_state.json").read_text())
         model = LocalModel(config.kind, config.image_arch, config.text_arch, meta["feature_dim"], private.num_classes,
                            config.adapter_dropout, config.head, config.head_scale, "layer" if config.dp else "batch")
-        state = ClientState(model, Optimizers.create(model, config.lr, config.disc_lr), GlobalTowers(meta["feature_dim"], CPU))
+        optimizers = Optimizers.create(model, config.lr, config.disc_lr, config.fusion_lr)  # as the device saved them
+        state = ClientState(model, optimizers, GlobalTowers(meta["feature_dim"], CPU))
         load_state(folder, state, {})
         public = load_public_data("train", modality_backbones(MODALITIES))
         (modality,) = modalities

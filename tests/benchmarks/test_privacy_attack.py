@@ -54,3 +54,34 @@ def test_held_out_shadows_are_predicted_when_the_fingerprint_reveals_the_class_a
     revealing[:, 0] += 3.0 * holds[:, 0]
     assert cross_validated_auc(revealing, holds) > 0.9
     assert abs(cross_validated_auc(noise, holds) - 0.5) < 0.2
+
+
+@pytest.mark.parametrize("saved_fusion_lr", [3e-2, None])
+def test_real_devices_reads_back_a_device_as_it_was_saved_with_or_before_gffs_own_rate(tmp_path, saved_fusion_lr) -> None:
+    import json
+
+    from fedafd.benchmarks.privacy import PROBE_ROWS, probe_rows, real_devices
+    from fedafd.edge_client.model import GlobalTowers, LocalModel
+    from fedafd.edge_client.state import STATE_CONFIG_FILE, ClientState, save_state
+    from fedafd.edge_client.training import Optimizers
+    from fedafd.runtime.config import ClientConfig, config_to_dict
+
+    # Prepare: a small image device of a finished run, its optimiser with GFF's own Adam group (today's default),
+    # or a state and config.json from before fusion_lr existed (one group, no key in the file).
+    config = ClientConfig(kind="image", client_id="image-0", image_arch="cnn_small", text_arch="gru", max_private=32,
+                          max_test=32, num_partitions=3)
+    folder = tmp_path / "clients" / "image-0"
+    folder.mkdir(parents=True)
+    model = LocalModel("image", "cnn_small", "gru", 32, 10, head=config.head)
+    optimizers = Optimizers.create(model, config.lr, config.disc_lr, saved_fusion_lr or 0.0)
+    save_state(folder, ClientState(model, optimizers, GlobalTowers(32, torch.device("cpu")), last_round=2),
+               {"client_id": "image-0", "feature_dim": 32})
+    values = config_to_dict(config)
+    if saved_fusion_lr is None:
+        del values["fusion_lr"]
+    (folder / STATE_CONFIG_FILE).write_text(json.dumps(values))
+    # Execute
+    (device,) = real_devices(tmp_path, probe_rows(1496))
+    # Assert: the device is read back (an optimiser of the other shape is refused by load_state) with its last upload
+    assert device.kind == "image" and device.arch == "cnn_small"
+    assert device.fingerprint.shape == (PROBE_ROWS * (PROBE_ROWS - 1) // 2,)
