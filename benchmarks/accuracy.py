@@ -36,7 +36,8 @@ FLEET = "image=3,text=3,multimodal=4"
 
 # Every device an adapter over the frozen backbone (instead of the fleet's mix with small nets).
 ALL_ADAPTERS = {"device_regime": "adapters"}
-# GFF's gates at the rate of the rest of the device (the paper's one Adam rate) instead of their own fusion_lr.
+# GFF's gates at the rate of the rest of the device (the paper's one Adam rate, and the default before
+# docs/learning.md H10) instead of their own fusion_lr.
 ONE_LR = {"client.fusion_lr": "0"}
 VARIANTS: dict[str, dict[str, str]] = {
     "LOCAL": {"strategy": "local"},
@@ -58,7 +59,6 @@ SENSITIVITY: dict[str, dict[str, str]] = {
     "FedAFD init from global": {"strategy": "fedafd", "local_init": "global"},
     "FedAFD distill lr 1e-4": {"strategy": "fedafd", "distill_lr": "1e-4"},
     "FedAFD distill lr 1e-3": {"strategy": "fedafd", "distill_lr": "1e-3"},
-    # GFF's gates at the paper's single learning rate (fusion_lr 0), the default before docs/learning.md H10.
     "FedAFD one lr": {"strategy": "fedafd", **ONE_LR},
     "FedAFD + backbone one lr": {"strategy": "fedafd", **ALL_ADAPTERS, **ONE_LR},
     "FedAFD with BAA one lr": {"strategy": "fedafd", "baa": "true", **ONE_LR},
