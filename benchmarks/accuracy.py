@@ -308,6 +308,9 @@ def main(
     fmt: Annotated[str, typer.Option("--format", help="text (a markdown table) or json (on stdout; progress on stderr)")] = "text",
     engine: Annotated[str, typer.Option(help="simulate (one process, deterministic; the default) or processes "
                                              "(serve --local: a process per device over ZeroMQ).")] = "simulate",
+    tag: Annotated[str, typer.Option(help="Names the tables written in --out (RESULTS-<tag>.md, results-<tag>.json), so "
+                                          "that two tables over the same runs keep their own files. Default: the "
+                                          "setting, with -paper for --variants paper.")] = "",
 ) -> None:
     if fmt not in ("text", "json"):
         raise typer.BadParameter(f"--format must be text or json, got {fmt!r}")
@@ -339,7 +342,7 @@ def main(
     if paper:  # the paper's row order, with its two rows this runtime cannot pin down
         order = ["LOCAL", "FedMD", "FedGEMS", "CreamFL", "FedET", "FedMKD", "FedDFA", "FedCMI", "FedAFD"]
         table = {name: table[name] if name in table else {"not_run": NOT_RUN[name]} for name in order}
-    tag = f"{setting}-paper" if paper else setting
+    tag = tag or (f"{setting}-paper" if paper else setting)
     report = {"setting": setting, "settings": {**SETTINGS[setting], **extra}, "fleet": FLEET, "seeds": seed_list,
               "engine": engine,
               "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},

@@ -100,7 +100,9 @@ def test_a_finished_federation_with_the_same_command_is_read_back_and_nothing_el
     assert len(launched) == 3
 
 
-def test_a_variants_own_settings_win_over_the_settings_given_for_every_run(tmp_path, monkeypatch) -> None:
+def test_a_variants_own_settings_win_and_every_table_reads_the_same_run_folders_into_files_of_its_own(tmp_path, monkeypatch) -> None:
+    import json
+
     from fedafd.benchmarks import accuracy
 
     # Prepare: capture the settings each federation would run with instead of running it.
@@ -124,3 +126,10 @@ def test_a_variants_own_settings_win_over_the_settings_given_for_every_run(tmp_p
     accuracy.main(quick=True, seeds="0", out=tmp_path, variants="paper", overrides=["device_regime=paper"],
                   fmt="json", engine="simulate")
     assert folders["LOCAL"] == [tmp_path / "quick/seed0/LOCAL"] * 2 and folders["FedAFD"] == [tmp_path / "quick/seed0/FedAFD"]
+    # Each table keeps its own files; --tag names another one over the same runs.
+    accuracy.main(quick=True, seeds="0", out=tmp_path, variants="LOCAL,FedAFD", fmt="json", engine="simulate", tag="two")
+    tables = {path.name: json.loads(path.read_text())["runs"].keys() for path in tmp_path.glob("results-*.json")}
+    assert tables == {"results-quick.json": {"LOCAL", "LOCAL + backbone"}, "results-two.json": {"LOCAL", "FedAFD"},
+                      "results-quick-paper.json": set(accuracy.PAPER)}
+    assert {path.name for path in tmp_path.glob("RESULTS-*.md")} == {"RESULTS-quick.md", "RESULTS-two.md",
+                                                                     "RESULTS-quick-paper.md"}
