@@ -281,7 +281,8 @@ def difference_table(table: dict[str, dict]) -> str:
         cells = [name]
         for key, _ in COLUMNS:
             stats = row["minus_local"].get(key)
-            cells.append(f"{stats['mean']:+.2f} ± {stats['std']:.2f} ({stats['ahead']}/{stats['n']})" if stats else "-")
+            spread = f" ± {stats['std']:.2f}" if stats and stats["n"] > 1 else ""
+            cells.append(f"{stats['mean']:+.2f}{spread} ({stats['ahead']}/{stats['n']})" if stats else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -41,6 +41,9 @@ def test_differences_from_local_are_paired_by_seed_with_the_seeds_ahead() -> Non
     lines = difference_table(table).splitlines()
     assert len(lines) == 3 and lines[2].startswith("| FedAFD |")
     assert "+1.50 ± 3.54 (1/2)" in lines[2] and "+0.50 ± 7.78 (1/2)" in lines[2] and "| - |" in lines[2]
+    # One seed has no spread to show.
+    single = difference_table(aggregate({name: seeds[:1] for name, seeds in runs.items()})).splitlines()[2]
+    assert "| +4.00 (1/1) |" in single and "±" not in single
 
 
 def test_rounds_to_reach_is_one_based_and_none_when_never() -> None:
