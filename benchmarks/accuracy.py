@@ -215,27 +215,28 @@ def rounds_to_reach(rounds: list[dict], target: float) -> int | None:
 def aggregate(runs_by_variant: dict[str, list[dict]]) -> dict[str, dict]:
     """Per variant: mean and standard deviation over seeds of every final-round number, rounds to reach
     LOCAL's final server R@1 sum of the same seed, bytes per device-round and wall time."""
-    local_final = {run["seed"]: run["rounds"][-1]["server_r1_sum"] for run in runs_by_variant.get("LOCAL", [])}
+    local_finals = {run["seed"]: run["rounds"][-1] for run in runs_by_variant.get("LOCAL", [])}
     table = {}
     for name, runs in runs_by_variant.items():
         finals = [run["rounds"][-1] for run in runs]
         keys = sorted(set().union(*finals))
         row = {key: _mean_std([final[key] for final in finals if key in final]) for key in keys}
-        reached = [rounds_to_reach(run["rounds"], local_final[run["seed"]]) for run in runs if run["seed"] in local_final]
+        reached = [rounds_to_reach(run["rounds"], local_finals[run["seed"]]["server_r1_sum"]) for run in runs
+                   if run["seed"] in local_finals]
         row["rounds_to_local_server"] = reached
         row["wall_seconds"] = _mean_std([run["wall_seconds"] for run in runs])
-        if name != "LOCAL" and local_final:
-            row["minus_local"] = paired_differences(runs, runs_by_variant["LOCAL"])
+        if name != "LOCAL" and local_finals:
+            row["minus_local"] = paired_differences(runs, local_finals)
         table[name] = row
     return table
 
 
-def paired_differences(runs: list[dict], baseline: list[dict]) -> dict[str, dict]:
-    """Each column's final-round difference from the baseline's run of the same seed: mean and standard deviation
-    over the seeds both ran, and on how many of them the variant is ahead. A seed gives every method the same private
-    partitions, which move the numbers more than most methods do, so the paired difference is the comparison."""
-    base = {run["seed"]: run["rounds"][-1] for run in baseline}
-    pairs = [(run["rounds"][-1], base[run["seed"]]) for run in runs if run["seed"] in base]
+def paired_differences(runs: list[dict], baseline_finals: dict[int, dict]) -> dict[str, dict]:
+    """Each column's final-round difference from the baseline's final round of the same seed (seed -> summary):
+    mean and standard deviation over the seeds both ran, and on how many of them the variant is ahead. A seed gives
+    every method the same private partitions, which move the numbers more than most methods do, so the paired
+    difference is the comparison."""
+    pairs = [(run["rounds"][-1], baseline_finals[run["seed"]]) for run in runs if run["seed"] in baseline_finals]
     differences = {}
     for key, _ in COLUMNS:
         values = [final[key] - other[key] for final, other in pairs if key in final and key in other]
@@ -281,16 +282,17 @@ def difference_table(table: dict[str, dict]) -> str:
         cells = [name]
         for key, _ in COLUMNS:
             stats = row["minus_local"].get(key)
-            spread = f" ± {stats['std']:.2f}" if stats and stats["n"] > 1 else ""
-            cells.append(f"{stats['mean']:+.2f}{spread} ({stats['ahead']}/{stats['n']})" if stats else "-")
+            cells.append(f"{_cell(stats, sign='+')} ({stats['ahead']}/{stats['n']})" if stats else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _cell(stats: dict | None) -> str:
+def _cell(stats: dict | None, sign: str = "") -> str:
+    """mean ± std over seeds, the mean alone for one seed; sign "+" writes a difference's sign."""
     if not stats:
         return "-"
-    return f"{stats['mean']:.2f} ± {stats['std']:.2f}" if stats["n"] > 1 else f"{stats['mean']:.2f}"
+    mean = format(stats["mean"], f"{sign}.2f")
+    return f"{mean} ± {stats['std']:.2f}" if stats["n"] > 1 else mean
 
 
 def _bytes(value: float | None) -> str:
