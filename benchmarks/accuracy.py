@@ -124,15 +124,18 @@ def federation_command(engine: str, overrides: dict[str, str], run_dir: Path, fl
 
 
 def run_variant(name: str, overrides: dict[str, str], run_dir: Path, engine: str = "simulate",
-                fleet: str = FLEET) -> dict:
+                fleet: str = FLEET, launch: bool = True) -> dict | None:
     """One federation; its per-round summaries and wall time. Its own output goes to RUN_DIR/log.txt.
 
     A run folder that already holds this exact command's finished federation (all its rounds in metrics.jsonl) is
-    read back instead of run again, so an interrupted benchmark resumes where it stopped."""
+    read back instead of run again, so an interrupted benchmark resumes where it stopped. With launch=False a
+    federation that has not finished is not started either: None."""
     command = federation_command(engine, overrides, run_dir, fleet)
     command_line = " ".join(command[2:])
     defaults = config_defaults()
     finished = finished_run(run_dir, command_line, int(overrides.get("rounds", 0)), defaults)
+    if finished is None and not launch:
+        return None
     if finished is None:
         if run_dir.exists():  # an unfinished or different federation: start afresh (its device states would refuse it)
             shutil.rmtree(run_dir)
@@ -314,6 +317,9 @@ def main(
     tag: Annotated[str, typer.Option(help="Names the tables written in --out (RESULTS-<tag>.md, results-<tag>.json), so "
                                           "that two tables over the same runs keep their own files. Default: the "
                                           "setting, with -paper for --variants paper.")] = "",
+    finished_only: Annotated[bool, typer.Option("--finished-only", help="Run nothing: the tables of the federations "
+                                                "that have finished (under today's defaults), the rest listed as not "
+                                                "finished; for a campaign still under way.")] = False,
 ) -> None:
     if fmt not in ("text", "json"):
         raise typer.BadParameter(f"--format must be text or json, got {fmt!r}")
@@ -329,6 +335,7 @@ def main(
     extra = dict(item.split("=", 1) for item in overrides)
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {name: [] for name in chosen}
+    not_finished: dict[str, list[int]] = {}
     with federation_progress(len(seed_list) * len(chosen)) as advance:
         for seed in seed_list:
             for name in chosen:
@@ -338,18 +345,22 @@ def main(
                 variant = KNOWN_VARIANTS[name]  # a variant is what it says, whatever -c sets for every run
                 run_settings = {**SETTINGS[setting], **variant, **{k: v for k, v in extra.items() if k not in variant},
                                 "seed": str(seed)}
-                result = run_variant(name, run_settings, run_dir, engine)
+                result = run_variant(name, run_settings, run_dir, engine, launch=not finished_only)
+                if result is None:
+                    not_finished.setdefault(name, []).append(seed)
+                    continue
                 runs[name].append(dict(result, seed=seed))
         advance("done")
-    table = aggregate(runs)
-    if paper:  # the paper's row order, with its two rows this runtime cannot pin down
-        order = ["LOCAL", "FedMD", "FedGEMS", "CreamFL", "FedET", "FedMKD", "FedDFA", "FedCMI", "FedAFD"]
-        table = {name: table[name] if name in table else {"not_run": NOT_RUN[name]} for name in order}
+    not_finished = {name: not_finished[name] for name in chosen if name in not_finished}  # in the table's order
+    table = aggregate({name: seeds for name, seeds in runs.items() if seeds})
+    # The paper's row order, with its two rows this runtime cannot pin down.
+    order = ["LOCAL", "FedMD", "FedGEMS", "CreamFL", "FedET", "FedMKD", "FedDFA", "FedCMI", "FedAFD"] if paper else chosen
+    table = {name: table.get(name) or {"not_run": NOT_RUN.get(name, "not finished on any seed")} for name in order}
     tag = tag or (f"{setting}-paper" if paper else setting)
     report = {"setting": setting, "settings": {**SETTINGS[setting], **extra}, "fleet": FLEET, "seeds": seed_list,
               "engine": engine,
               "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
-              "table": table, "runs": runs}
+              "table": table, "runs": runs, "not_finished": not_finished}
     (out / f"results-{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = (f"Setting `{setting}`: {FLEET}, seeds {seeds}, "
                 + ", ".join(f"{k}={v}" for k, v in {**SETTINGS[setting], **extra}.items())
@@ -359,7 +370,12 @@ def main(
                 + markdown_table(table)
                 + "\n\nPaired by seed (a seed gives every method the same private partitions), "
                   "then mean ± standard deviation over seeds, and (seeds ahead of LOCAL / seeds):\n\n"
-                + difference_table(table) + "\n")
+                + difference_table(table) + "\n"
+                + ("\nNot finished, left out (--finished-only): "
+                   + "; ".join(f"{name} seed{'s' if len(left) > 1 else ''} {', '.join(map(str, left))}"
+                               for name, left in not_finished.items())
+                   + ". A method's means are over the seeds it finished; its differences pair each with LOCAL's.\n"
+                   if not_finished else ""))
     (out / f"RESULTS-{tag}.md").write_text(markdown)
     typer.echo(json.dumps(report, indent=2) if fmt == "json" else markdown)
 

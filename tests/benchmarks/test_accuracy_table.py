@@ -111,7 +111,7 @@ def test_a_variants_own_settings_win_and_every_table_reads_the_same_run_folders_
     # Prepare: capture the settings each federation would run with instead of running it.
     ran, folders = {}, {}
 
-    def fake_run(name, overrides, run_dir, engine="simulate", fleet=accuracy.FLEET):
+    def fake_run(name, overrides, run_dir, engine="simulate", fleet=accuracy.FLEET, launch=True):
         ran[name] = overrides
         folders.setdefault(name, []).append(run_dir)
         return {"name": name, "overrides": overrides, "wall_seconds": 1.0, "run_dir": str(run_dir),
@@ -136,3 +136,49 @@ def test_a_variants_own_settings_win_and_every_table_reads_the_same_run_folders_
                       "results-quick-paper.json": set(accuracy.PAPER)}
     assert {path.name for path in tmp_path.glob("RESULTS-*.md")} == {"RESULTS-quick.md", "RESULTS-two.md",
                                                                      "RESULTS-quick-paper.md"}
+
+
+def test_finished_only_tables_the_finished_federations_and_launches_or_deletes_nothing(tmp_path, monkeypatch) -> None:
+    import json
+    import subprocess
+
+    from fedafd.benchmarks import accuracy
+
+    # Prepare: LOCAL finished on seeds 0 and 1, FedMD on seed 0 only (seed 1 cut short: a folder without done.json),
+    # CreamFL on neither. FedMD - LOCAL on seed 0: image pers. 74 - 70 = +4.
+    finished = {("LOCAL", 0): 70.0, ("LOCAL", 1): 80.0, ("FedMD", 0): 74.0}
+
+    def fake_finished(run_dir, command_line, rounds, defaults):
+        seed, name = int(run_dir.parent.name[4:]), run_dir.name
+        if (name, seed) not in finished:
+            return None
+        return [{"round": 1, "server_r1_sum": 40.0, "image_pers_top1": finished[name, seed]}], 5.0
+
+    monkeypatch.setattr(accuracy, "finished_run", fake_finished)
+    monkeypatch.setattr(accuracy, "summarize_round", lambda record: record)
+    launched, real_run = [], subprocess.run  # platform.processor() runs a command of its own
+
+    def run(command, **kw):
+        if "fedafd.simulation.cli" in command:
+            launched.append(command)
+            return subprocess.CompletedProcess(command, 1)
+        return real_run(command, **kw)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    cut_short = tmp_path / "quick/seed1/FedMD"
+    cut_short.mkdir(parents=True)
+    (cut_short / "metrics.jsonl").write_text("{}\n")
+    # Execute
+    accuracy.main(quick=True, seeds="0,1", out=tmp_path, variants="LOCAL,FedMD,CreamFL", fmt="json",
+                  engine="simulate", tag="so-far", finished_only=True)
+    # Assert: nothing ran and nothing was deleted; each method's seeds are the ones it finished, and the rest are named.
+    assert not launched and (cut_short / "metrics.jsonl").exists()
+    report = json.loads((tmp_path / "results-so-far.json").read_text())
+    assert list(report["not_finished"].items()) == [("FedMD", [1]), ("CreamFL", [0, 1])]
+    assert [run["seed"] for run in report["runs"]["FedMD"]] == [0] and report["runs"]["CreamFL"] == []
+    assert report["table"]["FedMD"]["minus_local"]["image_pers_top1"] == {"mean": 4.0, "std": 0.0, "n": 1, "ahead": 1}
+    assert report["table"]["LOCAL"]["image_pers_top1"]["mean"] == 75.0
+    assert report["table"]["CreamFL"] == {"not_run": "not finished on any seed"}
+    markdown = (tmp_path / "RESULTS-so-far.md").read_text()
+    assert "| CreamFL | - |" in markdown and "not finished on any seed |" in markdown
+    assert "Not finished, left out (--finished-only): FedMD seed 1; CreamFL seeds 0, 1." in markdown
