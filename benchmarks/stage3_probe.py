@@ -113,7 +113,7 @@ def probe(run_dir: Path, temperatures: list[float], targets: list[str]) -> dict:
     return result
 
 
-def main(runs: Annotated[list[Path], typer.Argument(help="simulate run folders of FedAFD federations")],
+def main(runs: Annotated[list[Path], typer.Argument(help="simulate run folders of FedAFD federations (a LOCAL one scores its devices' own features, which LOCAL never sends)")],
          temperatures: Annotated[str, typer.Option(help="comma-separated SED temperatures")] = "1,0.3,0.1,0.03,0.01",
          targets: Annotated[str, typer.Option(help="stage-3 targets, each as TARGET or TARGET@DISTILL_LR")] = "features,relations",
          out: Annotated[Path | None, typer.Option(help="write the JSON here too")] = None) -> None:
