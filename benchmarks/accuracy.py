@@ -5,6 +5,7 @@ federation, over several seeds.
     python -m fedafd.benchmarks.accuracy --seeds 0                   # the paper's protocol: 40 rounds x 5 local epochs
     python -m fedafd.benchmarks.accuracy --quick --format json > results.json   # JSON on stdout, progress on stderr
     python -m fedafd.benchmarks.accuracy --quick --variants paper --seeds 0,1,2 # the paper's comparison table
+    python -m fedafd.benchmarks.accuracy --quick --variants paper --seeds 0,1,2 --finished-only  # its table so far
 
 The paper's client mix (3 image, 3 text, 4 multimodal devices; Dirichlet alpha 0.1) runs once per
 variant and seed through `fedafd-cloud simulate` (--engine simulate, the default: one process, the same
