@@ -353,7 +353,7 @@ def main(
                 runs[name].append(dict(result, seed=seed))
         advance("done")
     not_finished = {name: not_finished[name] for name in chosen if name in not_finished}  # in the table's order
-    table = aggregate({name: seeds for name, seeds in runs.items() if seeds})
+    table = aggregate({name: finished for name, finished in runs.items() if finished})
     # The paper's row order, with its two rows this runtime cannot pin down.
     order = ["LOCAL", "FedMD", "FedGEMS", "CreamFL", "FedET", "FedMKD", "FedDFA", "FedCMI", "FedAFD"] if paper else chosen
     table = {name: table.get(name) or {"not_run": NOT_RUN.get(name, "not finished on any seed")} for name in order}
