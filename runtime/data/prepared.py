@@ -45,8 +45,10 @@ class ImageClassData:
     labels: np.ndarray
     """int64 (N,), indices into class_names."""
     class_names: tuple[str, ...]
+    natural_ids: tuple[str, ...] = ()
+    """Each row's natural id (the data config's natural_id_column) for the `natural` partitioner; () if none."""
 
-    ROWS: ClassVar[tuple[str, ...]] = ("images", "labels")
+    ROWS: ClassVar[tuple[str, ...]] = ("images", "labels", "natural_ids")
 
     def __post_init__(self) -> None:
         _check_rows(self)
@@ -68,8 +70,9 @@ class TextClassData:
     class_names: tuple[str, ...]
     texts: tuple[str, ...]
     """The untokenized texts, row by row."""
+    natural_ids: tuple[str, ...] = ()
 
-    ROWS: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "labels", "texts")
+    ROWS: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "labels", "texts", "natural_ids")
 
     def __post_init__(self) -> None:
         _check_rows(self)
@@ -92,10 +95,17 @@ class PairData:
     groups: np.ndarray
     """int64 (N,), indices into group_names (emoji group, Tux Paint category folder)."""
     group_names: tuple[str, ...]
+    image_ids: np.ndarray | None = None
+    """int64 (N,): rows with one id show one picture (each of its captions is a row; COCO and Flickr30k have
+    five). None: every row its own picture (0..N-1)."""
+    natural_ids: tuple[str, ...] = ()
 
-    ROWS: ClassVar[tuple[str, ...]] = ("images", "input_ids", "attention_mask", "captions", "groups")
+    ROWS: ClassVar[tuple[str, ...]] = ("images", "input_ids", "attention_mask", "captions", "groups", "image_ids",
+                                       "natural_ids")
 
     def __post_init__(self) -> None:
+        if self.image_ids is None:
+            object.__setattr__(self, "image_ids", np.arange(len(self.groups), dtype=np.int64))
         _check_rows(self)
 
     def __len__(self) -> int:
@@ -105,8 +115,13 @@ class PairData:
 Data = TypeVar("Data", ImageClassData, TextClassData, PairData)
 
 
+OPTIONAL_ROWS = ("natural_ids",)
+"""Row fields that may be empty (the data set has none)."""
+
+
 def _check_rows(data: ImageClassData | TextClassData | PairData) -> None:
-    lengths = {name: len(getattr(data, name)) for name in data.ROWS}
+    lengths = {name: len(getattr(data, name)) for name in data.ROWS
+               if not (name in OPTIONAL_ROWS and len(getattr(data, name)) == 0)}
     if len(set(lengths.values())) > 1:
         raise ValueError(f"{type(data).__name__}: fields have different numbers of rows: {lengths}")
 
@@ -120,8 +135,35 @@ def subset(data: Data, indices: np.ndarray) -> Data:
     changes = {}
     for name in data.ROWS:
         value = getattr(data, name)
+        if name in OPTIONAL_ROWS and len(value) == 0:
+            continue
         changes[name] = tuple(value[i] for i in indices) if isinstance(value, tuple) else value[indices]
     return dataclasses.replace(data, **changes)
+
+
+def concat(parts: list[Data]) -> Data:
+    """The rows of every part in order (one class; class or group names must agree). Pairs' image ids are
+    offset so that each part's pictures stay apart."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    names = "group_names" if isinstance(first, PairData) else "class_names"
+    for part in parts[1:]:
+        if type(part) is not type(first) or getattr(part, names) != getattr(first, names):
+            raise ValueError(f"cannot concatenate {type(part).__name__} with other {names} to {type(first).__name__}")
+    changes = {}
+    for name in first.ROWS:
+        values = [getattr(p, name) for p in parts]
+        if name in OPTIONAL_ROWS and any(len(v) == 0 for v in values):
+            changes[name] = ()
+        elif name == "image_ids":
+            offsets = np.cumsum([0] + [int(v.max()) + 1 if len(v) else 0 for v in values[:-1]])
+            changes[name] = np.concatenate([v + o for v, o in zip(values, offsets)])
+        elif isinstance(values[0], tuple):
+            changes[name] = tuple(x for v in values for x in v)
+        else:
+            changes[name] = np.concatenate(values)
+    return dataclasses.replace(first, **changes)
 
 
 def prepared_path(name: str, split: str) -> Path:
@@ -133,10 +175,13 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
-def _write(path: Path, data: ImageClassData | TextClassData | PairData) -> None:
+def write_prepared(path: Path, data: ImageClassData | TextClassData | PairData) -> None:
+    """`data` as one .npz at `path`, atomically, without pickle (strings as fixed-width unicode)."""
     arrays = {}
     for field in dataclasses.fields(data):
         value = getattr(data, field.name)
+        if value is None:
+            continue
         if isinstance(value, tuple):  # strings: fixed-width unicode, never object arrays
             value = np.array(value, dtype=str) if value else np.zeros(0, dtype="<U1")
         arrays[field.name] = value
@@ -152,7 +197,7 @@ def _write(path: Path, data: ImageClassData | TextClassData | PairData) -> None:
         raise
 
 
-def _read(path: Path, cls: type[Data]) -> Data | None:
+def read_prepared(path: Path, cls: type[Data]) -> Data | None:
     """The cached data, or None when the file is absent or unreadable (then it is built again)."""
     if not path.exists():
         return None
@@ -160,6 +205,8 @@ def _read(path: Path, cls: type[Data]) -> Data | None:
         with np.load(path, allow_pickle=False) as stored:
             values = {}
             for field in dataclasses.fields(cls):
+                if field.name not in stored.files and field.default is not dataclasses.MISSING:
+                    continue  # an optional field written by an older build: its default
                 array = stored[field.name]
                 values[field.name] = tuple(array.tolist()) if array.dtype.kind == "U" else array
         return cls(**values)
@@ -195,16 +242,16 @@ def load_prepared(name: str, split: str, cls: type[Data], build: Callable[[], di
     """Data set `name`'s `split` from its prepared file, or `build()` (every split) under a lock and cached."""
     _check_split(split)
     path = prepared_path(name, split)
-    data = _read(path, cls)
+    data = read_prepared(path, cls)
     if data is not None:
         return data
     with _build_lock(name):
-        data = _read(path, cls)  # prepared by another process while this one waited
+        data = read_prepared(path, cls)  # prepared by another process while this one waited
         if data is not None:
             return data
         built = build()
         for s, d in built.items():
-            _write(prepared_path(name, s), d)
+            write_prepared(prepared_path(name, s), d)
     return built[split]
 
 

@@ -1,0 +1,1 @@
+"""Users' own data: readers for the formats the field uses, the data config, and the registry that picks one."""
