@@ -18,7 +18,7 @@ from fedafd.cloud_server.distributed import ONE_PROCESS, Ranks
 from fedafd.runtime.losses import DISTILL_TARGETS
 from fedafd.runtime.data.modal import RAW, ModalData
 from fedafd.runtime.models import ADAPTER_DROPOUT, build_encoder, encode_all, encode_rows, input_view
-from fedafd.runtime.retrieval import retrieval_metrics
+from fedafd.runtime.retrieval import pair_retrieval_metrics
 from fedafd.runtime.torch_utils import batch_indices
 
 
@@ -112,8 +112,8 @@ def distill_epoch(model: GlobalModel, optimizer: torch.optim.Optimizer, public: 
 @torch.no_grad()
 def evaluate_retrieval(model: GlobalModel, test: ModalData, device: torch.device,
                        ranks: Ranks = ONE_PROCESS) -> dict[str, float]:
-    """Server retrieval on the held-out public split (row i's image matches row i's caption); rank 0 alone
-    computes the metrics (the others return {})."""
+    """Server retrieval on its test pairs (rows of one picture share its image id: one candidate per picture,
+    one query per caption); rank 0 alone computes the metrics (the others return {})."""
     image = extract_features(model.encoders["image"], test, "image", device, ranks=ranks)
     text = extract_features(model.encoders["text"], test, "text", device, ranks=ranks)
-    return retrieval_metrics(image, text, torch.arange(len(test))) if ranks.is_main else {}
+    return pair_retrieval_metrics(image, text, test.image_ids) if ranks.is_main else {}

@@ -20,7 +20,7 @@ from fedafd.runtime.data.modal import ModalData
 from fedafd.runtime.losses import info_nce
 from fedafd.runtime.models import encode_all
 from fedafd.runtime.methods import MethodSettings
-from fedafd.runtime.retrieval import held_rows, personalised_accuracy, retrieval_metrics
+from fedafd.runtime.retrieval import held_rows, pair_retrieval_metrics, personalised_accuracy
 from fedafd.runtime.torch_utils import batch_indices, round_seed, seeded_generator
 
 
@@ -299,9 +299,10 @@ def evaluate(model: LocalModel, towers: GlobalTowers, test: ModalData, use_fusio
             with diagnostics.timing():
                 diagnostics.put("logit_norm", logit_norm(logits))
         return personalised_accuracy(logits.argmax(dim=1), labels, train_labels, model.head.out_features)
-    metrics = retrieval_metrics(outputs["image"], outputs["text"], torch.arange(len(test)))
+    metrics = pair_retrieval_metrics(outputs["image"], outputs["text"], test.image_ids)
     held = held_rows(labels, train_labels)
     if len(held):
-        personal = retrieval_metrics(outputs["image"][held], outputs["text"][held], torch.arange(len(held)))
+        held_ids = None if test.image_ids is None else test.image_ids[held.cpu().numpy()]
+        personal = pair_retrieval_metrics(outputs["image"][held], outputs["text"][held], held_ids)
         metrics.update({f"pers_{key}": value for key, value in personal.items()})
     return metrics

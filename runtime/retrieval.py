@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["retrieval_metrics", "top1_accuracy", "personalised_accuracy", "held_rows", "RECALL_KS"]
+__all__ = ["retrieval_metrics", "pair_retrieval_metrics", "top1_accuracy", "personalised_accuracy", "held_rows",
+           "RECALL_KS"]
 
 RECALL_KS = (1, 5, 10)
 
@@ -89,6 +90,25 @@ def retrieval_metrics(
     out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS)
     out["r1_sum"] = out["i2t_r1"] + out["t2i_r1"]
     return out
+
+
+@torch.no_grad()
+def pair_retrieval_metrics(image_features: Tensor, text_features: Tensor, image_ids: Sequence[int] | Tensor | None
+                           ) -> dict[str, float]:
+    """retrieval_metrics over rows of image-caption pairs, where rows with one image id show one picture (one row
+    per caption; COCO and Flickr30k have five): each picture is one candidate and one image->text query (a hit
+    when any of its captions ranks in the top k), each caption one text->image query. image_features,
+    text_features: (N, d) per row; image_ids: (N,), None when every row is its own picture."""
+    n = image_features.shape[0]
+    if image_ids is None:
+        return retrieval_metrics(image_features, text_features, torch.arange(n))
+    ids = torch.as_tensor(image_ids, dtype=torch.long).reshape(-1)
+    if ids.numel() != n:
+        raise ValueError(f"image_ids has {ids.numel()} entries for {n} rows")
+    unique, text_to_image = torch.unique(ids, return_inverse=True)  # (P,), (N,)
+    first_row = torch.full((len(unique),), n, dtype=torch.long).scatter_reduce(
+        0, text_to_image, torch.arange(n), reduce="amin")  # (P,): each picture's first row
+    return retrieval_metrics(image_features[first_row.to(image_features.device)], text_features, text_to_image)
 
 
 @torch.no_grad()

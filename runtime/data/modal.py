@@ -30,11 +30,13 @@ def from_text_classes(data: TextClassData) -> ModalData:
 
 
 def from_pairs(data: PairData) -> ModalData:
-    """Row i's image and caption are a matched pair; `labels` carries the category for partitioning."""
+    """Row i's image and caption are a matched pair (rows of one picture share its image id); `labels`
+    carries the category for partitioning."""
     return ModalData(
         {"image": (data.images,), "text": (data.input_ids, data.attention_mask)},
         data.groups,
         tuple(data.group_names),
+        image_ids=data.image_ids,
     )
 
 
@@ -48,7 +50,8 @@ on a 2-core CPU), and an edge device holds a few hundred samples anyway."""
 def read_only(data: ModalData) -> ModalData:
     """`data` with every array marked read-only: loaded once per process and shared by whoever asks (the
     server and every device of a simulation), so none of them may write into it."""
-    for array in [*(a for arrays in data.inputs.values() for a in arrays), *data.features.values(), data.labels]:
+    for array in [*(a for arrays in data.inputs.values() for a in arrays), *data.features.values(), data.labels,
+                  data.image_ids]:
         if array is not None:
             array.setflags(write=False)
     return data
@@ -100,7 +103,7 @@ def with_backbone_features(data: ModalData, dataset: str, backbones: tuple[str, 
     features = dict(data.features)
     for name in backbones:
         features[name] = backbone_features(name, dataset, data)
-    return ModalData(data.inputs, data.labels, data.class_names, features)
+    return ModalData(data.inputs, data.labels, data.class_names, features, data.image_ids)
 
 
 # --- every cache the federation uses -----------------------------------------------------------

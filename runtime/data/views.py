@@ -16,12 +16,14 @@ RAW = "raw"
 @dataclass(frozen=True)
 class ModalData:
     """inputs['image'] = (images uint8 (N,3,32,32),); inputs['text'] = (input_ids, attention_mask) int64 (N,L).
-    features[backbone] = float32 (N, D): the frozen backbone's cached features of the same rows."""
+    features[backbone] = float32 (N, D): the frozen backbone's cached features of the same rows.
+    image_ids: image-text pairs only, int64 (N,): rows with one id show one picture (one row per caption)."""
 
     inputs: dict[str, tuple[np.ndarray, ...]]
     labels: np.ndarray | None = None
     class_names: tuple[str, ...] = ()
     features: dict[str, np.ndarray] = field(default_factory=dict)
+    image_ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         first = next(iter(self.inputs.values()))
@@ -34,7 +36,12 @@ class ModalData:
             labels=None if self.labels is None else self.labels[indices],
             class_names=self.class_names,
             features={name: array[indices] for name, array in self.features.items()},
+            image_ids=None if self.image_ids is None else self.image_ids[indices],
         )
+
+    def pictures(self) -> np.ndarray:
+        """Each row's picture id (pairs: rows of one picture share it; otherwise every row its own)."""
+        return np.arange(len(self)) if self.image_ids is None else self.image_ids
 
     def batch(self, modality: str, indices: torch.Tensor | np.ndarray | slice, device: torch.device,
               view: str = RAW) -> tuple[torch.Tensor, ...]:

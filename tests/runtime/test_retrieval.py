@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fedafd.runtime.retrieval import retrieval_metrics, top1_accuracy
+from fedafd.runtime.retrieval import pair_retrieval_metrics, retrieval_metrics, top1_accuracy
 
 
 def test_three_by_three_hand_ranks():
@@ -130,3 +130,28 @@ def test_held_rows_are_the_test_pairs_of_the_categories_a_device_holds() -> None
     from fedafd.runtime.retrieval import held_rows
 
     assert held_rows(torch.tensor([3, 1, 3, 0, 2]), torch.tensor([3, 3, 0])).tolist() == [0, 2, 3]
+
+
+def test_pair_rows_count_each_picture_once_and_each_caption():
+    # Prepare: rows are (picture, caption) pairs, as a COCO source is stored: picture 7 has captions in rows
+    # 0, 1, 2 (its image features repeated), picture 3 in rows 3, 4. Pictures p7 = [1, 0], p3 = [0, 1].
+    image_rows = torch.tensor([[1.0, 0.0]] * 3 + [[0.0, 1.0]] * 2)
+    texts = torch.tensor([[0.6, 0.8], [0.0, 1.0], [0.8, 0.6], [1.0, 0.0], [0.1, 0.9]])
+    image_ids = torch.tensor([7, 7, 7, 3, 3])
+    # Execute
+    m = pair_retrieval_metrics(image_rows, texts, image_ids)
+    # Assert by hand. Candidates are the two pictures (not five rows), in id order: p3 = [0, 1], p7 = [1, 0].
+    # i2t p7: captions score [0.6, 0, 0.8, 1.0, 0.1]; its best caption (row 2) 0.8 < row 3's 1.0 (p3's) -> rank 1
+    # i2t p3: scores [0.8, 1.0, 0.6, 0, 0.9]; its best caption (row 4) 0.9 < row 1's 1.0 (p7's) -> rank 1.
+    #   i2t R@1 = 0, R@5 = R@10 = 100.
+    # t2i (five queries): row 0 [p3 0.8, p7 0.6] GT p7 -> rank 1; row 1 [1.0, 0] -> 1; row 2 [0.6, 0.8] -> 0;
+    #   row 3 [0, 1.0] GT p3 -> 1; row 4 [0.9, 0.1] GT p3 -> 0. t2i R@1 = 2/5 = 40.
+    assert m["i2t_r1"] == pytest.approx(0.0)
+    assert m["i2t_r5"] == pytest.approx(100.0)
+    assert m["t2i_r1"] == pytest.approx(40.0)
+    assert m["t2i_r10"] == pytest.approx(100.0)
+    assert m["rsum"] == pytest.approx(0 + 100 + 100 + 40 + 100 + 100)
+    # With every row its own picture (the old one-caption reading) the same features give another answer:
+    # five candidates, of which rows 0-2 are identical, so the i2t ties count against each query.
+    assert pair_retrieval_metrics(image_rows, texts, None) == retrieval_metrics(image_rows, texts, torch.arange(5))
+    assert pair_retrieval_metrics(image_rows, texts, None)["t2i_r1"] != pytest.approx(40.0)
