@@ -10,8 +10,9 @@ Karpathy (`dataset_coco.json`, `dataset_flickr30k.json`): `images` [{filename, f
 its splits are the file's own (train, restval, val, test), each in file order. Pictures lie at
 image_root / filepath / filename (image_root: the JSON's folder by default).
 
-Rows are reported by their 1-based index in `images` or `annotations`. The JSON is read once; pictures are only
-checked to exist here, and build.py opens them.
+A data config's group_column and natural_id_column name a field of each image entry (neither format has one of
+its own). Rows are reported by their 1-based index in `images` or `annotations`. The JSON is read once; pictures
+are only checked to exist here, and build.py opens them.
 """
 
 from __future__ import annotations
@@ -79,28 +80,22 @@ def _text(value: Any) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
-def _column(entry: dict[str, Any], column: str, where: Where, problems: Problems, default: Any) -> tuple[bool, Any]:
-    """(ok, the image entry's value of a data-config column such as group_column), or (True, default) unset."""
-    if not column:
-        return True, default
-    if column not in entry or entry[column] is None:
-        problems.bad(where, f"no field {column!r} (the data config's column) in this image entry")
-        return False, default
-    value = entry[column]
-    return True, value if isinstance(value, (int, str)) else str(value)
-
-
 def _record(picture: Path, captions: list[str], key: str, entry: dict[str, Any], where: Where,
             options: DataOptions, problems: Problems) -> PairRecord | None:
-    """The picture's record, or None (reported) when its file is missing or a configured column is absent."""
+    """The picture's record, or None (reported) when its file is missing or the image entry lacks a field the data
+    config names (group_column, natural_id_column)."""
     if not picture.is_file():
         problems.bad(where, f"image file not found: {picture}")
         return None
-    ok_group, group = _column(entry, options.group_column, where, problems, 0)
-    ok_id, natural_id = _column(entry, options.natural_id_column, where, problems, "")
-    if not (ok_group and ok_id):
+    columns = {"group": options.group_column, "natural_id": options.natural_id_column}
+    missing = [column for column in columns.values() if column and entry.get(column) is None]
+    if missing:
+        problems.bad(where, f"the image entry has no {' or '.join(map(repr, missing))} (named in the data config)")
         return None
-    return PairRecord(functools.partial(Image.open, picture), tuple(captions), key, where, group, str(natural_id))
+    values = {name: entry[column] if isinstance(entry[column], (int, str)) else json.dumps(entry[column])
+              for name, column in columns.items() if column}
+    return PairRecord(functools.partial(Image.open, picture), tuple(captions), key, where, values.get("group", 0),
+                      str(values.get("natural_id", "")))
 
 
 # --- COCO captions -----------------------------------------------------------------------------

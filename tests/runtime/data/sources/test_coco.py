@@ -74,8 +74,8 @@ def karpathy_json(pictures: list[Picture], split: str | None = None) -> dict:
             sentences.append({"tokens": caption.lower().rstrip(".").split(), "raw": f" {caption} \n",
                               "imgid": imgid, "sentid": sent_id})
             sent_id += 1
-        images.append({"filepath": "val2017", "sentids": [s["sentid"] for s in sentences], "filename": picture.file_name,
-                       "imgid": imgid, "split": split or picture.split, "sentences": sentences,
+        images.append({"filepath": "val2017", "sentids": [s["sentid"] for s in sentences],
+                       "filename": picture.file_name, "imgid": imgid, "split": split or picture.split, "sentences": sentences,
                        "cocoid": picture.image_id})
     return {"images": images, "dataset": "coco"}
 
@@ -327,3 +327,33 @@ def test_karpathy_without_images_and_broken_json_are_fatal(tmp_path: Path) -> No
     path.write_text('{"images": [')
     with pytest.raises(DataFormatError, match="not valid JSON"):
         open_pairs(path, on_bad_sample="skip", format="karpathy")
+
+
+def test_group_and_natural_id_columns_read_image_entries(layout: Path, pictures: list[Picture]) -> None:
+    path = layout / "annotations" / "captions_val2017.json"
+    document = coco_json(pictures)
+    for entry, picture in zip(document["images"], pictures):
+        entry["site"], entry["user"] = picture.split, f"u{picture.image_id % 2}"
+    del document["images"][BROKEN_ROW - 1]["site"]
+    write_json(path, document)
+    with pytest.raises(DataFormatError, match=f"row {BROKEN_ROW}: the image entry has no 'site'"):
+        open_pairs(path, group_column="site", natural_id_column="user")
+    source = open_pairs(path, on_bad_sample="skip", group_column="site", natural_id_column="user")
+    data = source.splits["all"]
+    kept = [p for i, p in enumerate(pictures) if i != BROKEN_ROW - 1]
+    assert source.skipped == 1 and data.group_names == tuple(sorted(SPLIT_CYCLE))
+    assert [data.group_names[g] for g in data.groups] == [p.split for p in kept for _ in p.captions]
+    assert data.natural_ids == tuple(f"u{p.image_id % 2}" for p in kept for _ in p.captions)
+
+
+def test_read_never_opens_pictures_and_build_reports_a_broken_one(layout: Path, pictures: list[Picture]) -> None:
+    from fedafd.runtime.data.sources import coco
+    from fedafd.runtime.data.sources.records import Problems
+
+    (layout / "val2017" / pictures[BROKEN_ROW - 1].file_name).write_bytes(b"not a png")
+    path = layout / "annotations" / "captions_val2017.json"
+    records = coco.read(path, "multimodal", DataOptions(format="coco"), Problems())["all"]
+    assert [r.image_key for r in records] == [str(p.image_id) for p in pictures]
+    assert [list(r.captions) for r in records] == [p.captions for p in pictures]
+    with pytest.raises(DataFormatError, match=f"row {BROKEN_ROW}: unreadable or truncated image"):
+        open_pairs(path)
