@@ -75,8 +75,8 @@ def karpathy_json(pictures: list[Picture], split: str | None = None) -> dict:
                               "imgid": imgid, "sentid": sent_id})
             sent_id += 1
         images.append({"filepath": "val2017", "sentids": [s["sentid"] for s in sentences],
-                       "filename": picture.file_name, "imgid": imgid, "split": split or picture.split, "sentences": sentences,
-                       "cocoid": picture.image_id})
+                       "filename": picture.file_name, "imgid": imgid, "split": split or picture.split,
+                       "sentences": sentences, "cocoid": picture.image_id})
     return {"images": images, "dataset": "coco"}
 
 
