@@ -78,6 +78,16 @@ Record = Union[ImageRecord, TextRecord, PairRecord]
 RECORD_OF_KIND: dict[str, type] = {"image": ImageRecord, "text": TextRecord, "multimodal": PairRecord}
 
 
+class Splits(dict):
+    """What a reader may return instead of a plain dict: its records per split, with the class names its files
+    give in label order (CIFAR's batches.meta.txt, an npz's class_names, a ClassLabel feature), so integer
+    labels keep their meaning and a class without rows keeps its place; the data config's class_names win."""
+
+    def __init__(self, splits: dict | None = None, class_names: tuple[str, ...] = ()) -> None:
+        super().__init__(splits or {})
+        self.class_names = tuple(class_names)
+
+
 @dataclass
 class Problems:
     """Bad rows found while reading: raised at the first (error) or counted and skipped (skip)."""

@@ -32,7 +32,7 @@ import importlib
 import json
 import os
 import re
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +45,9 @@ from fedafd.runtime.data.prepared import (
 from fedafd.runtime.data.sources.build import Data, build_splits
 from fedafd.runtime.data.sources.options import DataOptions
 from fedafd.runtime.data.sources.records import DataFormatError, Problems
+
+if TYPE_CHECKING:
+    from fedafd.runtime.data.partition import PartitionerSpec
 
 SOURCE_FORMAT = 1
 """Bumped whenever what a cached source holds changes, so stale caches are never read."""
@@ -212,6 +215,8 @@ def open_source(kind: str, location: str | Path, options: DataOptions | None = N
 
 def _read_source(kind: str, path: Path, location: str, fmt: str, options: DataOptions, problems: Problems) -> Source:
     splits = read_records(kind, path, fmt, options, problems)
+    if getattr(splits, "class_names", ()) and not options.class_names:  # records.Splits: the files' own class list
+        options = options.with_values(class_names=splits.class_names)
     if options.split:
         if options.split not in splits:
             raise DataFormatError(f"{location}: no split {options.split!r} (it has {', '.join(sorted(splits))})")
@@ -361,4 +366,16 @@ def split_by_picture(data: Data, test_fraction: float, seed: int) -> tuple[np.nd
     return np.flatnonzero(~in_test), np.flatnonzero(in_test)
 
 
-Reader = Callable[..., dict]
+def partition_data(data: Data, partitioner: "PartitionerSpec", num_partitions: int, seed: int) -> list[np.ndarray]:
+    """Each device's rows of `data` by the partitioner, over its classes (pairs: their groups). Pairs are
+    partitioned by picture, so the captions of one picture stay on one device."""
+    from fedafd.runtime.data.partition import partition_rows
+
+    labels = split_labels(data)
+    natural = list(data.natural_ids) if data.natural_ids else None
+    if not isinstance(data, PairData) or len(np.unique(data.image_ids)) == len(data.image_ids):
+        return partition_rows(partitioner, labels, num_partitions, seed, natural)
+    ids, first = np.unique(data.image_ids, return_index=True)
+    parts = partition_rows(partitioner, labels[first], num_partitions, seed,
+                           None if natural is None else [natural[i] for i in first])
+    return [np.flatnonzero(np.isin(data.image_ids, ids[part])) for part in parts]
