@@ -1,0 +1,167 @@
+"""Folders of pictures -> records, the layouts of torchvision's ImageFolder and Hugging Face's imagefolder.
+
+image: `ROOT/<class>/<picture>`, or `ROOT/<split>/<class>/<picture>` when every top-level folder is a split
+name (train, test, val, validation, restval). Class names are the folder names (sorted); records come in sorted
+class folders, then sorted file names.
+
+multimodal: `ROOT/metadata.jsonl` (or `metadata.csv`), or one in each split folder: a line per caption with the
+picture's `file_name` (relative to the metadata's folder; path_column) and its `text` (caption_column); several
+lines naming one picture are its captions. Every picture in the folder must have a line.
+
+Where Hugging Face's imagefolder silently drops a label (a picture two levels below a class folder) or a picture
+(no metadata line), this reader reports the file: a nested class folder and an uncaptioned picture are bad rows.
+Files that are clearly no pictures (text, metadata, hidden files) are ignored; any other file in a class folder
+is reported too. Pictures are checked to be non-empty here; build.py opens them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedafd.runtime.data.sources import tables
+from fedafd.runtime.data.sources.options import DataOptions
+from fedafd.runtime.data.sources.records import ImageRecord, PairRecord, Problems, Record, Where
+
+KINDS = ("image", "multimodal")
+SPLIT_NAMES = ("train", "test", "val", "validation", "restval")
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+NOT_PICTURES = (".txt", ".json", ".jsonl", ".csv", ".tsv", ".md", ".rst", ".html", ".xml", ".yaml", ".yml",
+                ".toml", ".ini", ".db", ".log")
+"""Suffixes of files that are ignored in a class folder (notes, metadata, Thumbs.db, desktop.ini)."""
+METADATA = ("metadata.jsonl", "metadata.csv")
+_LEVELS = {2: "two", 3: "three", 4: "four"}
+
+
+def read(path: Path, kind: str, options: DataOptions, problems: Problems) -> dict[str, list[Record]]:
+    """{split: records}: each split folder's, or the folder's own as "all"."""
+    if not path.is_dir():
+        raise problems.fatal(path, "no such folder")
+    if kind == "multimodal":
+        return _read_pairs(path, options, problems)
+    return {split: _read_classes(folder, problems) for split, folder in split_folders(path).items()}
+
+
+def split_folders(root: Path) -> dict[str, Path]:
+    """{split: folder} when every top-level folder is a split name, else {"all": root}."""
+    folders = [p for p in sorted(root.iterdir()) if p.is_dir() and not _hidden(p)]
+    if folders and all(p.name in SPLIT_NAMES for p in folders):
+        return {p.name: p for p in folders}
+    return {"all": root}
+
+
+def is_picture(path: Path) -> bool:
+    return path.suffix.lower() in PICTURE_SUFFIXES
+
+
+def _hidden(path: Path) -> bool:
+    return path.name.startswith(".")
+
+
+def _nonempty(file: Path, where: Where, problems: Problems) -> bool:
+    if file.stat().st_size == 0:
+        problems.bad(where, "zero-byte file")
+        return False
+    return True
+
+
+# --- image classification -----------------------------------------------------------------------
+
+
+def _read_classes(root: Path, problems: Problems) -> list[ImageRecord]:
+    """ROOT/<class>/<picture> -> records labelled by class folder name."""
+    records: list[ImageRecord] = []
+    classes = []
+    for entry in sorted(root.iterdir()):
+        if _hidden(entry):
+            continue
+        if entry.is_dir():
+            classes.append(entry)
+        elif is_picture(entry):
+            problems.bad(Where(str(entry)), f"picture outside any class folder: move it into {root}/<class>/")
+    if not classes:
+        raise problems.fatal(root, "no class folders: pictures go in ROOT/<class>/ (or ROOT/train/<class>/ and "
+                                   "ROOT/test/<class>/)")
+    for folder in classes:
+        records.extend(_read_class(folder, problems))
+    return records
+
+
+def _read_class(folder: Path, problems: Problems) -> list[ImageRecord]:
+    records = []
+    pictures = 0
+    for file in sorted(folder.rglob("*")):
+        relative = file.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        where = Where(str(file))
+        if not file.is_file():
+            if file.is_symlink() and is_picture(file):
+                problems.bad(where, "broken link: the picture it points at does not exist")
+            continue
+        suffix = file.suffix.lower()
+        if suffix in NOT_PICTURES:
+            continue
+        if suffix not in PICTURE_SUFFIXES:
+            if len(relative.parts) == 1:
+                problems.bad(where, f"not a picture fedafd reads ({suffix or 'no suffix'}; it reads "
+                                    f"{', '.join(PICTURE_SUFFIXES)}): convert it or move it out of the class folder")
+            continue
+        pictures += 1
+        if len(relative.parts) > 1:
+            levels = len(relative.parts)
+            nested = "/".join((folder.name, *relative.parts[:-1]))
+            problems.bad(where, f"nested class folder {nested}: picture is {_LEVELS.get(levels, levels)} levels below "
+                                f"the class folder {folder.name} (pictures lie directly in their class folder); "
+                                f"flatten it into {folder.name}/ or name the class folder "
+                                f"{nested.replace('/', '_')}/ beside {folder.name}/")
+            continue
+        if _nonempty(file, where, problems):
+            records.append(ImageRecord(tables.open_picture(file), folder.name, where))
+    if not pictures:
+        raise problems.fatal(folder, f"empty class folder: no pictures ({', '.join(PICTURE_SUFFIXES)}) in it; "
+                                     "add its pictures or remove it")
+    return records
+
+
+# --- pairs --------------------------------------------------------------------------------------
+
+
+def _read_pairs(root: Path, options: DataOptions, problems: Problems) -> dict[str, list[Record]]:
+    """metadata.jsonl/csv of the folder ("all"), or of each split folder."""
+    if _metadata(root, problems) is not None:
+        return {"all": _read_metadata_folder(root, options, problems)}
+    splits = split_folders(root)
+    if "all" in splits:
+        raise problems.fatal(root, f"no {' or '.join(METADATA)} in this folder (pairs: a line per caption with "
+                                   f"file_name and {options.caption_column}), nor split folders "
+                                   f"({', '.join(SPLIT_NAMES)}) each with one")
+    return {split: _read_metadata_folder(folder, options, problems) for split, folder in splits.items()}
+
+
+def _metadata(folder: Path, problems: Problems) -> Path | None:
+    found = [folder / name for name in METADATA if (folder / name).is_file()]
+    if len(found) > 1:
+        raise problems.fatal(folder, f"both {' and '.join(METADATA)}: keep one")
+    return found[0] if found else None
+
+
+def _read_metadata_folder(folder: Path, options: DataOptions, problems: Problems) -> list[PairRecord]:
+    metadata = _metadata(folder, problems)
+    if metadata is None:
+        raise problems.fatal(folder, f"no {' or '.join(METADATA)} in this split folder")
+    fmt = "jsonl" if metadata.suffix == ".jsonl" else "csv"
+    table = tables.open_table(metadata, fmt, options, problems)
+    column = options.path_column or "file_name"
+    table.require([column], problems, {column: "path_column"})
+    written: set[str] = set()  # every line's picture, bad lines too: a picture is reported once
+    records = tables.pair_records(table, folder, options, problems, column, written)
+    named = {(folder / name).resolve() for name in written}
+    for file in sorted(folder.rglob("*")):
+        relative = file.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts) or not file.is_file() or not is_picture(file):
+            continue
+        if file.resolve() not in named:
+            problems.bad(Where(str(file)), f"image without captions: no line of {metadata.name} names it "
+                                           f"({column} {relative.as_posix()})")
+    return records
+
