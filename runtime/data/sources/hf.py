@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedafd.runtime.data.sources.options import DataOptions
 from fedafd.runtime.data.sources.records import (
     DataFormatError, ImageRecord, OpenImage, PairRecord, Problems, Record, Splits, TextRecord, Where,
@@ -289,13 +291,25 @@ def _image_cells(pa: Any, column: Any, name: str, file: Path, zero_copy: bool,
                                         "{bytes, path}, bytes or a path); set image_column in the data config")
     valid = column.is_valid().to_pylist()
     path_list = paths.to_pylist() if paths is not None else [None] * len(column)
-    cells = []
-    for i, ok in enumerate(valid):
-        blob = None
-        if ok and blobs is not None and blobs[i].is_valid:
-            blob = blobs[i].as_buffer() if zero_copy else blobs[i].as_py()
-        cells.append((blob, path_list[i] if ok else None))
-    return cells
+    blob_of = _blobs(pa, blobs, zero_copy) if blobs is not None else lambda i: None
+    return [(blob_of(i), path_list[i]) if ok else (None, None) for i, ok in enumerate(valid)]
+
+
+def _blobs(pa: Any, blobs: Any, zero_copy: bool) -> Callable[[int], Any]:
+    """Row -> its encoded bytes (None where null): copies, or slices of the array's own (mapped) data buffer."""
+    if not zero_copy:
+        return blobs.to_pylist().__getitem__
+    _, offsets, data = blobs.buffers()  # validity, offsets, data (a scalar's as_buffer() would copy)
+    width = np.int64 if pa.types.is_large_binary(blobs.type) else np.int32
+    ends = np.frombuffer(offsets, dtype=width)[blobs.offset:blobs.offset + len(blobs) + 1].tolist()
+    valid = blobs.is_valid().to_pylist()
+
+    def blob(i: int) -> Any:
+        if not valid[i]:
+            return None
+        return b"" if data is None else data.slice(ends[i], ends[i + 1] - ends[i])
+
+    return blob
 
 
 def _record(kind: str, row: dict[str, Any], columns: Columns, group_names: tuple[str, ...], root: Path,
