@@ -38,6 +38,9 @@ def read(path: Path, kind: str, options: DataOptions, problems: Problems) -> dic
         raise problems.fatal(path, "no such folder")
     if kind == "multimodal":
         return _read_pairs(path, options, problems)
+    if options.natural_id_column:
+        raise problems.fatal(path, f"natural_id_column {options.natural_id_column!r}: class folders have no columns; "
+                                   "give a manifest (CSV or JSONL of path, label and that column) instead")
     return {split: _read_classes(folder, problems) for split, folder in split_folders(path).items()}
 
 

@@ -98,7 +98,6 @@ class Table:
     file: Path
     columns: tuple[str, ...] | None
     rows: Iterator[Row]
-    checked: set[str] = field(default_factory=set)
 
     def require(self, names: Sequence[str], problems: Problems, setting: dict[str, str] | None = None) -> None:
         """A column named in the data config that the header lacks: fatal, since no row can have it."""

@@ -170,10 +170,12 @@ def test_an_empty_class_folder_is_fatal_even_with_skip(tmp_path, fashion):
         open_source("image", tmp_path, on_bad_sample="skip", cache=False)
 
 
-def test_pairs_without_metadata_are_fatal(tmp_path, fashion):
+def test_pairs_without_metadata_and_natural_ids_without_columns_are_fatal(tmp_path, fashion):
     write_image_folder(tmp_path, *fashion)
     with pytest.raises(DataFormatError, match="no metadata.jsonl or metadata.csv"):
         open_source("multimodal", tmp_path, cache=False)
+    with pytest.raises(DataFormatError, match="natural_id_column 'writer': class folders have no columns"):
+        open_source("image", tmp_path, DataOptions(natural_id_column="writer"), cache=False)
 
 
 def test_a_second_open_reads_the_cache(tmp_path, fashion, monkeypatch):
