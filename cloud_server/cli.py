@@ -294,6 +294,50 @@ def data_info(fmt: Annotated[Format, typer.Option("--format")] = Format.text) ->
                    "\n".join(f"{name}: {sizes['train']} train / {sizes['test']} test" for name, sizes in info.items()))
 
 
+@data_app.command("split")
+def data_split(
+    src: Annotated[str, typer.Argument(help="The pool to split: a path fedafd reads (README: Your own data) or "
+                                            "demo:NAME.")],
+    kind: Annotated[str, typer.Option(help="What the rows are: image, text or multimodal (pairs).")],
+    partitioner: Annotated[str, typer.Option(help="iid, dirichlet, shard, pathological, natural (Flower Datasets' "
+                                                  "partitioners) or dirichlet_legacy (the demo's split).")],
+    num_partitions: Annotated[int, typer.Option(help="Devices to split among (natural: the number of natural ids).")],
+    out: Annotated[Path, typer.Option(help="Folder to write: <kind>-<i>/ per device, and split.json.")],
+    alpha: Annotated[Optional[float], typer.Option(help="dirichlet: concentration (default 0.1).")] = None,
+    min_partition_size: Annotated[Optional[int], typer.Option(help="dirichlet: rows each device must get "
+                                                                   "(default 10).")] = None,
+    self_balancing: Annotated[Optional[bool], typer.Option("--self-balancing", help="dirichlet: no more rows for "
+                                                           "devices above the average size.")] = None,
+    num_shards_per_partition: Annotated[Optional[int], typer.Option(help="shard: shards per device (default 0: "
+                                                                         "from --shard-size).")] = None,
+    shard_size: Annotated[Optional[int], typer.Option(help="shard: rows per shard (default 0: from "
+                                                           "--num-shards-per-partition).")] = None,
+    keep_incomplete_shard: Annotated[Optional[bool], typer.Option("--keep-incomplete-shard", help="shard: deal "
+                                                                  "out the last, shorter shard too.")] = None,
+    num_classes_per_partition: Annotated[Optional[int], typer.Option(help="pathological: classes per device "
+                                                                          "(default 2).")] = None,
+    class_assignment_mode: Annotated[Optional[str], typer.Option(help="pathological: random (default), "
+                                                                      "deterministic or first-deterministic.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the partitioner (and of the test rows drawn with "
+                                           "--test-fraction); 42 is Flower's.")] = 42,
+    data_config: Annotated[Optional[Path], typer.Option(help="Data config TOML of SRC (README: Your own "
+                                                             "data).")] = None,
+    test_fraction: Annotated[float, typer.Option(help="Share of the rows held out as every device's test rows "
+                                                      "when SRC has no test split.")] = 0.2,
+) -> None:
+    """Split a pool among devices with a partitioner: one folder per device that `data` + `data_config` read
+    (its share of the train rows, the whole test rows), and split.json. A rerun with the same inputs does nothing."""
+    with cli_errors():
+        from fedafd.runtime.data.split import spec_from_options, split_pool
+
+        spec = spec_from_options(partitioner, alpha=alpha, min_partition_size=min_partition_size,
+                                 self_balancing=self_balancing, num_shards_per_partition=num_shards_per_partition,
+                                 shard_size=shard_size, keep_incomplete_shard=keep_incomplete_shard,
+                                 num_classes_per_partition=num_classes_per_partition,
+                                 class_assignment_mode=class_assignment_mode)
+        split_pool(src, kind, out, spec, num_partitions, seed, data_config, test_fraction, log=typer.echo)
+
+
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `serve`.")],
