@@ -26,6 +26,7 @@ import zmq
 from fedafd.cloud_server.strategies import build_strategy
 from fedafd.runtime.config import ServerConfig
 from fedafd.runtime.wire import (
+from fedafd.runtime.data.modal import public_source
     MAGIC, PROTOCOL_VERSION, Ack, Bye, Error, FeatureUpload, Heartbeat, Join, RoundStart, Welcome, WireError,
     decode, encode,
 )
@@ -38,7 +39,8 @@ def templates(rows: int = 8, dim: int = 4) -> list[list[bytes]]:
     """Valid encoded messages of every type, as bytes frames."""
     f = np.ones((rows, dim), dtype=np.float32)
     messages = [
-        Join(client_id=FUZZ_ID, kind="image", image_arch="cnn_small", text_arch="", num_private=5),
+        Join(client_id=FUZZ_ID, kind="image", image_arch="cnn_small", text_arch="", num_private=5,
+             public_digest=public_source().digest),
         Welcome(client_id=FUZZ_ID, run_id="r", feature_dim=dim, rounds=2),
         RoundStart(round=0, local_epochs=1, tower_version=1, public_indices=np.arange(rows, dtype=np.int64),
                    global_features={"image": f, "text": f}, tower={"image.w": np.zeros(3, np.float32)},

@@ -16,6 +16,7 @@ import zmq
 
 from fedafd.runtime.backbones import BACKBONES, backbone_digest
 from fedafd.runtime.wire import (
+from fedafd.runtime.data.modal import public_source
     MODALITIES_OF_KIND, Bye, Error, FeatureUpload, Join, RoundStart, Welcome, WireError, decode, encode,
 )
 
@@ -56,7 +57,8 @@ class SimDevice:
         self.sock.send_multipart(encode(Join(client_id=self.client_id, kind=self.kind,
                                              image_arch="cnn_small" if self.kind != "text" else "",
                                              text_arch="gru" if self.kind != "image" else "",
-                                             num_private=100, backbones=_BACKBONES)))
+                                             num_private=100, backbones=_BACKBONES,
+                                             public_digest=public_source().digest)))
 
     def handle(self, frames: list, stats: SimStats) -> None:
         try:

@@ -1,6 +1,7 @@
 """Who is in the federation, and which of their messages the server lets in.
 
-A Join is checked (its client id against the sender's, its kind, the sha256 of its frozen backbones) and
+A Join is checked (its client id against the sender's, its kind, the sha256 of its frozen backbones and of
+its public set) and
 answered with a Welcome; a device counts as joined only once that Welcome went out. An upload is checked
 before the round uses it: from a joined device, under its own id, for the running round and a device
 selected for it, not a replay of one accepted in an earlier round, with the modalities of its kind in
@@ -48,11 +49,14 @@ class Admission:
     """The joined devices (`clients`) and the refused messages since the last round record (`rejected`)."""
 
     def __init__(self, send: Callable[[str, Message], bool], backbone_digests: dict[str, str], run_id: str,
-                 feature_dim: int, rounds: int):
+                 feature_dim: int, rounds: int, public_digest: str = "", public_location: str = ""):
         self.send = send
         """Sends a Welcome or an Error to a peer; False when its connection is gone."""
         self.backbone_digests = backbone_digests
         """Backbone name -> sha256 of the weights the server's towers adapt (a Join must name the same)."""
+        self.public_digest = public_digest
+        """sha256 of the public set's rows the server trains on (a Join must name the same; "": not checked)."""
+        self.public_location = public_location
         self.welcome = {"run_id": run_id, "feature_dim": feature_dim, "rounds": rounds}
         self.clients: dict[str, ClientRecord] = {}
         self.rejected: list[dict] = []
@@ -103,6 +107,13 @@ class Admission:
                             f"has {theirs[:12] + '...' if theirs else 'none'}: install the same backbone package version "
                             f"on both sides", msg_id)
                 return
+        if self.public_digest and join.public_digest != self.public_digest:
+            theirs = f"{join.public_digest[:12]}..." if join.public_digest else "none"
+            self.reject(peer, ErrorCode.PUBLIC_DATA_MISMATCH,
+                        f"this server's public set is {self.public_location} (rows sha256 {self.public_digest[:12]}...), "
+                        f"the device holds another (sha256 {theirs}): give the device the same public_data and "
+                        f"public_data_config (`fedafd-edge data check` prints its digest)", msg_id)
+            return
         before = self.clients.get(peer)
         self.clients[peer] = ClientRecord(peer, join.kind, {"image": join.image_arch, "text": join.text_arch},
                                           join.num_private, joined_round=joined_round)

@@ -21,6 +21,7 @@ import torch
 from fedafd.cloud_server.admission import Admission, ClientRecord
 from fedafd.cloud_server.distill import TeacherFold
 from fedafd.cloud_server.distributed import ONE_PROCESS, Ranks
+from fedafd.cloud_server.public_data import candidate_rows, server_data
 from fedafd.cloud_server.persistence import restore_run, save_round, server_tensors
 from fedafd.cloud_server.round_record import Drop, DropReason, RoundOutcome, quorum_met, round_record, timed
 from fedafd.cloud_server.stages import (
@@ -31,7 +32,6 @@ from fedafd.runtime.accounting import ByteCounter
 from fedafd.runtime.backbones import backbone_digest
 from fedafd.runtime.codecs import wire_codec
 from fedafd.runtime.config import ServerConfig, config_to_dict
-from fedafd.runtime.data.modal import load_public_data
 from fedafd.runtime.data.partition import cap_indices
 from fedafd.runtime.diagnostics import mean_cosine
 from fedafd.runtime.errors import FedafdError
@@ -101,12 +101,15 @@ class ServerApp:
         self.run_id = new_run_id()
         """The federation's id, sent in every Welcome; a resumed run keeps its checkpoint's."""
         saved = self._restore() if resume else None  # run_id, next_round, the model; the optimisers' state below
-        self.admission = Admission(self._reply, self.backbone_digests, self.run_id, config.feature_dim, config.rounds)
+        self.data = server_data(config)  # read before devices join: a Join must name its digest
+        self.admission = Admission(self._reply, self.backbone_digests, self.run_id, config.feature_dim, config.rounds,
+                                   self.data.digest, self.data.location)
         with self._answering_joins():  # what takes seconds: the data, and the first optimiser imports torch._dynamo
-            self.public_all = load_public_data("train", backbones)
-            self.public_rows = np.sort(cap_indices(np.arange(len(self.public_all)), config.public_size, config.seed))
+            self.public_all, self.public_test = self.data.load(backbones)
+            self.public_candidates = candidate_rows(config, len(self.public_all))
+            """The rows P is drawn from (public_subset's, or all); public_rows index public_all."""
+            self.public_rows = np.sort(cap_indices(self.public_candidates, config.public_size, config.seed))
             self.public = self.public_all.select(self.public_rows)
-            self.public_test = load_public_data("test", backbones)
             self.optimizer, self.distill_optimizer = build_optimizers(self.model, config.lr, config.distill_lr)
             if saved is not None:
                 self.optimizer.load_state_dict(saved["optimizer"])
@@ -476,7 +479,7 @@ class ServerApp:
 
     def _resample_public(self, round_: int) -> None:
         """public_resample: a fresh subset of public_size rows this round, the same for every client."""
-        rows = cap_indices(np.arange(len(self.public_all)), self.config.public_size, resample_seed(self.config.seed, round_))
+        rows = cap_indices(self.public_candidates, self.config.public_size, resample_seed(self.config.seed, round_))
         self.public_rows = np.sort(rows)
         self.public = self.public_all.select(self.public_rows)
 

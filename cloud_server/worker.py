@@ -17,7 +17,8 @@ from fedafd.cloud_server.stages import (
     GlobalModel, build_optimizers, distill_epoch, evaluate_retrieval, extract_features, train_contrastive_epoch,
 )
 from fedafd.runtime.config import ServerConfig, build_config
-from fedafd.runtime.data.modal import ModalData, load_public_data
+from fedafd.cloud_server.public_data import server_data
+from fedafd.runtime.data.modal import ModalData
 from fedafd.runtime.torch_utils import configure_threads, rank_seed
 from fedafd.runtime.wire import MODALITIES
 
@@ -43,8 +44,8 @@ def serve_worker(ranks: Ranks, public_all: ModalData | None = None, public_test:
     with ranks.reporting(), contextlib.suppress(Stopped):  # rank 0 stops at any point: done, or failed (it says why)
         config, model, (optimizer, distill_optimizer) = build_replica(ranks)
         backbones = tuple(sorted(set(model.backbones().values())))
-        public_all = public_all if public_all is not None else load_public_data("train", backbones)
-        public_test = public_test if public_test is not None else load_public_data("test", backbones)
+        if public_all is None or public_test is None:
+            public_all, public_test = server_data(config).load(backbones)
         ranks.replicate(model)
         torch.manual_seed(rank_seed(config.seed, ranks.rank))  # rank 0 keeps its stream: dropout masks differ per rank
         while True:

@@ -30,7 +30,7 @@ from fedafd.runtime.codecs import wire_codec
 from fedafd.runtime.errors import FedafdError
 from fedafd.runtime.config import ClientConfig, write_config
 from fedafd.runtime.methods import MethodSettings
-from fedafd.runtime.data.modal import ModalData, load_public_data
+from fedafd.runtime.data.modal import ModalData, load_public_data, public_source, public_spec
 from fedafd.runtime.diagnostics import DIAG_PREFIX, diagnostics_to_metrics, mean_cosine
 from fedafd.runtime.backbones import backbone_digest, modality_backbones
 from fedafd.runtime.models import count_parameters, use_dropout_generator
@@ -102,10 +102,11 @@ class EdgeApp:
         may train at the same time in one process (the simulation's workers) and still draw as when alone."""
         # Cached backbone features: of the private data for the device's modalities; of the public set for
         # both, since G of the other modality is computed here from its tower.
-        self.private = load_private_data(config.kind, config.partition, config.num_partitions, config.alpha,
-                                         config.seed, config.max_private, config.max_test,
-                                         backbones=modality_backbones(MODALITIES_OF_KIND[config.kind]))
-        self.public: ModalData = load_public_data("train", backbones=modality_backbones(MODALITIES))
+        self.private = load_private_data(config, backbones=modality_backbones(MODALITIES_OF_KIND[config.kind]))
+        public = public_spec(config.public_data, config.public_data_config, config.on_bad_sample)
+        self.public: ModalData = load_public_data("train", modality_backbones(MODALITIES), public)
+        self.public_digest = public_source(public).digest
+        """sha256 of the public set's rows, named in the Join (the server refuses another public set)."""
         self.backbones = {name: backbone_digest(name) for name in self.public.features}
         self.state: ClientState | None = None
         self.run_id = ""
@@ -165,7 +166,7 @@ class EdgeApp:
         c = self.config
         archs = {"image": c.image_arch if c.kind != "text" else "", "text": c.text_arch if c.kind != "image" else ""}
         join = Join(client_id=c.client_id, kind=c.kind, image_arch=archs["image"], text_arch=archs["text"],
-                    num_private=len(self.private.train), backbones=self.backbones)
+                    num_private=len(self.private.train), backbones=self.backbones, public_digest=self.public_digest)
         what = ("the server's Welcome (is `fedafd-cloud serve` running at that address? with CURVE: is the server "
                 "key right and this device's key allow-listed? raise connect_timeout_s to wait longer)")
         deadline = time.monotonic() + c.connect_timeout_s

@@ -40,7 +40,8 @@ def run_bench(config: ClientConfig, onnx_dir: Path | None, graphs: list[dict], o
     archs = {"image": server_image_arch, "text": server_text_arch}
     own = {"image": config.image_arch, "text": config.text_arch}
     backbones = tuple(sorted({backbone_of(a) for m in kind_modalities for a in (archs[m], own[m])} - {None}))
-    private = load_private_data(config.kind, 0, 1, config.alpha, config.seed, max(config.batch_size * 4, 64), 64,
+    private = load_private_data(dataclasses.replace(config, partition=0, num_partitions=1, data="",
+                                                    max_private=max(config.batch_size * 4, 64), max_test=64),
                                 backbones=backbones)
     public = load_public_data("train", backbones)
     model = LocalModel(config.kind, config.image_arch, config.text_arch, feature_dim, private.num_classes,

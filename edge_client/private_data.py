@@ -1,4 +1,11 @@
-"""A device's private data: its non-IID share of the task's train split, and the task's test split."""
+"""A device's private data: the rows it trains and tests on.
+
+Three cases, one path: a device given its own data (`data`, one device) holds exactly those rows; a device
+of a pool (`data` with num_partitions > 1, as `serve --local` and `simulate` start them) takes its share
+of the pool's train rows by the partitioner; a device given nothing takes its share of its kind's
+bundled set (today's demo). Shares of a pool are capped at max_private / max_test; a device's own data
+is not.
+"""
 
 from __future__ import annotations
 
@@ -7,44 +14,101 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedafd.runtime.data.modal import ModalData, load_task_data, read_only
-from fedafd.runtime.data.partition import cap_indices, dirichlet_partition
+from fedafd.runtime.config import ClientConfig
+from fedafd.runtime.data.modal import ModalData, read_only, source_view
+from fedafd.runtime.data.partition import PartitionerSpec, cap_indices
+from fedafd.runtime.data.sources.options import DataOptions, load_options
+from fedafd.runtime.data.sources.build import Data
+from fedafd.runtime.data.sources.registry import DEMO_DEFAULTS, Source, open_source, partition_data, train_test
 
 
 @dataclass(frozen=True)
 class PrivateData:
     train: ModalData
     test: ModalData
+    skipped: int = 0
+    """Bad rows left out (on_bad_sample=skip), reported in the round's metrics."""
 
     @property
     def num_classes(self) -> int:
         return len(self.train.class_names)
 
 
-def load_private_data(kind: str, partition: int, num_partitions: int, alpha: float, seed: int,
-                      max_private: int, max_test: int, min_size: int = 10, backbones: tuple[str, ...] = ()
-                      ) -> PrivateData:
-    """Dirichlet(alpha) over labels (multimodal: over category folders), the same split on every device
-    of this kind given the same seed, then capped to `max_private` samples; the test split is shared.
-    `backbones`: whose cached features to attach."""
-    train = load_task_data(kind, "train", backbones)
-    shares = _shares(kind, num_partitions, alpha, seed, min_size)
-    mine = cap_indices(shares[partition], max_private, seed + 1 + partition)
-    return PrivateData(train=train.select(mine), test=_test_split(kind, max_test, seed, backbones))
+@dataclass(frozen=True)
+class DataSpec:
+    """Where a device's rows come from, as its config says (hashable: one read per process)."""
+
+    kind: str
+    location: str
+    options: DataOptions
+    test_location: str = ""
+    test_fraction: float = 0.2
+    on_bad_sample: str = "error"
+
+    @property
+    def own(self) -> bool:
+        return bool(self.location)
+
+
+def data_spec(config: ClientConfig) -> DataSpec:
+    options = load_options(config.data_config, format=config.data_format if config.data_format != "auto" else None)
+    return DataSpec(config.kind, config.data, options, config.test_data, config.test_fraction, config.on_bad_sample)
+
+
+def partitioner_spec(config: ClientConfig) -> PartitionerSpec:
+    return PartitionerSpec(name=config.partitioner, alpha=config.alpha, min_partition_size=config.min_partition_size,
+                           self_balancing=config.self_balancing,
+                           num_shards_per_partition=config.num_shards_per_partition, shard_size=config.shard_size,
+                           num_classes_per_partition=config.num_classes_per_partition,
+                           class_assignment_mode=config.class_assignment_mode)
+
+
+def load_private_data(config: ClientConfig, backbones: tuple[str, ...] = ()) -> PrivateData:
+    """The device's (train, test) rows, as its config says, with the named backbones' cached features."""
+    spec = data_spec(config)
+    train, test, skipped = _rows(spec, config.seed, backbones)
+    if spec.own and config.num_partitions == 1:
+        return PrivateData(train, test, skipped)
+    shares = _shares(spec, partitioner_spec(config), config.num_partitions, config.seed)
+    mine = cap_indices(shares[config.partition], config.max_private, config.seed + 1 + config.partition)
+    return PrivateData(train.select(mine), _capped_test(spec, config.max_test, config.seed, backbones), skipped)
 
 
 @functools.lru_cache(maxsize=None)
-def _shares(kind: str, num_partitions: int, alpha: float, seed: int, min_size: int) -> list[np.ndarray]:
-    """Every device's rows of the kind's train split: the same split for all of them, drawn once per process."""
-    labels = load_task_data(kind, "train").labels
-    assert labels is not None
-    return dirichlet_partition(labels, num_partitions, alpha, seed, min_size=min_size)
+def _source_rows(spec: DataSpec, seed: int) -> tuple[Source, Data, Source, Data]:
+    """(source, its train rows, the test rows' source, the test rows), read once per process."""
+    source = open_source(spec.kind, spec.location or DEMO_DEFAULTS[spec.kind], spec.options, spec.on_bad_sample)
+    test_source = (open_source(spec.kind, spec.test_location, spec.options, spec.on_bad_sample)
+                   if spec.test_location else None)
+    train, test = train_test(source, spec.options, test_source, spec.test_fraction, seed)
+    return source, train, test_source or source, test
 
 
 @functools.lru_cache(maxsize=None)
-def _test_split(kind: str, max_test: int, seed: int, backbones: tuple[str, ...]) -> ModalData:
-    """The test rows every device of `kind` evaluates on: the same for all of them, so one read-only copy
-    per process (a simulation's devices share it)."""
-    test = load_task_data(kind, "test", backbones)
-    return read_only(test.select(cap_indices(np.arange(len(test)), max_test, seed)))
+def _rows(spec: DataSpec, seed: int, backbones: tuple[str, ...]) -> tuple[ModalData, ModalData, int]:
+    """The train and test rows of a spec's source as training reads them, shared read-only (a simulation's
+    devices of one pool share them), and the bad rows skipped."""
+    source, train, test_source, test = _source_rows(spec, seed)
+    skipped = source.skipped + (test_source.skipped if test_source is not source else 0)
+    return (source_view(source, train, "train", backbones), source_view(test_source, test, "test", backbones),
+            skipped)
+
+
+@functools.lru_cache(maxsize=None)
+def _shares(spec: DataSpec, partitioner: PartitionerSpec, num_partitions: int, seed: int) -> list[np.ndarray]:
+    """Every device's rows of the pool's train rows: the same split for all of them, drawn once per process."""
+    return partition_data(_source_rows(spec, seed)[1], partitioner, num_partitions, seed)
+
+
+@functools.lru_cache(maxsize=None)
+def _capped_test(spec: DataSpec, max_test: int, seed: int, backbones: tuple[str, ...]) -> ModalData:
+    """The test rows every device of a pool evaluates on: the same for all of them, one read-only copy per
+    process. Pairs are capped by picture, so a picture keeps all its captions."""
+    test = _rows(spec, seed, backbones)[1]
+    pictures = test.pictures()
+    ids = np.unique(pictures)
+    if len(ids) == len(pictures):
+        return read_only(test.select(cap_indices(np.arange(len(test)), max_test, seed)))
+    kept = cap_indices(ids, max_test, seed)
+    return read_only(test.select(np.flatnonzero(np.isin(pictures, kept))))
 

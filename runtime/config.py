@@ -111,6 +111,46 @@ class ServerConfig:
     """Discriminators' target for real (global) features; below 1 is one-sided label smoothing (paper: 1)."""
     alpha: float = 0.1
     """Dirichlet concentration of the non-IID client partitions (--local; paper: 0.1)."""
+    partitioner: str = "dirichlet_legacy"
+    """How pool rows are split among the devices of a kind: Flower Datasets' iid, dirichlet (alpha, min_partition_size, self_balancing), shard, pathological, natural (the data config's natural_id_column); or dirichlet_legacy (fedafd's own Dirichlet split, the demo's)."""
+    min_partition_size: int = 10
+    """dirichlet, dirichlet_legacy: draw again until every device holds at least this many rows (Flower's min_partition_size)."""
+    self_balancing: bool = False
+    """dirichlet: stop giving a class's rows to devices already above the average size (Flower's self_balancing)."""
+    num_shards_per_partition: int = 0
+    """shard: shards each device gets (0: from shard_size; Flower's num_shards_per_partition)."""
+    shard_size: int = 0
+    """shard: rows per shard (0: from num_shards_per_partition; Flower's shard_size)."""
+    num_classes_per_partition: int = 2
+    """pathological: classes each device holds (Flower's num_classes_per_partition)."""
+    class_assignment_mode: str = "first-deterministic"
+    """pathological: how classes are given to devices: random, deterministic or first-deterministic (Flower's)."""
+    public_data: str = ""
+    """The public image-text set P that the server trains on and every device holds: a path (COCO or Karpathy JSON, metadata.jsonl folder, CSV/JSONL table, parquet, save_to_disk) or demo:NAME ("": demo:emoji). Devices must hold the same (checked by digest at join)."""
+    public_data_config: str = ""
+    """Data config TOML of public_data (column mapping, format, splits: README "Your own data")."""
+    public_subset: str = ""
+    """File of row ids (one per line, or a JSON list) of public_data's train rows that make P (like the paper's 10k COCO subset; "": every row)."""
+    eval_data: str = ""
+    """The server's retrieval test set ("": public_data's test split). Its pictures must not be in the public set."""
+    eval_data_config: str = ""
+    """Data config TOML of eval_data."""
+    image_data: str = ""
+    """--local/simulate: the pool the image devices split with the partitioner ("": demo:fashion_mnist)."""
+    text_data: str = ""
+    """--local/simulate: the pool the text devices split ("": demo:wordnet)."""
+    multimodal_data: str = ""
+    """--local/simulate: the pool of image-text pairs the retrieval devices split ("": demo:tuxpaint)."""
+    image_data_config: str = ""
+    """Data config TOML of image_data."""
+    text_data_config: str = ""
+    """Data config TOML of text_data."""
+    multimodal_data_config: str = ""
+    """Data config TOML of multimodal_data."""
+    test_fraction: float = 0.2
+    """Share of a pool's rows held out (stratified, seeded) as its devices' test rows when the pool has no test split."""
+    on_bad_sample: str = "error"
+    """A bad row in any data set: error (stop, naming the file and row) or skip (leave it out, counted in the metrics)."""
     max_private: int = 2000
     """Cap on each --local client's private training samples (0: no cap)."""
     max_test: int = 1000
@@ -150,6 +190,10 @@ class ServerConfig:
         _check_choice(self, "device_regime", DEVICE_REGIMES)
         _check_non_negative(self, "baa_batches")
         _check_positive(self, "disc_steps")
+        _check_partitioner(self)
+        _check_choice(self, "on_bad_sample", ("error", "skip"))
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         if not 0.0 < self.quorum <= 1.0:
             raise ConfigError(f"quorum must be in (0, 1], got {self.quorum}")
         if self.feature_dim % 4:
@@ -174,6 +218,36 @@ class ClientConfig:
     """How many devices of this kind share the data set."""
     alpha: float = 0.1
     """Dirichlet concentration of the non-IID split (must match the other devices of this kind)."""
+    partitioner: str = "dirichlet_legacy"
+    """How the pool's rows are split among the devices of a kind: Flower Datasets' iid, dirichlet (alpha, min_partition_size, self_balancing), shard, pathological, natural (the data config's natural_id_column); or dirichlet_legacy (fedafd's own Dirichlet split, the demo's)."""
+    min_partition_size: int = 10
+    """dirichlet, dirichlet_legacy: draw again until every device holds at least this many rows (Flower's min_partition_size)."""
+    self_balancing: bool = False
+    """dirichlet: stop giving a class's rows to devices already above the average size (Flower's self_balancing)."""
+    num_shards_per_partition: int = 0
+    """shard: shards each device gets (0: from shard_size; Flower's num_shards_per_partition)."""
+    shard_size: int = 0
+    """shard: rows per shard (0: from num_shards_per_partition; Flower's shard_size)."""
+    num_classes_per_partition: int = 2
+    """pathological: classes each device holds (Flower's num_classes_per_partition)."""
+    class_assignment_mode: str = "first-deterministic"
+    """pathological: how classes are given to devices: random, deterministic or first-deterministic (Flower's)."""
+    data: str = ""
+    """This device's own data: a path (ImageFolder, CSV/TSV/JSONL, CIFAR binary, .npz, COCO/Karpathy JSON, metadata.jsonl folder, parquet, save_to_disk) or demo:NAME; it holds exactly those rows (with num_partitions > 1: its share of them as a pool). "": its kind's bundled set, shared among num_partitions devices."""
+    data_format: str = "auto"
+    """The format of data (auto: told from the path; README "Your own data" lists them)."""
+    data_config: str = ""
+    """Data config TOML of data: column and label mapping, splits (README "Your own data")."""
+    test_data: str = ""
+    """This device's test rows, when data has no test split ("": test_fraction of data)."""
+    test_fraction: float = 0.2
+    """Share of data's rows held out (stratified, seeded) as test rows when it has no test split and no test_data is given."""
+    on_bad_sample: str = "error"
+    """A bad row in the data: error (stop, naming the file and row) or skip (leave it out, counted in the metrics)."""
+    public_data: str = ""
+    """The public image-text set, the same the server trains on ("": demo:emoji; the server checks its digest at join)."""
+    public_data_config: str = ""
+    """Data config TOML of public_data."""
     seed: int = 0
     """Seed of the split and of this device's models (must match the other devices for the split)."""
     max_private: int = 2000
@@ -244,6 +318,14 @@ class ClientConfig:
         _check_choice(self, "text_arch", TEXT_ARCHS)
         _check_non_negative(self, "upload_noise")
         _check_positive(self, "upload_clip")
+        _check_partitioner(self)
+        _check_choice(self, "on_bad_sample", ("error", "skip"))
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.data_format != "auto":
+            from fedafd.runtime.data.sources.registry import FORMATS
+
+            _check_choice(self, "data_format", ("auto", *FORMATS))
         if self.dp:
             self._validate_dp()
         if not self.client_id:
@@ -383,6 +465,15 @@ def _convert(key: str, value: Any, target: Any) -> Any:
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return str(value)
     raise ConfigError(f"{key} has an unsupported type {target}")
+
+
+def _check_partitioner(config: ServerConfig | ClientConfig) -> None:
+    from fedafd.runtime.data.partition import PARTITIONERS
+
+    _check_choice(config, "partitioner", PARTITIONERS)
+    _check_non_negative(config, "min_partition_size", "num_shards_per_partition", "shard_size")
+    _check_positive(config, "num_classes_per_partition")
+    _check_choice(config, "class_assignment_mode", ("random", "deterministic", "first-deterministic"))
 
 
 def _check_positive(config: object, *keys: str) -> None:

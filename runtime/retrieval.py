@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -102,7 +103,8 @@ def pair_retrieval_metrics(image_features: Tensor, text_features: Tensor, image_
     n = image_features.shape[0]
     if image_ids is None:
         return retrieval_metrics(image_features, text_features, torch.arange(n))
-    ids = torch.as_tensor(image_ids, dtype=torch.long).reshape(-1)
+    ids = image_ids.long().cpu() if isinstance(image_ids, Tensor) else torch.from_numpy(np.array(image_ids, np.int64))
+    ids = ids.reshape(-1)
     if ids.numel() != n:
         raise ValueError(f"image_ids has {ids.numel()} entries for {n} rows")
     unique, text_to_image = torch.unique(ids, return_inverse=True)  # (P,), (N,)

@@ -36,11 +36,12 @@ from . import codecs as _codecs
 from .methods import MethodSettings, SettingsError
 
 MAGIC = b"FAFD"
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 """2: Join and RoundStart name the frozen backbones and the sha256 of their weights. 3: RoundStart's
 settings are typed and versioned (runtime.methods.MethodSettings) and it may carry FedMD's consensus;
 Welcome's run_id names the federation (kept across `serve --resume`; devices keep their state under it)
-and must match RUN_ID_PATTERN."""
+and must match RUN_ID_PATTERN. 4: Join carries the digest of the device's public set (the server refuses
+another public set before any round)."""
 MAX_HEADER_BYTES = 64 * 1024
 """Largest msgpack header accepted (a tower of a few hundred tensors needs ~20 KiB)."""
 MAX_MESSAGE_BYTES = 1 << 30
@@ -98,6 +99,8 @@ class ErrorCode(enum.StrEnum):
     UNKNOWN_CLIENT = "unknown_client"
     BACKBONE_MISMATCH = "backbone_mismatch"
     """The device's frozen backbone weights are not the server's (another package version)."""
+    PUBLIC_DATA_MISMATCH = "public_data_mismatch"
+    """The device holds another public set than the server's (its rows' digest differs)."""
 
 
 class WireError(Exception):
@@ -147,7 +150,8 @@ def _matching(pattern: str) -> Any:
 @dataclass(frozen=True)
 class Join:
     """Client -> server: who I am. `image_arch`/`text_arch` are "" for a modality the client lacks;
-    `backbones` maps each frozen backbone the device holds to the sha256 of its weights."""
+    `backbones` maps each frozen backbone the device holds to the sha256 of its weights; `public_digest` is
+    the sha256 of the public set's rows it holds (runtime.data.sources.registry.data_digest)."""
 
     TYPE: ClassVar[MsgType] = MsgType.JOIN
     TENSORS: ClassVar[dict[str, TensorSpec]] = {}
@@ -158,6 +162,7 @@ class Join:
     text_arch: str
     num_private: int = _at_least(0)
     backbones: dict[str, str] = field(default_factory=dict)
+    public_digest: str = ""
 
 
 @dataclass(frozen=True)

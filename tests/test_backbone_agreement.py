@@ -15,11 +15,12 @@ from fedafd.runtime.backbones import backbone_digest
 from fedafd.runtime.config import ClientConfig, ServerConfig, build_config
 from fedafd.runtime.transport import InprocHub
 from fedafd.runtime.wire import Error, ErrorCode, Join, Welcome
+from fedafd.runtime.data.modal import public_source
 
 
 def _join(digests: dict[str, str]) -> Join:
     return Join(client_id="image-0", kind="image", image_arch="effnet_linear", text_arch="",
-                num_private=10, backbones=digests)
+                num_private=10, backbones=digests, public_digest=public_source().digest)
 
 
 def _answer(server: ServerApp, device: ClientMessenger) -> object:

@@ -7,14 +7,18 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fedafd.runtime.backbones import BACKBONE_IMAGE_SIZE, backbone_spec, modality_backbones
-from fedafd.runtime.data.datasets import PUBLIC, dataset_for
+from fedafd.runtime.data.datasets import dataset_for
 from fedafd.runtime.data.features import backbone_features, compute_features, feature_cache_path
 from fedafd.runtime.data.prepared import SPLITS, ImageClassData, PairData, TextClassData, stratified_split
+from fedafd.runtime.data.sources.options import DataOptions, load_options
+from fedafd.runtime.data.sources.records import DataFormatError
+from fedafd.runtime.data.sources.registry import DEMO_DEFAULTS, PUBLIC, Source, data_digest, open_source
 from fedafd.runtime.data.views import RAW, ModalData
 from fedafd.runtime.wire import MODALITIES, MODALITIES_OF_KIND
 
@@ -68,14 +72,11 @@ def as_modal(data: ImageClassData | TextClassData | PairData) -> ModalData:
 
 @functools.lru_cache(maxsize=None)
 def load_task_data(kind: str, split: str, backbones: tuple[str, ...] = ()) -> ModalData:
-    """A device kind's task data set (the device takes its share): what stands in for the paper's data
-    sets is in the README's data section. Fashion-MNIST and WordNet are cut to their TASK_POOL rows.
-    Loaded once per process and shared read-only."""
-    dataset = dataset_for(kind)
-    data = as_modal(dataset.load(split))
-    if kind in TASK_POOL:
-        data = data.select(pool_rows(data.labels, TASK_POOL[kind][split]))
-    return read_only(with_backbone_features(data, f"{dataset.name}-{split}", backbones))
+    """A device kind's bundled task data set (the demo's devices take their shares): what stands in for the
+    paper's data sets is in the README's data section. Fashion-MNIST and WordNet are cut to their TASK_POOL
+    rows. Loaded once per process and shared read-only."""
+    source = open_source(kind, DEMO_DEFAULTS[kind])
+    return source_view(source, source.splits[split], split, backbones)
 
 
 def pool_rows(labels: np.ndarray, size: int) -> np.ndarray:
@@ -86,13 +87,53 @@ def pool_rows(labels: np.ndarray, size: int) -> np.ndarray:
     return chosen
 
 
+@dataclass(frozen=True)
+class PublicSpec:
+    """Where the public set (or the server's eval set) comes from ("": the bundled emoji)."""
+
+    location: str = ""
+    options: DataOptions = DataOptions()
+    on_bad_sample: str = "error"
+
+
+def public_spec(location: str, data_config: str, on_bad_sample: str = "error") -> PublicSpec:
+    return PublicSpec(location, load_options(data_config), on_bad_sample)
+
+
 @functools.lru_cache(maxsize=None)
-def load_public_data(split: str = "train", backbones: tuple[str, ...] = ()) -> ModalData:
-    """The public image-text set (emoji pictures with their names): split "train" is P, which the server
-    and every device hold; "test" is the server's held-out retrieval split. Loaded once per process and
-    shared read-only."""
-    dataset = dataset_for(PUBLIC)
-    return read_only(with_backbone_features(as_modal(dataset.load(split)), f"{dataset.name}-{split}", backbones))
+def public_source(spec: PublicSpec = PublicSpec()) -> Source:
+    return open_source(PUBLIC, spec.location or DEMO_DEFAULTS[PUBLIC], spec.options, spec.on_bad_sample)
+
+
+@functools.lru_cache(maxsize=None)
+def load_public_data(split: str = "train", backbones: tuple[str, ...] = (), spec: PublicSpec = PublicSpec(),
+                     eval_spec: PublicSpec | None = None) -> ModalData:
+    """The public image-text set: "train" is P's pool, which the server and every device hold (its train
+    splits, or all its rows); "test" is the server's retrieval test set: eval_spec's rows (its test split, or
+    all of them), else the public source's test split. Loaded once per process and shared read-only."""
+    source = public_source(spec)
+    if split == "train":
+        rows = source.rows(spec.options.train_splits) or source.rows(("all",))
+        if rows is None:
+            raise DataFormatError(f"{source.location}: none of the train splits {list(spec.options.train_splits)}")
+        return source_view(source, rows, "train", backbones)
+    if eval_spec is not None and eval_spec.location:
+        source = public_source(eval_spec)
+        rows = source.rows(eval_spec.options.test_splits) or source.rows(("all",))
+    else:
+        rows = source.rows(spec.options.test_splits)
+    if rows is None:
+        raise DataFormatError(f"{source.location} has no test split to evaluate the server on: set eval_data")
+    return source_view(source, rows, "test", backbones)
+
+
+def source_view(source: Source, data: ImageClassData | TextClassData | PairData, split: str,
+                backbones: tuple[str, ...]) -> ModalData:
+    """Rows of a source as training reads them, read-only, with the named backbones' cached features. A bundled
+    set's caches keep their names (`fashion_mnist-train`); other rows are named by their own digest, so an
+    edited file, another split or another test_fraction never reads stale features."""
+    name = f"{source.name}-{split}" if source.format == "demo" else f"src{data_digest({split: data})[:20]}"
+    return read_only(with_backbone_features(as_modal(data), name, backbones))
 
 
 def with_backbone_features(data: ModalData, dataset: str, backbones: tuple[str, ...]) -> ModalData:

@@ -254,7 +254,9 @@ def _write_device(out: Path, name: str, kind: str, train: Data, train_rows: np.n
 def _toml(values: dict[str, Any]) -> str:
     """Flat TOML of strings and lists of strings (JSON's string escapes are TOML's)."""
     def value(v: Any) -> str:
-        return "[" + ", ".join(value(x) for x in v) + "]" if isinstance(v, list) else json.dumps(v, ensure_ascii=False)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")  # TOML escapes DEL, JSON does not
     return "# The data config of this device's folder: pass it as data_config.\n" + "".join(
         f"{key} = {value(v)}\n" for key, v in values.items())
 

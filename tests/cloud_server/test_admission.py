@@ -184,3 +184,22 @@ def test_heartbeats_byes_and_stray_messages(server: Server) -> None:
     assert admission.clients == {}
     assert [r["code"] for r in admission.take_rejected()] == ["unknown_client", "unknown_client", "unexpected",
                                                               "unexpected", "bad_version"]
+
+
+def test_a_device_holding_another_public_set_is_refused_before_any_round() -> None:
+    # Prepare: a server whose public set has digest "a" * 64; one device names it, one names another, one none.
+    sent = []
+    admission = Admission(lambda peer, message: sent.append((peer, message)) or True, DIGESTS, "run-1", D, 3,
+                          public_digest="a" * 64, public_location="coco/captions_train2017.json")
+    hub = InprocHub()
+    messenger = ServerMessenger(hub.server(), ByteCounter())
+    for client_id, digest in (("text-0", "a" * 64), ("text-1", "b" * 64), ("text-2", "")):
+        hub.client(client_id).send(encode(_join(client_id, public_digest=digest)))
+        # Execute
+        admission.handle(messenger.recv(5.0), joined_round=0)
+    # Assert: only the device with the server's public set joined; the others got a named error.
+    assert list(admission.clients) == ["text-0"]
+    refusals = [m for _, m in sent if isinstance(m, Error)]
+    assert [r.code for r in refusals] == [ErrorCode.PUBLIC_DATA_MISMATCH] * 2
+    assert "coco/captions_train2017.json" in refusals[0].reason and "bbbbbbbbbbbb" in refusals[0].reason
+    assert "none" in refusals[1].reason

@@ -11,6 +11,7 @@ from fedafd.cloud_server.round_record import DropReason, RoundOutcome
 from fedafd.runtime.config import ServerConfig, build_config
 from fedafd.runtime.transport import InprocHub
 from fedafd.runtime.wire import Bye, Heartbeat, Join, encode
+from fedafd.runtime.data.modal import public_source
 
 
 def test_a_straggler_stays_joined_and_an_exited_silent_or_leaving_device_is_forgotten(tmp_path: Path) -> None:
@@ -22,7 +23,8 @@ def test_a_straggler_stays_joined_and_an_exited_silent_or_leaving_device_is_forg
     server = ServerApp(config, hub.server(), tmp_path, dead_clients=lambda: {"image-1": 9})
     devices = {cid: hub.client(cid) for cid in ("image-0", "image-1", "image-2", "image-3")}
     for cid, device in devices.items():
-        device.send(encode(Join(client_id=cid, kind="image", image_arch="cnn_small", text_arch="", num_private=10)))
+        device.send(encode(Join(client_id=cid, kind="image", image_arch="cnn_small", text_arch="", num_private=10,
+                                 public_digest=public_source().digest)))
         server._handle_outside_round(server.messenger.recv(5.0))
     stop = threading.Event()
 

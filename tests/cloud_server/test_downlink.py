@@ -22,6 +22,7 @@ from fedafd.runtime.codecs import wire_codec
 from fedafd.runtime.config import ServerConfig, build_config
 from fedafd.runtime.transport import InprocHub
 from fedafd.runtime.wire import RoundStart
+from fedafd.runtime.data.modal import public_source
 
 D = 16
 
@@ -124,7 +125,7 @@ def test_uploads_that_arrive_during_the_downlink_are_folded_before_the_next_roun
     try:
         for cid, device in devices.items():
             device.send(encode(Join(client_id=cid, kind="image", image_arch="cnn_small", text_arch="",
-                                    num_private=10)))
+                                    num_private=10, public_digest=public_source().digest)))
             server._handle_outside_round(server.messenger.recv(5.0))
             assert isinstance(decode(device.recv(5.0)).msg, Welcome)
         for cid in ("image-1", "image-2"):  # they answer once their RoundStart is there

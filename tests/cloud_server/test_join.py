@@ -14,6 +14,7 @@ from fedafd.cloud_server.app import ServerApp, ServerError
 from fedafd.runtime.config import ServerConfig, build_config
 from fedafd.runtime.transport import InprocHub
 from fedafd.runtime.wire import FeatureUpload, Join, RoundStart, Welcome, decode, encode
+from fedafd.runtime.data.modal import public_source
 
 
 def test_a_device_gone_before_its_welcome_does_not_count_as_joined(tmp_path: Path) -> None:
@@ -23,7 +24,7 @@ def test_a_device_gone_before_its_welcome_does_not_count_as_joined(tmp_path: Pat
                                                        feature_dim=16)), hub.server(), tmp_path)
     device = hub.client("image-0")
     device.send(encode(Join(client_id="image-0", kind="image", image_arch="cnn_small", text_arch="",
-                            num_private=10)))
+                            num_private=10, public_digest=public_source().digest)))
     device.close()
     try:
         # Execute
@@ -42,7 +43,7 @@ def _server(hub: InprocHub, tmp_path: Path, **settings) -> ServerApp:
 def _join(hub: InprocHub, client_id: str):
     device = hub.client(client_id)
     device.send(encode(Join(client_id=client_id, kind="image", image_arch="cnn_small", text_arch="",
-                            num_private=10)))
+                            num_private=10, public_digest=public_source().digest)))
     return device
 
 

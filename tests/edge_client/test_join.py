@@ -12,8 +12,8 @@ from typing import Callable
 import pytest
 import zmq
 
-from fedafd.cloud_server import app as cloud_app
 from fedafd.cloud_server.app import ServerApp
+from fedafd.cloud_server.public_data import ServerData
 from fedafd.edge_client import app as edge_app
 from fedafd.edge_client.app import EdgeApp, EdgeError
 from fedafd.edge_client.state import StateError
@@ -203,14 +203,14 @@ def test_a_server_still_loading_answers_the_first_join(tmp_path: Path, monkeypat
     # again after BACKOFF_S. (Loading is what `serve` does after binding and starting --local devices.)
     monkeypatch.setattr(edge_app, "JOIN_BACKOFF_S", BACKOFF_S)
     loading, release = threading.Event(), threading.Event()
-    load_public_data = cloud_app.load_public_data
+    load = ServerData.load
 
-    def held_load(*args, **kwargs):
+    def held_load(self, backbones):
         loading.set()
         release.wait(timeout=10)
-        return load_public_data(*args, **kwargs)
+        return load(self, backbones)
 
-    monkeypatch.setattr(cloud_app, "load_public_data", held_load)
+    monkeypatch.setattr(ServerData, "load", held_load)
     client_config = build_config(ClientConfig, dict(kind="image", max_private=16, max_test=8, connect_timeout_s=3))
     server_config = build_config(ServerConfig, dict(image_arch="cnn_small", text_arch="gru", public_size=32,
                                                     feature_dim=16, expected_clients=1))
