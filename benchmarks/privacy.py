@@ -120,8 +120,7 @@ def real_devices(run_dir: Path, probe: torch.Tensor) -> list[Device]:
         if config.kind == "multimodal":
             continue
         modalities = MODALITIES_OF_KIND[config.kind]
-        private = load_private_data(config.kind, config.partition, config.num_partitions, config.alpha, config.seed,
-                                    config.max_private, config.max_test, backbones=modality_backbones(modalities))
+        private = load_private_data(config, backbones=modality_backbones(modalities))
         meta = json.loads((folder / "client_state.json").read_text())
         model = LocalModel(config.kind, config.image_arch, config.text_arch, meta["feature_dim"], private.num_classes,
                            config.adapter_dropout, config.head, config.head_scale, "layer" if config.dp else "batch")
