@@ -24,6 +24,10 @@ SET_HELP = "KEY=VALUE of ClientConfig, repeatable; `fedafd-edge config` lists ev
 def join(
     server: Annotated[str, typer.Option(help="The server's ZeroMQ address, e.g. tcp://127.0.0.1:5555.")],
     kind: Annotated[Kind, typer.Option(help="This device's task: image and text classify, multimodal retrieves.")],
+    data: Annotated[Optional[str], typer.Option(help="This device's own data: a folder or file (ImageFolder, CSV/TSV/"
+                                                     "JSONL, CIFAR binary, .npz, COCO/Karpathy JSON, metadata.jsonl "
+                                                     "folder, parquet, save_to_disk); it holds exactly those rows. "
+                                                     "Default: a share of its kind's bundled set.")] = None,
     partition: Annotated[Optional[int], typer.Option(help="This device's share of the non-IID split (0-based).")] = None,
     num_partitions: Annotated[Optional[int], typer.Option(help="How many devices of this kind share the data "
                                                                "(default 1: this device holds all of it).")] = None,
@@ -49,8 +53,8 @@ def join(
         from fedafd.runtime.transport import ZmqClientTransport
 
         client_config = load_config(ClientConfig, config, overrides, kind=kind, partition=partition,
-                                    num_partitions=num_partitions, client_id=client_id, profile=profile)
-        if client_config.num_partitions == 1:
+                                    num_partitions=num_partitions, client_id=client_id, profile=profile, data=data)
+        if client_config.num_partitions == 1 and not client_config.data:
             log.warning("num_partitions is 1: this device holds the whole %s data set (up to max_private=%d); when N "
                         "devices of this kind join, give each --num-partitions N and its own --partition",
                         client_config.kind, client_config.max_private)
@@ -59,6 +63,7 @@ def join(
             from fedafd.runtime.shaping import load_profile
 
             link = load_profile(client_config.profile)
+        _read_data(client_config)  # every bad file or row is named before anything connects
         curve = _curve_keys(key, server_key, insecure)  # after every check: a refused join writes nothing
         transport = ZmqClientTransport(server, client_config.client_id, curve=curve)
         if link is not None:
@@ -75,6 +80,18 @@ def join(
                 edge.close()
             else:
                 transport.close()
+
+
+def _read_data(config: ClientConfig) -> None:
+    """The device's private and public data read (and cached) now, so a bad file stops `join` before it connects;
+    EdgeApp then takes the same rows from the process's cache."""
+    from fedafd.edge_client.private_data import load_private_data
+    from fedafd.runtime.data.modal import public_source, public_spec
+
+    private = load_private_data(config)
+    public_source(public_spec(config.public_data, config.public_data_config, config.on_bad_sample))
+    log.info("%s: %d private training rows, %d test rows (%d bad rows skipped)", config.client_id,
+             len(private.train), len(private.test), private.skipped)
 
 
 def _curve_keys(key: Optional[Path], server_key: Optional[str], insecure: bool):
