@@ -55,7 +55,8 @@ def test_goldens_cover_every_partitioner_but_the_legacy_one() -> None:
 def test_flowers_dirichlet_is_not_the_legacy_split() -> None:
     # Flower cuts each class's rows in their order; dirichlet_legacy shuffles them first (and continues the
     # stream differently), so one seed gives other row sets. The demo keeps the legacy split.
-    plain = [c for c in CASES if c["name"] == "dirichlet" and "error" not in c and not c["params"].get("self_balancing")]
+    plain = [c for c in CASES
+             if c["name"] == "dirichlet" and "error" not in c and not c["params"].get("self_balancing")]
     assert plain
     for case in plain:
         legacy = dirichlet_partition(LABELS, case["num_partitions"], case["params"]["alpha"], case["seed"],
