@@ -51,6 +51,9 @@ _CIFAR100_FILES = {"train.bin": "train", "test.bin": "test"}
 
 def read(path: Path, kind: str, options: DataOptions, problems: Problems) -> Splits:
     """The records of a CIFAR-10/100 binary folder ({"train", "test"}) or of one .bin file ({"all"})."""
+    if options.natural_id_column:
+        raise problems.fatal(str(path), f"natural_id_column {options.natural_id_column!r}: CIFAR records have no "
+                                        "columns; save the rows as an .npz with that array, or a parquet file")
     files = _files(path, problems)
     layout = files[0][2]
     label = _label_choice(layout, path, options, problems)

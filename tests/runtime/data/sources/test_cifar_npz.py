@@ -76,6 +76,8 @@ def test_cifar100_uses_the_fine_label_unless_coarse_label_is_asked(tmp_path, fas
     assert fine_source.digest != coarse_source.digest
     with pytest.raises(DataFormatError, match="label_column must be fine_label"):
         open_source("image", tmp_path, DataOptions(label_column="superclass"), cache=False)
+    with pytest.raises(DataFormatError, match="natural_id_column 'writer': CIFAR records have no columns"):
+        open_source("image", tmp_path, DataOptions(natural_id_column="writer"), cache=False)
 
 
 def test_truncated_cifar_file_is_named_with_its_size(tmp_path, fashion):
@@ -174,3 +176,13 @@ def test_npz_floats_outside_0_1_and_missing_labels_are_fatal(tmp_path, fashion):
     np.savez(path, images=fashion.images)
     with pytest.raises(DataFormatError, match=r"no label array labels or y \(it holds images uint8"):
         open_source("image", path, cache=False)
+
+
+def test_npz_natural_ids_come_from_the_named_array(tmp_path, fashion):
+    path = tmp_path / "d.npz"
+    writers = np.array([f"w{i % 4}" for i in range(10)])
+    np.savez(path, x_train=fashion.images[:10], y_train=fashion.labels[:10], writer_train=writers)
+    data = open_source("image", path, DataOptions(natural_id_column="writer"), cache=False).splits["train"]
+    assert data.natural_ids == tuple(writers.tolist())
+    with pytest.raises(DataFormatError, match="no natural id array 'site_train'"):
+        open_source("image", path, DataOptions(natural_id_column="site"), cache=False)
