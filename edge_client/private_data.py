@@ -59,6 +59,7 @@ def partitioner_spec(config: ClientConfig) -> PartitionerSpec:
     return PartitionerSpec(name=config.partitioner, alpha=config.alpha, min_partition_size=config.min_partition_size,
                            self_balancing=config.self_balancing,
                            num_shards_per_partition=config.num_shards_per_partition, shard_size=config.shard_size,
+                           keep_incomplete_shard=config.keep_incomplete_shard,
                            num_classes_per_partition=config.num_classes_per_partition,
                            class_assignment_mode=config.class_assignment_mode)
 

@@ -121,9 +121,11 @@ class ServerConfig:
     """shard: shards each device gets (0: from shard_size; Flower's num_shards_per_partition)."""
     shard_size: int = 0
     """shard: rows per shard (0: from num_shards_per_partition; Flower's shard_size)."""
+    keep_incomplete_shard: bool = False
+    """shard: keep the last, smaller shard of a class instead of leaving its rows out (Flower's keep_incomplete_shard)."""
     num_classes_per_partition: int = 2
     """pathological: classes each device holds (Flower's num_classes_per_partition)."""
-    class_assignment_mode: str = "first-deterministic"
+    class_assignment_mode: str = "random"
     """pathological: how classes are given to devices: random, deterministic or first-deterministic (Flower's)."""
     public_data: str = ""
     """The public image-text set P that the server trains on and every device holds: a path (COCO or Karpathy JSON, metadata.jsonl folder, CSV/JSONL table, parquet, save_to_disk) or demo:NAME ("": demo:emoji). Devices must hold the same (checked by digest at join)."""
@@ -228,9 +230,11 @@ class ClientConfig:
     """shard: shards each device gets (0: from shard_size; Flower's num_shards_per_partition)."""
     shard_size: int = 0
     """shard: rows per shard (0: from num_shards_per_partition; Flower's shard_size)."""
+    keep_incomplete_shard: bool = False
+    """shard: keep the last, smaller shard of a class instead of leaving its rows out (Flower's keep_incomplete_shard)."""
     num_classes_per_partition: int = 2
     """pathological: classes each device holds (Flower's num_classes_per_partition)."""
-    class_assignment_mode: str = "first-deterministic"
+    class_assignment_mode: str = "random"
     """pathological: how classes are given to devices: random, deterministic or first-deterministic (Flower's)."""
     data: str = ""
     """This device's own data: a path (ImageFolder, CSV/TSV/JSONL, CIFAR binary, .npz, COCO/Karpathy JSON, metadata.jsonl folder, parquet, save_to_disk) or demo:NAME; it holds exactly those rows (with num_partitions > 1: its share of them as a pool). "": its kind's bundled set, shared among num_partitions devices."""

@@ -41,7 +41,7 @@ def read(path: Path, kind: str, options: DataOptions, problems: Problems) -> dic
     if options.natural_id_column:
         raise problems.fatal(path, f"natural_id_column {options.natural_id_column!r}: class folders have no columns; "
                                    "give a manifest (CSV or JSONL of path, label and that column) instead")
-    return {split: _read_classes(folder, problems) for split, folder in split_folders(path).items()}
+    return {split: _read_classes(folder, options, problems) for split, folder in split_folders(path).items()}
 
 
 def split_folders(root: Path) -> dict[str, Path]:
@@ -70,7 +70,16 @@ def _nonempty(file: Path, where: Where, problems: Problems) -> bool:
 # --- image classification -----------------------------------------------------------------------
 
 
-def _read_classes(root: Path, problems: Problems) -> list[ImageRecord]:
+def folder_class(name: str, class_names: tuple[str, ...]) -> str:
+    """The class a folder holds: its name, or the one configured class name that a folder cannot spell ('/' and
+    '\\' written as '_', as `data split` writes Fashion-MNIST's T-shirt/top)."""
+    if name in class_names or not class_names:
+        return name
+    spelled = [c for c in class_names if c.replace("/", "_").replace("\\", "_") == name]
+    return spelled[0] if len(spelled) == 1 else name
+
+
+def _read_classes(root: Path, options: DataOptions, problems: Problems) -> list[ImageRecord]:
     """ROOT/<class>/<picture> -> records labelled by class folder name."""
     records: list[ImageRecord] = []
     classes = []
@@ -85,11 +94,11 @@ def _read_classes(root: Path, problems: Problems) -> list[ImageRecord]:
         raise problems.fatal(root, "no class folders: pictures go in ROOT/<class>/ (or ROOT/train/<class>/ and "
                                    "ROOT/test/<class>/)")
     for folder in classes:
-        records.extend(_read_class(folder, problems))
+        records.extend(_read_class(folder, folder_class(folder.name, options.class_names), problems))
     return records
 
 
-def _read_class(folder: Path, problems: Problems) -> list[ImageRecord]:
+def _read_class(folder: Path, label: str, problems: Problems) -> list[ImageRecord]:
     records = []
     pictures = 0
     for file in sorted(folder.rglob("*")):
@@ -119,7 +128,7 @@ def _read_class(folder: Path, problems: Problems) -> list[ImageRecord]:
                                 f"{nested.replace('/', '_')}/ beside {folder.name}/")
             continue
         if _nonempty(file, where, problems):
-            records.append(ImageRecord(tables.open_picture(file), folder.name, where))
+            records.append(ImageRecord(tables.open_picture(file), label, where))
     if not pictures:
         raise problems.fatal(folder, f"empty class folder: no pictures ({', '.join(PICTURE_SUFFIXES)}) in it; "
                                      "add its pictures or remove it")

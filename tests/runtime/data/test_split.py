@@ -249,9 +249,6 @@ def test_differing_keys_name_fields_of_the_partitioner() -> None:
     assert differing_keys(old, new) == ["partitioner.alpha", "kind"]
 
 
-@pytest.mark.xfail(strict=True, raises=DataFormatError,
-                   reason="needs the ImageFolder reader to map a folder named with '_' for '/' back to the data "
-                          "config's class_names (imagefolder.py / build.py)")
 def test_a_class_name_with_a_slash_reads_back_by_its_name(tmp_path: Path) -> None:
     names = list(load_fashion_mnist("test").class_names)  # "T-shirt/top"
     src, out = image_pool(tmp_path, names), tmp_path / "out"
