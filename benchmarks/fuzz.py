@@ -25,8 +25,8 @@ import zmq
 
 from fedafd.cloud_server.strategies import build_strategy
 from fedafd.runtime.config import ServerConfig
-from fedafd.runtime.wire import (
 from fedafd.runtime.data.modal import public_source
+from fedafd.runtime.wire import (
     MAGIC, PROTOCOL_VERSION, Ack, Bye, Error, FeatureUpload, Heartbeat, Join, RoundStart, Welcome, WireError,
     decode, encode,
 )

@@ -15,8 +15,8 @@ import numpy as np
 import zmq
 
 from fedafd.runtime.backbones import BACKBONES, backbone_digest
-from fedafd.runtime.wire import (
 from fedafd.runtime.data.modal import public_source
+from fedafd.runtime.wire import (
     MODALITIES_OF_KIND, Bye, Error, FeatureUpload, Join, RoundStart, Welcome, WireError, decode, encode,
 )
 

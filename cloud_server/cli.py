@@ -42,7 +42,8 @@ def serve(
                                                            "(e.g. -c rounds=5 -c device=cuda); `fedafd-cloud config` "
                                                            "lists every key, its type, default and meaning.")] = None,
     local: Annotated[Optional[str], typer.Option(help="Also start clients on this machine, e.g. "
-                                                      "image=3,text=3,multimodal=4.")] = None,
+                                                      "image=3,text=3,multimodal=4, or a fleet TOML (README \"Your "
+                                                      "own data\").")] = None,
     local_set: Annotated[Optional[list[str]], typer.Option("--local-set", help="KEY=VALUE of ClientConfig for every "
                                                            "--local device (e.g. disc_lr=1e-4), repeatable; "
                                                            "`fedafd-edge config` lists every key.")] = None,

@@ -23,8 +23,33 @@ DEVICE_REGIMES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
-def parse_fleet(spec: str) -> dict[str, int]:
-    """'image=3,text=3,multimodal=4' -> {'image': 3, 'text': 3, 'multimodal': 4}."""
+class Fleet(dict):
+    """Kind -> number of devices, in start order, and what a fleet TOML gives them: `settings[kind]`, ClientConfig
+    values for every device of the kind (its pool, partitioner, ...), and `each[kind][i]`, device i's own."""
+
+    def __init__(self, counts: dict[str, int], settings: dict[str, dict] | None = None,
+                 each: dict[str, list[dict]] | None = None):
+        super().__init__(counts)
+        self.settings = settings or {}
+        self.each = each or {}
+
+    def values_of(self, kind: str, index: int) -> dict[str, object]:
+        """The fleet TOML's ClientConfig values for device `index` of `kind` (a device given its own data holds
+        exactly those rows: it is not one share of a pool)."""
+        values = dict(self.settings.get(kind, {}))
+        devices = self.each.get(kind, [])
+        own = dict(devices[index]) if index < len(devices) else {}
+        if "data" in own:
+            values.update(partition=0, num_partitions=1)
+        values.update(own)
+        return values
+
+
+def parse_fleet(spec: str) -> Fleet:
+    """'image=3,text=3,multimodal=4' -> {'image': 3, 'text': 3, 'multimodal': 4}; a path ending in .toml is
+    read as a fleet TOML (read_fleet_toml)."""
+    if spec.strip().endswith(".toml"):
+        return read_fleet_toml(Path(spec.strip()))
     fleet: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         kind, sep, count = part.partition("=")
@@ -35,25 +60,100 @@ def parse_fleet(spec: str) -> dict[str, int]:
         fleet[kind] = int(count)
     if sum(fleet.values()) == 0:
         raise ConfigError("--local must start at least one client")
+    return Fleet(fleet)
+
+
+def read_fleet_toml(path: Path) -> Fleet:
+    """A fleet TOML: one table per device kind, in start order, with `count` and ClientConfig keys for every device
+    of the kind (e.g. `data`, its pool, and the partitioner that splits it), and optionally `[[KIND.device]]`
+    tables, one per device, with that device's own keys (e.g. its own `data` folder from `fedafd-cloud data
+    split`). Relative paths are read from the TOML's folder.
+
+        [image]
+        count = 3
+        data = "/data/cifar-100-binary"
+        partitioner = "dirichlet"
+        alpha = 0.1
+    """
+    import tomllib
+
+    try:
+        with open(path, "rb") as handle:
+            tables = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"fleet file not found: {path}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"fleet file {path} is not valid TOML: {err}") from None
+    counts, settings, each = {}, {}, {}
+    for kind, table in tables.items():
+        if kind not in CLIENT_KINDS or not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{kind}] is not a device kind; the tables are {', '.join(CLIENT_KINDS)}")
+        table = dict(table)
+        devices = table.pop("device", [])
+        if not isinstance(devices, list) or not all(isinstance(d, dict) for d in devices):
+            raise ConfigError(f"{path}: {kind}.device must be [[{kind}.device]] tables")
+        count = table.pop("count", len(devices))
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0 or count < len(devices):
+            raise ConfigError(f"{path}: {kind}.count must be an integer >= the {len(devices)} [[{kind}.device]] tables, "
+                              f"got {count!r}")
+        counts[kind] = count
+        settings[kind] = {k: _relative_to(path, k, v) for k, v in table.items()}
+        each[kind] = [{k: _relative_to(path, k, v) for k, v in d.items()} for d in devices]
+    if sum(counts.values()) == 0:
+        raise ConfigError(f"{path}: the fleet has no devices")
+    fleet = Fleet(counts, settings, each)
+    for kind, count in counts.items():  # every key checked now, naming the device
+        for index in range(count):
+            try:
+                load_config(ClientConfig, None, [f"{k}={v}" for k, v in fleet.values_of(kind, index).items()],
+                            kind=kind, partition=min(index, count - 1), num_partitions=count)
+            except ConfigError as err:
+                raise ConfigError(f"{path}: device {kind}-{index}: {err}") from None
     return fleet
+
+
+PATH_KEYS = ("data", "data_config", "test_data", "public_data", "public_data_config", "profile")
+"""ClientConfig keys that name files (read relative to the fleet TOML's folder)."""
+
+
+def _relative_to(path: Path, key: str, value: object) -> object:
+    if key in PATH_KEYS and isinstance(value, str) and value and not value.startswith("demo:") \
+            and not Path(value).expanduser().is_absolute() and (key != "profile" or value.endswith(".toml")):
+        return str(path.parent / value)
+    return value
 
 
 def client_ids(fleet: dict[str, int]) -> list[str]:
     return [f"{kind}-{i}" for kind, count in fleet.items() for i in range(count)]
 
 
-def device_settings(config: ServerConfig, kind: str, index: int) -> dict[str, object]:
+DATA_KEYS = ("partitioner", "min_partition_size", "self_balancing", "num_shards_per_partition", "shard_size",
+             "keep_incomplete_shard", "num_classes_per_partition", "class_assignment_mode", "test_fraction",
+             "on_bad_sample", "public_data", "public_data_config")
+"""ServerConfig keys every local device takes as they are: how pools are split, and the public set (a device must
+hold the server's)."""
+
+
+def device_settings(config: ServerConfig, kind: str, index: int, fleet: Fleet | None = None) -> dict[str, object]:
     """The ClientConfig values the fleet gives device `index` of `kind` (before the user's --local-set):
-    the server's split and caps, and its turn through the architectures of the config's device regime. `serve --local` and `simulate`
-    build their devices from the same values."""
+    the server's split, caps, pools and public set, its turn through the architectures of the config's device
+    regime, then what a fleet TOML says of it. `serve --local` and `simulate` build their devices from the same
+    values."""
     c = config
     cycle = DEVICE_REGIMES[c.device_regime]
-    return {
+    values: dict[str, object] = {
         "alpha": c.alpha, "seed": c.seed, "max_private": c.max_private, "max_test": c.max_test,
         "image_arch": cycle["image"][index % len(cycle["image"])],
         "text_arch": cycle["text"][index % len(cycle["text"])],
         "round_wait_s": c.round_deadline_s * 4 + c.join_timeout_s,
     }
+    defaults = ServerConfig()
+    values.update({key: getattr(c, key) for key in DATA_KEYS if getattr(c, key) != getattr(defaults, key)})
+    if getattr(c, f"{kind}_data"):
+        values.update(data=getattr(c, f"{kind}_data"), data_config=getattr(c, f"{kind}_data_config"))
+    if fleet is not None:
+        values.update(fleet.values_of(kind, index))
+    return values
 
 
 def fleet_configs(config: ServerConfig, fleet: dict[str, int], client_overrides: Sequence[str] = (),
@@ -65,7 +165,7 @@ def fleet_configs(config: ServerConfig, fleet: dict[str, int], client_overrides:
     configs = []
     for kind, count in fleet.items():
         for index in range(count):
-            values = dict(device_settings(config, kind, index), **extra)
+            values = dict(device_settings(config, kind, index, fleet if isinstance(fleet, Fleet) else None), **extra)
             overrides = [f"{key}={value}" for key, value in values.items()] + list(client_overrides)
             try:
                 configs.append(load_config(ClientConfig, None, overrides, kind=kind, partition=index,
@@ -80,7 +180,7 @@ def fleet_configs(config: ServerConfig, fleet: dict[str, int], client_overrides:
 class LocalFleet:
     """Child processes, one per device; each logs to RUN_DIR/clients/ID/log.txt and keeps its state there."""
 
-    def __init__(self, fleet: dict[str, int], endpoint: str, run_dir: Path, config: ServerConfig,
+    def __init__(self, fleet: Fleet | dict[str, int], endpoint: str, run_dir: Path, config: ServerConfig,
                  keys_dir: Path | None = None, client_overrides: list[str] = ()):
         self.fleet = fleet
         self.client_overrides = list(client_overrides)
@@ -94,7 +194,7 @@ class LocalFleet:
         self._logs: list = []
 
     def command(self, kind: str, index: int) -> list[str]:
-        overrides = device_settings(self.config, kind, index)
+        overrides = device_settings(self.config, kind, index, self.fleet if isinstance(self.fleet, Fleet) else None)
         command = [sys.executable, "-m", "fedafd.edge_client.cli", "join", "--server", self.endpoint, "--kind", kind,
                    "--partition", str(index), "--num-partitions", str(self.fleet[kind]),
                    "--state-dir", str(self.state_dir(f"{kind}-{index}"))]

@@ -62,3 +62,52 @@ def test_the_config_knows_every_regime_the_fleet_defines() -> None:
     assert set(CONFIG_REGIMES) == set(DEVICE_REGIMES)
     with pytest.raises(ConfigError, match="device_regime"):
         load_config(ServerConfig, None, ["device_regime=tiny"])
+
+
+def test_pools_and_the_public_set_of_the_server_reach_its_devices() -> None:
+    # Prepare: a server whose image devices split a pool with Flower's shard partitioner, and its own public set.
+    config = ServerConfig(image_data="/data/cifar-100-binary", image_data_config="cifar.toml", partitioner="shard",
+                          shard_size=50, public_data="/data/coco/captions_train2017.json")
+    # Execute
+    configs = fleet_configs(config, {"image": 2, "text": 1})
+    # Assert: each image device is one share of the pool; the text device reads its bundled set; all hold P.
+    image = [c for c in configs if c.kind == "image"]
+    assert [(c.data, c.partition, c.num_partitions) for c in image] == [("/data/cifar-100-binary", 0, 2),
+                                                                       ("/data/cifar-100-binary", 1, 2)]
+    assert image[0].data_config == "cifar.toml" and image[0].partitioner == "shard" and image[0].shard_size == 50
+    (text,) = [c for c in configs if c.kind == "text"]
+    assert text.data == "" and text.partitioner == "shard"
+    assert {c.public_data for c in configs} == {"/data/coco/captions_train2017.json"}
+
+
+def test_a_fleet_toml_gives_kinds_their_pools_and_devices_their_own_folders(tmp_path: Path) -> None:
+    # Prepare: two image devices of a pool; two text devices, each with its own folder from `data split`.
+    toml = tmp_path / "fleet.toml"
+    toml.write_text('[image]\ncount = 2\ndata = "pool/cifar"\npartitioner = "dirichlet"\nalpha = 0.5\n\n'
+                    '[text]\ntest_fraction = 0.1\n[[text.device]]\ndata = "split/text-0"\n'
+                    '[[text.device]]\ndata = "/abs/text-1"\nlr = 0.01\n')
+    # Execute
+    fleet = parse_fleet(str(toml))
+    configs = fleet_configs(ServerConfig(), fleet)
+    # Assert: counts in order; relative paths read from the TOML's folder; a device's own data is all its rows.
+    assert dict(fleet) == {"image": 2, "text": 2} and client_ids(fleet)[2] == "text-0"
+    image0, image1, text0, text1 = configs
+    assert image0.data == str(tmp_path / "pool/cifar") and (image1.partition, image1.num_partitions) == (1, 2)
+    assert image0.partitioner == "dirichlet" and image0.alpha == 0.5
+    assert (text0.data, text0.num_partitions, text0.test_fraction) == (str(tmp_path / "split/text-0"), 1, 0.1)
+    assert (text1.data, text1.lr, text1.partition) == ("/abs/text-1", 0.01, 0)
+    command = LocalFleet(fleet, "tcp://127.0.0.1:5000", tmp_path, ServerConfig()).command("text", 1)
+    assert "data=/abs/text-1" in command and "num_partitions=1" in command
+
+
+@pytest.mark.parametrize("body, match", [
+    ('[audio]\ncount = 1\n', "not a device kind"),
+    ('[image]\ncount = "two"\n', "image.count"),
+    ('[image]\ncount = 1\nlr = "fast"\n', "device image-0: lr must be a number"),
+    ('[image]\ncount = 1\npartitioner = "kmeans"\n', "partitioner must be one of"),
+])
+def test_a_bad_fleet_toml_names_the_key(tmp_path: Path, body: str, match: str) -> None:
+    toml = tmp_path / "fleet.toml"
+    toml.write_text(body)
+    with pytest.raises(ConfigError, match=match):
+        parse_fleet(str(toml))
