@@ -243,6 +243,8 @@ class ServerApp:
                 distill_loss = self._distil(teachers, generator)
             with timed(timings, "eval"):
                 server_metrics = evaluate_retrieval(self.model, self.public_test, self.device, self.ranks)
+        if c.on_bad_sample == "skip":
+            server_metrics["skipped_rows"] = float(self.data.skipped_rows())
         if "r1_sum_before_stage3" in diagnostics:  # stage 3 ran: the eval above is its "after"
             diagnostics["r1_sum_after_stage3"] = server_metrics["r1_sum"]
             diagnostics["stage3_r1_sum_delta"] = server_metrics["r1_sum"] - diagnostics["r1_sum_before_stage3"]

@@ -50,6 +50,10 @@ class ServerData:
             test = test.select(np.flatnonzero(~in_public))
         return public, test
 
+    def skipped_rows(self) -> int:
+        """Bad rows left out of the public and eval sets (on_bad_sample=skip)."""
+        return public_source(self.spec).skipped + (public_source(self.eval_spec).skipped if self.eval_spec else 0)
+
     @property
     def eval_location(self) -> str:
         return self.eval_spec.location if self.eval_spec is not None else self.location

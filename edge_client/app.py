@@ -374,6 +374,8 @@ class EdgeApp:
                            torch.from_numpy(self.private.train.labels), diagnostics)
         # The model's size travels with the metrics so the server can price FedAvg for the same model.
         metrics["num_params"] = float(count_parameters(state.model))
+        if c.on_bad_sample == "skip":  # the bad rows left out of its data, so the run says what it trained without
+            metrics["skipped_rows"] = float(self.private.skipped)
         uplink = objective.uplink()
         if c.upload_noise > 0:
             uplink = noisy_upload(uplink, c.upload_clip, c.upload_noise, upload_noise_generator(seed, start.round))
