@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from fedafd.runtime.config import ClientConfig, ConfigError, ServerConfig, load_config
+from fedafd.runtime.config import ClientConfig, ConfigError, ServerConfig, load_config, relative_to
 from fedafd.runtime.wire import CLIENT_KINDS
 
 # Device regimes (ServerConfig.device_regime): the architectures a fleet's devices take turns through, per
@@ -112,14 +112,10 @@ def read_fleet_toml(path: Path) -> Fleet:
     return fleet
 
 
-PATH_KEYS = ("data", "data_config", "test_data", "public_data", "public_data_config", "profile")
-"""ClientConfig keys that name files (read relative to the fleet TOML's folder)."""
-
-
 def _relative_to(path: Path, key: str, value: object) -> object:
-    if key in PATH_KEYS and isinstance(value, str) and value and not value.startswith("demo:") \
-            and not Path(value).expanduser().is_absolute() and (key != "profile" or value.endswith(".toml")):
-        return str(path.parent / value)
+    """ClientConfig's file keys (and a profile's .toml) read from the fleet TOML's folder."""
+    if key in ClientConfig.PATH_KEYS or (key == "profile" and isinstance(value, str) and value.endswith(".toml")):
+        return relative_to(path, value)
     return value
 
 

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from fedafd.runtime.codecs import FEATURE_CODECS
 from fedafd.runtime.methods import BAA_SCHEDULES, LOCAL_INITS, STRATEGIES
@@ -34,6 +34,11 @@ class ConfigError(ValueError):
 @dataclass
 class ServerConfig:
     """What the cloud server runs: the federation's method settings live here and reach clients in RoundStart."""
+
+    PATH_KEYS: ClassVar[tuple[str, ...]] = (
+        "public_data", "public_data_config", "public_subset", "eval_data", "eval_data_config", "image_data",
+        "text_data", "multimodal_data", "image_data_config", "text_data_config", "multimodal_data_config")
+    """Keys that name files: in a TOML file, a relative path is read from the TOML's folder."""
 
     rounds: int = 3
     """Number of federated rounds."""
@@ -210,6 +215,9 @@ class ServerConfig:
 class ClientConfig:
     """What one edge device runs: its data, its model, its hardware. Method settings come from the server."""
 
+    PATH_KEYS: ClassVar[tuple[str, ...]] = ("data", "data_config", "test_data", "public_data", "public_data_config")
+    """Keys that name files: in a TOML file, a relative path is read from the TOML's folder."""
+
     kind: str = "image"
     """Task of this device: image (classification), text (classification) or multimodal (retrieval)."""
     client_id: str = ""
@@ -382,6 +390,8 @@ def load_config(cls: type[ConfigT], path: Path | None = None, overrides: list[st
             raise ConfigError(f"config file not found: {path}") from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+        values = {key: relative_to(Path(path), value) if key in cls.PATH_KEYS else value
+                  for key, value in values.items()}
     values.update({key: value for key, value in explicit.items() if value is not None})
     for item in overrides or []:
         key, sep, raw = item.partition("=")
@@ -389,6 +399,13 @@ def load_config(cls: type[ConfigT], path: Path | None = None, overrides: list[st
             raise ConfigError(f"override must look like key=value, got {item!r}")
         values[key.strip()] = raw.strip()
     return build_config(cls, values)
+
+
+def relative_to(toml: Path, value: Any) -> Any:
+    """A path written in a TOML file, read from that file's folder (absolute paths, demo:NAME and "" as they are)."""
+    if not isinstance(value, str) or not value or value.startswith("demo:") or Path(value).expanduser().is_absolute():
+        return value
+    return str(toml.parent / value)
 
 
 def build_config(cls: type[ConfigT], values: dict[str, Any]) -> ConfigT:

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 
 from fedafd.runtime.backbones import BACKBONE_IMAGE_SIZE, backbone_spec, modality_backbones
-from fedafd.runtime.data.datasets import dataset_for
 from fedafd.runtime.data.features import backbone_features, compute_features, feature_cache_path
 from fedafd.runtime.data.prepared import SPLITS, ImageClassData, PairData, TextClassData, stratified_split
 from fedafd.runtime.data.sources.options import DataOptions, load_options
@@ -129,11 +128,15 @@ def load_public_data(split: str = "train", backbones: tuple[str, ...] = (), spec
 
 def source_view(source: Source, data: ImageClassData | TextClassData | PairData, split: str,
                 backbones: tuple[str, ...]) -> ModalData:
-    """Rows of a source as training reads them, read-only, with the named backbones' cached features. A bundled
-    set's caches keep their names (`fashion_mnist-train`); other rows are named by their own digest, so an
-    edited file, another split or another test_fraction never reads stale features."""
-    name = f"{source.name}-{split}" if source.format == "demo" else f"src{data_digest({split: data})[:20]}"
-    return read_only(with_backbone_features(as_modal(data), name, backbones))
+    """Rows of a source as training reads them, read-only, with the named backbones' cached features."""
+    return read_only(with_backbone_features(as_modal(data), rows_name(data, split), backbones))
+
+
+def rows_name(data: ImageClassData | TextClassData | PairData, split: str) -> str:
+    """What names these rows in the feature cache: their digest, so an edited file, another split or another
+    test_fraction never reads stale features, and the same rows read through any format (or the bundled set)
+    share one cache."""
+    return f"{split}-{data_digest({split: data})[:20]}"
 
 
 def with_backbone_features(data: ModalData, dataset: str, backbones: tuple[str, ...]) -> ModalData:
@@ -151,15 +154,16 @@ def with_backbone_features(data: ModalData, dataset: str, backbones: tuple[str, 
 
 
 def feature_sets() -> list[tuple[str, str, Callable[[], ModalData]]]:
-    """(backbone, dataset name, loader) for every feature cache a federation reads: each task set and the
-    public set, with the backbones of their modalities, named as the catalogue names them."""
+    """(backbone, rows name, loader) for every feature cache the bundled federation reads: each kind's bundled
+    set and the public set, with the backbones of their modalities."""
     sets: list[tuple[str, str, Callable[[], ModalData]]] = []
     for split in SPLITS:
-        sources = [(dataset_for(kind).name, MODALITIES_OF_KIND[kind], lambda k=kind, s=split: load_task_data(k, s))
-                   for kind in MODALITIES_OF_KIND]
-        sources.append((dataset_for(PUBLIC).name, MODALITIES, lambda s=split: load_public_data(s)))
-        for name, modalities, load in sources:
-            sets += [(backbone, f"{name}-{split}", load) for backbone in modality_backbones(modalities)]
+        for role, modalities in [*MODALITIES_OF_KIND.items(), (PUBLIC, MODALITIES)]:
+            source = open_source(role, DEMO_DEFAULTS[role])
+            load = ((lambda k=role, s=split: load_task_data(k, s)) if role != PUBLIC
+                    else (lambda s=split: load_public_data(s)))
+            name = rows_name(source.splits[split], split)
+            sets += [(backbone, name, load) for backbone in modality_backbones(modalities)]
     return sets
 
 

@@ -52,8 +52,11 @@ class ModalData:
         if view != RAW:
             if view not in self.features:
                 raise KeyError(f"no cached {view} features for this data set (have: {sorted(self.features)})")
-            return (torch.from_numpy(np.ascontiguousarray(self.features[view][indices])).to(device, torch.float32),)
-        arrays = [array[indices] for array in self.inputs[modality]]
+            rows = self.features[view][indices]
+            return (torch.from_numpy(np.array(rows) if not rows.flags.writeable else np.ascontiguousarray(rows)
+                                     ).to(device, torch.float32),)
+        # A slice of a read-only (shared or memory-mapped) array is copied: torch must not wrap read-only memory.
+        arrays = [a if a.flags.writeable else np.array(a) for a in (array[indices] for array in self.inputs[modality])]
         if modality == "image":
             return (torch.from_numpy(np.ascontiguousarray(arrays[0])).to(device, torch.float32).div_(255.0),)
         return tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device, torch.int64) for a in arrays)

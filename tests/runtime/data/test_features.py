@@ -313,12 +313,18 @@ def test_processes_starting_at_once_build_once(feature_home, public_rows, monkey
 
 
 def test_the_federation_sets():
+    # Each bundled set's rows, named by their digest (the same rows read from files share the cache).
+    from fedafd.runtime.data.sources.registry import open_source
+
     names = [(backbone, dataset) for backbone, dataset, _ in modal.feature_sets()]
-    expected = {(backbone, f"{name}-{split}") for split in ("train", "test")
-                for backbone, name in (("efficientnet_lite0", "fashion_mnist"), ("efficientnet_lite0", "tuxpaint"),
-                                       ("efficientnet_lite0", "emoji"), ("minilm", "wordnet"), ("minilm", "tuxpaint"),
-                                       ("minilm", "emoji"))}
+    expected = {(backbone, modal.rows_name(open_source(role, f"demo:{name}").splits[split], split))
+                for split in ("train", "test")
+                for backbone, role, name in (("efficientnet_lite0", "image", "fashion_mnist"),
+                                             ("efficientnet_lite0", "multimodal", "tuxpaint"),
+                                             ("efficientnet_lite0", "public", "emoji"), ("minilm", "text", "wordnet"),
+                                             ("minilm", "multimodal", "tuxpaint"), ("minilm", "public", "emoji"))}
     assert len(names) == 12 and set(names) == expected
+    assert all(dataset.startswith(("train-", "test-")) and len(dataset) == 26 for _, dataset in names)
     assert set(modal.feature_cache_paths()) == {f"{b}/{d}" for b, d in expected}
 
 
