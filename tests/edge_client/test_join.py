@@ -232,3 +232,50 @@ def test_a_server_still_loading_answers_the_first_join(tmp_path: Path, monkeypat
     assert isinstance(welcome, Welcome) and welcome.feature_dim == 16
     assert sent == ["join"]
     assert list(built["server"].clients) == [client_config.client_id]
+
+
+def test_a_device_holding_another_public_set_is_refused_by_name_before_any_round(tmp_path: Path) -> None:
+    # Prepare: a server on the bundled public set; a device whose public set is 24 of its pairs, written as a
+    # metadata.jsonl folder (Hugging Face's imagefolder convention) and read from there.
+    import json
+
+    from PIL import Image
+
+    from fedafd.runtime.data.emoji import load_emoji_pairs
+
+    pairs = load_emoji_pairs("train")
+    folder = tmp_path / "my_public"
+    folder.mkdir()
+    with open(folder / "metadata.jsonl", "w") as metadata:
+        for row in range(24):
+            Image.fromarray(pairs.images[row].transpose(1, 2, 0)).save(folder / f"{row}.png")
+            metadata.write(json.dumps({"file_name": f"{row}.png", "text": pairs.captions[row]}) + "\n")
+    server_config = build_config(ServerConfig, dict(image_arch="cnn_small", text_arch="gru", public_size=32,
+                                                    feature_dim=16))
+    hub = InprocHub()
+    server = ServerApp(server_config, hub.server(), tmp_path / "run")
+    client_config = build_config(ClientConfig, dict(kind="image", max_private=16, max_test=8, connect_timeout_s=10,
+                                                    public_data=str(folder)))
+    edge = EdgeApp(client_config, hub.client(client_config.client_id), tmp_path / "edge")
+    stop = threading.Event()
+
+    def serve_joins() -> None:
+        while not stop.is_set():
+            received = server.messenger.recv(0.1)
+            if received is not None:
+                server._handle_outside_round(received)
+
+    thread = threading.Thread(target=serve_joins)
+    thread.start()
+    try:
+        # Execute
+        with pytest.raises(EdgeError) as refused:
+            edge._join()
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        edge.close()
+        server.close()
+    # Assert: refused with the code and both sets named; the server counts no such device.
+    assert "public_data_mismatch" in str(refused.value) and "demo:emoji" in str(refused.value)
+    assert edge.public_digest[:12] in str(refused.value) and not server.clients
