@@ -40,6 +40,7 @@ import numpy as np
 from fedafd.runtime.data.partition import PartitionerSpec
 from fedafd.runtime.data.prepared import ImageClassData, PairData, TextClassData, subset
 from fedafd.runtime.data.sources.build import Data
+from fedafd.runtime.data.sources.imagefolder import folder_name
 from fedafd.runtime.data.sources.options import load_options
 from fedafd.runtime.data.sources.registry import Source, open_source, partition_data, split_labels, train_test
 from fedafd.runtime.errors import FedafdError
@@ -205,11 +206,6 @@ def _atomic_write(path: Path, payload: bytes) -> None:
 
 def _class_names(data: Data) -> tuple[str, ...]:
     return data.group_names if isinstance(data, PairData) else data.class_names
-
-
-def folder_name(class_name: str) -> str:
-    """A class name as a folder name: '/' and '\\' written as '_'."""
-    return class_name.replace("/", "_").replace("\\", "_")
 
 
 def _folder_names(class_names: tuple[str, ...]) -> tuple[str, ...]:

@@ -70,12 +70,17 @@ def _nonempty(file: Path, where: Where, problems: Problems) -> bool:
 # --- image classification -----------------------------------------------------------------------
 
 
+def folder_name(class_name: str) -> str:
+    """A class name as a folder name: '/' and '\\' written as '_' (`data split` writes Fashion-MNIST's T-shirt/top
+    as T-shirt_top)."""
+    return class_name.replace("/", "_").replace("\\", "_")
+
+
 def folder_class(name: str, class_names: tuple[str, ...]) -> str:
-    """The class a folder holds: its name, or the one configured class name that a folder cannot spell ('/' and
-    '\\' written as '_', as `data split` writes Fashion-MNIST's T-shirt/top)."""
+    """The class a folder holds: its name, or the one configured class name spelled so as a folder name."""
     if name in class_names or not class_names:
         return name
-    spelled = [c for c in class_names if c.replace("/", "_").replace("\\", "_") == name]
+    spelled = [c for c in class_names if folder_name(c) == name]
     return spelled[0] if len(spelled) == 1 else name
 
 
