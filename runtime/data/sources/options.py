@@ -60,6 +60,8 @@ class DataOptions:
     """Column holding an image (parquet and save_to_disk: an HF Image struct or bytes)."""
     group_column: str = ""
     """Column holding a pair's category, for partitioning ("": none)."""
+    group_names: tuple[str, ...] = ()
+    """The pairs' categories in index order; empty: the sorted group strings."""
     natural_id_column: str = ""
     """Column holding each row's natural id (a writer, a user, a site): the `natural` partitioner's key."""
     image_root: str = ""
