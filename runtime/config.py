@@ -32,7 +32,30 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class ServerConfig:
+class PartitionKeys:
+    """How a pool's rows are split among the devices of a kind: the same keys on the server (for its --local and
+    simulated devices) and on a device (its share of a pool), named as Flower Datasets names them."""
+
+    partitioner: str = "dirichlet_legacy"
+    """How a pool's rows are split among the devices of a kind: Flower Datasets' iid, dirichlet (alpha, min_partition_size, self_balancing), shard, pathological, natural (the data config's natural_id_column); or dirichlet_legacy (fedafd's own Dirichlet split, the demo's)."""
+    min_partition_size: int = 10
+    """dirichlet, dirichlet_legacy: draw again until every device holds at least this many rows (Flower's min_partition_size)."""
+    self_balancing: bool = False
+    """dirichlet: stop giving a class's rows to devices already above the average size (Flower's self_balancing)."""
+    num_shards_per_partition: int = 0
+    """shard: shards each device gets (0: from shard_size; Flower's num_shards_per_partition)."""
+    shard_size: int = 0
+    """shard: rows per shard (0: from num_shards_per_partition; Flower's shard_size)."""
+    keep_incomplete_shard: bool = False
+    """shard: keep the last, smaller shard of a class instead of leaving its rows out (Flower's keep_incomplete_shard)."""
+    num_classes_per_partition: int = 2
+    """pathological: classes each device holds (Flower's num_classes_per_partition)."""
+    class_assignment_mode: str = "random"
+    """pathological: how classes are given to devices: random, deterministic or first-deterministic (Flower's)."""
+
+
+@dataclass
+class ServerConfig(PartitionKeys):
     """What the cloud server runs: the federation's method settings live here and reach clients in RoundStart."""
 
     PATH_KEYS: ClassVar[tuple[str, ...]] = (
@@ -116,22 +139,6 @@ class ServerConfig:
     """Discriminators' target for real (global) features; below 1 is one-sided label smoothing (paper: 1)."""
     alpha: float = 0.1
     """Dirichlet concentration of the non-IID client partitions (--local; paper: 0.1)."""
-    partitioner: str = "dirichlet_legacy"
-    """How pool rows are split among the devices of a kind: Flower Datasets' iid, dirichlet (alpha, min_partition_size, self_balancing), shard, pathological, natural (the data config's natural_id_column); or dirichlet_legacy (fedafd's own Dirichlet split, the demo's)."""
-    min_partition_size: int = 10
-    """dirichlet, dirichlet_legacy: draw again until every device holds at least this many rows (Flower's min_partition_size)."""
-    self_balancing: bool = False
-    """dirichlet: stop giving a class's rows to devices already above the average size (Flower's self_balancing)."""
-    num_shards_per_partition: int = 0
-    """shard: shards each device gets (0: from shard_size; Flower's num_shards_per_partition)."""
-    shard_size: int = 0
-    """shard: rows per shard (0: from num_shards_per_partition; Flower's shard_size)."""
-    keep_incomplete_shard: bool = False
-    """shard: keep the last, smaller shard of a class instead of leaving its rows out (Flower's keep_incomplete_shard)."""
-    num_classes_per_partition: int = 2
-    """pathological: classes each device holds (Flower's num_classes_per_partition)."""
-    class_assignment_mode: str = "random"
-    """pathological: how classes are given to devices: random, deterministic or first-deterministic (Flower's)."""
     public_data: str = ""
     """The public image-text set P that the server trains on and every device holds: a path (COCO or Karpathy JSON, metadata.jsonl folder, CSV/JSONL table, parquet, save_to_disk) or demo:NAME ("": demo:emoji). Devices must hold the same (checked by digest at join)."""
     public_data_config: str = ""
@@ -212,7 +219,7 @@ class ServerConfig:
 
 
 @dataclass
-class ClientConfig:
+class ClientConfig(PartitionKeys):
     """What one edge device runs: its data, its model, its hardware. Method settings come from the server."""
 
     PATH_KEYS: ClassVar[tuple[str, ...]] = ("data", "data_config", "test_data", "public_data", "public_data_config")
@@ -228,22 +235,6 @@ class ClientConfig:
     """How many devices of this kind share the data set."""
     alpha: float = 0.1
     """Dirichlet concentration of the non-IID split (must match the other devices of this kind)."""
-    partitioner: str = "dirichlet_legacy"
-    """How the pool's rows are split among the devices of a kind: Flower Datasets' iid, dirichlet (alpha, min_partition_size, self_balancing), shard, pathological, natural (the data config's natural_id_column); or dirichlet_legacy (fedafd's own Dirichlet split, the demo's)."""
-    min_partition_size: int = 10
-    """dirichlet, dirichlet_legacy: draw again until every device holds at least this many rows (Flower's min_partition_size)."""
-    self_balancing: bool = False
-    """dirichlet: stop giving a class's rows to devices already above the average size (Flower's self_balancing)."""
-    num_shards_per_partition: int = 0
-    """shard: shards each device gets (0: from shard_size; Flower's num_shards_per_partition)."""
-    shard_size: int = 0
-    """shard: rows per shard (0: from num_shards_per_partition; Flower's shard_size)."""
-    keep_incomplete_shard: bool = False
-    """shard: keep the last, smaller shard of a class instead of leaving its rows out (Flower's keep_incomplete_shard)."""
-    num_classes_per_partition: int = 2
-    """pathological: classes each device holds (Flower's num_classes_per_partition)."""
-    class_assignment_mode: str = "random"
-    """pathological: how classes are given to devices: random, deterministic or first-deterministic (Flower's)."""
     data: str = ""
     """This device's own data: a path (ImageFolder, CSV/TSV/JSONL, CIFAR binary, .npz, COCO/Karpathy JSON, metadata.jsonl folder, parquet, save_to_disk) or demo:NAME; it holds exactly those rows (with num_partitions > 1: its share of them as a pool). "": its kind's bundled set, shared among num_partitions devices."""
     data_format: str = "auto"
@@ -436,13 +427,15 @@ def help_for(cls: type) -> dict[str, str]:
     import ast
     import inspect
 
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
-    for node, following in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) \
-                and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str):
-            docs[node.target.id] = following.value.value  # type: ignore[attr-defined]
+    keys = {field.name for field in dataclasses.fields(cls)}  # not ClassVars such as PATH_KEYS
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # inherited keys too
+        body = ast.parse(inspect.getsource(klass)).body[0].body  # type: ignore[attr-defined]
+        for node, following in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) \
+                    and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str) \
+                    and node.target.id in keys:  # type: ignore[attr-defined]
+                docs[node.target.id] = following.value.value  # type: ignore[attr-defined]
     return docs
 
 
