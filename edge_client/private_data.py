@@ -9,12 +9,13 @@ is not.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
 import numpy as np
 
-from fedafd.runtime.config import ClientConfig
+from fedafd.runtime.config import ClientConfig, PartitionKeys
 from fedafd.runtime.data.modal import ModalData, read_only, source_view
 from fedafd.runtime.data.partition import PartitionerSpec, cap_indices
 from fedafd.runtime.data.sources.options import DataOptions, load_options
@@ -56,12 +57,8 @@ def data_spec(config: ClientConfig) -> DataSpec:
 
 
 def partitioner_spec(config: ClientConfig) -> PartitionerSpec:
-    return PartitionerSpec(name=config.partitioner, alpha=config.alpha, min_partition_size=config.min_partition_size,
-                           self_balancing=config.self_balancing,
-                           num_shards_per_partition=config.num_shards_per_partition, shard_size=config.shard_size,
-                           keep_incomplete_shard=config.keep_incomplete_shard,
-                           num_classes_per_partition=config.num_classes_per_partition,
-                           class_assignment_mode=config.class_assignment_mode)
+    keys = {field.name: getattr(config, field.name) for field in dataclasses.fields(PartitionKeys)}
+    return PartitionerSpec(name=keys.pop("partitioner"), alpha=config.alpha, **keys)
 
 
 def load_private_data(config: ClientConfig, backbones: tuple[str, ...] = ()) -> PrivateData:
