@@ -3,8 +3,12 @@
 `backbone_features(backbone, dataset, data)` returns float32 (N, dim), row i = backbone(data row i). The
 first call exports the backbone to ONNX (`features_dir()/onnx/{backbone}-{digest[:12]}-{size}.onnx`) and
 runs it with ONNX Runtime, about 500 images/s at 112 px on 2 cores (eager PyTorch is 4-10x slower); the
-result is written to `features_dir()/{backbone}-{size}-{dataset}.npy` (no pickle) beside a JSON sidecar
-naming what it was computed from. Later calls, in any process, read it back.
+result is written to `features_dir()/{backbone}-{size}-{dataset}.npy` (no pickle) a batch at a time, beside a
+JSON sidecar naming what it was computed from. Later calls, in any process, map it back read-only. Nothing
+here holds all N rows in memory: the inputs (memory-mapped for a cached source) are hashed and encoded a block
+at a time and their pages released as it goes (prepared.row_blocks), the features are written batch by batch
+and the cached file is hashed and checked for finiteness in blocks, so building or reading the cache of a data
+set larger than memory keeps the process's resident memory flat.
 
 A cached file is used only when its sidecar matches everything (format, backbone, weight digest, input
 size, data set, rows, dim, sha256 of the input arrays) and the .npy bytes match the sidecar's sha256 and
@@ -16,10 +20,10 @@ once while the others wait and then read it. `size` is the image side for image 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -33,7 +37,7 @@ import torch
 
 from fedafd.runtime.backbones import (BACKBONE_IMAGE_SIZE, BackboneSpec, backbone_digest, backbone_spec,
                                       build_backbone)
-from fedafd.runtime.data.prepared import file_lock
+from fedafd.runtime.data.prepared import NpyRows, file_lock, open_npy, release_pages, row_blocks
 from fedafd.runtime.data.fetch import cache_dir
 from fedafd.runtime.data.views import ModalData
 from fedafd.runtime.data.text import MAX_TEXT_LEN, PAD_ID
@@ -97,20 +101,19 @@ def _lock(path: Path) -> Path:
 # --- small helpers -----------------------------------------------------------------------------
 
 
-def _bytes_sha256(raw: bytes) -> str:
-    return hashlib.sha256(raw).hexdigest()
-
-
-
-
 def inputs_sha256(arrays: tuple[np.ndarray, ...]) -> str:
-    """sha256 over the dtype, shape and bytes of each input array: a changed data set changes it."""
+    """sha256 over the dtype, shape and bytes of each input array (C order, a block at a time): a changed data
+    set changes it."""
     digest = hashlib.sha256()
     for array in arrays:
-        array = np.ascontiguousarray(array)
         digest.update(f"{array.dtype.str}{array.shape};".encode())
-        digest.update(memoryview(array).cast("B"))
+        for block in row_blocks(array) if array.ndim else [np.ascontiguousarray(array)]:
+            digest.update(memoryview(block).cast("B"))
     return digest.hexdigest()
+
+
+def _all_finite(features: np.ndarray) -> bool:
+    return all(np.isfinite(block).all() for block in row_blocks(features))
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -153,31 +156,30 @@ def _read_cached(path: Path, expected: dict[str, Any]) -> tuple[np.ndarray | Non
         if record.get(key) != value:
             return None, f"stale: {key} is {record.get(key)!r}, expected {value!r}"
     try:
-        raw = path.read_bytes()
+        sha256 = file_sha256(path)  # read a block at a time
     except OSError as err:
         return None, f"unreadable ({err})"
-    if _bytes_sha256(raw) != record.get("npy_sha256"):
+    if sha256 != record.get("npy_sha256"):
         return None, "corrupt: its sha256 differs from the sidecar's"
-    del raw
     try:
         # Memory-mapped, read-only: every process (and every simulated device) shares the page cache's copy.
-        features = np.load(path, mmap_mode="r", allow_pickle=False)
+        features = open_npy(path)
     except (OSError, ValueError, EOFError) as err:
         return None, f"corrupt: not a .npy array ({err})"
     shape = (expected["rows"], expected["dim"])
     if features.dtype != np.float32 or features.shape != shape:
         return None, f"corrupt: {features.dtype} {features.shape}, expected float32 {shape}"
-    if not np.isfinite(features).all():
+    if not _all_finite(features):
         return None, "corrupt: holds NaN or Inf"
     return features, ""
 
 
-def _write_cached(path: Path, features: np.ndarray, record: dict[str, Any]) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, features, allow_pickle=False)
-    raw = buffer.getvalue()
-    _write_bytes(path, raw)  # the .npy first: a sidecar never vouches for bytes not yet there
-    _write_json(_sidecar(path), {**record, "npy_sha256": _bytes_sha256(raw)})
+def _install_cached(path: Path, built: Path, record: dict[str, Any]) -> None:
+    """A copy of the features written to `built` made the cache file at `path` (atomically; the .npy first: a
+    sidecar never vouches for bytes not yet there), then its sidecar. The copy is the kernel's (sendfile), so
+    no byte passes through this process's memory."""
+    _atomic_write(path, lambda tmp: shutil.copyfile(built, tmp))
+    _write_json(_sidecar(path), {**record, "npy_sha256": file_sha256(path)})
 
 
 def compute_features(backbone: str, dataset: str, data: ModalData, image_size: int,
@@ -201,8 +203,18 @@ def compute_features(backbone: str, dataset: str, data: ModalData, image_size: i
         features, _ = _read_cached(path, expected)  # built by another process while this one waited
         if features is not None:
             return features, None
-        features, encode_seconds = _extract(spec, dataset, data, image_size, progress)
-        _write_cached(path, features, expected)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+        os.close(fd)
+        built = Path(name)
+        try:
+            _, encode_seconds = _extract(spec, dataset, data, image_size, progress, built)
+            # The caller maps this process's own file, unnamed once unlinked below: whatever later happens to
+            # the cache file (rebuilt, damaged in place) never changes or truncates the rows it holds.
+            features = open_npy(built)
+            _install_cached(path, built, expected)
+        finally:
+            built.unlink(missing_ok=True)
     return features, encode_seconds
 
 
@@ -306,22 +318,32 @@ def _progress_bar(description: str, total: int, enabled: bool) -> Iterator[Calla
         yield lambda rows: bar.advance(task, rows)
 
 
-def _extract(spec: BackboneSpec, dataset: str, data: ModalData, image_size: int,
-             progress: bool) -> tuple[np.ndarray, float]:
-    """(features (N, dim), seconds spent in ONNX Runtime, the export excluded)."""
+def _extract(spec: BackboneSpec, dataset: str, data: ModalData, image_size: int, progress: bool,
+             out: Path) -> tuple[np.ndarray, float]:
+    """Features (N, dim) written to the .npy `out` a batch at a time, and returned memory-mapped, with the
+    seconds spent in ONNX Runtime (the export excluded). The inputs' pages are released batch by batch."""
     rows, cpu = len(data), torch.device("cpu")
-    features = np.empty((rows, spec.dim), dtype=np.float32)  # (N, dim)
-    if rows == 0:
-        return features, 0.0
-    check_rows = data.batch(spec.modality, slice(0, PARITY_ROWS), cpu)
-    session = backbone_session(spec.name, image_size, check_rows)
-    start_encoding = time.perf_counter()
-    step = BATCH_ROWS[spec.modality]
-    with _progress_bar(f"{spec.name} features of {dataset}", rows, progress) as advance:
-        for start in range(0, rows, step):
-            batch = data.batch(spec.modality, slice(start, start + step), cpu)
-            features[start:start + len(batch[0])] = _run_session(session, batch)  # (b, dim)
-            advance(len(batch[0]))
-    if not np.isfinite(features).all():
-        raise FeatureCacheError(f"{spec.name} gave NaN or Inf features for {dataset}")
-    return features, time.perf_counter() - start_encoding
+    written = NpyRows(out, np.float32, (spec.dim,), rows)  # (N, dim)
+    try:
+        if rows == 0:
+            return written.close(), 0.0
+        check_rows = data.batch(spec.modality, slice(0, PARITY_ROWS), cpu)
+        session = backbone_session(spec.name, image_size, check_rows)
+        start_encoding = time.perf_counter()
+        step = BATCH_ROWS[spec.modality]
+        inputs = data.inputs[spec.modality]
+        with _progress_bar(f"{spec.name} features of {dataset}", rows, progress) as advance:
+            for start in range(0, rows, step):
+                batch = data.batch(spec.modality, slice(start, start + step), cpu)
+                features = _run_session(session, batch)  # (b, dim)
+                if not np.isfinite(features).all():
+                    raise FeatureCacheError(f"{spec.name} gave NaN or Inf features for {dataset} (rows {start}..)")
+                written.extend(features)
+                for array in inputs:
+                    release_pages(array[start:start + step])
+                advance(len(batch[0]))
+        seconds = time.perf_counter() - start_encoding
+    except BaseException:
+        written.abort()
+        raise
+    return written.close(), seconds

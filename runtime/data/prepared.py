@@ -2,21 +2,32 @@
 texts, image-caption pairs), row subsets, the fixed stratified train/test split, and the cache of prepared
 arrays that every parser (fashion_mnist.py, wordnet.py, emoji.py, tuxpaint.py) loads through.
 
-The first load of a data set builds both splits and writes them to `cache_dir()/prepared/<name>-<split>-v1.npz`
-(atomically, no pickle: strings are fixed-width unicode arrays); later loads read those files. Splits other
-than Fashion-MNIST's own are stratified by label and drawn with a fixed seed from numpy's legacy
-RandomState, whose stream numpy keeps stable across versions, so the split never changes.
+The first load of a bundled data set builds both splits and writes them to
+`cache_dir()/prepared/<name>-<split>-v1.npz` (atomically, no pickle: strings are fixed-width unicode arrays);
+later loads read those files. Splits other than Fashion-MNIST's own are stratified by label and drawn with a
+fixed seed from numpy's legacy RandomState, whose stream numpy keeps stable across versions, so the split
+never changes.
+
+A source of any size (sources/registry.py) is kept differently, so that it never has to fit in memory: each
+split as one uncompressed .npy per array (`<stem>.<field>.npy`, the pictures written row by row as they are
+decoded, `NpyRows`) and its strings as JSON (`<stem>.strings.json`), opened back memory-mapped and read-only
+(`load_split`). Whoever streams over such an array (a digest, a feature extraction) goes through
+`row_blocks`, which hands each block's pages back to the page cache when it is done with them, so the
+process's resident memory stays flat however large the file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
+import mmap
 import os
+import struct
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, TypeVar
@@ -213,6 +224,192 @@ def read_prepared(path: Path, cls: type[Data]) -> Data | None:
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
         logger.warning("unreadable prepared data %s (%s); preparing it again", path, err)
         return None
+
+
+# --- a source's splits as memory-mapped files ------------------------------------------------------
+
+BLOCK_BYTES = 8 << 20
+"""Bytes per block when a file-backed array is streamed over (row_blocks) or written (NpyRows)."""
+
+
+class NpyRows:
+    """One .npy file written a row (or a block of rows) at a time, through plain file writes: nothing but one
+    block is ever held in memory, and no written page stays in this process's resident set (a writable
+    memory map would keep every dirty page of the file there). `capacity` rows are announced in the header;
+    `close` shrinks the header and the file to the rows written (skipped bad rows) and returns the file
+    memory-mapped read-only. The file reads back like any `np.save` file."""
+
+    def __init__(self, path: Path, dtype: np.dtype | type, row_shape: Sequence[int], capacity: int) -> None:
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype)
+        self.row_shape = tuple(int(n) for n in row_shape)
+        self.capacity = int(capacity)
+        self._written = 0
+        self._header_size = len(_npy_header(self.dtype, (self.capacity, *self.row_shape)))
+        row_bytes = max(1, self.dtype.itemsize * int(np.prod(self.row_shape, dtype=np.int64)))
+        self._block = np.empty((max(1, min(self.capacity, BLOCK_BYTES // row_bytes)), *self.row_shape), self.dtype)
+        self._filled = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "wb")
+        self._file.write(_npy_header(self.dtype, (self.capacity, *self.row_shape)))
+
+    @property
+    def rows(self) -> int:
+        """Rows appended so far (written or still in the block)."""
+        return self._written + self._filled
+
+    def append(self, row: np.ndarray) -> None:
+        """One row, of shape row_shape (buffered; written a block at a time)."""
+        if self.rows >= self.capacity:
+            raise ValueError(f"{self.path}: more than the {self.capacity} rows announced")
+        self._block[self._filled] = row
+        self._filled += 1
+        if self._filled == len(self._block):
+            self._flush()
+
+    def extend(self, rows: np.ndarray) -> None:
+        """Rows (k, *row_shape), written at once."""
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if rows.shape[1:] != self.row_shape:
+            raise ValueError(f"{self.path}: rows of shape {rows.shape[1:]}, expected {self.row_shape}")
+        if self.rows + len(rows) > self.capacity:
+            raise ValueError(f"{self.path}: more than the {self.capacity} rows announced")
+        self._flush()
+        if rows.size:
+            self._file.write(memoryview(rows).cast("B"))
+        self._written += len(rows)
+
+    def _flush(self) -> None:
+        if self._filled:
+            self._file.write(memoryview(self._block[:self._filled]).cast("B"))
+            self._written += self._filled
+            self._filled = 0
+
+    def close(self) -> np.ndarray:
+        """The rows written, memory-mapped read-only (the header now says how many)."""
+        self._flush()
+        if self.rows != self.capacity:
+            self._file.seek(0)
+            self._file.write(_npy_header(self.dtype, (self.rows, *self.row_shape), self._header_size))
+            self._file.truncate(self._header_size + self.rows * self._block[0].nbytes)
+        self._file.close()
+        return open_npy(self.path)
+
+    def abort(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...], size: int = 0) -> bytes:
+    """A .npy (version 1.0) header, padded with spaces to `size` bytes (0: numpy's own padding, a multiple of
+    64), so that a shrunk header fits the place of the one written first."""
+    text = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (np.lib.format.dtype_to_descr(dtype), shape)
+    prefix = len(np.lib.format.magic(1, 0)) + 2
+    size = size or -(-(prefix + len(text) + 1) // 64) * 64
+    if prefix + len(text) + 1 > size or size - prefix > 0xFFFF:
+        raise ValueError(f"a .npy header for {shape} does not fit in {size} bytes")
+    return (np.lib.format.magic(1, 0) + struct.pack("<H", size - prefix)
+            + (text + " " * (size - prefix - len(text) - 1) + "\n").encode("latin1"))
+
+
+class MemoryRows:
+    """NpyRows' in-memory twin (a build that is not cached): rows into one preallocated array."""
+
+    def __init__(self, dtype: np.dtype | type, row_shape: Sequence[int], capacity: int) -> None:
+        self._array = np.empty((int(capacity), *row_shape), dtype)
+        self.rows = 0
+
+    def append(self, row: np.ndarray) -> None:
+        self._array[self.rows] = row
+        self.rows += 1
+
+    def extend(self, rows: np.ndarray) -> None:
+        self._array[self.rows:self.rows + len(rows)] = rows
+        self.rows += len(rows)
+
+    def close(self) -> np.ndarray:
+        return self._array if self.rows == len(self._array) else self._array[:self.rows].copy()
+
+    def abort(self) -> None:
+        pass
+
+
+def open_npy(path: Path) -> np.ndarray:
+    """A .npy file memory-mapped read-only (never unpickled)."""
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Hand the pages under `array` back to the page cache when it is a view of a read-only file mapping
+    (`np.load(mmap_mode="r")`): they leave this process's resident set (the file's bytes stay cached by the
+    kernel, and are mapped again if read again). Anything else is left alone; the advice is best effort."""
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is None or array.size == 0 or not hasattr(base, "madvise"):
+        return
+    try:
+        start = np.frombuffer(base, np.uint8, count=1).ctypes.data  # where the mapping begins
+        low, high = _byte_bounds(array)
+        low -= start
+        low -= low % mmap.PAGESIZE
+        base.madvise(mmap.MADV_DONTNEED, low, min(len(base), high - start) - low)
+    except (AttributeError, OSError, ValueError):
+        pass
+
+
+_byte_bounds = getattr(getattr(np.lib, "array_utils", np), "byte_bounds")  # numpy >= 2 moved it
+
+
+def row_blocks(array: np.ndarray, block_bytes: int = BLOCK_BYTES) -> Iterator[np.ndarray]:
+    """`array` in C-contiguous blocks of whole rows, about `block_bytes` each; a memory-mapped array's pages
+    are released (release_pages) once the consumer has moved on to the next block."""
+    row_bytes = max(1, array.itemsize * int(np.prod(array.shape[1:], dtype=np.int64)))
+    step = max(1, block_bytes // row_bytes)
+    for start in range(0, len(array), step):
+        block = array[start:start + step]
+        yield np.ascontiguousarray(block)
+        release_pages(block)
+
+
+def split_file(folder: Path, stem: str, field: str) -> Path:
+    """Where save_split keeps one array of a split."""
+    return folder / f"{stem}.{field}.npy"
+
+
+def save_split(folder: Path, stem: str, data: ImageClassData | TextClassData | PairData,
+               written: Sequence[str] = ()) -> None:
+    """Every field of `data` into `folder`: arrays as `<stem>.<field>.npy`, strings as `<stem>.strings.json`;
+    the fields in `written` are already there (build.py streams the pictures straight into their file)."""
+    strings = {}
+    for field in dataclasses.fields(data):
+        value = getattr(data, field.name)
+        if value is None or field.name in written:
+            continue
+        if isinstance(value, tuple):
+            strings[field.name] = list(value)
+            continue
+        writer = NpyRows(split_file(folder, stem, field.name), value.dtype, value.shape[1:], len(value))
+        for block in row_blocks(value):
+            writer.extend(block)
+        writer.close()
+    (folder / f"{stem}.strings.json").write_text(json.dumps(strings))
+
+
+def load_split(folder: Path, stem: str, cls: type[Data]) -> Data:
+    """A split saved by save_split: its arrays memory-mapped read-only, its strings from JSON. Raises OSError,
+    ValueError or KeyError when a file is missing or damaged."""
+    strings = json.loads((folder / f"{stem}.strings.json").read_text())
+    values = {}
+    for field in dataclasses.fields(cls):
+        if field.name in strings:
+            values[field.name] = tuple(strings[field.name])
+            continue
+        path = split_file(folder, stem, field.name)
+        if not path.exists() and field.default is not dataclasses.MISSING:
+            continue
+        values[field.name] = open_npy(path)
+    return cls(**values)
 
 
 @contextlib.contextmanager

@@ -1,18 +1,27 @@
 """Records -> the prepared arrays training reads (prepared.py's classes): pictures decoded one at a time into
 the one image format, texts tokenized, labels resolved to class indices once for every split of a source.
 
+Built into a folder (a cached source), every decoded picture is written straight into its split's .npy file
+and dropped (pairs: one picture row per caption row, as training reads them), texts are tokenized a chunk at a
+time, and the arrays come back memory-mapped: a data set larger than memory builds in constant memory but for
+its labels and strings. Without a folder the same rows go into preallocated arrays in memory.
+
 Each bad row (a picture that does not open, an empty text, a label outside [0, K)) goes to `Problems`,
 named by its file and row; with on_bad_sample=skip the row is left out and counted.
 """
 
 from __future__ import annotations
 
+import array
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 
 from fedafd.runtime.data.images import IMAGE_SIZE, from_pil
-from fedafd.runtime.data.prepared import ImageClassData, PairData, TextClassData
+from fedafd.runtime.data.prepared import (
+    ImageClassData, MemoryRows, NpyRows, PairData, TextClassData, load_split, save_split, split_file,
+)
 from fedafd.runtime.data.sources.options import DataOptions
 from fedafd.runtime.data.sources.records import (
     DataFormatError, ImageRecord, PairRecord, Problems, Record, TextRecord, Where,
@@ -21,13 +30,38 @@ from fedafd.runtime.data.sources.records import (
 Data = ImageClassData | TextClassData | PairData
 
 
-def decode_image(record: ImageRecord | PairRecord, problems: Problems) -> np.ndarray | None:
-    """The record's picture as uint8 (3, 32, 32), or None (reported) when it cannot be read."""
+TOKENIZE_CHUNK = 4096
+"""Texts tokenized per call (and written per block) when a split is built."""
+
+
+class PictureSizes:
+    """Width and height of every picture as its file gives them (what `data check` reports), 8 bytes each."""
+
+    def __init__(self) -> None:
+        self.widths = array.array("I")
+        self.heights = array.array("I")
+
+    def add(self, size: tuple[int, int]) -> None:
+        self.widths.append(size[0])
+        self.heights.append(size[1])
+
+    def __len__(self) -> int:
+        return len(self.widths)
+
+
+def decode_image(record: ImageRecord | PairRecord, problems: Problems,
+                 sizes: PictureSizes | None = None) -> np.ndarray | None:
+    """The record's picture as uint8 (3, 32, 32), or None (reported) when it cannot be read. `sizes` gets the
+    picture's own size (before any decoding at a reduced scale)."""
     try:
         img = record.image()
         with img:
+            size = img.size
             img.load()  # a truncated file fails here, not later
-            return from_pil(img)
+            image = from_pil(img)
+        if sizes is not None:
+            sizes.add(size)
+        return image
     except FileNotFoundError as err:
         problems.bad(record.where, f"image file not found: {err.filename or err}")
     except DataFormatError:
@@ -89,27 +123,74 @@ def label_index(label: int | str, names: tuple[str, ...], options: DataOptions) 
     return names.index(label) if isinstance(label, str) else int(label) - options.label_offset
 
 
+class SplitStore:
+    """Where one split's arrays go while it is built: `<stem>.<field>.npy` files in `folder` (a cached source;
+    the rows come back memory-mapped), or memory (folder None)."""
+
+    def __init__(self, folder: Path | None, stem: str) -> None:
+        self.folder = folder
+        self.stem = stem
+        self._streamed: list[str] = []
+        self._open: list[NpyRows | MemoryRows] = []
+
+    def rows(self, field: str, dtype: type, row_shape: tuple[int, ...], capacity: int) -> NpyRows | MemoryRows:
+        """A writer of the field's rows, one row or block at a time, at most `capacity` of them."""
+        if self.folder is None:
+            writer: NpyRows | MemoryRows = MemoryRows(dtype, row_shape, capacity)
+        else:
+            writer = NpyRows(split_file(self.folder, self.stem, field), dtype, row_shape, capacity)
+            self._streamed.append(field)
+        self._open.append(writer)
+        return writer
+
+    def finish(self, data: Data) -> Data:
+        """The split as it is kept: in memory as built, or saved beside its streamed arrays and opened back."""
+        self._open.clear()
+        if self.folder is None:
+            return data
+        save_split(self.folder, self.stem, data, self._streamed)
+        return load_split(self.folder, self.stem, type(data))
+
+    def abort(self) -> None:
+        for writer in self._open:
+            writer.abort()
+
+
 def build_images(records: Iterable[ImageRecord], names: tuple[str, ...], options: DataOptions,
-                 problems: Problems) -> ImageClassData:
-    records = list(records)
-    images = np.empty((len(records), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
-    labels, natural, n = [], [], 0
+                 problems: Problems, store: SplitStore | None = None,
+                 sizes: PictureSizes | None = None) -> ImageClassData:
+    store = store or SplitStore(None, "")
+    records = records if isinstance(records, Sequence) else list(records)
+    images = store.rows("images", np.uint8, (3, IMAGE_SIZE, IMAGE_SIZE), len(records))
+    labels = np.empty(len(records), dtype=np.int64)
+    natural = []
     for record in records:
-        image = decode_image(record, problems)
+        image = decode_image(record, problems, sizes)
         if image is None:
             continue
-        images[n] = image
-        labels.append(label_index(record.label, names, options))
+        labels[images.rows] = label_index(record.label, names, options)
+        images.append(image)
         natural.append(record.natural_id)
-        n += 1
-    return ImageClassData(images[:n].copy() if n < len(records) else images, np.asarray(labels, dtype=np.int64),
-                          names, _natural(natural, options))
+    kept = images.rows
+    return store.finish(ImageClassData(images.close(), labels[:kept].copy(), names, _natural(natural, options)))
+
+
+def _tokenized(texts: list[str], store: SplitStore) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) of `texts`, tokenized and written a chunk at a time."""
+    from fedafd.runtime.data.text import MAX_TEXT_LEN, tokenize
+
+    ids = store.rows("input_ids", np.int64, (MAX_TEXT_LEN,), len(texts))
+    mask = store.rows("attention_mask", np.int64, (MAX_TEXT_LEN,), len(texts))
+    for start in range(0, len(texts), TOKENIZE_CHUNK):
+        chunk_ids, chunk_mask = tokenize(texts[start:start + TOKENIZE_CHUNK])
+        ids.extend(chunk_ids)
+        mask.extend(chunk_mask)
+    return ids.close(), mask.close()
 
 
 def build_texts(records: Iterable[TextRecord], names: tuple[str, ...], options: DataOptions,
-                problems: Problems) -> TextClassData:
-    from fedafd.runtime.data.text import tokenize
-
+                problems: Problems, store: SplitStore | None = None) -> TextClassData:
+    store = store or SplitStore(None, "")
     texts, labels, natural = [], [], []
     for record in records:
         text = clean_text(record.text, options)
@@ -119,64 +200,92 @@ def build_texts(records: Iterable[TextRecord], names: tuple[str, ...], options: 
         texts.append(text)
         labels.append(label_index(record.label, names, options))
         natural.append(record.natural_id)
-    input_ids, attention_mask = tokenize(texts)
-    return TextClassData(input_ids, attention_mask, np.asarray(labels, dtype=np.int64), names, tuple(texts),
-                         _natural(natural, options))
+    input_ids, attention_mask = _tokenized(texts, store)
+    return store.finish(TextClassData(input_ids, attention_mask, np.asarray(labels, dtype=np.int64), names,
+                                      tuple(texts), _natural(natural, options)))
 
 
 def build_pairs(records: Iterable[PairRecord], options: DataOptions, problems: Problems,
-                group_names: tuple[str, ...] | None = None) -> PairData:
-    """One row per caption; the rows of one picture share its image id (and its decoded picture)."""
-    from fedafd.runtime.data.text import tokenize
-
-    records = list(records)
+                group_names: tuple[str, ...] | None = None, store: SplitStore | None = None,
+                sizes: PictureSizes | None = None) -> PairData:
+    """One row per caption; the rows of one picture share its image id (and its decoded picture, written once
+    per caption row)."""
+    store = store or SplitStore(None, "")
+    records = records if isinstance(records, Sequence) else list(records)
     groups_seen = group_names or tuple(sorted({str(r.group) for r in records}))
-    images, captions, groups, image_ids, natural = [], [], [], [], []
+    group_index = {name: i for i, name in enumerate(groups_seen)}
+    capacity = sum(len(r.captions) for r in records)
+    images = store.rows("images", np.uint8, (3, IMAGE_SIZE, IMAGE_SIZE), capacity)
+    groups = np.empty(capacity, dtype=np.int64)
+    image_ids = np.empty(capacity, dtype=np.int64)
+    captions, natural, pictures = [], [], 0
     for record in records:
         texts = [clean_text(c, options) for c in record.captions]
         if not any(texts):
             problems.bad(record.where, f"image {record.image_key!r} has no caption")
             continue
-        image = decode_image(record, problems)
+        image = decode_image(record, problems, sizes)
         if image is None:
             continue
-        picture = len(images)
-        images.append(image)
         for index, text in enumerate(texts):
             if not text:
                 problems.bad(record.where, f"caption {index + 1} of image {record.image_key!r} is empty")
                 continue
+            groups[images.rows] = group_index[str(record.group)]
+            image_ids[images.rows] = pictures
+            images.append(image)
             captions.append(text)
-            groups.append(groups_seen.index(str(record.group)))
-            image_ids.append(picture)
             natural.append(record.natural_id)
-    input_ids, attention_mask = tokenize(captions)
-    rows = np.asarray(image_ids, dtype=np.int64)
-    pictures = np.stack(images) if images else np.zeros((0, 3, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-    return PairData(pictures[rows], input_ids, attention_mask, tuple(captions), np.asarray(groups, dtype=np.int64),
-                    groups_seen, rows, _natural(natural, options))
+        pictures += 1
+    rows = images.rows
+    pixels = images.close()
+    input_ids, attention_mask = _tokenized(captions, store)
+    return store.finish(PairData(pixels, input_ids, attention_mask, tuple(captions), groups[:rows].copy(),
+                                 groups_seen, image_ids[:rows].copy(), _natural(natural, options)))
 
 
 def _natural(ids: list[str], options: DataOptions) -> tuple[str, ...]:
     return tuple(ids) if options.natural_id_column else ()
 
 
-def build_splits(kind: str, splits: dict[str, Sequence[Record]], options: DataOptions,
-                 problems: Problems) -> dict[str, Data]:
+def build_splits(kind: str, splits: dict[str, Sequence[Record]], options: DataOptions, problems: Problems,
+                 folder: Path | None = None, sizes: dict[str, PictureSizes] | None = None) -> dict[str, Data]:
     """Every split of a source as prepared arrays, with one class list (classification) or one group list
-    (pairs) for all of them."""
+    (pairs) for all of them. With `folder` each split is streamed into its files there (`split<i>.*`, in the
+    order of `splits`) and comes back memory-mapped. `sizes` gets each split's picture sizes."""
     for split, rows in splits.items():
         for record in rows:
             expected = {"image": ImageRecord, "text": TextRecord, "multimodal": PairRecord}[kind]
             if not isinstance(record, expected):
                 raise DataFormatError(f"{record.where}: a {kind} source gave a {type(record).__name__}")
-    if kind == "multimodal":
-        group_names = tuple(sorted({str(r.group) for rows in splits.values() for r in rows}))
-        return {split: build_pairs(rows, options, problems, group_names) for split, rows in splits.items()}
-    good, names, _ = resolve_labels(splits, options, problems)
-    if kind == "image":
-        return {split: build_images(rows, names, options, problems) for split, rows in good.items()}
-    return {split: build_texts(rows, names, options, problems) for split, rows in good.items()}
+    if sizes is not None:
+        sizes.update({split: PictureSizes() for split in splits if kind != "text"})
+    stores = {split: SplitStore(folder, split_stem(i)) for i, split in enumerate(splits)}
+    built: dict[str, Data] = {}
+    try:
+        if kind == "multimodal":
+            group_names = tuple(sorted({str(r.group) for rows in splits.values() for r in rows}))
+            for split, rows in splits.items():
+                built[split] = build_pairs(rows, options, problems, group_names, stores[split],
+                                           None if sizes is None else sizes[split])
+            return built
+        good, names, _ = resolve_labels(splits, options, problems)
+        for split, rows in good.items():
+            if kind == "image":
+                built[split] = build_images(rows, names, options, problems, stores[split],
+                                            None if sizes is None else sizes[split])
+            else:
+                built[split] = build_texts(rows, names, options, problems, stores[split])
+        return built
+    except BaseException:
+        for store in stores.values():
+            store.abort()
+        raise
+
+
+def split_stem(index: int) -> str:
+    """The file stem of a source's index-th split in its folder (split names may be anything a reader gives)."""
+    return f"split{index}"
 
 
 def where_of(file: object, row: int | None = None) -> Where:

@@ -18,13 +18,17 @@ A reader is a module here with `KINDS` and `read(path, kind, options, problems) 
 and is no local path is refused too (fedafd never downloads).
 
 A read source is cached under `cache_dir()/prepared/sources/<fingerprint>/` (the fingerprint covers the
-format, the data config and every file's path, size and modification time), so a second load only reads
-arrays back; its `digest` (sha256 over every split's arrays, class names and texts) names it in feature
-caches and in the public-set check at join.
+format, the data config and the path, size and modification time of every file it may read: see
+`source_fingerprint`), so a second load only maps arrays back. The folder holds, per split, one uncompressed
+.npy per array (the pictures written as they are decoded, so a data set larger than memory builds and loads in
+constant memory) and its strings as JSON, then `source.json` (written last); no pickle. It is built in a
+temporary folder beside it and renamed into place. Its `digest` (sha256 over every split's arrays, class
+names and texts, streamed a block at a time) names it in feature caches and in the public-set check at join.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -32,6 +36,9 @@ import importlib
 import json
 import os
 import re
+import shutil
+import tempfile
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,16 +47,16 @@ import numpy as np
 
 from fedafd.runtime.data.fetch import cache_dir
 from fedafd.runtime.data.prepared import (
-    ImageClassData, PairData, TextClassData, concat, file_lock, read_prepared, stratified_split, subset, write_prepared,
+    ImageClassData, PairData, TextClassData, concat, file_lock, load_split, row_blocks, stratified_split, subset,
 )
-from fedafd.runtime.data.sources.build import Data, build_splits
+from fedafd.runtime.data.sources.build import Data, PictureSizes, build_splits, split_stem
 from fedafd.runtime.data.sources.options import DataOptions
 from fedafd.runtime.data.sources.records import DataFormatError, Problems
 
 if TYPE_CHECKING:
     from fedafd.runtime.data.partition import PartitionerSpec
 
-SOURCE_FORMAT = 1
+SOURCE_FORMAT = 2
 """Bumped whenever what a cached source holds changes, so stale caches are never read."""
 DEMO = "demo:"
 PUBLIC = "public"
@@ -182,25 +189,33 @@ def read_records(kind: str, path: Path, fmt: str, options: DataOptions, problems
     return module.read(path, record_kind, dataclasses.replace(options, format=fmt), problems)
 
 
-def open_source(kind: str, location: str | Path, options: DataOptions | None = None, on_bad_sample: str = "error",
-                problems: Problems | None = None, cache: bool = True) -> Source:
-    """The source at `location` ("demo:NAME" or a local path) for a device `kind` (image, text, multimodal) or
-    PUBLIC, read once and cached. `problems` (data check) collects every problem instead of raising."""
-    options = options or DataOptions()
+def resolve(kind: str, location: str | Path, options: DataOptions) -> tuple[Path, str]:
+    """(the local path, its format) of a source location that is no demo set; unsafe or unknown ones refused."""
     location = str(location)
-    if location.startswith(DEMO):
-        return demo_source(kind, location)
     refuse_unsafe(location)
     path = Path(location).expanduser()
     fmt = options.format if options.format != "auto" else detect_format(path, kind)
     if fmt not in FORMATS:
         raise DataFormatError(f"{location}: unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    return path, fmt
+
+
+def open_source(kind: str, location: str | Path, options: DataOptions | None = None, on_bad_sample: str = "error",
+                problems: Problems | None = None, cache: bool = True) -> Source:
+    """The source at `location` ("demo:NAME" or a local path) for a device `kind` (image, text, multimodal) or
+    PUBLIC, read once and cached (its arrays memory-mapped, read-only). `problems` (data check) collects every
+    problem instead of raising. Without the cache (tests) the rows are built in memory."""
+    options = options or DataOptions()
+    location = str(location)
+    if location.startswith(DEMO):
+        return demo_source(kind, location)
+    path, fmt = resolve(kind, location, options)
     collecting = problems is not None and problems.collect
     problems = problems or Problems(on_bad_sample)
     if not cache or collecting:
-        return _read_source(kind, path, location, fmt, options, problems)
+        return read_source(kind, path, location, fmt, options, problems)
     fingerprint = source_fingerprint(kind, path, fmt, options, on_bad_sample)
-    folder = cache_dir() / "prepared" / "sources" / fingerprint
+    folder = sources_dir() / fingerprint
     cached = _read_cached(folder, kind, location)
     if cached is not None:
         return cached
@@ -208,12 +223,45 @@ def open_source(kind: str, location: str | Path, options: DataOptions | None = N
         cached = _read_cached(folder, kind, location)
         if cached is not None:
             return cached
-        source = _read_source(kind, path, location, fmt, options, problems)
-        _write_cached(folder, source)
-    return source
+        with building_folder(folder.parent) as building:
+            source = read_source(kind, path, location, fmt, options, problems, building)
+            write_cached(building, source)
+            install(building, folder)
+    return _read_cached(folder, kind, location) or source
 
 
-def _read_source(kind: str, path: Path, location: str, fmt: str, options: DataOptions, problems: Problems) -> Source:
+def sources_dir() -> Path:
+    """Where read sources are cached, one folder per fingerprint."""
+    return cache_dir() / "prepared" / "sources"
+
+
+@contextlib.contextmanager
+def building_folder(parent: Path) -> Iterator[Path]:
+    """A fresh hidden folder in `parent` to build a source into; removed on the way out unless it was
+    renamed into place (install)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(dir=parent, prefix=".building-"))
+    try:
+        yield building
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+
+
+def install(building: Path, folder: Path) -> bool:
+    """Rename a built source folder into its place (under the fingerprint's lock); a stale folder there (no
+    source.json: a build that died) is removed first. False when a complete one is already there."""
+    if (folder / "source.json").exists():
+        return False
+    if folder.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+    os.rename(building, folder)
+    return True
+
+
+def read_source(kind: str, path: Path, location: str, fmt: str, options: DataOptions, problems: Problems,
+                folder: Path | None = None, sizes: dict[str, PictureSizes] | None = None) -> Source:
+    """Read and build a source: into `folder` (streamed, memory-mapped) or memory (None). `sizes` gets each
+    split's picture sizes as their files give them."""
     splits = read_records(kind, path, fmt, options, problems)
     if getattr(splits, "class_names", ()) and not options.class_names:  # records.Splits: the files' own class list
         options = options.with_values(class_names=splits.class_names)
@@ -221,28 +269,77 @@ def _read_source(kind: str, path: Path, location: str, fmt: str, options: DataOp
         if options.split not in splits:
             raise DataFormatError(f"{location}: no split {options.split!r} (it has {', '.join(sorted(splits))})")
         splits = {"all": splits[options.split]}
-    built = build_splits("multimodal" if kind == PUBLIC else kind, splits, options, problems)
+    built = build_splits("multimodal" if kind == PUBLIC else kind, splits, options, problems, folder, sizes)
+    del splits  # the records (and what they hold open) before the digest streams over the arrays
     if not any(len(d) for d in built.values()):
         raise problems.fatal(location, "no usable rows")
     return Source(kind, location, fmt, built, data_digest(built), problems.count, tuple(problems.listed))
 
 
+FINGERPRINT_SKIPS = ("prepared", "features")
+"""Folders of the cache (cache_dir()) that a source's fingerprint never walks: what fedafd writes itself."""
+
+
+def fingerprint_roots(path: Path, fmt: str, options: DataOptions) -> list[Path]:
+    """What a source may read: its folder; or its file, every file under the file's folder (a manifest's
+    pictures) and, for COCO, its images folder (`../val2017` beside the JSON's folder); and image_root."""
+    roots = [path]
+    if path.is_file():
+        roots.append(path.parent)
+        if fmt == "coco" and not options.image_root:
+            from fedafd.runtime.data.sources.coco import coco_image_root
+
+            roots.append(coco_image_root(path, options))
+    if options.image_root:
+        roots.append(Path(options.image_root).expanduser())
+    resolved = [root.resolve() for root in roots]
+    kept: list[Path] = []
+    for root in sorted(set(resolved), key=lambda r: len(r.parts)):  # a root inside another is walked with it
+        if not any(root.is_relative_to(other) and other.is_dir() for other in kept):
+            kept.append(root)
+    return kept
+
+
+def _walk_files(root: Path, skips: set[Path]) -> Iterator[Path]:
+    """Every file under `root` in a fixed order (sorted names, folder by folder), hidden entries and `skips`
+    left out, without holding the whole listing."""
+    if not root.is_dir():
+        yield root
+        return
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and Path(folder, d) not in skips)
+        for name in sorted(files):
+            if not name.startswith("."):
+                yield Path(folder, name)
+
+
 def source_fingerprint(kind: str, path: Path, fmt: str, options: DataOptions, on_bad_sample: str) -> str:
-    """sha256 of what a cached source was built from: the settings and every file's path, size and mtime."""
+    """sha256 of what a cached source was built from: the settings and the path, size and mtime of every file
+    under `fingerprint_roots` (hidden files and fedafd's own cache folders left out), so replacing one picture
+    a manifest names builds the source again. Pictures a manifest names outside those folders (`../x.png`,
+    absolute paths) are not covered: set image_root to their folder."""
     digest = hashlib.sha256(json.dumps({"v": SOURCE_FORMAT, "kind": kind, "format": fmt, "on_bad_sample": on_bad_sample,
                                         "options": options.as_dict(), "path": str(path.resolve())},
                                        sort_keys=True).encode())
-    roots = [path] + ([Path(options.image_root)] if options.image_root else [])
-    for root in roots:
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        for file in files:
-            stat = file.stat()
-            digest.update(f"{file}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    cache = cache_dir().resolve()
+    skips = {cache / name for name in FINGERPRINT_SKIPS}
+    for root in fingerprint_roots(path, fmt, options):
+        for file in _walk_files(root, skips):
+            try:
+                stat = file.stat()
+                digest.update(f"{file}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            except OSError:  # a broken link or a file gone meanwhile: the reader reports it
+                digest.update(f"{file}\0missing\n".encode())
     return digest.hexdigest()[:32]
 
 
+STRINGS_CHUNK = 8192
+"""Strings per json.dumps call in data_digest."""
+
+
 def data_digest(splits: dict[str, Data]) -> str:
-    """sha256 over every split's name, arrays, class names and texts, in order."""
+    """sha256 over every split's name, arrays, class names and texts, in order; arrays are streamed a block
+    at a time (memory-mapped ones released as it goes), so the value is the same in memory or on disk."""
     digest = hashlib.sha256()
     for split in sorted(splits):
         data = splits[split]
@@ -250,12 +347,23 @@ def data_digest(splits: dict[str, Data]) -> str:
         for field in dataclasses.fields(data):
             value = getattr(data, field.name)
             if isinstance(value, np.ndarray):
-                value = np.ascontiguousarray(value)
                 digest.update(f"{field.name}{value.dtype.str}{value.shape};".encode())
-                digest.update(memoryview(value).cast("B"))
+                for block in row_blocks(value) if value.ndim else [np.ascontiguousarray(value)]:
+                    digest.update(memoryview(block).cast("B"))
             elif value is not None:
-                digest.update(f"{field.name}{json.dumps(list(value))};".encode())
+                digest.update(field.name.encode())
+                _digest_strings(digest, list(value))
+                digest.update(b";")
     return digest.hexdigest()
+
+
+def _digest_strings(digest, values: list) -> None:
+    """What `digest.update(json.dumps(values).encode())` adds, a chunk of strings at a time."""
+    digest.update(b"[")
+    for start in range(0, len(values), STRINGS_CHUNK):
+        text = json.dumps(values[start:start + STRINGS_CHUNK])[1:-1]
+        digest.update(((", " if start else "") + text).encode())
+    digest.update(b"]")
 
 
 _DATA_CLASSES = {"ImageClassData": ImageClassData, "TextClassData": TextClassData, "PairData": PairData}
@@ -264,27 +372,23 @@ _DATA_CLASSES = {"ImageClassData": ImageClassData, "TextClassData": TextClassDat
 def _read_cached(folder: Path, kind: str, location: str) -> Source | None:
     try:
         meta = json.loads((folder / "source.json").read_text())
-        splits = {}
-        for split, cls_name in meta["splits"].items():
-            data = read_prepared(folder / f"{split}.npz", _DATA_CLASSES[cls_name])
-            if data is None:
-                return None
-            splits[split] = data
-    except (OSError, ValueError, KeyError):
+        splits = {split: load_split(folder, entry["stem"], _DATA_CLASSES[entry["class"]])
+                  for split, entry in meta["splits"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
         return None
     return Source(kind, location, meta["format"], splits, meta["digest"], meta["skipped"], tuple(meta["problems"]))
 
 
-def _write_cached(folder: Path, source: Source) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, data in source.splits.items():
-        write_prepared(folder / f"{split}.npz", data)
+def write_cached(folder: Path, source: Source) -> None:
+    """source.json beside the split files read_source built into `folder`, written last: a folder without it
+    is not a cached source."""
     meta = {"format": source.format, "digest": source.digest, "skipped": source.skipped,
             "problems": list(source.problems), "location": source.location,
-            "splits": {split: type(data).__name__ for split, data in source.splits.items()}}
+            "splits": {split: {"class": type(data).__name__, "stem": split_stem(i)}
+                       for i, (split, data) in enumerate(source.splits.items())}}
     tmp = folder / ".source.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, folder / "source.json")  # last: a folder without it is not a cached source
+    os.replace(tmp, folder / "source.json")
 
 
 # --- the bundled data sets as sources ----------------------------------------------------------
