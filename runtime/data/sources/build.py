@@ -224,6 +224,10 @@ def build_pairs(records: Iterable[PairRecord], options: DataOptions, problems: P
         if not any(texts):
             problems.bad(record.where, f"image {record.image_key!r} has no caption")
             continue
+        if str(record.group) not in group_index:
+            problems.bad(record.where, f"group {record.group!r} of image {record.image_key!r} is not one of the "
+                                       f"data config's group_names {list(groups_seen)[:10]}")
+            continue
         image = decode_image(record, problems, sizes)
         if image is None:
             continue
@@ -264,7 +268,7 @@ def build_splits(kind: str, splits: dict[str, Sequence[Record]], options: DataOp
     built: dict[str, Data] = {}
     try:
         if kind == "multimodal":
-            group_names = tuple(sorted({str(r.group) for rows in splits.values() for r in rows}))
+            group_names = options.group_names or tuple(sorted({str(r.group) for rows in splits.values() for r in rows}))
             for split, rows in splits.items():
                 built[split] = build_pairs(rows, options, problems, group_names, stores[split],
                                            None if sizes is None else sizes[split])
