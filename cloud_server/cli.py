@@ -339,6 +339,26 @@ def data_split(
         split_pool(src, kind, out, spec, num_partitions, seed, data_config, test_fraction, log=typer.echo)
 
 
+@data_app.command("check")
+def data_check(
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of ServerConfig values "
+                                                                     "(keys: `fedafd-cloud config`).")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("-c", "--set", help="KEY=VALUE of ServerConfig, repeatable "
+                                                           "(e.g. -c public_data=coco/annotations/captions_train2017"
+                                                           ".json).")] = None,
+    fmt: Annotated[Format, typer.Option("--format")] = Format.text,
+) -> None:
+    """Print what the server would train and evaluate on (the public set, public_subset, the eval set, the pools
+    its --local devices split) and every problem (the first 20, and how many); exit 1 if there is any."""
+    with cli_errors():
+        from fedafd.cloud_server.data_check import check_server, server_report_text
+
+        report = check_server(load_config(ServerConfig, config, overrides))
+    typer.echo(json.dumps(report, indent=2) if fmt == Format.json else server_report_text(report))
+    if report["problem_count"]:
+        raise typer.Exit(1)
+
+
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `serve`.")],

@@ -3,6 +3,7 @@ mounts these with export/cli.py's commands)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,6 +16,8 @@ from fedafd.runtime.config import ClientConfig, load_config
 app = typer.Typer(help="A fedafd edge device in a federation (`fedafd-edge` adds export, infer and bench: "
                        "export/cli.py).", no_args_is_help=True, add_completion=False)
 log = logging.getLogger("fedafd.edge")
+data_app = typer.Typer(help="This device's own data, checked before anything trains.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 CONFIG_HELP = "TOML file of ClientConfig values (keys: `fedafd-edge config`)."
 SET_HELP = "KEY=VALUE of ClientConfig, repeatable; `fedafd-edge config` lists every key, its type, default and meaning."
@@ -110,6 +113,36 @@ def _curve_keys(key: Optional[Path], server_key: Optional[str], insecure: bool):
                                  "or --insecure for plain text")
     pair = load_keypair(key)
     return CurveClientKeys(pair.public, pair.secret, load_public_key(server_key))
+
+
+@data_app.command("check")
+def data_check(
+    kind: Annotated[Kind, typer.Option(help="What the device does with the rows: image and text classify, "
+                                            "multimodal retrieves (image-text pairs).")],
+    data: Annotated[str, typer.Option(help="The data to check: a folder or file (README: Your own data) or "
+                                           "demo:NAME.")],
+    data_config: Annotated[Optional[Path], typer.Option(help="Data config TOML of --data (README: Your own "
+                                                             "data).")] = None,
+    data_format: Annotated[Optional[str], typer.Option(help="The format, if not told from the path (imagefolder, "
+                                                            "csv, tsv, jsonl, cifar, npz, coco, karpathy, parquet, "
+                                                            "hf_disk).")] = None,
+    test_data: Annotated[Optional[str], typer.Option(help="The device's test rows, when --data has no test "
+                                                          "split.")] = None,
+    test_fraction: Annotated[float, typer.Option(help="Share of the rows held out as test rows when --data has no "
+                                                      "test split and no --test-data is given.")] = 0.2,
+    fmt: Annotated[Format, typer.Option("--format")] = Format.text,
+) -> None:
+    """Print what a device would train on (rows, classes and rows per class, captions per picture, picture sizes)
+    and every problem in its data (the first 20, and how many); exit 1 if there is any."""
+    with cli_errors():
+        from fedafd.runtime.data.sources.check import check_source, report_text
+        from fedafd.runtime.data.sources.options import load_options
+
+        options = load_options(data_config, format=data_format)
+        report = check_source(str(kind), data, options, test_data or "", test_fraction)
+    typer.echo(json.dumps(report, indent=2) if fmt == Format.json else report_text(report))
+    if report["problem_count"]:
+        raise typer.Exit(1)
 
 
 @app.command("convert-state")
