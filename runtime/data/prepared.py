@@ -228,8 +228,10 @@ def read_prepared(path: Path, cls: type[Data]) -> Data | None:
 
 # --- a source's splits as memory-mapped files ------------------------------------------------------
 
-BLOCK_BYTES = 8 << 20
-"""Bytes per block when a file-backed array is streamed over (row_blocks) or written (NpyRows)."""
+BLOCK_BYTES = 4 << 20
+"""Bytes per block when a file-backed array is streamed over (row_blocks)."""
+WRITE_BLOCK_BYTES = 1 << 20
+"""Bytes NpyRows gathers before it writes them."""
 
 
 class NpyRows:
@@ -247,7 +249,8 @@ class NpyRows:
         self._written = 0
         self._header_size = len(_npy_header(self.dtype, (self.capacity, *self.row_shape)))
         row_bytes = max(1, self.dtype.itemsize * int(np.prod(self.row_shape, dtype=np.int64)))
-        self._block = np.empty((max(1, min(self.capacity, BLOCK_BYTES // row_bytes)), *self.row_shape), self.dtype)
+        self._block = np.empty((max(1, min(self.capacity, WRITE_BLOCK_BYTES // row_bytes)), *self.row_shape),
+                               self.dtype)
         self._filled = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "wb")

@@ -57,7 +57,8 @@ def decode_image(record: ImageRecord | PairRecord, problems: Problems,
         img = record.image()
         with img:
             size = img.size
-            img.load()  # a truncated file fails here, not later
+            # from_pil loads the pixels (a truncated file fails there), after asking a JPEG to decode at 1/2-1/8
+            # scale: loading it here first would decode every JPEG at full size for a 32 px picture.
             image = from_pil(img)
         if sizes is not None:
             sizes.add(size)

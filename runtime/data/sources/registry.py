@@ -160,8 +160,11 @@ def detect_format(path: Path, kind: str) -> str:
         return "parquet"
     if any(p.is_dir() for p in path.iterdir()) or names & {"metadata.jsonl", "metadata.csv"}:
         return "imagefolder"
+    tables = {Path(n).suffix.lower() for n in names} & {".csv", ".tsv", ".jsonl"}
+    if len(tables) == 1:  # a table per split: train.csv, test.csv
+        return tables.pop()[1:]
     raise DataFormatError(f"{path}: cannot tell the format of this folder (no class folders, metadata.jsonl, "
-                          f"parquet, .bin or save_to_disk files); set format in the data config")
+                          f"tables of one kind, parquet, .bin or save_to_disk files); set format in the data config")
 
 
 def _json_format(path: Path) -> str:
@@ -300,17 +303,17 @@ def fingerprint_roots(path: Path, fmt: str, options: DataOptions) -> list[Path]:
     return kept
 
 
-def _walk_files(root: Path, skips: set[Path]) -> Iterator[Path]:
-    """Every file under `root` in a fixed order (sorted names, folder by folder), hidden entries and `skips`
-    left out, without holding the whole listing."""
+def _walk_files(root: Path, skips: set[str]) -> Iterator[str]:
+    """Every file under `root` in a fixed order (sorted names, folder by folder), hidden entries and the folders
+    in `skips` left out, without holding the whole listing."""
     if not root.is_dir():
-        yield root
+        yield str(root)
         return
     for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and Path(folder, d) not in skips)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.join(folder, d) not in skips)
         for name in sorted(files):
             if not name.startswith("."):
-                yield Path(folder, name)
+                yield os.path.join(folder, name)
 
 
 def source_fingerprint(kind: str, path: Path, fmt: str, options: DataOptions, on_bad_sample: str) -> str:
@@ -322,11 +325,11 @@ def source_fingerprint(kind: str, path: Path, fmt: str, options: DataOptions, on
                                         "options": options.as_dict(), "path": str(path.resolve())},
                                        sort_keys=True).encode())
     cache = cache_dir().resolve()
-    skips = {cache / name for name in FINGERPRINT_SKIPS}
+    skips = {str(cache / name) for name in FINGERPRINT_SKIPS}
     for root in fingerprint_roots(path, fmt, options):
         for file in _walk_files(root, skips):
             try:
-                stat = file.stat()
+                stat = os.stat(file)
                 digest.update(f"{file}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
             except OSError:  # a broken link or a file gone meanwhile: the reader reports it
                 digest.update(f"{file}\0missing\n".encode())
