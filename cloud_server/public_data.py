@@ -28,7 +28,7 @@ class ServerData:
     location: str
 
     bundled: bool = False
-    """Both sets are the bundled emoji (whose test split has two flags drawn like public ones: a warning only)."""
+    """The eval set is the bundled emoji test split (two of its flags are drawn like public ones: a warning only)."""
 
     def load(self, backbones: tuple[str, ...]) -> tuple[ModalData, ModalData]:
         """(the pool P is drawn from, the retrieval test set), with the backbones' cached features. An eval
@@ -65,7 +65,7 @@ def server_data(config: ServerConfig) -> ServerData:
     eval_spec = (public_spec(config.eval_data, config.eval_data_config, config.on_bad_sample)
                  if config.eval_data else None)
     source = public_source(spec)
-    bundled = source.format == "demo" and eval_spec is None
+    bundled = (public_source(eval_spec) if eval_spec else source).format == "demo"
     return ServerData(spec, eval_spec, source.digest, source.location, bundled)
 
 

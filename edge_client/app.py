@@ -371,7 +371,7 @@ class EdgeApp:
                 losses = {}
         train_seconds = time.perf_counter() - started
         metrics = evaluate(state.model, state.towers, self.private.test, settings.gff, self.device,
-                           torch.from_numpy(self.private.train.labels), diagnostics)
+                           torch.from_numpy(np.array(self.private.train.labels)), diagnostics)
         # The model's size travels with the metrics so the server can price FedAvg for the same model.
         metrics["num_params"] = float(count_parameters(state.model))
         if c.on_bad_sample == "skip":  # the bad rows left out of its data, so the run says what it trained without
