@@ -166,7 +166,7 @@ class ServerConfig(PartitionKeys):
     on_bad_sample: str = "error"
     """A bad row in any data set: error (stop, naming the file and row) or skip (leave it out, counted in the metrics)."""
     max_private: int = 2000
-    """Cap on each --local client's private training samples (0: no cap)."""
+    """Cap on each --local client's private training samples (0: no cap); a kind of one device holds its whole pool."""
     max_test: int = 1000
     """Cap on each --local client's test samples (0: the whole test split)."""
     device_regime: str = "mixed"
@@ -254,9 +254,9 @@ class ClientConfig(PartitionKeys):
     seed: int = 0
     """Seed of the split and of this device's models (must match the other devices for the split)."""
     max_private: int = 2000
-    """Cap on private training samples (0: the whole share)."""
+    """Cap on private training samples of a share (of a pool, or of the bundled set; 0: the whole share); a device's own data (data, num_partitions 1) is never capped."""
     max_test: int = 1000
-    """Cap on test samples (0: the whole test split)."""
+    """Cap on test samples of a share's test split (0: the whole test split); own data's test rows are never capped."""
     image_arch: str = "effnet_linear"
     """Local image encoder (image and multimodal devices; runtime.models.IMAGE_ARCHS)."""
     text_arch: str = "minilm_linear"
