@@ -111,6 +111,9 @@ def serve(
             check_resume(run_dir, server_config)  # before config.json is overwritten and devices start
         else:
             check_fresh(run_dir)
+        from fedafd.cloud_server.public_data import server_data
+
+        server_data(server_config).check(server_config)  # a bad file or row stops serve before it binds
         curve = None
         if insecure:
             typer.secho(INSECURE_WARNING, fg="yellow", err=True)

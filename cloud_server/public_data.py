@@ -50,6 +50,12 @@ class ServerData:
             test = test.select(np.flatnonzero(~in_public))
         return public, test
 
+    def check(self, config: ServerConfig) -> tuple[ModalData, ModalData, np.ndarray]:
+        """What `serve` reads before it binds: the public pool, the eval set (no eval picture among the public
+        ones) and the rows P is drawn from (public_subset's ids checked), without backbone features."""
+        public, test = self.load(())
+        return public, test, candidate_rows(config, len(public))
+
     def skipped_rows(self) -> int:
         """Bad rows left out of the public and eval sets (on_bad_sample=skip)."""
         return public_source(self.spec).skipped + (public_source(self.eval_spec).skipped if self.eval_spec else 0)

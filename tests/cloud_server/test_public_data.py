@@ -47,3 +47,24 @@ def test_the_server_draws_p_from_the_subset_only(tmp_path: Path) -> None:
     assert candidate_rows(ServerConfig(), 7).tolist() == list(range(7))
     drawn.close()
     whole.close()
+
+
+def test_serve_refuses_a_bad_public_set_before_it_binds_or_writes_a_run_folder(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedafd.cloud_server.cli import app
+
+    # Prepare: a public set whose second caption row points at a picture that is not there.
+    folder = tmp_path / "public"
+    folder.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(folder / "a.png")
+    (folder / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a cat"}\n'
+                                           '{"file_name": "b.png", "text": "a dog"}\n')
+    # Execute
+    result = CliRunner().invoke(app, ["serve", "--insecure", "--out", str(tmp_path / "run"), "-c",
+                                      f"public_data={folder}", "-c", "eval_data=demo:emoji"])
+    # Assert: one error line naming the file and row; nothing written.
+    assert result.exit_code != 0 and "metadata.jsonl" in result.output and "row 2" in result.output
+    assert not (tmp_path / "run").exists()
