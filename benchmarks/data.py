@@ -98,6 +98,16 @@ def write_image_folder(root: Path, rows: int, seed: int = 0) -> Path:
 # --- what each child process does ------------------------------------------------------------------------
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def vm_hwm_mb() -> float:
     """This process's high-water resident memory (VmHWM starts afresh at exec)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -305,8 +315,7 @@ def main() -> None:
         print(f"{name}: {shown} (target {verdict[name]['target']}): {'met' if met else 'NOT MET'}")
     command = " ".join(["python -m fedafd.benchmarks.data", *sys.argv[1:]])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": command, "machine": {"cpu": platform.processor() or platform.machine(),
-                                                                    "cores": os.cpu_count()},
+    args.out.write_text(json.dumps({"command": command, "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
                                     "seconds": time.perf_counter() - started, "results": results,
                                     "verdicts": verdict}, indent=2) + "\n")
     print(f"wrote {args.out}")
