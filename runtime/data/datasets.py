@@ -19,10 +19,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from fedafd.runtime.data.emoji import load_emoji_pairs
 from fedafd.runtime.data.fashion_mnist import load_fashion_mnist
 from fedafd.runtime.data.fetch import fetch
-from fedafd.runtime.data.prepared import SPLITS, ImageClassData, PairData, TextClassData
+from fedafd.runtime.data.prepared import SPLITS, ImageClassData, PairData, TextClassData, stratified_split
 from fedafd.runtime.data.tuxpaint import load_tuxpaint_pairs
 from fedafd.runtime.data.wordnet import load_wordnet_topics
 
@@ -48,6 +50,21 @@ CATALOGUE = (
 )
 """Every data set, the one place that says which serves what (README: Data)."""
 LOADERS = {dataset.name: dataset.load for dataset in CATALOGUE}
+
+
+TASK_POOL: dict[str, dict[str, int]] = {"image": {"train": 12_000, "test": 2_000},
+                                        "text": {"train": 8_000, "test": 2_000}}
+"""Rows a federation draws from the two large task sets: a fixed subset, stratified by class. Their
+backbone features are computed once and cached (all 70,000 Fashion-MNIST images would take minutes
+on a 2-core CPU), and an edge device holds a few hundred samples anyway."""
+
+
+def pool_rows(labels: np.ndarray, size: int) -> np.ndarray:
+    """Sorted rows of a fixed class-stratified subset of `size` rows (all rows when there are fewer)."""
+    if size >= len(labels):
+        return np.arange(len(labels))
+    _, chosen = stratified_split(labels, test_fraction=size / len(labels))
+    return chosen
 
 
 def dataset_for(serves: str) -> DataSet:

@@ -14,7 +14,7 @@ import numpy as np
 
 from fedafd.runtime.backbones import BACKBONE_IMAGE_SIZE, backbone_spec, modality_backbones
 from fedafd.runtime.data.features import backbone_features, compute_features, feature_cache_path
-from fedafd.runtime.data.prepared import SPLITS, ImageClassData, PairData, TextClassData, stratified_split
+from fedafd.runtime.data.prepared import SPLITS, ImageClassData, PairData, TextClassData
 from fedafd.runtime.data.sources.options import DataOptions, load_options
 from fedafd.runtime.data.sources.records import DataFormatError
 from fedafd.runtime.data.sources.registry import DEMO_DEFAULTS, PUBLIC, Source, data_digest, open_source
@@ -43,13 +43,6 @@ def from_pairs(data: PairData) -> ModalData:
     )
 
 
-TASK_POOL: dict[str, dict[str, int]] = {"image": {"train": 12_000, "test": 2_000},
-                                        "text": {"train": 8_000, "test": 2_000}}
-"""Rows a federation draws from the two large task sets: a fixed subset, stratified by class. Their
-backbone features are computed once and cached (all 70,000 Fashion-MNIST images would take minutes
-on a 2-core CPU), and an edge device holds a few hundred samples anyway."""
-
-
 def read_only(data: ModalData) -> ModalData:
     """`data` with every array marked read-only: loaded once per process and shared by whoever asks (the
     server and every device of a simulation), so none of them may write into it."""
@@ -76,14 +69,6 @@ def load_task_data(kind: str, split: str, backbones: tuple[str, ...] = ()) -> Mo
     rows. Loaded once per process and shared read-only."""
     source = open_source(kind, DEMO_DEFAULTS[kind])
     return source_view(source, source.splits[split], split, backbones)
-
-
-def pool_rows(labels: np.ndarray, size: int) -> np.ndarray:
-    """Sorted rows of a fixed class-stratified subset of `size` rows (all rows when there are fewer)."""
-    if size >= len(labels):
-        return np.arange(len(labels))
-    _, chosen = stratified_split(labels, test_fraction=size / len(labels))
-    return chosen
 
 
 @dataclass(frozen=True)

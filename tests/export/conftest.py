@@ -17,6 +17,7 @@ import torch
 
 from fedafd.edge_client.model import MODALITIES_OF_KIND, GlobalTowers, LocalModel
 from fedafd.edge_client.private_data import load_private_data
+from fedafd.runtime.config import ClientConfig
 from fedafd.edge_client.privacy import PrivacyBudget
 from fedafd.edge_client.state import ClientState, save_state
 from fedafd.edge_client.objectives import objective_for
@@ -43,7 +44,8 @@ def make_client_state(folder: Path, kind: str, spec: dict | None = None, max_pri
     modalities = MODALITIES_OF_KIND[kind]
     archs = [spec[f"{m}_arch"] for m in modalities] + [spec["towers"][m] for m in modalities]
     backbones = tuple(sorted({backbone_of(a) for a in archs} - {None}))
-    private = load_private_data(kind, 0, 1, 0.1, 0, max_private, MAX_TEST, backbones=backbones)
+    private = load_private_data(ClientConfig(kind=kind, alpha=0.1, seed=0, max_private=max_private, max_test=MAX_TEST),
+                                backbones=backbones)
     model = LocalModel(kind, spec["image_arch"], spec["text_arch"], FEATURE_DIM, private.num_classes,
                        fusion_norm="layer" if dp else "batch")
     global_towers = GlobalTowers(FEATURE_DIM, torch.device("cpu"))

@@ -86,7 +86,7 @@ def test_round_trip_every_message(msg):
     _assert_same(msg, got.msg)
     assert got.msg_id == "0123456789abcdef"
     assert got.nbytes == sum(len(f) for f in frames)
-    assert frames[0] == b"FAFD\x03"
+    assert frames[0] == b"FAFD\x04"
     assert len(frames) == 2 + len(msgpack.unpackb(frames[1])["tensors"])
 
 
@@ -153,7 +153,13 @@ def test_another_protocol_version_is_refused():
 def test_a_version_2_peer_is_refused():
     # Version 2 had no rule for the run id a device makes a folder of.
     e = _reject([b"FAFD\x02", *_upload_frames()[1:]])
-    assert e.code == ErrorCode.BAD_VERSION and "version 2" in e.reason and "speaks 3" in e.reason
+    assert e.code == ErrorCode.BAD_VERSION and "version 2" in e.reason and "speaks 4" in e.reason
+
+
+def test_a_version_3_peer_is_refused():
+    # Version 3's Join named no public set, so a device holding another one would have been let in.
+    e = _reject([b"FAFD\x03", *_upload_frames()[1:]])
+    assert e.code == ErrorCode.BAD_VERSION and "version 3" in e.reason and "speaks 4" in e.reason
 
 
 @pytest.mark.parametrize("run_id", ["", "..", "../elsewhere", "a/b", ".hidden", "x" * 65, "r\x00"])

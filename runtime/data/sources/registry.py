@@ -127,9 +127,9 @@ def refuse_unsafe(location: str) -> None:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise DataFormatError(
             f"{location}: {path.suffix} files are pickles, and fedafd never unpickles data; convert it once where "
-            "you trust it, e.g. `python -c \"import numpy as np, torch; d = torch.load('IN', weights_only=False); "
-            "np.savez('OUT.npz', images=np.asarray(d['images']), labels=np.asarray(d['labels']))\"`, and point at "
-            "the .npz (format npz)")
+            "you trust it, e.g. `python -c \"import numpy as np, pickle; d = pickle.load(open('IN', 'rb')); "
+            "np.savez('OUT.npz', images=np.asarray(d['images']), labels=np.asarray(d['labels']))\"` (a .pt: torch's "
+            "loader with weights_only=False), and point at the .npz (format npz)")
     if not path.exists() and _HUB_ID.match(location):
         raise DataFormatError(f"{location}: no such local path, and it looks like a hub id; fedafd never downloads "
                               "data: download it yourself (e.g. `datasets.load_dataset(...).save_to_disk(DIR)`) and "
@@ -406,8 +406,7 @@ DEMO_DEFAULTS = {"image": "demo:fashion_mnist", "text": "demo:wordnet", "multimo
 def demo_source(kind: str, location: str) -> Source:
     """A bundled data set as a source: the rows a federation has always read (Fashion-MNIST and WordNet cut to
     their TASK_POOL rows), "train" and "test"."""
-    from fedafd.runtime.data.datasets import CATALOGUE
-    from fedafd.runtime.data.modal import TASK_POOL, pool_rows
+    from fedafd.runtime.data.datasets import CATALOGUE, TASK_POOL, pool_rows
 
     name = location[len(DEMO):]
     dataset = next((d for d in CATALOGUE if d.name == name), None)
