@@ -17,7 +17,6 @@ from fedafd.runtime.data.fashion_mnist import load_fashion_mnist
 from fedafd.runtime.data.modal import source_view
 from fedafd.runtime.data.prepared import NpyRows, open_npy, row_blocks
 from fedafd.runtime.data.sources import imagefolder
-from fedafd.runtime.data.sources.options import DataOptions
 from fedafd.runtime.data.sources.registry import data_digest, open_source, sources_dir
 from fedafd.runtime.data.tuxpaint import load_tuxpaint_pairs
 
@@ -100,7 +99,8 @@ def test_a_cached_image_folder_holds_the_built_rows_as_npy_and_json(tmp_path, fa
     names = sorted(p.name for p in folders[0].iterdir())
     assert names == ["source.json", "split0.images.npy", "split0.labels.npy", "split0.strings.json"]
     assert np.load(folders[0] / "split0.images.npy", allow_pickle=False).shape == (ROWS, 3, 32, 32)
-    assert json.loads((folders[0] / "split0.strings.json").read_text())["class_names"] == list(built.splits["all"].class_names)
+    strings = json.loads((folders[0] / "split0.strings.json").read_text())
+    assert strings["class_names"] == list(built.splits["all"].class_names)
 
 
 def test_skipped_pictures_shrink_the_stored_arrays(tmp_path, fashion, cache):
