@@ -23,7 +23,7 @@ FORMAT_COMMANDS = [  # every command with --format, and what it needs before it
     (cloud_cli, "nodes list", []), (cloud_cli, "data info", []), (cloud_cli, "report", ["RUN"]),
     (cloud_cli, "profile", ["RUN"]), (cloud_cli, "config", []),
     (edge_cli, "bench", []), (edge_cli, "export", ["STATE", "--out", "MODEL"]), (edge_cli, "infer", ["MODEL", "x.png"]),
-    (edge_cli, "config", []),
+    (edge_cli, "config", []), (edge_cli, "data check", ["--kind", "image", "--data", "x"]), (cloud_cli, "data check", []),
 ]
 
 

@@ -50,5 +50,5 @@ def test_every_console_script_is_a_typer_app_with_its_commands() -> None:
         app = getattr(importlib.import_module(module), attr)
         assert isinstance(app, typer.Typer), name
         commands[name] = set(get_command(app).commands)
-    assert {"join", "keys", "convert-state", "config", "export", "infer", "bench"} == commands["fedafd-edge"]
+    assert {"join", "keys", "convert-state", "config", "data", "export", "infer", "bench"} == commands["fedafd-edge"]
     assert {"serve", "simulate", "report", "profile", "config", "data", "nodes", "keys", "convert-checkpoint"} == commands["fedafd-cloud"]

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from fedafd.runtime.data.images import IMAGE_SIZE, from_pil
 from fedafd.runtime.data.prepared import (
@@ -54,7 +55,7 @@ def decode_image(record: ImageRecord | PairRecord, problems: Problems,
     """The record's picture as uint8 (3, 32, 32), or None (reported) when it cannot be read. `sizes` gets the
     picture's own size (before any decoding at a reduced scale)."""
     try:
-        img = record.image()
+        img = record.image() if record.image is not None else Image.open(record.where.file)
         with img:
             size = img.size
             # from_pil loads the pixels (a truncated file fails there), after asking a JPEG to decode at 1/2-1/8

@@ -133,7 +133,7 @@ def _read_class(folder: Path, label: str, problems: Problems) -> list[ImageRecor
                                 f"{nested.replace('/', '_')}/ beside {folder.name}/")
             continue
         if _nonempty(file, where, problems):
-            records.append(ImageRecord(tables.open_picture(file), label, where))
+            records.append(ImageRecord(None, label, where))  # the picture is where.file
     if not pictures:
         raise problems.fatal(folder, f"empty class folder: no pictures ({', '.join(PICTURE_SUFFIXES)}) in it; "
                                      "add its pictures or remove it")

@@ -24,7 +24,7 @@ class DataFormatError(FedafdError):
     """A data file or row is not what its format says; the message names the file and the row."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Where:
     """The file (and, where there is one, the row: 1-based line, record or list index) a record came from."""
 
@@ -36,21 +36,23 @@ class Where:
 
 
 OpenImage = Callable[[], Any]
-"""Returns the record's picture as a PIL image (opened when called; may raise on a bad file)."""
+"""Returns the record's picture as a PIL image (opened when called; may raise on a bad file). A record whose
+picture is the file its Where names holds None instead (one object less per picture: an index of a large data
+set stays small)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageRecord:
     """A labelled picture (image classification)."""
 
-    image: OpenImage
+    image: OpenImage | None
     label: int | str
     where: Where
     natural_id: str = ""
     """The row's value of the data config's natural_id_column (the `natural` partitioner's key), else ""."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TextRecord:
     """A labelled text (text classification)."""
 
@@ -60,7 +62,7 @@ class TextRecord:
     natural_id: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PairRecord:
     """A picture with every caption written for it (image-text pairs; COCO and Flickr30k have five)."""
 
