@@ -13,7 +13,9 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from fedafd.cloud_server.public_data import read_subset, shared_pictures
+from fedafd.cloud_server.public_data import (
+    BUNDLED_FLAGS, NOT_ON_WHAT_IT_TRAINS_ON, eval_is_bundled, read_subset, shared_line, shared_pictures,
+)
 from fedafd.runtime.config import ServerConfig
 from fedafd.runtime.data.modal import as_modal
 from fedafd.runtime.data.sources.check import inspect_source, problem_lines, rows_report, source_lines
@@ -62,7 +64,7 @@ def check_server(config: ServerConfig) -> dict[str, Any]:
             if held is not None:
                 report["eval_rows"] = rows_report(held)
             if pool is not None and held is not None:
-                own += _shared(report, pool, held, bundled=public.format == "demo" and not config.eval_data,
+                own += _shared(report, pool, held, bundled=eval_is_bundled(config),
                                eval_location=config.eval_data or public.location)
             found.append((own, len(own)))
     for kind in POOLS:
@@ -108,13 +110,10 @@ def _shared(report: dict[str, Any], pool, held, bundled: bool, eval_location: st
     report["shared_pictures"] = len(shared)
     if not shared:
         return []
-    rows = ", ".join(f"eval row {e + 1} = public row {p + 1}" for p, e in shared[:5])
-    line = f"{eval_location}: {len(shared)} eval picture(s) are also in the public set ({rows})"
     if bundled:
-        report["warnings"].append(f"{line}: the bundled emoji test split has pictures drawn like public ones "
-                                  "(e.g. the flags of France and Clipperton Island); kept, as the demo always has")
+        report["warnings"].append(f"{shared_line(shared, eval_location)}: {BUNDLED_FLAGS}")
         return []
-    return [f"{line}: the server would be tested on what it trains on"]
+    return [f"{shared_line(shared, eval_location)}: {NOT_ON_WHAT_IT_TRAINS_ON}"]
 
 
 def _count(rows: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ import numpy as np
 from fedafd.runtime.config import ServerConfig
 from fedafd.runtime.data.modal import ModalData, PublicSpec, load_public_data, public_source, public_spec
 from fedafd.runtime.data.sources.records import DataFormatError
+from fedafd.runtime.data.sources.registry import DEMO, DEMO_DEFAULTS, PUBLIC
 
 log = logging.getLogger("fedafd.cloud")
 
@@ -37,15 +38,12 @@ class ServerData:
         test = load_public_data("test", backbones, self.spec, self.eval_spec)
         shared = shared_pictures(public, test)
         if shared and self.bundled:
-            log.warning("the bundled emoji test split has %d picture(s) drawn like public ones (e.g. the flags of "
-                        "France and Clipperton Island); kept, as the demo always has", len(shared))
+            log.warning("%s: %s", shared_line(shared, self.eval_location), BUNDLED_FLAGS)
         elif shared:
-            rows = ", ".join(f"eval row {e + 1} = public row {p + 1}" for p, e in shared[:5])
-            what = f"{len(shared)} eval picture(s) are also in the public set ({rows})"
             if self.spec.on_bad_sample != "skip":
-                raise DataFormatError(f"{self.eval_location}: {what}: the server would be tested on what it trains "
-                                      "on; remove them, or set on_bad_sample = skip to leave them out")
-            log.warning("%s: %s: left out (on_bad_sample=skip)", self.eval_location, what)
+                raise DataFormatError(f"{shared_line(shared, self.eval_location)}: {NOT_ON_WHAT_IT_TRAINS_ON}; "
+                                      "remove them, or set on_bad_sample = skip to leave them out")
+            log.warning("%s: left out (on_bad_sample=skip)", shared_line(shared, self.eval_location))
             in_public = np.isin(test.pictures(), test.pictures()[[e for _, e in shared]])
             test = test.select(np.flatnonzero(~in_public))
         return public, test
@@ -71,8 +69,12 @@ def server_data(config: ServerConfig) -> ServerData:
     eval_spec = (public_spec(config.eval_data, config.eval_data_config, config.on_bad_sample)
                  if config.eval_data else None)
     source = public_source(spec)
-    bundled = (public_source(eval_spec) if eval_spec else source).format == "demo"
-    return ServerData(spec, eval_spec, source.digest, source.location, bundled)
+    return ServerData(spec, eval_spec, source.digest, source.location, eval_is_bundled(config))
+
+
+def eval_is_bundled(config: ServerConfig) -> bool:
+    """Whether the server is tested on the bundled emoji's test split (whose shared flags are only a warning)."""
+    return (config.eval_data or config.public_data or DEMO_DEFAULTS[PUBLIC]).startswith(DEMO)
 
 
 def candidate_rows(config: ServerConfig, pool_size: int) -> np.ndarray:
@@ -114,6 +116,17 @@ def read_subset(path: Path, pool_size: int) -> np.ndarray:
     if not ids:
         raise DataFormatError(f"{path}: no row ids")
     return np.sort(np.asarray(ids, dtype=np.int64))
+
+
+BUNDLED_FLAGS = ("the bundled emoji test split has pictures drawn like public ones (e.g. the flags of France and "
+                 "Clipperton Island); kept, as the demo always has")
+NOT_ON_WHAT_IT_TRAINS_ON = "the server would be tested on what it trains on"
+
+
+def shared_line(shared: list[tuple[int, int]], eval_location: str) -> str:
+    """What names the eval pictures that are also public ones (the first five, 1-based rows)."""
+    rows = ", ".join(f"eval row {e + 1} = public row {p + 1}" for p, e in shared[:5])
+    return f"{eval_location}: {len(shared)} eval picture(s) are also in the public set ({rows})"
 
 
 def picture_hashes(data: ModalData) -> dict[str, int]:
