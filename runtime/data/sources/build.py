@@ -25,7 +25,7 @@ from fedafd.runtime.data.prepared import (
 )
 from fedafd.runtime.data.sources.options import DataOptions
 from fedafd.runtime.data.sources.records import (
-    DataFormatError, ImageRecord, PairRecord, Problems, Record, TextRecord, Where,
+    DataFormatError, ImageRecord, LazyRecords, PairRecord, Problems, Record, TextRecord, Where,
 )
 
 Data = ImageClassData | TextClassData | PairData
@@ -81,43 +81,48 @@ def clean_text(text: object, options: DataOptions) -> str:
 
 
 def resolve_labels(splits: dict[str, Sequence[Record]], options: DataOptions,
-                   problems: Problems) -> tuple[dict[str, list[Record]], tuple[str, ...], dict[int, int] | None]:
-    """One class list for every split: (records whose labels are good, class names, None). Labels are class
-    names (strings) or integers; integers have options.label_offset subtracted and must lie in [0, K)."""
-    records = [r for rows in splits.values() for r in rows]
-    labels = [r.label for r in records if not isinstance(r, PairRecord)]
-    names = tuple(options.class_names)
-    strings = [label for label in labels if isinstance(label, str)]
-    if strings and not names:
-        names = tuple(sorted(set(strings)))
-    integers = [int(label) - options.label_offset for label in labels if not isinstance(label, str)]
+                   problems: Problems) -> tuple[dict[str, LazyRecords], tuple[str, ...], None]:
+    """One class list for every split: (each split's records whose labels are good, class names, None). Labels are
+    class names (strings) or integers; integers have options.label_offset subtracted and must lie in [0, K).
+    Two passes over the records, holding none of them: the labels seen, then each bad one reported; the good
+    records are a filtered view (LazyRecords)."""
+    strings: set[str] = set()
+    low = high = None
+    for rows in splits.values():
+        for record in rows:
+            label = record.label
+            if isinstance(label, str):
+                strings.add(label)
+            else:
+                value = int(label)
+                low, high = (value, value) if low is None else (min(low, value), max(high, value))
+    names = tuple(options.class_names) or (tuple(sorted(strings)) if strings else ())
     if not names:
-        k = options.num_classes or (max(integers) + 1 if integers else 0)
+        k = options.num_classes or (high - options.label_offset + 1 if high is not None else 0)
         names = tuple(str(i) for i in range(k))
     k = len(names)
-    raw_min = min((int(label) for label in labels if not isinstance(label, str)), default=None)
-    raw_max = max((int(label) for label in labels if not isinstance(label, str)), default=None)
-    looks_one_based = options.label_offset == 0 and raw_min == 1 and raw_max == k
-    good: dict[str, list[Record]] = {}
+    known = set(names)
+    looks_one_based = options.label_offset == 0 and low == 1 and high == k
+
+    def why_bad(record: Record) -> str | None:
+        label = record.label
+        if isinstance(label, str):
+            return None if label in known else f"label {label!r} is not one of the {k} classes {list(names)[:10]}"
+        if 0 <= int(label) - options.label_offset < k:
+            return None
+        hint = " (the labels look 1-based: set label_offset = 1 in the data config)" if looks_one_based else ""
+        return f"label {label} is outside [0, {k}) after label_offset {options.label_offset}{hint}"
+
+    good: dict[str, LazyRecords] = {}
     for split, rows in splits.items():
-        good[split] = []
+        kept = 0
         for record in rows:
-            if isinstance(record, PairRecord):
-                good[split].append(record)
-                continue
-            label = record.label
-            if isinstance(label, str) and label not in names:
-                problems.bad(record.where, f"label {label!r} is not one of the {k} classes {list(names)[:10]}")
-                continue
-            if not isinstance(label, str):
-                value = int(label) - options.label_offset
-                if not 0 <= value < k:
-                    hint = (" (the labels look 1-based: set label_offset = 1 in the data config)"
-                            if looks_one_based else "")
-                    problems.bad(record.where, f"label {label} is outside [0, {k}) after label_offset "
-                                               f"{options.label_offset}{hint}")
-                    continue
-            good[split].append(record)
+            why = why_bad(record)
+            if why is None:
+                kept += 1
+            else:
+                problems.bad(record.where, why)
+        good[split] = LazyRecords(kept, lambda rows=rows: (r for r in rows if why_bad(r) is None))
     return good, names, None
 
 
@@ -162,7 +167,7 @@ def build_images(records: Iterable[ImageRecord], names: tuple[str, ...], options
                  problems: Problems, store: SplitStore | None = None,
                  sizes: PictureSizes | None = None) -> ImageClassData:
     store = store or SplitStore(None, "")
-    records = records if isinstance(records, Sequence) else list(records)
+    records = records if hasattr(records, "__len__") else list(records)
     images = store.rows("images", np.uint8, (3, IMAGE_SIZE, IMAGE_SIZE), len(records))
     labels = np.empty(len(records), dtype=np.int64)
     natural = []
@@ -213,7 +218,7 @@ def build_pairs(records: Iterable[PairRecord], options: DataOptions, problems: P
     """One row per caption; the rows of one picture share its image id (and its decoded picture, written once
     per caption row)."""
     store = store or SplitStore(None, "")
-    records = records if isinstance(records, Sequence) else list(records)
+    records = records if hasattr(records, "__len__") else list(records)
     groups_seen = group_names or tuple(sorted({str(r.group) for r in records}))
     group_index = {name: i for i, name in enumerate(groups_seen)}
     capacity = sum(len(r.captions) for r in records)

@@ -16,11 +16,13 @@ is reported too. Pictures are checked to be non-empty here; build.py opens them.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from fedafd.runtime.data.sources import tables
 from fedafd.runtime.data.sources.options import DataOptions
-from fedafd.runtime.data.sources.records import ImageRecord, PairRecord, Problems, Record, Where
+from fedafd.runtime.data.sources.records import ImageRecord, LazyRecords, PairRecord, Problems, Record, Where
 
 KINDS = ("image", "multimodal")
 SPLIT_NAMES = ("train", "test", "val", "validation", "restval")
@@ -84,9 +86,9 @@ def folder_class(name: str, class_names: tuple[str, ...]) -> str:
     return spelled[0] if len(spelled) == 1 else name
 
 
-def _read_classes(root: Path, options: DataOptions, problems: Problems) -> list[ImageRecord]:
-    """ROOT/<class>/<picture> -> records labelled by class folder name."""
-    records: list[ImageRecord] = []
+def _read_classes(root: Path, options: DataOptions, problems: Problems) -> LazyRecords:
+    """ROOT/<class>/<picture> -> records labelled by class folder name, made as they are read (the index kept is
+    each class's file names)."""
     classes = []
     for entry in sorted(root.iterdir()):
         if _hidden(entry):
@@ -98,46 +100,59 @@ def _read_classes(root: Path, options: DataOptions, problems: Problems) -> list[
     if not classes:
         raise problems.fatal(root, "no class folders: pictures go in ROOT/<class>/ (or ROOT/train/<class>/ and "
                                    "ROOT/test/<class>/)")
-    for folder in classes:
-        records.extend(_read_class(folder, folder_class(folder.name, options.class_names), problems))
-    return records
+    index = [(str(folder), folder_class(folder.name, options.class_names), _read_class(folder, problems))
+             for folder in classes]
+
+    def records() -> Iterator[ImageRecord]:
+        for folder, label, names in index:
+            for name in names:
+                yield ImageRecord(None, label, Where(os.path.join(folder, name)))  # the picture is where.file
+
+    return LazyRecords(sum(len(names) for _, _, names in index), records)
 
 
-def _read_class(folder: Path, label: str, problems: Problems) -> list[ImageRecord]:
-    records = []
+def _read_class(folder: Path, problems: Problems) -> list[str]:
+    """The names of a class folder's good pictures, sorted; every other file reported (or ignored: notes)."""
+    names: list[str] = []
     pictures = 0
-    for file in sorted(folder.rglob("*")):
-        relative = file.relative_to(folder)
-        if any(part.startswith(".") for part in relative.parts):
-            continue
-        where = Where(str(file))
-        if not file.is_file():
-            if file.is_symlink() and is_picture(file):
-                problems.bad(where, "broken link: the picture it points at does not exist")
-            continue
-        suffix = file.suffix.lower()
-        if suffix in NOT_PICTURES:
-            continue
-        if suffix not in PICTURE_SUFFIXES:
-            if len(relative.parts) == 1:
-                problems.bad(where, f"not a picture fedafd reads ({suffix or 'no suffix'}; it reads "
-                                    f"{', '.join(PICTURE_SUFFIXES)}): convert it or move it out of the class folder")
-            continue
-        pictures += 1
-        if len(relative.parts) > 1:
-            levels = len(relative.parts)
-            nested = "/".join((folder.name, *relative.parts[:-1]))
-            problems.bad(where, f"nested class folder {nested}: picture is {_LEVELS.get(levels, levels)} levels below "
-                                f"the class folder {folder.name} (pictures lie directly in their class folder); "
-                                f"flatten it into {folder.name}/ or name the class folder "
-                                f"{nested.replace('/', '_')}/ beside {folder.name}/")
-            continue
-        if _nonempty(file, where, problems):
-            records.append(ImageRecord(None, label, where))  # the picture is where.file
+    for directory, subfolders, files in os.walk(folder):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        relative = Path(directory).relative_to(folder).parts
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            file = os.path.join(directory, name)
+            where = Where(file)
+            suffix = os.path.splitext(name)[1].lower()
+            if not os.path.isfile(file):
+                if os.path.islink(file) and suffix in PICTURE_SUFFIXES:
+                    problems.bad(where, "broken link: the picture it points at does not exist")
+                continue
+            if suffix in NOT_PICTURES:
+                continue
+            if suffix not in PICTURE_SUFFIXES:
+                if not relative:
+                    problems.bad(where, f"not a picture fedafd reads ({suffix or 'no suffix'}; it reads "
+                                        f"{', '.join(PICTURE_SUFFIXES)}): convert it or move it out of the class "
+                                        "folder")
+                continue
+            pictures += 1
+            if relative:
+                levels = len(relative) + 1
+                nested = "/".join((folder.name, *relative))
+                problems.bad(where, f"nested class folder {nested}: picture is {_LEVELS.get(levels, levels)} levels "
+                                    f"below the class folder {folder.name} (pictures lie directly in their class "
+                                    f"folder); flatten it into {folder.name}/ or name the class folder "
+                                    f"{nested.replace('/', '_')}/ beside {folder.name}/")
+                continue
+            if os.path.getsize(file) == 0:
+                problems.bad(where, "zero-byte file")
+                continue
+            names.append(name)
     if not pictures:
         raise problems.fatal(folder, f"empty class folder: no pictures ({', '.join(PICTURE_SUFFIXES)}) in it; "
                                      "add its pictures or remove it")
-    return records
+    return names
 
 
 # --- pairs --------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ naming the file and row; with skip it is counted, left out, and the count goes i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -77,6 +77,22 @@ class PairRecord:
 
 
 Record = Union[ImageRecord, TextRecord, PairRecord]
+
+
+class LazyRecords:
+    """Records made when iterated, from a compact index a reader keeps (file names, offsets): the same records
+    on every pass, `len` of them. A reader of a large data set returns one instead of a list, so the rows it
+    describes are never all objects at once."""
+
+    def __init__(self, count: int, make: Callable[[], Iterator[Record]]):
+        self.count = count
+        self.make = make
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[Record]:
+        return self.make()
 RECORD_OF_KIND: dict[str, type] = {"image": ImageRecord, "text": TextRecord, "multimodal": PairRecord}
 
 
