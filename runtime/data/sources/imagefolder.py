@@ -62,13 +62,6 @@ def _hidden(path: Path) -> bool:
     return path.name.startswith(".")
 
 
-def _nonempty(file: Path, where: Where, problems: Problems) -> bool:
-    if file.stat().st_size == 0:
-        problems.bad(where, "zero-byte file")
-        return False
-    return True
-
-
 # --- image classification -----------------------------------------------------------------------
 
 
