@@ -2,7 +2,8 @@
 
 `partition_rows(spec, labels, num_partitions, seed)` is Flower Datasets' partitioners by name, parameters and
 semantics (flwr-datasets 0.6.1's `IidPartitioner`, `DirichletPartitioner`, `ShardPartitioner`,
-`PathologicalPartitioner`, `NaturalIdPartitioner`), reimplemented over numpy: for the same labels, number of
+`PathologicalPartitioner`, `NaturalIdPartitioner`), reimplemented over numpy (flwr-datasets cannot be an extra:
+it pins datasets<5, whose huggingface-hub is older than the transformers fedafd needs): for the same labels, number of
 partitions, parameters and seed it gives the same row sets as Flower's (tests/runtime/data/flower_partitions.json
 holds Flower's own partitions; test_partitioners.py compares). `dirichlet_partition` is fedafd's own Dirichlet
 split from before, the bundled demo's (`dirichlet_legacy`): it draws differently from Flower's (below).
