@@ -212,7 +212,8 @@ def _refuse_hub(location: str, where: str) -> None:
 def _check_path(spec: TowerSpec, where: str) -> Path:
     path = Path(spec.path).expanduser()
     if not path.exists():
-        looks_local = spec.path.startswith((".", "/", "~")) or path.suffix.lower() in WEIGHT_SUFFIXES + (".bin", ".json")
+        suffix = path.suffix.lower()
+        looks_local = spec.path.startswith((".", "/", "~")) or suffix in WEIGHT_SUFFIXES + (".bin", ".json")
         if not looks_local and _HUB_ID.match(spec.path):
             _refuse_hub(spec.path, where)
         raise TowerError(f"{where}.path: no such {'folder' if spec.source == 'hf' else 'file'} {spec.path}")
@@ -309,8 +310,9 @@ def _image_preprocessing(processor: dict[str, Any]) -> dict[str, Any]:
             found.update(resize="longer", crop="none", image_size=int(size["longest_edge"]))
         elif size.get("height") and size.get("height") == size.get("width"):
             found.update(resize="stretch", crop="none", image_size=int(size["height"]))
-    if cropped and isinstance(crop_size, dict) and crop_size.get("height") and crop_size.get("height") == crop_size.get("width"):
-        found.update(resize="shorter", crop="center", image_size=int(crop_size["height"]))
+    crop_side = crop_size.get("height") if isinstance(crop_size, dict) else None
+    if cropped and crop_side and crop_side == crop_size.get("width"):
+        found.update(resize="shorter", crop="center", image_size=int(crop_side))
     mean, std = processor.get("image_mean"), processor.get("image_std")
     if processor.get("do_normalize") is False:
         mean, std = [0.0] * 3, [1.0] * 3
@@ -376,8 +378,9 @@ def _convert_pickle_hint(path: Path) -> str:
 
 
 def _hf_convert_hint(folder: Path) -> str:
-    return (f"`python -c \"from transformers import AutoModel; AutoModel.from_pretrained('{folder}', use_safetensors=False)"
-            f".save_pretrained('{folder}', safe_serialization=True)\"` (run it only where you trust the file)")
+    return (f"`python -c \"from transformers import AutoModel; AutoModel.from_pretrained('{folder}', "
+            f"use_safetensors=False).save_pretrained('{folder}', safe_serialization=True)\"` "
+            "(run it only where you trust the file)")
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -415,7 +418,8 @@ def _hf_weights(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     if files:
         return files
-    pickled = [p.name for p in sorted(folder.iterdir()) if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")]
+    other_formats = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+    pickled = [p.name for p in sorted(folder.iterdir()) if p.suffix in other_formats]
     if pickled:
         raise TowerError(f"{folder} has only {', '.join(pickled)} (pickle or another framework's format), and fedafd "
                          f"loads safetensors only; convert it once: {_hf_convert_hint(folder)}")
@@ -553,6 +557,10 @@ class TextTower(nn.Module):
         self.net, self.spec, self.dim = net, spec, dim
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if input_ids.dim() != 2 or input_ids.shape[1] > self.spec.max_tokens or attention_mask.shape != input_ids.shape:
+            raise TowerError(f"tower {self.spec.path} reads (input_ids, attention_mask) (B, L <= "
+                             f"{self.spec.max_tokens}) of one shape, got {tuple(input_ids.shape)} and "
+                             f"{tuple(attention_mask.shape)}")
         out = self.net(input_ids=input_ids, attention_mask=attention_mask)
         return pool(out.last_hidden_state, self.spec.pooling, attention_mask, getattr(out, "pooler_output", None))
 
@@ -589,7 +597,8 @@ def _hf_dim(spec: TowerSpec) -> int | None:
 
 def load_tower(spec: TowerSpec) -> nn.Module:
     """The tower as a module from its raw inputs to a (B, D) float32 feature, normalisation and pooling inside;
-    frozen towers come in eval mode with gradients off. Its width is `module.dim`."""
+    frozen towers come in eval mode with gradients off, finetune ones with every parameter trainable (which of
+    the last `finetune_blocks` train is decided where training is wired). Its width is `module.dim`."""
     if spec.source == "builtin":
         module: nn.Module = BuiltinImageTower(spec)
     elif spec.source == "hf":
@@ -677,7 +686,8 @@ def _weight_files(spec: TowerSpec) -> list[tuple[str, Path]]:
 def tower_digest(spec: TowerSpec) -> str:
     """sha256 naming what a tower's features depend on: its weight files' bytes (and an hf folder's config.json),
     its tokenizer files (those of TOKENIZER_FILES present) and its preprocessing fields. Two towers of the same
-    name with other weights, tokenizer or preprocessing differ; the folder's location and the train regime do not count."""
+    name with other weights, tokenizer or preprocessing differ; the folder's location and the train regime do not
+    count."""
     manifest = {"weights": {name: file_sha256(p) for name, p in _weight_files(spec)},
                 "preprocessing": spec.preprocessing()}
     if spec.modality == "text":
@@ -695,10 +705,11 @@ def describe_builtin() -> dict[str, TowerSpec]:
     pooling over 32 tokens, as runtime.data.text tokenizes); EfficientNet-Lite0 is not an hf model, so it is
     source "builtin" (its 32 px images stretched to 112 px, [0, 1] -> [-1, 1] as runtime.backbones does).
     Wiring the model zoo's adapters onto these specs is the next step."""
-    from fedafd.runtime.backbones import BACKBONE_IMAGE_SIZE, _efficientnet_weight_file, _minilm_dir
+    from fedafd.runtime.backbones import BACKBONE_IMAGE_SIZE, weight_files
 
-    minilm = parse_tower({"source": "hf", "path": str(_minilm_dir()), "pooling": "mean", "max_tokens": 32}, "minilm")
-    effnet = TowerSpec(source="builtin", path=str(_efficientnet_weight_file()), arch="efficientnet_lite0",
+    minilm_dir = weight_files("minilm")[0].parent
+    minilm = parse_tower({"source": "hf", "path": str(minilm_dir), "pooling": "mean", "max_tokens": 32}, "minilm")
+    effnet = TowerSpec(source="builtin", path=str(weight_files("efficientnet_lite0")[0]), arch="efficientnet_lite0",
                        modality="image", image_size=BACKBONE_IMAGE_SIZE, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
                        resize="stretch", crop="none")
     return {"efficientnet_lite0": effnet, "minilm": minilm}
