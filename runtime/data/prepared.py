@@ -117,6 +117,8 @@ class PairData:
     def __post_init__(self) -> None:
         if self.image_ids is None:
             object.__setattr__(self, "image_ids", np.arange(len(self.groups), dtype=np.int64))
+        else:
+            object.__setattr__(self, "image_ids", canonical_ids(self.image_ids))
         _check_rows(self)
 
     def __len__(self) -> int:
@@ -124,6 +126,18 @@ class PairData:
 
 
 Data = TypeVar("Data", ImageClassData, TextClassData, PairData)
+
+
+def canonical_ids(ids: np.ndarray) -> np.ndarray:
+    """Picture ids numbered 0, 1, ... in the order the pictures first appear: the same rows have the same ids (and
+    digest) however they were cut out of a larger set. Returned as they are when already so numbered."""
+    if len(ids) == 0:
+        return np.asarray(ids, dtype=np.int64)
+    _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    canonical = rank[inverse.reshape(-1)]
+    return ids if np.array_equal(canonical, ids) else canonical  # as given (a memory map stays one)
 
 
 OPTIONAL_ROWS = ("natural_ids",)

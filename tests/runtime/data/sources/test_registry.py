@@ -95,3 +95,17 @@ def test_the_bundled_sets_are_sources_with_their_splits() -> None:
         open_source("image", "demo:emoji")
     with pytest.raises(DataFormatError, match="no such bundled data set; known: demo:fashion_mnist"):
         open_source("image", "demo:cifar100")
+
+
+def test_pairs_cut_out_of_a_larger_set_number_their_pictures_from_zero_so_the_same_rows_have_one_digest() -> None:
+    # A bundled set built fresh cuts its splits out of all pairs (ids are positions in the whole set); read back
+    # from files the same rows are numbered 0, 1, ...: both must be the same rows to the digest.
+    from fedafd.runtime.data.prepared import PairData, canonical_ids, subset
+    from fedafd.runtime.data.sources.registry import data_digest
+
+    assert canonical_ids(np.array([5, 5, 2, 9, 2, 7])).tolist() == [0, 0, 1, 2, 1, 3]
+    pairs = open_source("multimodal", "demo:tuxpaint").splits["test"]
+    cut = subset(pairs, np.arange(0, 40, 2))  # image ids 0, 2, 4, ... before numbering
+    fresh = PairData(cut.images, cut.input_ids, cut.attention_mask, cut.captions, cut.groups, cut.group_names)
+    assert cut.image_ids.tolist() == list(range(20))
+    assert data_digest({"test": cut}) == data_digest({"test": fresh})
