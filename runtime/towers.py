@@ -8,7 +8,7 @@ A tower is written `SOURCE:PATH` on the command line (`hf:./bert`; `torchvision:
 - `hf`: a Hugging Face folder (config.json and model.safetensors), loaded by transformers' own
   `AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)`;
 - `torchvision`: an architecture name and a weights file (.safetensors, or a .pt/.pth that
-  `torch.load(weights_only=True)` reads), torchvision imported only when named;
+  torch's loader reads with weights_only=True), torchvision imported only when named;
 - `timm`: the same through timm (the optional extra `fedafd[timm]`), imported only when named.
 
 The preprocessing belongs to the tower and is never left at a default: the trouble users of timm and
@@ -384,7 +384,7 @@ def _hf_convert_hint(folder: Path) -> str:
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a .safetensors file, or a .pt/.pth that torch.load(weights_only=True) reads; a file that
+    """A state dict from a .safetensors file, or a .pt/.pth that torch's loader reads with weights_only=True; a file that
     needs full unpickling is refused with the line that converts it."""
     path = Path(path)
     if path.suffix.lower() == ".safetensors":

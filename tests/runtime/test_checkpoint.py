@@ -106,8 +106,9 @@ def test_an_old_torch_save_file_is_refused_and_only_the_converter_reads_it(tmp_p
 
 
 def test_no_production_code_reads_or_writes_with_torch_load_or_save() -> None:
-    # The converter's reader is the one exception; backbones.py reads the EfficientNet package's own .pth weights.
-    allowed = {"runtime/checkpoint.py": 1, "runtime/backbones.py": 1}
+    # The converter's reader is the one exception; backbones.py reads the EfficientNet package's own .pth weights;
+    # towers.py reads a user's .pt/.pth with weights_only=True and names the conversion of one that needs more.
+    allowed = {"runtime/checkpoint.py": 1, "runtime/backbones.py": 1, "runtime/towers.py": 2}
     found: dict[str, int] = {}
     for folder in ("runtime", "cloud_server", "edge_client", "export", "benchmarks"):
         for path in (REPO / folder).rglob("*.py"):
