@@ -14,6 +14,7 @@ import numpy as np
 
 from fedafd.runtime.config import ServerConfig
 from fedafd.runtime.data.modal import ModalData, PublicSpec, load_public_data, public_source, public_spec
+from fedafd.runtime.data.prepared import row_blocks
 from fedafd.runtime.data.sources.records import DataFormatError
 from fedafd.runtime.data.sources.registry import DEMO, DEMO_DEFAULTS, PUBLIC
 
@@ -130,11 +131,17 @@ def shared_line(shared: list[tuple[int, int]], eval_location: str) -> str:
 
 
 def picture_hashes(data: ModalData) -> dict[str, int]:
-    """sha256 of each distinct picture's pixels -> its first row."""
-    images = data.inputs["image"][0]
+    """sha256 of each distinct picture's pixels -> its first row, read a block of rows at a time (a memory-mapped
+    set's pages are let go as it goes)."""
+    images, pictures = data.inputs["image"][0], data.pictures()
+    first = set(np.unique(pictures, return_index=True)[1].tolist())
     hashes: dict[str, int] = {}
-    for row in np.unique(data.pictures(), return_index=True)[1]:
-        hashes.setdefault(hashlib.sha256(np.ascontiguousarray(images[row]).tobytes()).hexdigest(), int(row))
+    row = 0
+    for block in row_blocks(images):
+        for offset, pixels in enumerate(block):
+            if row + offset in first:
+                hashes.setdefault(hashlib.sha256(pixels.tobytes()).hexdigest(), row + offset)
+        row += len(block)
     return hashes
 
 
