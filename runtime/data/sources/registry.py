@@ -243,11 +243,30 @@ def building_folder(parent: Path) -> Iterator[Path]:
     """A fresh hidden folder in `parent` to build a source into; removed on the way out unless it was
     renamed into place (install)."""
     parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(dir=parent, prefix=".building-"))
+    remove_dead_builds(parent)
+    building = Path(tempfile.mkdtemp(dir=parent, prefix=f".building-{os.getpid()}-"))
     try:
         yield building
     finally:
         shutil.rmtree(building, ignore_errors=True)
+
+
+def remove_dead_builds(parent: Path) -> None:
+    """Remove the building folders of processes that are gone (killed mid-build: nothing else removes them)."""
+    for old in parent.glob(".building-*-*"):
+        pid = old.name.split("-")[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def install(building: Path, folder: Path) -> bool:

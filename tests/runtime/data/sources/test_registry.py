@@ -109,3 +109,24 @@ def test_pairs_cut_out_of_a_larger_set_number_their_pictures_from_zero_so_the_sa
     fresh = PairData(cut.images, cut.input_ids, cut.attention_mask, cut.captions, cut.groups, cut.group_names)
     assert cut.image_ids.tolist() == list(range(20))
     assert data_digest({"test": cut}) == data_digest({"test": fresh})
+
+
+def test_a_build_killed_midway_leaves_nothing_behind_once_another_builds(tmp_path: Path, monkeypatch) -> None:
+    # Prepare: the building folder of a process that died (no such pid), and one of this live process.
+    import os
+    import subprocess
+
+    from fedafd.runtime.data.sources.registry import sources_dir
+
+    monkeypatch.setenv("FEDAFD_CACHE", str(tmp_path / "cache"))
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that was a process and is no more
+    dead = sources_dir() / f".building-{gone.pid}-abc"
+    live = sources_dir() / f".building-{os.getpid()}-def"
+    for folder in (dead, live):
+        (folder / "split0.images.npy").parent.mkdir(parents=True)
+    np.savez(tmp_path / "x.npz", images=np.zeros((10, 8, 8), np.uint8), labels=np.arange(10) % 2)
+    # Execute
+    open_source("image", tmp_path / "x.npz")
+    # Assert
+    assert not dead.exists() and live.exists()
