@@ -10,7 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from fedafd.runtime.backbones import BACKBONE_IMAGE_SIZE, backbone_spec, modality_backbones
 from fedafd.runtime.data.features import backbone_features, compute_features, feature_cache_path

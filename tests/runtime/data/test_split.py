@@ -17,7 +17,6 @@ from fedafd.runtime.data.fashion_mnist import load_fashion_mnist
 from fedafd.runtime.data.partition import PartitionerSpec
 from fedafd.runtime.data.prepared import PairData, subset
 from fedafd.runtime.data.sources.options import load_options
-from fedafd.runtime.data.sources.records import DataFormatError
 from fedafd.runtime.data.sources.registry import open_source, partition_data, train_test
 from fedafd.runtime.data.split import SPLIT_FILE, differing_keys, folder_name, rows_digest
 from fedafd.runtime.data.wordnet import load_wordnet_topics
