@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -36,6 +35,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from fedafd.benchmarks.latency import cpu_model  # the machine, named as the latency benchmark names it
 
 BACKBONE = "efficientnet_lite0"
 SIDE = 256
@@ -96,16 +97,6 @@ def write_image_folder(root: Path, rows: int, seed: int = 0) -> Path:
 
 
 # --- what each child process does ------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def vm_hwm_mb() -> float:
