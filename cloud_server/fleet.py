@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fedafd.runtime.config import ClientConfig, ConfigError, ServerConfig, load_config, relative_to
+from fedafd.runtime.tomlfile import read_toml
 from fedafd.runtime.wire import CLIENT_KINDS
 
 # Device regimes (ServerConfig.device_regime): the architectures a fleet's devices take turns through, per
@@ -75,15 +76,7 @@ def read_fleet_toml(path: Path) -> Fleet:
         partitioner = "dirichlet"
         alpha = 0.1
     """
-    import tomllib
-
-    try:
-        with open(path, "rb") as handle:
-            tables = tomllib.load(handle)
-    except FileNotFoundError:
-        raise ConfigError(f"fleet file not found: {path}") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"fleet file {path} is not valid TOML: {err}") from None
+    tables = read_toml(path, "fleet file", ConfigError)
     counts, settings, each = {}, {}, {}
     for kind, table in tables.items():
         if kind not in CLIENT_KINDS or not isinstance(table, dict):

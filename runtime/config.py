@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 import types
 import typing
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Any, ClassVar, TypeVar
 
 from fedafd.runtime.codecs import FEATURE_CODECS
 from fedafd.runtime.methods import BAA_SCHEDULES, LOCAL_INITS, STRATEGIES
+from fedafd.runtime.tomlfile import read_toml
 from fedafd.runtime.wire import CLIENT_KINDS
 
 CONTRASTIVE_LOSSES = ("pcme", "infonce")
@@ -374,13 +374,7 @@ def load_config(cls: type[ConfigT], path: Path | None = None, overrides: list[st
     """Defaults, then the TOML file, then `explicit` keyword values, then `key=value` overrides; validated."""
     values: dict[str, Any] = {}
     if path is not None:
-        try:
-            with open(path, "rb") as handle:
-                values.update(tomllib.load(handle))
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+        values = read_toml(Path(path), "config file", ConfigError)
         values = {key: relative_to(Path(path), value) if key in cls.PATH_KEYS else value
                   for key, value in values.items()}
     values.update({key: value for key, value in explicit.items() if value is not None})

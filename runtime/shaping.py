@@ -22,11 +22,11 @@ import heapq
 import itertools
 import threading
 import time
-import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
+from .tomlfile import read_toml
 from .errors import FedafdError
 from .transport import ClientTransport, Frames, TransportError
 
@@ -99,13 +99,7 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
         if not path.exists():
             raise ProfileError(f"no shipped profile {str(name_or_path)!r}; shipped: {', '.join(shipped_profiles())} "
                                f"(or pass a path to a .toml file)")
-    try:
-        with open(path, "rb") as handle:
-            values = tomllib.load(handle)
-    except FileNotFoundError:
-        raise ProfileError(f"profile file not found: {path}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ProfileError(f"profile {path} is not valid TOML: {e}") from None
+    values = read_toml(path, "profile file", ProfileError)
     values.setdefault("name", path.stem)
     known = {f.name for f in fields(DeviceProfile)}
     unknown = sorted(set(values) - known)

@@ -15,12 +15,12 @@ error naming the key, so a typo never falls back silently. AG News' headerless C
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedafd.runtime.tomlfile import read_toml
 from fedafd.runtime.data.sources.records import DataFormatError
 
 
@@ -91,13 +91,7 @@ def load_options(path: str | Path | None, **overrides: Any) -> DataOptions:
     values: dict[str, Any] = {}
     if path:
         path = Path(path)
-        try:
-            with open(path, "rb") as handle:
-                values = tomllib.load(handle)
-        except FileNotFoundError:
-            raise DataFormatError(f"data config not found: {path}") from None
-        except tomllib.TOMLDecodeError as err:
-            raise DataFormatError(f"data config {path} is not valid TOML: {err}") from None
+        values = read_toml(path, "data config", DataFormatError)
     values.update({k: v for k, v in overrides.items() if v not in (None, "")})
     return DataOptions.from_dict(values, str(path) if path else "data config")
 
