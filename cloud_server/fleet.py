@@ -95,13 +95,10 @@ def read_fleet_toml(path: Path) -> Fleet:
     if sum(counts.values()) == 0:
         raise ConfigError(f"{path}: the fleet has no devices")
     fleet = Fleet(counts, settings, each)
-    for kind, count in counts.items():  # every key checked now, naming the device
-        for index in range(count):
-            try:
-                load_config(ClientConfig, None, [f"{k}={v}" for k, v in fleet.values_of(kind, index).items()],
-                            kind=kind, partition=min(index, count - 1), num_partitions=count)
-            except ConfigError as err:
-                raise ConfigError(f"{path}: device {kind}-{index}: {err}") from None
+    try:
+        fleet_configs(ServerConfig(), fleet)  # every key checked now, naming the file and the device
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     return fleet
 
 
@@ -123,7 +120,8 @@ DATA_KEYS = ("partitioner", "min_partition_size", "self_balancing", "num_shards_
 hold the server's)."""
 
 
-def device_settings(config: ServerConfig, kind: str, index: int, fleet: Fleet | None = None) -> dict[str, object]:
+def device_settings(config: ServerConfig, kind: str, index: int,
+                    fleet: Fleet | dict[str, int] | None = None) -> dict[str, object]:
     """The ClientConfig values the fleet gives device `index` of `kind` (before the user's --local-set):
     the server's split, caps, pools and public set, its turn through the architectures of the config's device
     regime, then what a fleet TOML says of it. `serve --local` and `simulate` build their devices from the same
@@ -140,7 +138,7 @@ def device_settings(config: ServerConfig, kind: str, index: int, fleet: Fleet | 
     values.update({key: getattr(c, key) for key in DATA_KEYS if getattr(c, key) != getattr(defaults, key)})
     if getattr(c, f"{kind}_data"):
         values.update(data=getattr(c, f"{kind}_data"), data_config=getattr(c, f"{kind}_data_config"))
-    if fleet is not None:
+    if isinstance(fleet, Fleet):  # a fleet TOML's own values (a plain count mapping has none)
         values.update(fleet.values_of(kind, index))
     return values
 
@@ -154,7 +152,7 @@ def fleet_configs(config: ServerConfig, fleet: dict[str, int], client_overrides:
     configs = []
     for kind, count in fleet.items():
         for index in range(count):
-            values = dict(device_settings(config, kind, index, fleet if isinstance(fleet, Fleet) else None), **extra)
+            values = dict(device_settings(config, kind, index, fleet), **extra)
             overrides = [f"{key}={value}" for key, value in values.items()] + list(client_overrides)
             try:
                 configs.append(load_config(ClientConfig, None, overrides, kind=kind, partition=index,
@@ -183,7 +181,7 @@ class LocalFleet:
         self._logs: list = []
 
     def command(self, kind: str, index: int) -> list[str]:
-        overrides = device_settings(self.config, kind, index, self.fleet if isinstance(self.fleet, Fleet) else None)
+        overrides = device_settings(self.config, kind, index, self.fleet)
         command = [sys.executable, "-m", "fedafd.edge_client.cli", "join", "--server", self.endpoint, "--kind", kind,
                    "--partition", str(index), "--num-partitions", str(self.fleet[kind]),
                    "--state-dir", str(self.state_dir(f"{kind}-{index}"))]
