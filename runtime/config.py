@@ -204,10 +204,7 @@ class ServerConfig(PartitionKeys):
         _check_choice(self, "device_regime", DEVICE_REGIMES)
         _check_non_negative(self, "baa_batches")
         _check_positive(self, "disc_steps")
-        _check_partitioner(self)
-        _check_choice(self, "on_bad_sample", ("error", "skip"))
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        _check_data_keys(self)
         if not 0.0 < self.quorum <= 1.0:
             raise ConfigError(f"quorum must be in (0, 1], got {self.quorum}")
         if self.feature_dim % 4:
@@ -321,10 +318,7 @@ class ClientConfig(PartitionKeys):
         _check_choice(self, "text_arch", TEXT_ARCHS)
         _check_non_negative(self, "upload_noise")
         _check_positive(self, "upload_clip")
-        _check_partitioner(self)
-        _check_choice(self, "on_bad_sample", ("error", "skip"))
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        _check_data_keys(self)
         if self.data_format != "auto":
             from fedafd.runtime.data.sources.registry import FORMATS
 
@@ -475,9 +469,14 @@ def _convert(key: str, value: Any, target: Any) -> Any:
     raise ConfigError(f"{key} has an unsupported type {target}")
 
 
-def _check_partitioner(config: ServerConfig | ClientConfig) -> None:
+def _check_data_keys(config: ServerConfig | ClientConfig) -> None:
+    """The keys both sides share for reading and splitting data: the partitioner's, on_bad_sample, test_fraction."""
     from fedafd.runtime.data.partition import PARTITIONERS
+    from fedafd.runtime.data.sources.records import ON_BAD_SAMPLE
 
+    _check_choice(config, "on_bad_sample", ON_BAD_SAMPLE)
+    if not 0.0 < config.test_fraction < 1.0:
+        raise ConfigError(f"test_fraction must be in (0, 1), got {config.test_fraction}")
     _check_choice(config, "partitioner", PARTITIONERS)
     _check_non_negative(config, "min_partition_size", "num_shards_per_partition", "shard_size")
     _check_positive(config, "num_classes_per_partition")
