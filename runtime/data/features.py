@@ -37,7 +37,7 @@ import torch
 
 from fedafd.runtime.backbones import (BACKBONE_IMAGE_SIZE, BackboneSpec, backbone_digest, backbone_spec,
                                       build_backbone)
-from fedafd.runtime.data.prepared import NpyRows, file_lock, open_npy, release_pages, row_blocks
+from fedafd.runtime.data.prepared import NpyRows, atomic_write, file_lock, open_npy, release_pages, row_blocks
 from fedafd.runtime.data.fetch import cache_dir
 from fedafd.runtime.data.views import ModalData
 from fedafd.runtime.data.text import MAX_TEXT_LEN, PAD_ID
@@ -116,22 +116,8 @@ def _all_finite(features: np.ndarray) -> bool:
     return all(np.isfinite(block).all() for block in row_blocks(features))
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` fills a temporary file beside `path`, which then replaces `path` in one step."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shared like any other
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_bytes(path: Path, raw: bytes) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_bytes(raw))
+    atomic_write(path, lambda tmp: tmp.write_bytes(raw))
 
 
 def _write_json(path: Path, record: dict[str, Any]) -> None:
@@ -178,7 +164,7 @@ def _install_cached(path: Path, built: Path, record: dict[str, Any]) -> None:
     """A copy of the features written to `built` made the cache file at `path` (atomically; the .npy first: a
     sidecar never vouches for bytes not yet there), then its sidecar. The copy is the kernel's (sendfile), so
     no byte passes through this process's memory."""
-    _atomic_write(path, lambda tmp: shutil.copyfile(built, tmp))
+    atomic_write(path, lambda tmp: shutil.copyfile(built, tmp))
     _write_json(_sidecar(path), {**record, "npy_sha256": file_sha256(path)})
 
 
@@ -253,7 +239,7 @@ def _export(module: torch.nn.Module, modality: str, path: Path) -> None:
                               output_names=[_OUTPUT_NAME], dynamic_axes=axes, opset_version=OPSET, dynamo=False)
         onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _open_session(path: Path) -> Any:

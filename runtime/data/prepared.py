@@ -210,16 +210,11 @@ def write_prepared(path: Path, data: ImageClassData | TextClassData | PairData) 
         if isinstance(value, tuple):  # strings: fixed-width unicode, never object arrays
             value = np.array(value, dtype=str) if value else np.zeros(0, dtype="<U1")
         arrays[field.name] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shared like any other
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # a handle: given a name, np.savez would add ".npz" to it
+            np.savez(handle, **arrays)
+
+    atomic_write(path, write)
 
 
 def read_prepared(path: Path, cls: type[Data]) -> Data | None:
@@ -427,6 +422,25 @@ def load_split(folder: Path, stem: str, cls: type[Data]) -> Data:
             continue
         values[field.name] = open_npy(path)
     return cls(**values)
+
+
+def atomic_write(path: Path, write: Callable[[Path], object], durable: bool = False) -> None:
+    """`write(tmp)` fills a temporary file beside `path`, which then replaces `path` in one step (readable by all:
+    caches are shared). `durable`: the file's bytes reach the disk before the rename (a record that must survive a
+    crash, such as split.json)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        if durable:
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager

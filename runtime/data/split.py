@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from fedafd.runtime.data.partition import PartitionerSpec
-from fedafd.runtime.data.prepared import ImageClassData, PairData, TextClassData, subset
+from fedafd.runtime.data.prepared import ImageClassData, PairData, TextClassData, atomic_write, subset
 from fedafd.runtime.data.sources.build import Data
 from fedafd.runtime.data.sources.imagefolder import folder_name
 from fedafd.runtime.data.sources.options import load_options
@@ -95,7 +95,7 @@ def split_pool(src: str, kind: str, out: Path, spec: PartitionerSpec, num_partit
         _write_device(out, name, kind, subset(train, rows), rows, test, folders)
         device = record["devices"][name]
         log(f"{name}: {device['rows']} train rows, {len(test)} test rows, {len(device['class_counts'])} classes")
-    _atomic_write(out / SPLIT_FILE, encode_record(record))
+    atomic_write(out / SPLIT_FILE, lambda tmp: tmp.write_bytes(encode_record(record)), durable=True)
     log(f"wrote {out} ({num_partitions} devices, {SPLIT_FILE})")
     return SplitResult(out, record, True)
 
@@ -185,20 +185,6 @@ def _prepare(out: Path, record: dict[str, Any]) -> bool:
         else:
             leftover.unlink()
     return True
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- device folders ------------------------------------------------------------------------------

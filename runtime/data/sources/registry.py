@@ -47,7 +47,8 @@ import numpy as np
 
 from fedafd.runtime.data.fetch import cache_dir
 from fedafd.runtime.data.prepared import (
-    ImageClassData, PairData, TextClassData, concat, file_lock, load_split, row_blocks, stratified_split, subset,
+    ImageClassData, PairData, TextClassData, atomic_write, concat, file_lock, load_split, row_blocks, stratified_split,
+    subset,
 )
 from fedafd.runtime.data.sources.build import Data, PictureSizes, build_splits, split_stem
 from fedafd.runtime.data.sources.options import DataOptions
@@ -408,9 +409,7 @@ def write_cached(folder: Path, source: Source) -> None:
             "problems": list(source.problems), "location": source.location,
             "splits": {split: {"class": type(data).__name__, "stem": split_stem(i)}
                        for i, (split, data) in enumerate(source.splits.items())}}
-    tmp = folder / ".source.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, folder / "source.json")
+    atomic_write(folder / "source.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
 
 
 # --- the bundled data sets as sources ----------------------------------------------------------
