@@ -4,9 +4,11 @@ the subset's ids must name rows of the pool, and no eval picture may also be a p
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +39,7 @@ class ServerData:
         picture that is also a public one is an error (on_bad_sample=skip: its rows are left out, counted)."""
         public = load_public_data("train", backbones, self.spec, self.eval_spec)
         test = load_public_data("test", backbones, self.spec, self.eval_spec)
-        shared = shared_pictures(public, test)
+        shared = _shared_rows(self.spec, self.eval_spec)
         if shared and self.bundled:
             log.warning("%s: %s", shared_line(shared, self.eval_location), BUNDLED_FLAGS)
         elif shared:
@@ -62,6 +64,14 @@ class ServerData:
     @property
     def eval_location(self) -> str:
         return self.eval_spec.location if self.eval_spec is not None else self.location
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_rows(spec: PublicSpec, eval_spec: PublicSpec | None) -> tuple[tuple[int, int], ...]:
+    """shared_pictures of the public pool and the eval set, hashed once per process (serve checks before it binds,
+    then ServerApp loads the same sets with their features)."""
+    return tuple(shared_pictures(load_public_data("train", (), spec, eval_spec),
+                                 load_public_data("test", (), spec, eval_spec)))
 
 
 def server_data(config: ServerConfig) -> ServerData:
@@ -124,7 +134,7 @@ BUNDLED_FLAGS = ("the bundled emoji test split has pictures drawn like public on
 NOT_ON_WHAT_IT_TRAINS_ON = "the server would be tested on what it trains on"
 
 
-def shared_line(shared: list[tuple[int, int]], eval_location: str) -> str:
+def shared_line(shared: Sequence[tuple[int, int]], eval_location: str) -> str:
     """What names the eval pictures that are also public ones (the first five, 1-based rows)."""
     rows = ", ".join(f"eval row {e + 1} = public row {p + 1}" for p, e in shared[:5])
     return f"{eval_location}: {len(shared)} eval picture(s) are also in the public set ({rows})"
