@@ -157,12 +157,12 @@ def child_check(data: Path) -> dict:
 
 def child_features(data: Path) -> dict:
     """The backbone feature cache of every row of the (cached) source, as a device computes it."""
-    from fedafd.runtime.data.modal import source_view
+    from fedafd.runtime.data.modal import rows_view
     from fedafd.runtime.data.sources.registry import open_source
 
     source = open_source("image", data)
     start = time.perf_counter()
-    view = source_view(source, source.splits["all"], "all", (BACKBONE,))
+    view = rows_view(source.splits["all"], "all", (BACKBONE,))
     seconds = time.perf_counter() - start
     feats = view.features[BACKBONE]
     return {"seconds": seconds, "rows": int(feats.shape[0]), "dim": int(feats.shape[1]),

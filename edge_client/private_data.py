@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedafd.runtime.config import ClientConfig, PartitionKeys
-from fedafd.runtime.data.modal import ModalData, read_only, source_view
+from fedafd.runtime.data.modal import ModalData, read_only, rows_view
 from fedafd.runtime.data.partition import PartitionerSpec, cap_indices
 from fedafd.runtime.data.sources.options import DataOptions, load_options
 from fedafd.runtime.data.sources.build import Data
@@ -88,8 +88,7 @@ def _rows(spec: DataSpec, seed: int, backbones: tuple[str, ...]) -> tuple[ModalD
     devices of one pool share them), and the bad rows skipped."""
     source, train, test_source, test = _source_rows(spec, seed)
     skipped = source.skipped + (test_source.skipped if test_source is not source else 0)
-    return (source_view(source, train, "train", backbones), source_view(test_source, test, "test", backbones),
-            skipped)
+    return rows_view(train, "train", backbones), rows_view(test, "test", backbones), skipped
 
 
 @functools.lru_cache(maxsize=None)

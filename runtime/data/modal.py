@@ -67,7 +67,7 @@ def load_task_data(kind: str, split: str, backbones: tuple[str, ...] = ()) -> Mo
     paper's data sets is in the README's data section. Fashion-MNIST and WordNet are cut to their TASK_POOL
     rows. Loaded once per process and shared read-only."""
     source = open_source(kind, DEMO_DEFAULTS[kind])
-    return source_view(source, source.splits[split], split, backbones)
+    return rows_view(source.splits[split], split, backbones)
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def load_public_data(split: str = "train", backbones: tuple[str, ...] = (), spec
         rows = source.rows(spec.options.train_splits) or source.rows(("all",))
         if rows is None:
             raise DataFormatError(f"{source.location}: none of the train splits {list(spec.options.train_splits)}")
-        return source_view(source, rows, "train", backbones)
+        return rows_view(rows, "train", backbones)
     if eval_spec is not None and eval_spec.location:
         source = public_source(eval_spec)
         rows = source.rows(eval_spec.options.test_splits) or source.rows(("all",))
@@ -107,11 +107,10 @@ def load_public_data(split: str = "train", backbones: tuple[str, ...] = (), spec
         rows = source.rows(spec.options.test_splits)
     if rows is None:
         raise DataFormatError(f"{source.location} has no test split to evaluate the server on: set eval_data")
-    return source_view(source, rows, "test", backbones)
+    return rows_view(rows, "test", backbones)
 
 
-def source_view(source: Source, data: ImageClassData | TextClassData | PairData, split: str,
-                backbones: tuple[str, ...]) -> ModalData:
+def rows_view(data: ImageClassData | TextClassData | PairData, split: str, backbones: tuple[str, ...]) -> ModalData:
     """Rows of a source as training reads them, read-only, with the named backbones' cached features."""
     return read_only(with_backbone_features(as_modal(data), rows_name(data, split), backbones))
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from fedafd.runtime.data import features
 from fedafd.runtime.data.fashion_mnist import load_fashion_mnist
-from fedafd.runtime.data.modal import source_view
+from fedafd.runtime.data.modal import rows_view
 from fedafd.runtime.data.prepared import NpyRows, open_npy, row_blocks
 from fedafd.runtime.data.sources import imagefolder
 from fedafd.runtime.data.sources.registry import data_digest, open_source, sources_dir
@@ -172,7 +172,7 @@ def test_an_edited_picture_gets_its_own_feature_cache(tmp_path, fashion, cache, 
 
     def view():
         source = open_source("image", tmp_path / "data")
-        return source_view(source, source.splits["all"], "train", ("efficientnet_lite0",))
+        return rows_view(source.splits["all"], "train", ("efficientnet_lite0",))
 
     first = view().features["efficientnet_lite0"]
     again = view().features["efficientnet_lite0"]
@@ -197,7 +197,7 @@ def test_features_written_batch_by_batch_equal_those_computed_at_once(tmp_path, 
     monkeypatch.setitem(features.BATCH_ROWS, "image", 10)  # 48 rows: four batches and a short one
     image_folder(tmp_path / "data", *fashion)
     source = open_source("image", tmp_path / "data")
-    data = source_view(source, source.splits["all"], "all", ())
+    data = rows_view(source.splits["all"], "all", ())
     cached = features.backbone_features("efficientnet_lite0", "scale-test", data, progress=False)
     session = features.backbone_session("efficientnet_lite0")
     at_once = features._run_session(session, data.batch("image", slice(None), features.torch.device("cpu")))
