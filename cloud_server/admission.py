@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from fedafd.runtime.backbones import backbone_fix
 from fedafd.runtime.messaging import Received
 from fedafd.runtime.wire import (
     MODALITIES_OF_KIND, Bye, Error, ErrorCode, FeatureUpload, Heartbeat, Join, Message, Welcome,
@@ -104,8 +105,7 @@ class Admission:
                 theirs = join.backbones.get(name)
                 self.reject(peer, ErrorCode.BACKBONE_MISMATCH,
                             f"this server's towers adapt backbone {name} with weights sha256 {digest[:12]}..., the device "
-                            f"has {theirs[:12] + '...' if theirs else 'none'}: install the same backbone package version "
-                            f"on both sides", msg_id)
+                            f"has {theirs[:12] + '...' if theirs else 'none'}: {backbone_fix(name)}", msg_id)
                 return
         if self.public_digest and join.public_digest != self.public_digest:
             theirs = f"{join.public_digest[:12]}..." if join.public_digest else "none"

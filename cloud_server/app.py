@@ -31,7 +31,7 @@ from fedafd.cloud_server.strategies import build_strategy
 from fedafd.runtime.accounting import ByteCounter
 from fedafd.runtime.backbones import backbone_digest
 from fedafd.runtime.codecs import wire_codec
-from fedafd.runtime.config import ServerConfig, config_to_dict
+from fedafd.runtime.config import ServerConfig, config_to_dict, encoder_archs
 from fedafd.runtime.data.partition import cap_indices
 from fedafd.runtime.diagnostics import mean_cosine
 from fedafd.runtime.errors import FedafdError
@@ -94,7 +94,8 @@ class ServerApp:
         self.random = OwnRandom(derived_seed(config.seed, SERVER))
         """The server's own stream of torch's random numbers (weight init, dropout)."""
         with self.random:
-            self.model = GlobalModel(config.image_arch, config.text_arch, config.feature_dim,
+            archs = encoder_archs(config)
+            self.model = GlobalModel(archs["image"], archs["text"], config.feature_dim,
                                      config.contrastive_loss, config.adapter_dropout).to(self.device)
         backbones = tuple(sorted(set(self.model.backbones().values())))
         self.backbone_digests = {name: backbone_digest(name) for name in backbones}

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from fedafd.runtime.config import ClientConfig, ConfigError, ServerConfig, load_config, relative_to
+from fedafd.runtime.config import (TOWER_KEYS, ClientConfig, ConfigError, ServerConfig, load_config, relative_to,
+                                   tower_setting)
 from fedafd.runtime.tomlfile import read_toml
 from fedafd.runtime.wire import CLIENT_KINDS
 
@@ -106,6 +107,8 @@ def _relative_to(path: Path, key: str, value: object) -> object:
     """ClientConfig's file keys (and a profile's .toml) read from the fleet TOML's folder."""
     if key in ClientConfig.PATH_KEYS or (key == "profile" and isinstance(value, str) and value.endswith(".toml")):
         return relative_to(path, value)
+    if key in TOWER_KEYS:
+        return tower_setting(value, path)
     return value
 
 
@@ -136,6 +139,8 @@ def device_settings(config: ServerConfig, kind: str, index: int,
     }
     defaults = ServerConfig()
     values.update({key: getattr(c, key) for key in DATA_KEYS if getattr(c, key) != getattr(defaults, key)})
+    # The server's own towers, which this machine holds: its devices run them too (GFF, G from the towers).
+    values.update({f"server_{m}_tower": getattr(c, f"{m}_tower") for m in ("image", "text") if getattr(c, f"{m}_tower")})
     if getattr(c, f"{kind}_data"):
         values.update(data=getattr(c, f"{kind}_data"), data_config=getattr(c, f"{kind}_data_config"))
     if isinstance(fleet, Fleet):  # a fleet TOML's own values (a plain count mapping has none)

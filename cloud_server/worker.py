@@ -16,7 +16,7 @@ from fedafd.cloud_server.distributed import Ranks, Stopped, load_state
 from fedafd.cloud_server.stages import (
     GlobalModel, build_optimizers, distill_epoch, evaluate_retrieval, extract_features, train_contrastive_epoch,
 )
-from fedafd.runtime.config import ServerConfig, build_config
+from fedafd.runtime.config import ServerConfig, build_config, encoder_archs
 from fedafd.cloud_server.public_data import server_data
 from fedafd.runtime.data.modal import ModalData
 from fedafd.runtime.torch_utils import configure_threads, rank_seed
@@ -30,7 +30,8 @@ def build_replica(ranks: Ranks) -> tuple[ServerConfig, GlobalModel, tuple[torch.
     config_values, state = ranks.receive_setup()
     config = build_config(ServerConfig, config_values)
     configure_threads(config.threads)
-    model = GlobalModel(config.image_arch, config.text_arch, config.feature_dim, config.contrastive_loss,
+    archs = encoder_archs(config)
+    model = GlobalModel(archs["image"], archs["text"], config.feature_dim, config.contrastive_loss,
                         config.adapter_dropout).to(ranks.device)
     optimizers = build_optimizers(model, config.lr, config.distill_lr)
     load_state(model, optimizers, state)

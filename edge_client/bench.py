@@ -15,10 +15,10 @@ from fedafd.edge_client.model import GlobalTowers, LocalModel
 from fedafd.edge_client.private_data import load_private_data
 from fedafd.edge_client.objectives import objective_for
 from fedafd.edge_client.training import Optimizers, prepare_round, train_step, uplink_features
-from fedafd.runtime.config import ClientConfig, ServerConfig
+from fedafd.runtime.config import ClientConfig, ServerConfig, encoder_archs
 from fedafd.runtime.methods import MethodSettings
 from fedafd.runtime.data.modal import load_public_data
-from fedafd.runtime.models import backbone_of, build_encoder, count_parameters
+from fedafd.runtime.models import backbone_of, build_encoder, count_parameters, resolve_arch
 from fedafd.runtime.wire import MODALITIES_OF_KIND
 from fedafd.runtime.shaping import load_profile, profile_to_toml
 from fedafd.runtime.timing import time_per_call
@@ -38,13 +38,15 @@ def run_bench(config: ClientConfig, onnx_dir: Path | None, graphs: list[dict], o
     torch.manual_seed(config.seed)
     kind_modalities = MODALITIES_OF_KIND[config.kind]
     archs = {"image": server_image_arch, "text": server_text_arch}
-    own = {"image": config.image_arch, "text": config.text_arch}
+    own = encoder_archs(config)
+    # The server's adapters over its own towers, where the device names them (server_*_tower).
+    archs = {m: resolve_arch(m, archs[m], getattr(config, f"server_{m}_tower")) for m in archs}
     backbones = tuple(sorted({backbone_of(a) for m in kind_modalities for a in (archs[m], own[m])} - {None}))
     private = load_private_data(dataclasses.replace(config, partition=0, num_partitions=1, data="",
                                                     max_private=max(config.batch_size * 4, 64), max_test=64),
                                 backbones=backbones)
     public = load_public_data("train", backbones)
-    model = LocalModel(config.kind, config.image_arch, config.text_arch, feature_dim, private.num_classes,
+    model = LocalModel(config.kind, own["image"], own["text"], feature_dim, private.num_classes,
                        config.adapter_dropout, config.head, config.head_scale).to(device)
     optimizers = Optimizers.create(model, config.lr, config.disc_lr, config.fusion_lr)
     # A frozen global tower of the server's default architecture (random weights: same cost as trained ones).

@@ -78,6 +78,7 @@ def load_state(state_dir: Path, state: ClientState, expected_meta: dict) -> bool
     architecture or feature_dim is an error: loading it would silently mix models, or fail half-way."""
     expected = dict(expected_meta)
     run_id = expected.pop("run_id", None)
+    expected.pop("towers", None)  # where the tower files are: the architectures' names already say which weights
     meta = read_state_meta(state_dir, run_id or "")
     if meta is None:
         return False

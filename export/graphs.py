@@ -19,7 +19,9 @@ less at batch 1, ORT optimises across the boundaries, and there is one file per 
   can compute the server's global features with ONNX Runtime alone.
 - the server (`export_server`): its two global towers, backbones included, as a retrieval model.
 
-Inputs: `image` float32 (B, 3, 32, 32) in [0, 1]; `input_ids`, `attention_mask` int64 (B, L), L <= 32.
+Inputs: `image` float32 (B, 3, 32, 32) in [0, 1]; `input_ids`, `attention_mask` int64 (B, L), L <= 32. A graph
+holding a user tower takes that tower's inputs instead (`graph_input`): pictures at its image size, brought
+there by `runtime.data.images.fit_picture`, or its own tokenizer's ids, at most its max_tokens.
 Batch (and sequence) axes are dynamic. Tokenisation stays outside the graph (`tokenizer.json` beside it).
 A graph that holds EfficientNet-Lite0 upsamples the 32 px image to 112 px inside; one that holds MiniLM
 is ~90 MB (its int8 copy ~23 MB; `export/quantize.py` says which backbone is quantised and why).
@@ -43,7 +45,7 @@ import torch
 from torch import nn
 
 from fedafd.edge_client.model import LocalModel
-from fedafd.runtime.backbones import BackboneMissingError, build_backbone
+from fedafd.runtime.backbones import BackboneMissingError, build_backbone, user_tower
 from fedafd.runtime.data.features import OPSET
 from fedafd.runtime.data.features import example_inputs as trace_example
 from fedafd.runtime.data.modal import RAW
@@ -131,10 +133,30 @@ class BackboneCache:
         return {name: self.modules[name] for name in names}
 
 
-def input_specs(modality: str) -> list[dict[str, Any]]:
+def graph_input(modality: str, *encoders: nn.Module | None) -> str:
+    """What one graph of `modality` takes, given the encoders inside it: "" for the project's own inputs (32 px
+    pictures, MiniLM's tokens: what encoders from scratch and the shipped backbones read), else the name of the
+    user tower whose own preprocessing makes them. A graph cannot take two: a user tower beside another input
+    is refused, naming both."""
+    views = {input_view(e) for e in encoders if e is not None}
+    users = sorted(v for v in views if user_tower(v) is not None)
+    if not users:
+        return ""
+    if len(views) > 1:
+        raise ExportError(f"the {modality} graph would take two inputs ({', '.join(sorted(views))}: the local encoder "
+                          f"and the global tower read different towers); export with --no-fusion, or give the "
+                          f"device the server's tower as its own")
+    return users[0]
+
+
+def input_specs(modality: str, reads: str = "") -> list[dict[str, Any]]:
+    """The graph's inputs: the project's (32 px, MiniLM's 32 tokens), or those of the user tower it `reads`."""
+    tower = user_tower(reads) if reads else None
     if modality == "image":
-        return [{"name": "image", "dtype": "float32", "shape": ["batch", 3, 32, 32]}]
-    return [{"name": name, "dtype": "int64", "shape": ["batch", "seq"], "max_len": MAX_TEXT_LEN}
+        size = tower.image_size if tower is not None else 32
+        return [{"name": "image", "dtype": "float32", "shape": ["batch", 3, size, size]}]
+    max_len = tower.max_tokens if tower is not None else MAX_TEXT_LEN
+    return [{"name": name, "dtype": "int64", "shape": ["batch", "seq"], "max_len": max_len}
             for name in ("input_ids", "attention_mask")]
 
 
@@ -145,7 +167,8 @@ def output_specs(classifier: bool, feature_dim: int, num_classes: int = 0) -> li
     return [feature]
 
 
-def export_graph(module: nn.Module, modality: str, outputs: list[dict[str, Any]], path: Path, exporter: str) -> None:
+def export_graph(module: nn.Module, modality: str, outputs: list[dict[str, Any]], path: Path, exporter: str,
+                 reads: str = "") -> None:
     """torch -> ONNX with a dynamic batch axis (and sequence axis for text), then the full checker. Traced
     on the backbone cache's example rows (texts end in padding, so the mask is traced as data)."""
     import onnx
@@ -153,10 +176,10 @@ def export_graph(module: nn.Module, modality: str, outputs: list[dict[str, Any]]
     if exporter not in EXPORTERS:
         raise ExportError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     module = module.eval()
-    inputs = input_specs(modality)
+    inputs = input_specs(modality, reads)
     names = [s["name"] for s in inputs]
     out_names = [o["name"] for o in outputs]
-    args = trace_example(modality)
+    args = trace_example(modality, reads)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
@@ -167,7 +190,7 @@ def export_graph(module: nn.Module, modality: str, outputs: list[dict[str, Any]]
         else:
             from torch.export import Dim
 
-            batch, seq = Dim("batch"), Dim("seq", min=2, max=MAX_TEXT_LEN)
+            batch, seq = Dim("batch"), Dim("seq", min=2, max=inputs[0].get("max_len", MAX_TEXT_LEN))
             # forward(*inputs): torch.export sees one argument, the tuple of inputs
             shapes = (tuple({0: batch, 1: seq} if modality == "text" else {0: batch} for _ in names),)
             program = torch.onnx.export(module, args, input_names=names, output_names=out_names,

@@ -142,6 +142,22 @@ def load_image(path: Path) -> np.ndarray:
         raise InputError(f"cannot read image {path}: {err}") from None
 
 
+def load_fitted_image(path: Path, size: int, fit: str, pad_colour: tuple[float, ...]) -> np.ndarray:
+    """A picture file -> float32 (3, size, size) in [0, 1], as a user tower's feature cache prepared its pictures."""
+    from PIL import Image, UnidentifiedImageError
+
+    from fedafd.runtime.data.images import fit_picture
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return fit_picture(img, size, fit, pad_colour)
+    except FileNotFoundError:
+        raise InputError(f"no such image file: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise InputError(f"cannot read image {path}: {err}") from None
+
+
 def load_image_array(path: Path) -> np.ndarray:
     """A .npy file of uint8 images (3, 32, 32) or (N, 3, 32, 32), or float ones in [0, 1]."""
     try:
@@ -155,7 +171,7 @@ class TextPreprocessor:
     """The MiniLM WordPiece tokenizer from tokenizer.json via the `tokenizers` library: [CLS] ... [SEP],
     truncated and padded to the manifest's max_len with pad id 0, the same ids as runtime.data.text.tokenize."""
 
-    def __init__(self, path: Path, max_len: int, pad_id: int):
+    def __init__(self, path: Path, max_len: int, pad_id: int, padding: str = "max_length"):
         from tokenizers import Tokenizer
 
         if not path.is_file():
@@ -166,7 +182,9 @@ class TextPreprocessor:
             raise ModelError(f"cannot read the tokenizer {path}: {err}; export the model again") from None
         pad_token = tokenizer.id_to_token(pad_id)
         tokenizer.enable_truncation(max_length=max_len)
-        tokenizer.enable_padding(length=max_len, pad_id=pad_id, pad_token=pad_token)
+        # A user tower's graph pads to the batch's longest text (a BERT's 512 positions would cost 16x at 32
+        # words); the project's own graphs to max_len, as training does.
+        tokenizer.enable_padding(length=max_len if padding == "max_length" else None, pad_id=pad_id, pad_token=pad_token)
         self.tokenizer, self.max_len = tokenizer, max_len
 
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -234,8 +252,20 @@ class OnnxModel:
             spec = self.manifest.data["preprocessing"].get("text")
             if spec is None:
                 raise InputError(f"this {self.kind} model takes no text")
-            self._text = TextPreprocessor(self.manifest.folder / spec["tokenizer"], spec["max_len"], spec["pad_id"])
+            self._text = TextPreprocessor(self.manifest.folder / spec["tokenizer"], spec["max_len"], spec["pad_id"],
+                                          spec.get("padding", "max_length"))
         return self._text
+
+    def read_images(self, paths: list[Path]) -> np.ndarray:
+        """Picture files (and .npy arrays) as this model's image graph takes them: 32 px pictures, or a user
+        tower's size and fit (manifest preprocessing), by the functions training used."""
+        spec = self.manifest.data["preprocessing"].get("image", {})
+        if "tower" not in spec:
+            return read_images(paths)
+        batches = [load_image_array(p) if p.suffix.lower() == ".npy"
+                   else load_fitted_image(p, spec["size"], spec["fit"], tuple(spec["pad_colour"]))[None] for p in paths]
+        size = spec["size"]
+        return np.concatenate(batches).astype(np.float32) if batches else np.zeros((0, 3, size, size), np.float32)
 
 
 def _check_input(spec: dict[str, Any], array: np.ndarray) -> np.ndarray:
@@ -294,7 +324,7 @@ def predict(model: OnnxModel, inputs: list[str], top_k: int = 3) -> dict[str, An
             raise InputError(f"this is {'an' if kind == 'image' else 'a'} {kind} classifier; cannot classify {wrong[0]!s}"
                              + (" (no such image file?)" if kind == "image" else ""))
         if kind == "image":
-            probs = model.images(read_images(images))["probs"]
+            probs = model.images(model.read_images(images))["probs"]
             names = [str(p) for p in images]
         else:
             probs = model.texts(texts)["probs"]
@@ -305,7 +335,7 @@ def predict(model: OnnxModel, inputs: list[str], top_k: int = 3) -> dict[str, An
                 "predictions": [_top_classes(name, row, model.manifest.labels, top_k) for name, row in zip(names, probs)]}
     if not images or not texts:
         raise InputError(f"a {kind} model ranks captions for pictures: give at least one image file and one text")
-    image_features = model.images(read_images(images))["feature"]  # (N, d), L2-normalised
+    image_features = model.images(model.read_images(images))["feature"]  # (N, d), L2-normalised
     text_features = model.texts(texts)["feature"]  # (M, d), L2-normalised
     scores = image_features @ text_features.T  # (N, M)
     rankings = []

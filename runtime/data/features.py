@@ -15,6 +15,11 @@ size, data set, rows, dim, sha256 of the input arrays) and the .npy bytes match 
 hold finite float32 (rows, dim); anything else is logged with the reason and built again. Writes are
 atomic (temporary file + os.replace), and a lock file makes a fleet starting at once build each file
 once while the others wait and then read it. `size` is the image side for image backbones, 0 for text.
+
+A user's tower (registered by runtime.backbones.register_tower) is cached the same way, but reads its own
+inputs (`tower_batch`): each picture at its source resolution (the data's `pictures`; the 32 px array only
+where a data set has none) brought to the tower's size by its own resize and crop, and each raw text
+tokenized by the tower's own tokenizer to its max_tokens.
 """
 
 from __future__ import annotations
@@ -34,9 +39,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from fedafd.runtime.backbones import (BACKBONE_IMAGE_SIZE, BackboneSpec, backbone_digest, backbone_spec,
-                                      build_backbone)
+                                      build_backbone, user_tower)
 from fedafd.runtime.data.prepared import NpyRows, atomic_write, file_lock, open_npy, release_pages, row_blocks
 from fedafd.runtime.data.fetch import cache_dir
 from fedafd.runtime.data.views import ModalData
@@ -76,7 +82,10 @@ def features_dir() -> Path:
 
 
 def _size_key(spec: BackboneSpec, image_size: int) -> int:
-    return image_size if spec.modality == "image" else 0  # text backbones have no input size
+    if spec.modality != "image":
+        return 0  # text backbones have no input size
+    tower = user_tower(spec.name)
+    return tower.image_size if tower is not None else image_size
 
 
 def feature_cache_path(backbone: str, dataset: str, image_size: int = BACKBONE_IMAGE_SIZE) -> Path:
@@ -174,11 +183,10 @@ def compute_features(backbone: str, dataset: str, data: ModalData, image_size: i
     spec = backbone_spec(backbone)
     if spec.modality not in data.inputs:
         raise ValueError(f"{backbone} reads {spec.modality} inputs; data set {dataset} has only {', '.join(data.inputs)}")
-    arrays = data.inputs[spec.modality]
     size = _size_key(spec, image_size)
     expected = {"format": FEATURES_FORMAT, "backbone": backbone, "digest": backbone_digest(backbone),
                 "image_size": size, "dataset": dataset, "rows": len(data), "dim": spec.dim,
-                "inputs_sha256": inputs_sha256(arrays)}
+                "inputs_sha256": inputs_sha256(tower_input_arrays(backbone, data))}
     path = feature_cache_path(backbone, dataset, image_size)
     features, reason = _read_cached(path, expected)
     if features is not None:
@@ -215,8 +223,80 @@ def backbone_features(backbone: str, dataset: str, data: ModalData, image_size: 
 # --- ONNX export and ONNX Runtime ----------------------------------------------------------------
 
 
-def example_inputs(modality: str) -> tuple[torch.Tensor, ...]:
+def tower_input_arrays(backbone: str, data: ModalData) -> tuple[np.ndarray, ...]:
+    """The arrays a backbone's features are computed from (what their cache's inputs_sha256 covers): a shipped
+    backbone's are the data's inputs of its modality; a user tower's, the pictures at source resolution (when
+    the data has them) or the raw texts, encoded as UTF-8 with their lengths."""
+    spec = backbone_spec(backbone)
+    tower = user_tower(backbone)
+    if tower is None:
+        return data.inputs[spec.modality]
+    if spec.modality == "image":
+        pictures = getattr(data, "pictures", None)
+        return data.inputs["image"] if pictures is None else (pictures.blob, pictures.spans)
+    encoded = [text.encode() for text in _texts(data)]
+    lengths = np.array([len(e) for e in encoded], dtype=np.int64)
+    return lengths, np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+
+def _texts(data: ModalData) -> tuple[str, ...]:
+    texts = getattr(data, "texts", None)
+    if texts is None:
+        raise FeatureCacheError("this data set keeps no raw texts, and a tower of your own tokenizes them itself")
+    return texts
+
+
+def tower_batch(backbone: str, data: ModalData, rows: slice | np.ndarray) -> tuple[torch.Tensor, ...]:
+    """The inputs of `rows` of `data` as the backbone reads them, on the CPU: a shipped backbone's from the data's
+    arrays (data.batch); a user tower's from the pictures (decoded, brought to its size by fit_image) or the raw
+    texts (its tokenizer, padded to the batch's longest, at most max_tokens)."""
+    spec = backbone_spec(backbone)
+    tower = user_tower(backbone)
+    cpu = torch.device("cpu")
+    if tower is None:
+        return data.batch(spec.modality, rows, cpu)
+    indices = np.arange(len(data))[rows] if isinstance(rows, slice) else np.asarray(rows)
+    from fedafd.runtime.towers import fit_image
+
+    if spec.modality == "image":
+        pictures = getattr(data, "pictures", None)
+        if pictures is None:  # a data set without its originals: its 32 px pictures, brought up to the tower's size
+            images = data.inputs["image"][0]
+            fitted = [fit_image(Image.fromarray(np.ascontiguousarray(images[i].transpose(1, 2, 0))), tower)
+                      for i in indices]
+        else:
+            fitted = [fit_image(pictures.open(int(i)), tower) for i in indices]
+        size = tower.image_size
+        return (torch.from_numpy(np.stack(fitted)) if fitted else torch.zeros(0, 3, size, size),)
+    texts = _texts(data)
+    tokens = tower_tokenizer(tower)([texts[int(i)] for i in indices], padding="longest", truncation=True,
+                               max_length=tower.max_tokens, return_tensors="np")
+    return (torch.from_numpy(tokens["input_ids"].astype(np.int64)),
+            torch.from_numpy(tokens["attention_mask"].astype(np.int64)))
+
+
+_tokenizers: dict[Any, Any] = {}
+
+
+def tower_tokenizer(tower: Any) -> Any:
+    """A user text tower's tokenizer, loaded once per process."""
+    if tower not in _tokenizers:
+        from fedafd.runtime.towers import load_tower_tokenizer
+
+        _tokenizers[tower] = load_tower_tokenizer(tower)
+    return _tokenizers[tower]
+
+
+def example_inputs(modality: str, backbone: str = "") -> tuple[torch.Tensor, ...]:
     """Two rows to trace with; the token rows end in padding so the mask is traced as data, not skipped."""
+    tower = user_tower(backbone) if backbone else None
+    if tower is not None and modality == "image":
+        size = tower.image_size
+        return (torch.linspace(0.0, 1.0, 2 * 3 * size * size).reshape(2, 3, size, size),)
+    if tower is not None:
+        tokens = tower_tokenizer(tower)(["a dog runs on the grass near two trees", "a dog"], padding="longest",
+                                   truncation=True, max_length=tower.max_tokens, return_tensors="pt")
+        return tokens["input_ids"].to(torch.int64), tokens["attention_mask"].to(torch.int64)
     if modality == "image":
         return (torch.linspace(0.0, 1.0, 2 * 3 * 32 * 32).reshape(2, 3, 32, 32),)
     input_ids = torch.full((2, MAX_TEXT_LEN), PAD_ID, dtype=torch.int64)
@@ -225,7 +305,7 @@ def example_inputs(modality: str) -> tuple[torch.Tensor, ...]:
     return input_ids, (input_ids != PAD_ID).to(torch.int64)
 
 
-def _export(module: torch.nn.Module, modality: str, path: Path) -> None:
+def _export(module: torch.nn.Module, modality: str, path: Path, inputs: tuple[torch.Tensor, ...]) -> None:
     import onnx
 
     names = list(_INPUT_NAMES[modality])
@@ -235,7 +315,7 @@ def _export(module: torch.nn.Module, modality: str, path: Path) -> None:
     def write(tmp: Path) -> None:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about Python-side shape arithmetic
-            torch.onnx.export(module, example_inputs(modality), str(tmp), input_names=names,
+            torch.onnx.export(module, inputs, str(tmp), input_names=names,
                               output_names=[_OUTPUT_NAME], dynamic_axes=axes, opset_version=OPSET, dynamo=False)
         onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
 
@@ -274,9 +354,9 @@ def backbone_session(backbone: str, image_size: int = BACKBONE_IMAGE_SIZE,
                 logger.warning("ONNX backbone %s not used (%s); exporting it again", path, _first_line(err))
         start = time.perf_counter()
         module = build_backbone(backbone, image_size)
-        _export(module, spec.modality, path)
+        _export(module, spec.modality, path, example_inputs(spec.modality, backbone))
         session = _open_session(path)
-        check_rows = check_rows if check_rows is not None else example_inputs(spec.modality)
+        check_rows = check_rows if check_rows is not None else example_inputs(spec.modality, backbone)
         with torch.no_grad():
             expected = module(*check_rows).numpy()
         difference = float(np.abs(_run_session(session, check_rows) - expected).max(initial=0.0))
@@ -308,24 +388,24 @@ def _extract(spec: BackboneSpec, dataset: str, data: ModalData, image_size: int,
              out: Path) -> tuple[np.ndarray, float]:
     """Features (N, dim) written to the .npy `out` a batch at a time, and returned memory-mapped, with the
     seconds spent in ONNX Runtime (the export excluded). The inputs' pages are released batch by batch."""
-    rows, cpu = len(data), torch.device("cpu")
+    rows = len(data)
     written = NpyRows(out, np.float32, (spec.dim,), rows)  # (N, dim)
     try:
         if rows == 0:
             return written.close(), 0.0
-        check_rows = data.batch(spec.modality, slice(0, PARITY_ROWS), cpu)
+        check_rows = tower_batch(spec.name, data, slice(0, PARITY_ROWS))
         session = backbone_session(spec.name, image_size, check_rows)
         start_encoding = time.perf_counter()
         step = BATCH_ROWS[spec.modality]
         inputs = data.inputs[spec.modality]
         with _progress_bar(f"{spec.name} features of {dataset}", rows, progress) as advance:
             for start in range(0, rows, step):
-                batch = data.batch(spec.modality, slice(start, start + step), cpu)
+                batch = tower_batch(spec.name, data, slice(start, start + step))
                 features = _run_session(session, batch)  # (b, dim)
                 if not np.isfinite(features).all():
                     raise FeatureCacheError(f"{spec.name} gave NaN or Inf features for {dataset} (rows {start}..)")
                 written.extend(features)
-                for array in inputs:
+                for array in inputs if user_tower(spec.name) is None else ():  # a tower's are not row-indexed
                     release_pages(array[start:start + step])
                 advance(len(batch[0]))
         seconds = time.perf_counter() - start_encoding

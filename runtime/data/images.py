@@ -59,3 +59,36 @@ def to_float(batch: np.ndarray) -> np.ndarray:
     if batch.dtype != np.uint8:
         raise ValueError(f"expected uint8 images, got {batch.dtype}")
     return batch.astype(np.float32) / np.float32(255.0)
+
+
+FIT_RESIZES = ("shorter", "longer", "stretch")
+
+
+def fit_picture(img: Image.Image, size: int, resize: str, mean: tuple[float, ...]) -> np.ndarray:
+    """A picture at any size -> float32 (3, size, size) in [0, 1], as a tower's preprocessing says, composited
+    on white first like from_pil: `shorter` scales the shorter side to `size` and crops the centre; `longer`
+    scales the longer side to `size` and pads with the `mean` colour (0 once normalised); `stretch` scales
+    both sides. Bilinear (torchvision's default; antialiased when shrinking). The one implementation of a
+    tower's image transform: the feature cache and torch-free `infer` both call it."""
+    if resize not in FIT_RESIZES:
+        raise ValueError(f"resize must be one of {', '.join(FIT_RESIZES)}, got {resize!r}")
+    if img.width < 1 or img.height < 1:
+        raise ValueError(f"empty image {img.size}")
+    rgb = _on_white(img)
+    w, h = rgb.size
+    bilinear = Image.Resampling.BILINEAR
+    if resize == "stretch":
+        out = rgb.resize((size, size), bilinear)
+    elif resize == "shorter":
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        scaled = rgb.resize((nw, nh), bilinear) if (nw, nh) != (w, h) else rgb
+        left, top = (nw - size) // 2, (nh - size) // 2
+        out = scaled.crop((left, top, left + size, top + size))
+    else:
+        scale = size / max(w, h)
+        nw, nh = min(size, max(1, round(w * scale))), min(size, max(1, round(h * scale)))
+        fill = tuple(int(round(255 * m)) for m in mean) if len(mean) == 3 else _BACKGROUND
+        out = Image.new("RGB", (size, size), fill)
+        out.paste(rgb.resize((nw, nh), bilinear) if (nw, nh) != (w, h) else rgb, ((size - nw) // 2, (size - nh) // 2))
+    return np.asarray(out, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)  # (3, S, S)

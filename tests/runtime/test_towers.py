@@ -8,6 +8,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -204,7 +205,9 @@ def test_an_hf_image_tower_normalises_inside_and_refuses_another_size(resnet_dir
     assert torch.allclose(pooled, out.pooler_output.flatten(1), atol=1e-5)
     with pytest.raises(TowerError, match=r"reads images \(B, 3, 32, 32\), got \(3, 3, 64, 64\)"):
         tower(torch.rand(3, 3, 64, 64))
-    assert fit_image(torch.rand(2, 3, 64, 96), spec).shape == (2, 3, 32, 32)
+    from PIL import Image
+
+    assert fit_image(Image.new("RGB", (96, 64)), spec).shape == (3, 32, 32)
 
 
 def test_the_shipped_minilm_folder_as_an_hf_tower_is_todays_minilm_backbone() -> None:
@@ -356,12 +359,17 @@ def test_the_digest_follows_weights_tokenizer_and_preprocessing_not_location(ber
 
 
 def test_fit_image_resizes_and_crops_or_pads_as_the_spec_says(resnet_dir: Path) -> None:
+    from PIL import Image
+
     spec = parse_tower(f"hf:{resnet_dir}", "image_tower")
-    wide = torch.rand(1, 3, 32, 64)
-    assert torch.allclose(fit_image(wide, dataclasses.replace(spec, resize="shorter", image_size=32)), wide[..., 16:48])
-    padded = fit_image(wide, dataclasses.replace(spec, resize="longer", crop="none", image_size=32))  # (1, 3, 32, 32)
-    assert padded.shape == (1, 3, 32, 32)
-    assert torch.allclose(padded[0, :, 0, 0], torch.tensor(MEAN)) and torch.allclose(padded[0, :, 8:24].mean(),
-                                                                                      wide.mean(), atol=0.05)
-    assert fit_image(wide, dataclasses.replace(spec, resize="stretch", crop="none")).shape == (1, 3, 32, 32)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(32, 64, 3), dtype=np.uint8)  # (H, W, 3): a wide picture
+    wide = Image.fromarray(pixels)
+    cropped = fit_image(wide, dataclasses.replace(spec, resize="shorter", image_size=32))  # no scaling: a crop
+    assert np.array_equal(cropped, pixels[:, 16:48].transpose(2, 0, 1) / np.float32(255.0))
+    padded = fit_image(wide, dataclasses.replace(spec, resize="longer", crop="none", image_size=32))  # (3, 32, 32)
+    assert padded.shape == (3, 32, 32) and padded.dtype == np.float32
+    assert np.allclose(padded[:, 0, 0], np.round(np.array(MEAN) * 255) / 255)  # padded with the mean colour
+    assert abs(padded[:, 8:24].mean() - pixels.mean() / 255) < 0.05
+    assert fit_image(wide, dataclasses.replace(spec, resize="stretch", crop="none")).shape == (3, 32, 32)
     assert towers.RESIZES == ("shorter", "longer", "stretch")
