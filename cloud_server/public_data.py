@@ -47,7 +47,7 @@ class ServerData:
                 raise DataFormatError(f"{shared_line(shared, self.eval_location)}: {NOT_ON_WHAT_IT_TRAINS_ON}; "
                                       "remove them, or set on_bad_sample = skip to leave them out")
             log.warning("%s: left out (on_bad_sample=skip)", shared_line(shared, self.eval_location))
-            in_public = np.isin(test.pictures(), test.pictures()[[e for _, e in shared]])
+            in_public = np.isin(test.picture_ids(), test.picture_ids()[[e for _, e in shared]])
             test = test.select(np.flatnonzero(~in_public))
         return public, test
 
@@ -143,7 +143,7 @@ def shared_line(shared: Sequence[tuple[int, int]], eval_location: str) -> str:
 def picture_hashes(data: ModalData) -> dict[str, int]:
     """sha256 of each distinct picture's pixels -> its first row, read a block of rows at a time (a memory-mapped
     set's pages are let go as it goes)."""
-    images, pictures = data.inputs["image"][0], data.pictures()
+    images, pictures = data.inputs["image"][0], data.picture_ids()
     first = set(np.unique(pictures, return_index=True)[1].tolist())
     hashes: dict[str, int] = {}
     row = 0

@@ -16,8 +16,9 @@ from torch import nn
 from fedafd.cloud_server.contrastive import build_contrastive_loss
 from fedafd.cloud_server.distributed import ONE_PROCESS, Ranks
 from fedafd.runtime.losses import DISTILL_TARGETS
-from fedafd.runtime.data.modal import RAW, ModalData
-from fedafd.runtime.models import ADAPTER_DROPOUT, build_encoder, encode_all, encode_rows, input_view
+from fedafd.runtime.data.modal import ModalData
+from fedafd.runtime.models import (ADAPTER_DROPOUT, TowerEncoder, build_encoder, encode_all, encode_rows,
+                                   encoder_backbone, lr_groups, tower_lrs)
 from fedafd.runtime.retrieval import pair_retrieval_metrics
 from fedafd.runtime.torch_utils import batch_indices
 
@@ -34,8 +35,9 @@ class GlobalModel(nn.Module):
         self.loss = build_contrastive_loss(contrastive_loss)
 
     def backbones(self) -> dict[str, str]:
-        """Modality -> the frozen backbone its tower adapts (towers trained from scratch have none)."""
-        return {m: input_view(e) for m, e in self.encoders.items() if input_view(e) != RAW}
+        """Modality -> the backbone its tower adapts, or the finetune tower it runs (towers trained from scratch
+        have none): what a device must hold to run the tower."""
+        return {m: b for m, e in self.encoders.items() if (b := encoder_backbone(e)) is not None}
 
     def tower_state(self, modalities: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """Flat 'MODALITY.param' weights of the given towers, on the CPU (the downlink's tower tensors)."""
@@ -46,7 +48,17 @@ class GlobalModel(nn.Module):
 def build_optimizers(model: GlobalModel, lr: float, distill_lr: float) -> tuple[torch.optim.Adam, torch.optim.Adam]:
     """Stage 1's Adam (the encoders and the loss's a, b) and stage 3's own: Adam's moments of the contrastive
     loss are not those of distillation."""
-    return torch.optim.Adam(model.parameters(), lr=lr), torch.optim.Adam(model.encoders.parameters(), lr=distill_lr)
+    towers = tower_lrs(model)  # a finetune tower at its own rate in both
+    return (torch.optim.Adam(lr_groups(list(model.named_parameters()), lr, towers), lr=lr),
+            torch.optim.Adam(lr_groups([(f"encoders.{n}", p) for n, p in model.encoders.named_parameters()], distill_lr,
+                                       towers), lr=distill_lr))
+
+
+def mixed_precision(model: nn.Module, device: torch.device) -> torch.autocast:
+    """bfloat16 autocast on CUDA when the model runs a finetune tower (a ResNet or BERT trained end to end: where
+    the cost is); a no-op otherwise, so the adapters' numbers stay exactly fp32. Losses autocast to fp32."""
+    enabled = device.type == "cuda" and any(isinstance(m, TowerEncoder) for m in model.modules())
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled)
 
 
 def train_contrastive_epoch(model: GlobalModel, optimizer: torch.optim.Optimizer, public: ModalData,
@@ -62,9 +74,10 @@ def train_contrastive_epoch(model: GlobalModel, optimizer: torch.optim.Optimizer
         if len(rows) < max(2, ranks.world_size):  # a contrastive batch needs negatives, every rank a row
             continue
         mine = ranks.shard(rows)
-        image = ranks.gather(encode_rows(encoders["image"], "image", public, mine, device), len(rows))  # (B, d)
-        text = ranks.gather(encode_rows(encoders["text"], "text", public, mine, device), len(rows))  # (B, d)
-        loss = loss_fn(image, text)
+        with mixed_precision(model, device):
+            image = ranks.gather(encode_rows(encoders["image"], "image", public, mine, device), len(rows))  # (B, d)
+            text = ranks.gather(encode_rows(encoders["text"], "text", public, mine, device), len(rows))  # (B, d)
+            loss = loss_fn(image.float(), text.float())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -98,10 +111,12 @@ def distill_epoch(model: GlobalModel, optimizer: torch.optim.Optimizer, public: 
         if len(rows) < max(2, ranks.world_size):  # BatchNorm cannot train on a batch of one, every rank needs a row
             continue
         mine = ranks.shard(rows)
-        loss = ranks.share(len(mine), len(rows)) * sum(
-            DISTILL_TARGETS[target](encode_rows(encoders[m], m, public, mine, device), teacher[mine.to(teacher.device)], gamma)
-            for m, teacher in teachers.items()
-        )
+        with mixed_precision(model, device):
+            loss = ranks.share(len(mine), len(rows)) * sum(
+                DISTILL_TARGETS[target](encode_rows(encoders[m], m, public, mine, device).float(),
+                                        teacher[mine.to(teacher.device)], gamma)
+                for m, teacher in teachers.items()
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

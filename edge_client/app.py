@@ -110,7 +110,7 @@ class EdgeApp:
         self.public: ModalData = load_public_data("train", self._backbones(MODALITIES), public)
         self.public_digest = public_source(public).digest
         """sha256 of the public set's rows, named in the Join (the server refuses another public set)."""
-        self.backbones = {name: backbone_digest(name) for name in self.public.features}
+        self.backbones = {name: backbone_digest(name) for name in self._backbones(MODALITIES)}
         self.state: ClientState | None = None
         self.run_id = ""
         """The federation this device serves (from the Welcome)."""
@@ -299,7 +299,7 @@ class EdgeApp:
     def _identity(self, feature_dim: int) -> dict:
         c = self.config
         return {"client_id": c.client_id, "kind": c.kind, "image_arch": self.archs["image"], "text_arch": self.archs["text"],
-                "towers": tower_tables(self.public.features),
+                "towers": tower_tables(self.backbones),
                 "feature_dim": feature_dim, "run_id": self.run_id}
 
     def _serve_round(self, start: RoundStart, start_id: str = "") -> None:

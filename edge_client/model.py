@@ -11,7 +11,7 @@ from fedafd.edge_client.alignment import Discriminator
 from fedafd.edge_client.fusion import GranularityFusion
 from fedafd.runtime.config import CLASSIFIER_HEADS
 from fedafd.runtime.data.modal import ModalData
-from fedafd.runtime.models import ADAPTER_DROPOUT, build_encoder, encode_rows, input_view, l2_normalise
+from fedafd.runtime.models import ADAPTER_DROPOUT, build_encoder, encode_rows, input_view, l2_normalise, lr_groups
 from fedafd.runtime.wire import MODALITIES_OF_KIND
 
 
@@ -169,11 +169,11 @@ class GlobalTowers:
         return encode_rows(self.encoders[modality], modality, data, rows, device)
 
 
-def adam_groups(named: list[tuple[str, nn.Parameter]], lr: float, fusion_lr: float) -> list[dict]:
+def adam_groups(named: list[tuple[str, nn.Parameter]], lr: float, fusion_lr: float,
+                towers: dict[str, float] | None = None) -> list[dict]:
     """Adam's parameter groups: GFF's gates ("fusions.*") at fusion_lr, the rest at lr; one group when fusion_lr is
     0 or lr (the paper's single rate, and the optimiser states saved before fusion_lr existed). The gates end in BatchNorm,
-    whose bias alone sets a gate's mean: at lr 1e-3 Adam moves it by at most 1e-3 a step (docs/learning.md H10)."""
-    if not fusion_lr or fusion_lr == lr:
-        return [{"params": [p for _, p in named], "lr": lr}]
-    return [{"params": [p for name, p in named if not name.startswith("fusions.")], "lr": lr},
-            {"params": [p for name, p in named if name.startswith("fusions.")], "lr": fusion_lr}]
+    whose bias alone sets a gate's mean: at lr 1e-3 Adam moves it by at most 1e-3 a step (docs/learning.md H10).
+    A finetune tower with an lr of its own (`towers`: models.tower_lrs) gets one more group at it."""
+    own = {"fusions.": fusion_lr} if fusion_lr and fusion_lr != lr else {}
+    return lr_groups(named, lr, own | (towers or {}))

@@ -102,7 +102,7 @@ def _capped_test(spec: DataSpec, max_test: int, seed: int, backbones: tuple[str,
     """The test rows every device of a pool evaluates on: the same for all of them, one read-only copy per
     process. Pairs are capped by picture, so a picture keeps all its captions."""
     test = _rows(spec, seed, backbones)[1]
-    pictures = test.pictures()
+    pictures = test.picture_ids()
     ids = np.unique(pictures)
     if len(ids) == len(pictures):
         return read_only(test.select(cap_indices(np.arange(len(test)), max_test, seed)))

@@ -18,7 +18,7 @@ from fedafd.edge_client.model import GlobalTowers, LocalModel, adam_groups
 from fedafd.edge_client.privacy import PrivacyBudget, PrivateSteps
 from fedafd.runtime.data.modal import ModalData
 from fedafd.runtime.losses import info_nce
-from fedafd.runtime.models import encode_all
+from fedafd.runtime.models import encode_all, tower_lrs
 from fedafd.runtime.methods import MethodSettings
 from fedafd.runtime.retrieval import held_rows, pair_retrieval_metrics, personalised_accuracy
 from fedafd.runtime.torch_utils import batch_indices, round_seed, seeded_generator
@@ -32,7 +32,7 @@ class Optimizers:
     @staticmethod
     def create(model: LocalModel, lr: float, disc_lr: float, fusion_lr: float = 0.0) -> "Optimizers":
         return Optimizers(
-            task=torch.optim.Adam(adam_groups(model.named_task_parameters(), lr, fusion_lr), lr=lr),
+            task=torch.optim.Adam(adam_groups(model.named_task_parameters(), lr, fusion_lr, tower_lrs(model)), lr=lr),
             discriminator=torch.optim.Adam(model.discriminator_parameters(), lr=disc_lr, betas=(0.5, 0.999)),
         )
 

@@ -49,6 +49,7 @@ from fedafd.runtime.backbones import BackboneMissingError, build_backbone, user_
 from fedafd.runtime.data.features import OPSET
 from fedafd.runtime.data.features import example_inputs as trace_example
 from fedafd.runtime.data.modal import RAW
+from fedafd.runtime.data.views import INPUTS_PREFIX
 from fedafd.runtime.data.text import MAX_TEXT_LEN
 from fedafd.runtime.errors import FedafdError
 from fedafd.runtime.models import input_view
@@ -76,6 +77,11 @@ class BackboneViews(nn.Module):
         return views
 
 
+def view_inputs(views: dict[str, tuple[torch.Tensor, ...]], view: str) -> tuple[torch.Tensor, ...]:
+    """The inputs of an encoder that reads `view`: a finetune tower (inputs:NAME) runs on the graph's own inputs."""
+    return views[RAW] if view.startswith(INPUTS_PREFIX) else views[view]
+
+
 class ClientGraph(nn.Module):
     """A device's whole deployable path of one modality from raw inputs: backbone (once, when the local
     encoder and/or the global tower read it) -> local encoder and frozen global tower -> GFF + head through
@@ -91,8 +97,8 @@ class ClientGraph(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         views = self.views(*inputs)
-        local = self.model.encoders[self.modality](*views[self.local_view])  # (B, d)
-        global_ = self.tower(*views[self.tower_view]) if self.tower is not None else None  # (B, d)
+        local = self.model.encoders[self.modality](*view_inputs(views, self.local_view))  # (B, d)
+        global_ = self.tower(*view_inputs(views, self.tower_view)) if self.tower is not None else None  # (B, d)
         fused, output = self.model.head_outputs(self.modality, local, global_)
         if self.model.head is not None:
             return torch.softmax(output, dim=-1), fused
@@ -111,7 +117,7 @@ class TowerGraph(nn.Module):
         self.view = input_view(encoder)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.encoder(*self.views(*inputs)[self.view])  # (B, d)
+        return self.encoder(*view_inputs(self.views(*inputs), self.view))  # (B, d)
 
 
 class BackboneCache:
@@ -123,7 +129,8 @@ class BackboneCache:
 
     def __call__(self, *encoders: nn.Module | None) -> dict[str, nn.Module]:
         """The backbones the given encoders read (none for encoders trained on raw inputs)."""
-        names = sorted({input_view(e) for e in encoders if e is not None} - {RAW})
+        names = sorted(v for v in {input_view(e) for e in encoders if e is not None} - {RAW}
+                       if not v.startswith(INPUTS_PREFIX))  # a finetune tower is inside its encoder
         for name in names:
             if name not in self.modules:
                 try:
@@ -138,7 +145,7 @@ def graph_input(modality: str, *encoders: nn.Module | None) -> str:
     pictures, MiniLM's tokens: what encoders from scratch and the shipped backbones read), else the name of the
     user tower whose own preprocessing makes them. A graph cannot take two: a user tower beside another input
     is refused, naming both."""
-    views = {input_view(e) for e in encoders if e is not None}
+    views = {input_view(e).removeprefix(INPUTS_PREFIX) for e in encoders if e is not None}
     users = sorted(v for v in views if user_tower(v) is not None)
     if not users:
         return ""

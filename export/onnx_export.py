@@ -33,10 +33,10 @@ from fedafd.export.verify import check_parity, int8_entry
 from fedafd.runtime.backbones import BACKBONE_IMAGE_SIZE, backbone_digest, backbone_spec, register_tables, user_tower
 from fedafd.runtime.config import ServerConfig, build_config, encoder_archs
 from fedafd.runtime.data.features import OPSET, tower_batch
-from fedafd.runtime.data.modal import RAW, ModalData
+from fedafd.runtime.data.modal import ModalData
 from fedafd.runtime.data.text import MAX_TEXT_LEN, PAD_ID, tokenizer_path
 from fedafd.runtime.errors import FedafdError
-from fedafd.runtime.models import input_view
+from fedafd.runtime.models import encode_rows, encoder_backbone, input_view
 from fedafd.runtime.checkpoint import load_checkpoint
 
 log = logging.getLogger("fedafd.export")
@@ -80,7 +80,7 @@ class LoadedClient:
         encoders = [self.model.encoders[m] for m in self.model.modalities]
         if fusion:
             encoders += [self.towers.encoders[m] for m in self.model.modalities]
-        return tuple(sorted({input_view(e) for e in encoders} - {RAW}))
+        return tuple(sorted({encoder_backbone(e) for e in encoders} - {None}))
 
 
 def load_client(state_dir: Path) -> LoadedClient:
@@ -164,7 +164,7 @@ def training_outputs(client: LoadedClient, modality: str, fusion: bool, data: Mo
 def encoder_outputs(encoder: nn.Module, modality: str, data: ModalData, rows: np.ndarray) -> list[np.ndarray]:
     """A tower's features of `rows` as `GlobalTowers.encode` (and the server) compute them, from the cache."""
     with torch.no_grad():
-        return [encoder(*data.batch(modality, rows, torch.device("cpu"), input_view(encoder))).numpy()]
+        return [encode_rows(encoder, modality, data, rows, torch.device("cpu")).numpy()]
 
 
 # -- the model folder ----------------------------------------------------------------------------
@@ -376,7 +376,7 @@ def export_server(checkpoint: Path, out: Path, options: ExportOptions = ExportOp
         raise ExportError(f"{checkpoint}: the towers do not load: {str(err).splitlines()[0]}") from None
     archs = model.archs
     encoders = {m: encoder.eval() for m, encoder in model.encoders.items()}
-    backbone_names = tuple(sorted({input_view(e) for e in encoders.values()} - {RAW}))
+    backbone_names = tuple(sorted({encoder_backbone(e) for e in encoders.values()} - {None}))
     data = load_public_data("test", backbone_names)
     count = max(options.eval_samples, options.parity_samples) if options.eval_samples else 0
     parity_rows = np.arange(min(options.parity_samples, len(data)))

@@ -29,7 +29,7 @@ from torch import nn
 from fedafd.runtime.data.fetch import DataMissingError
 from fedafd.runtime.errors import FedafdError
 from fedafd.runtime.hashing import file_sha256
-from fedafd.runtime.towers import TowerSpec, load_tower, tower_digest, tower_dim
+from fedafd.runtime.towers import TowerSpec, load_tower, parse_tower, tower_digest, tower_dim
 
 BACKBONE_IMAGE_SIZE = 112
 """Side the 32 px images are upsampled to for EfficientNet-Lite0 (224 is its native size; 112 costs a quarter)."""
@@ -73,14 +73,14 @@ def modality_backbones(modalities: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def register_tower(spec: TowerSpec) -> str:
-    """A frozen user tower (a parsed TowerSpec) as a backbone: its name `{source}-{digest[:12]}`, under which its
-    features are cached and its adapters read. Registering the same spec again returns the same name."""
+    """A user tower (a parsed TowerSpec) as a backbone: its name `{source}-{digest[:12]}`, under which a frozen
+    tower's features are cached and its adapters read (`...-ft{N}` for a finetune one, which is never cached).
+    Registering the same spec again returns the same name."""
     if spec in _REGISTERED:
         return _REGISTERED[spec]
-    if spec.train != "frozen":
-        raise ValueError(f"only frozen towers are backbones (cached features); {spec.path} has train={spec.train!r}")
     digest = tower_digest(spec)
-    name = f"{spec.source}-{digest[:12]}"
+    # A finetune tower is another model than the frozen one (it is trained, not cached): its own name.
+    name = f"{spec.source}-{digest[:12]}" + (f"-ft{spec.finetune_blocks}" if spec.train == "finetune" else "")
     _USER_TOWERS[name] = (spec, BackboneSpec(name, spec.modality, tower_dim(spec)))
     _digests[name] = digest
     _REGISTERED[spec] = name
@@ -115,6 +115,12 @@ def register_tables(tables: dict[str, dict]) -> None:
         if registered != name:
             raise TowerError(f"tower {name} at {table.get('path')} has changed since it was trained on (its files now "
                              f"make {registered}): point at the files it was trained with")
+
+
+def is_cached(name: str) -> bool:
+    """Whether a backbone's features are cached (the shipped ones and frozen towers) or it trains (finetune)."""
+    tower = user_tower(name)
+    return tower is None or tower.train == "frozen"
 
 
 def user_tower(name: str) -> TowerSpec | None:
@@ -259,3 +265,22 @@ def build_backbone(name: str, image_size: int = BACKBONE_IMAGE_SIZE) -> nn.Modul
     for parameter in module.parameters():
         parameter.requires_grad_(False)
     return module
+
+
+# --- the shipped backbones as towers -----------------------------------------------------------
+
+
+def describe_builtin() -> dict[str, TowerSpec]:
+    """The two shipped backbones as TowerSpecs: all-MiniLM-L6-v2 is an hf folder inside its PyPI package (mean
+    pooling over 32 tokens, as runtime.data.text tokenizes); EfficientNet-Lite0 is not an hf model, so it is
+    source "builtin" (its 32 px images stretched to 112 px, [0, 1] -> [-1, 1] as EfficientNetLite0Backbone does):
+    what the export's manifest and `describe` say of them. They keep their own modules (so what they compute is
+    what it always was); the registry (backbone_spec, backbone_digest, build_backbone) serves them and the
+    user's towers alike."""
+
+    minilm_dir = weight_files("minilm")[0].parent
+    minilm = parse_tower({"source": "hf", "path": str(minilm_dir), "pooling": "mean", "max_tokens": 32}, "minilm")
+    effnet = TowerSpec(source="builtin", path=str(weight_files("efficientnet_lite0")[0]), arch="efficientnet_lite0",
+                       modality="image", image_size=BACKBONE_IMAGE_SIZE, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                       resize="stretch", crop="none")
+    return {"efficientnet_lite0": effnet, "minilm": minilm}

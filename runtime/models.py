@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedafd.runtime.backbones import BACKBONES, backbone_spec, masked_mean, register_tower
+from fedafd.runtime.backbones import BACKBONES, backbone_spec, masked_mean, register_tower, user_tower
 from fedafd.runtime.data.modal import RAW, ModalData
+from fedafd.runtime.data.views import INPUTS_PREFIX
 from fedafd.runtime.data.text import MAX_TEXT_LEN, PAD_ID, VOCAB_SIZE
 from fedafd.runtime.torch_utils import batch_indices
 
@@ -170,6 +171,67 @@ class BackboneAdapter(nn.Module):
         return l2_normalise(self.project(backbone_features))  # (B, D) -> (B, d)
 
 
+class TowerEncoder(nn.Module):
+    """A user's tower that trains (train = "finetune") under an adapter: it reads the tower's own inputs (the view
+    `inputs:NAME`: pictures at its size, its tokenizer's ids), runs the tower, whose last `finetune_blocks`
+    blocks (all: 0) train at the tower's `lr`, and adapts its pooled feature as BackboneAdapter does.
+
+    The tower stays in eval mode while its weights move (BatchNorm statistics and dropout as pretrained), so a
+    device never draws from torch's global random numbers. Its state holds only what trains (the adapter and
+    the trainable blocks' parameters): the rest is the tower's files, which NAME's digest names, so a
+    checkpoint, a device's state and the downlink never carry a frozen weight."""
+
+    def __init__(self, name: str, feature_dim: int, hidden: int = 0, dropout: float = ADAPTER_DROPOUT):
+        super().__init__()
+        from fedafd.runtime.towers import load_tower
+
+        spec = user_tower(name)
+        self.input_view = f"{INPUTS_PREFIX}{name}"
+        self.tower = load_tower(spec)
+        self.adapter = BackboneAdapter(name, feature_dim, hidden=hidden, dropout=dropout)
+        self.tower_lr = spec.lr
+        """The tower's own learning rate (0: the optimiser's)."""
+        self.travelling = {f"tower.{n}" for n, p in self.tower.named_parameters() if p.requires_grad}
+        """The tower's keys its state keeps: its trainable parameters, fixed when built (not when frozen later)."""
+        self.frozen = {f"tower.{n}" for n in self.tower.state_dict()} - self.travelling
+        self.register_state_dict_post_hook(_keep_travelling)
+        self.register_load_state_dict_post_hook(_frozen_not_missing)
+        self.tower.eval()
+
+    def train(self, mode: bool = True) -> "TowerEncoder":
+        super().train(mode)
+        self.tower.eval()  # see the class: only the weights train
+        return self
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.adapter(self.tower(*inputs))  # raw tower inputs -> (B, D) -> (B, d)
+
+
+def _keep_travelling(module: TowerEncoder, state: dict, prefix: str, local_metadata: dict) -> None:
+    for key in [k for k in state if k.startswith(f"{prefix}tower.") and k[len(prefix):] not in module.travelling]:
+        del state[key]
+
+
+def _frozen_not_missing(module: TowerEncoder, incompatible) -> None:
+    """A state without the frozen tower weights is complete: they come from the tower's files."""
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
+                                    if not any(k == f or k.endswith(f".{f}") for f in module.frozen)]
+
+
+def tower_lrs(model: nn.Module) -> dict[str, float]:
+    """Parameter-name prefix -> learning rate, for every finetune tower in `model` with a rate of its own."""
+    return {f"{name}.tower." if name else "tower.": m.tower_lr for name, m in model.named_modules()
+            if isinstance(m, TowerEncoder) and m.tower_lr}
+
+
+def lr_groups(named: list[tuple[str, nn.Parameter]], lr: float, own: dict[str, float]) -> list[dict]:
+    """Optimiser parameter groups: the parameters under each prefix of `own` at its rate, the rest at lr (first);
+    one group when `own` is empty."""
+    groups = [{"params": [p for n, p in named if not any(n.startswith(x) for x in own)], "lr": lr}]
+    groups += [{"params": [p for n, p in named if n.startswith(prefix)], "lr": rate} for prefix, rate in own.items()]
+    return groups
+
+
 ADAPTERS: dict[str, tuple[str, int]] = {
     "effnet_linear": ("efficientnet_lite0", 0), "effnet_mlp": ("efficientnet_lite0", ADAPTER_HIDDEN),
     "minilm_linear": ("minilm", 0), "minilm_mlp": ("minilm", ADAPTER_HIDDEN),
@@ -224,9 +286,6 @@ def resolve_arch(modality: str, arch: str, tower: str = "") -> str:
     spec = parse_tower(_tower_value(tower), key)
     if spec.modality != modality:
         raise ValueError(f"{key}: {spec.path} is a{'n' if spec.modality == 'image' else ''} {spec.modality} tower")
-    if spec.train != "frozen":
-        raise ValueError(f"{key}: train = \"{spec.train}\" is not supported yet; frozen towers (an adapter trains "
-                         "over their cached features) are")
     adapter = "tower_mlp" if hidden else "tower_linear"
     return f"{adapter}@{register_tower(spec)}"
 
@@ -249,6 +308,8 @@ def build_encoder(modality: str, arch: str, feature_dim: int, dropout: float = A
             raise ValueError(f"unknown tower adapter {base!r} in {arch!r}; choose one of {', '.join(TOWER_ADAPTERS)}")
         if backbone_spec(tower).modality != modality:
             raise ValueError(f"{arch} reads a {backbone_spec(tower).modality} tower, not {modality}")
+        if user_tower(tower) is not None and user_tower(tower).train == "finetune":
+            return TowerEncoder(tower, feature_dim, hidden=TOWER_ADAPTERS[base], dropout=dropout)
         return BackboneAdapter(tower, feature_dim, hidden=TOWER_ADAPTERS[base], dropout=dropout)
     zoo = ENCODERS[modality]
     if arch not in zoo:
@@ -262,6 +323,13 @@ def input_view(encoder: nn.Module) -> str:
     return getattr(encoder, "input_view", RAW)
 
 
+def encoder_backbone(encoder: nn.Module) -> str | None:
+    """The registered backbone an encoder depends on: the one whose cached features it adapts, or the finetune
+    tower it runs (its `inputs:NAME` view); None for an encoder trained from scratch."""
+    view = input_view(encoder)
+    return None if view == RAW else view.removeprefix(INPUTS_PREFIX)
+
+
 def backbone_of(arch: str) -> str | None:
     """The frozen backbone an architecture adapts (None: trained from scratch), without building it."""
     if "@" in arch:
@@ -272,7 +340,14 @@ def backbone_of(arch: str) -> str | None:
 def encode_rows(encoder: nn.Module, modality: str, data: ModalData, rows, device: torch.device) -> torch.Tensor:
     """(B, d) features of `rows` of `data`, from what the encoder reads: raw inputs or its backbone's
     cached features."""
-    return encoder(*data.batch(modality, rows, device, input_view(encoder)))
+    view = input_view(encoder)
+    if view.startswith(INPUTS_PREFIX):  # a finetune tower: its own inputs, prepared as its feature cache would
+        from fedafd.runtime.data.features import tower_batch
+
+        if isinstance(rows, torch.Tensor):
+            rows = rows.numpy()
+        return encoder(*(t.to(device) for t in tower_batch(view.removeprefix(INPUTS_PREFIX), data, rows)))
+    return encoder(*data.batch(modality, rows, device, view))
 
 
 @torch.no_grad()

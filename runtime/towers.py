@@ -573,20 +573,6 @@ class TextTower(nn.Module):
         return pool(out.last_hidden_state, self.spec.pooling, attention_mask, getattr(out, "pooler_output", None))
 
 
-class BuiltinImageTower(nn.Module):
-    """The shipped EfficientNet-Lite0 (runtime.backbones), reading images already at spec.image_size."""
-
-    def __init__(self, spec: TowerSpec):
-        super().__init__()
-        from fedafd.runtime.backbones import build_backbone
-
-        self.spec, self.dim = spec, 1280
-        self.net = build_backbone(spec.arch, image_size=spec.image_size)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images)  # its resize to image_size is the identity here; (B, 1280)
-
-
 def _hf_dim(spec: TowerSpec) -> int | None:
     """Feature width from an hf config (a convolutional net's last stage, else hidden_size); None if it does not say."""
     config = _read_json(Path(spec.path).expanduser() / "config.json", "tower")
@@ -605,11 +591,11 @@ def _hf_dim(spec: TowerSpec) -> int | None:
 
 def load_tower(spec: TowerSpec) -> nn.Module:
     """The tower as a module from its raw inputs to a (B, D) float32 feature, normalisation and pooling inside;
-    frozen towers come in eval mode with gradients off, finetune ones with every parameter trainable (which of
-    the last `finetune_blocks` train is decided where training is wired). Its width is `module.dim`."""
+    frozen towers come in eval mode with gradients off, finetune ones with their last `finetune_blocks` blocks
+    (all: 0) trainable (set_trainable). Its width is `module.dim`."""
     if spec.source == "builtin":
-        module: nn.Module = BuiltinImageTower(spec)
-    elif spec.source == "hf":
+        raise TowerError(f"{spec.arch} is a shipped backbone: runtime.backbones.build_backbone builds it")
+    if spec.source == "hf":
         net = _load_hf(spec)
         dim = _hf_dim(spec)
         tower_class = ImageTower if spec.modality == "image" else TextTower
@@ -623,7 +609,35 @@ def load_tower(spec: TowerSpec) -> nn.Module:
         module.eval()
         for parameter in module.parameters():
             parameter.requires_grad_(False)
+    else:
+        set_trainable(module, spec)
     return module
+
+
+def tower_blocks(net: nn.Module) -> list[nn.Module]:
+    """A model's blocks in order, for finetune_blocks: its largest nn.ModuleList (a BERT's encoder.layer, a ViT's
+    blocks; a ResNet's stages when they are one), else its top-level children that hold parameters (torchvision's
+    ResNet: conv1, bn1, layer1..layer4)."""
+    lists = [m for m in net.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    if lists:
+        return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
+    return [child for child in net.children() if any(True for _ in child.parameters())]
+
+
+def set_trainable(module: nn.Module, spec: TowerSpec) -> None:
+    """A finetune tower's trainable part: all of it (finetune_blocks 0), or its last finetune_blocks blocks
+    (tower_blocks) with everything else frozen; refused when the model has fewer blocks than asked."""
+    net = module.net
+    if not spec.finetune_blocks:
+        net.requires_grad_(True)
+        return
+    blocks = tower_blocks(net)
+    if spec.finetune_blocks > len(blocks):
+        raise TowerError(f"{spec.path}: finetune_blocks = {spec.finetune_blocks}, but the model has {len(blocks)} "
+                         "blocks (tower_blocks)")
+    net.requires_grad_(False)
+    for block in blocks[-spec.finetune_blocks:]:
+        block.requires_grad_(True)
 
 
 def _probe(module: nn.Module) -> int:
@@ -690,21 +704,3 @@ def tower_digest(spec: TowerSpec) -> str:
         manifest["tokenizer"] = {name: file_sha256(folder / name) for name in TOKENIZER_FILES
                                  if (folder / name).is_file()}
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-
-
-# --- the shipped backbones as towers -----------------------------------------------------------
-
-
-def describe_builtin() -> dict[str, TowerSpec]:
-    """The two shipped backbones as TowerSpecs: all-MiniLM-L6-v2 is an hf folder inside its PyPI package (mean
-    pooling over 32 tokens, as runtime.data.text tokenizes); EfficientNet-Lite0 is not an hf model, so it is
-    source "builtin" (its 32 px images stretched to 112 px, [0, 1] -> [-1, 1] as runtime.backbones does).
-    Wiring the model zoo's adapters onto these specs is the next step."""
-    from fedafd.runtime.backbones import BACKBONE_IMAGE_SIZE, weight_files
-
-    minilm_dir = weight_files("minilm")[0].parent
-    minilm = parse_tower({"source": "hf", "path": str(minilm_dir), "pooling": "mean", "max_tokens": 32}, "minilm")
-    effnet = TowerSpec(source="builtin", path=str(weight_files("efficientnet_lite0")[0]), arch="efficientnet_lite0",
-                       modality="image", image_size=BACKBONE_IMAGE_SIZE, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                       resize="stretch", crop="none")
-    return {"efficientnet_lite0": effnet, "minilm": minilm}

@@ -1,5 +1,6 @@
 """Emoji pairs (Debian fonts-noto-color-emoji, unicode-data), the public set: each emoji drawn from the
-colour font and captioned with its Unicode name -> PairData."""
+colour font and captioned with its Unicode name -> PairData (the drawing kept as PNG at the font's own size,
+136x128, beside its 32 px array)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 
 from fedafd.runtime.data.fetch import locate
 from fedafd.runtime.data.images import from_pil
+from fedafd.runtime.data.pictures import from_encoded, png_bytes
 from fedafd.runtime.data.prepared import PairData, corrupt, load_prepared, stratified_split, subset
 
 logger = logging.getLogger(__name__)
@@ -48,13 +50,14 @@ def _read_emoji_list(path: Path) -> list[tuple[str, str, str]]:
     return rows
 
 
-def _render_emoji(font, emoji: str) -> np.ndarray:
+def _render_emoji(font, emoji: str) -> tuple[np.ndarray, bytes]:
+    """The emoji drawn on white: (its 32 px array, the drawing as PNG)."""
     from PIL import Image, ImageDraw
 
     _, _, right, bottom = font.getbbox(emoji)
     canvas = Image.new("RGB", (max(1, right), max(1, bottom)), (255, 255, 255))
     ImageDraw.Draw(canvas).text((0, 0), emoji, font=font, embedded_color=True)
-    return from_pil(canvas)
+    return from_pil(canvas), png_bytes(canvas)
 
 
 def _build_emoji() -> dict[str, PairData]:
@@ -68,17 +71,20 @@ def _build_emoji() -> dict[str, PairData]:
         font = ImageFont.truetype(str(font_path), EMOJI_FONT_SIZE)
     except OSError as err:
         raise corrupt("emoji font", font_path, str(err)) from None
-    images = np.stack([_render_emoji(font, emoji) for emoji, _, _ in rows])  # (N, 3, 32, 32)
+    rendered = [_render_emoji(font, emoji) for emoji, _, _ in rows]
+    images = np.stack([image for image, _ in rendered])  # (N, 3, 32, 32)
+    encoded = [png for _, png in rendered]
     blank = np.flatnonzero((images == 255).all(axis=(1, 2, 3)))
     if len(blank):  # a glyph the font lacks: keep the pair set honest by dropping it
         logger.warning("the emoji font has no picture for %d emoji, e.g. %s", len(blank), rows[blank[0]][1])
         keep = np.setdiff1d(np.arange(len(rows)), blank)
-        images, rows = images[keep], [rows[i] for i in keep]
+        images, rows, encoded = images[keep], [rows[i] for i in keep], [encoded[i] for i in keep]
     group_names = tuple(dict.fromkeys(group for _, _, group in rows))
     groups = np.array([group_names.index(group) for _, _, group in rows], dtype=np.int64)
     captions = tuple(name for _, name, _ in rows)
     input_ids, attention_mask = tokenize(list(captions))
-    everything = PairData(images, input_ids, attention_mask, captions, groups, group_names)
+    everything = PairData(images, input_ids, attention_mask, captions, groups, group_names,
+                          pictures=from_encoded(encoded))
     train, test = stratified_split(groups)
     return {"train": subset(everything, train), "test": subset(everything, test)}
 

@@ -43,7 +43,8 @@ from PIL import Image
 
 from fedafd.runtime.backbones import (BACKBONE_IMAGE_SIZE, BackboneSpec, backbone_digest, backbone_spec,
                                       build_backbone, user_tower)
-from fedafd.runtime.data.prepared import NpyRows, atomic_write, file_lock, open_npy, release_pages, row_blocks
+from fedafd.runtime.data.prepared import (NpyRows, atomic_write, file_lock, open_npy, pictures_sha256, release_pages,
+                                         row_blocks)
 from fedafd.runtime.data.fetch import cache_dir
 from fedafd.runtime.data.views import ModalData
 from fedafd.runtime.data.text import MAX_TEXT_LEN, PAD_ID
@@ -186,7 +187,7 @@ def compute_features(backbone: str, dataset: str, data: ModalData, image_size: i
     size = _size_key(spec, image_size)
     expected = {"format": FEATURES_FORMAT, "backbone": backbone, "digest": backbone_digest(backbone),
                 "image_size": size, "dataset": dataset, "rows": len(data), "dim": spec.dim,
-                "inputs_sha256": inputs_sha256(tower_input_arrays(backbone, data))}
+                "inputs_sha256": tower_inputs_sha256(backbone, data)}
     path = feature_cache_path(backbone, dataset, image_size)
     features, reason = _read_cached(path, expected)
     if features is not None:
@@ -223,24 +224,22 @@ def backbone_features(backbone: str, dataset: str, data: ModalData, image_size: 
 # --- ONNX export and ONNX Runtime ----------------------------------------------------------------
 
 
-def tower_input_arrays(backbone: str, data: ModalData) -> tuple[np.ndarray, ...]:
-    """The arrays a backbone's features are computed from (what their cache's inputs_sha256 covers): a shipped
-    backbone's are the data's inputs of its modality; a user tower's, the pictures at source resolution (when
-    the data has them) or the raw texts, encoded as UTF-8 with their lengths."""
+def tower_inputs_sha256(backbone: str, data: ModalData) -> str:
+    """sha256 of what a backbone's features are computed from (its cache's inputs_sha256): a shipped backbone's,
+    the data's input arrays of its modality; a user tower's, the rows' pictures at source resolution (when the
+    data keeps them; else the 32 px arrays) or the raw texts with their lengths."""
     spec = backbone_spec(backbone)
-    tower = user_tower(backbone)
-    if tower is None:
-        return data.inputs[spec.modality]
+    if user_tower(backbone) is None:
+        return inputs_sha256(data.inputs[spec.modality])
     if spec.modality == "image":
-        pictures = getattr(data, "pictures", None)
-        return data.inputs["image"] if pictures is None else (pictures.blob, pictures.spans)
+        return inputs_sha256(data.inputs["image"]) if data.pictures is None else pictures_sha256(data.pictures)
     encoded = [text.encode() for text in _texts(data)]
     lengths = np.array([len(e) for e in encoded], dtype=np.int64)
-    return lengths, np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    return inputs_sha256((lengths, np.frombuffer(b"".join(encoded), dtype=np.uint8)))
 
 
 def _texts(data: ModalData) -> tuple[str, ...]:
-    texts = getattr(data, "texts", None)
+    texts = data.texts
     if texts is None:
         raise FeatureCacheError("this data set keeps no raw texts, and a tower of your own tokenizes them itself")
     return texts
@@ -259,8 +258,8 @@ def tower_batch(backbone: str, data: ModalData, rows: slice | np.ndarray) -> tup
     from fedafd.runtime.towers import fit_image
 
     if spec.modality == "image":
-        pictures = getattr(data, "pictures", None)
-        if pictures is None:  # a data set without its originals: its 32 px pictures, brought up to the tower's size
+        pictures = data.pictures
+        if pictures is None:  # pictures of at most 32 px keep none: the 32 px array is the whole picture
             images = data.inputs["image"][0]
             fitted = [fit_image(Image.fromarray(np.ascontiguousarray(images[i].transpose(1, 2, 0))), tower)
                       for i in indices]

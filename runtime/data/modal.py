@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from fedafd.runtime.backbones import BACKBONE_IMAGE_SIZE, backbone_spec, modality_backbones
+from fedafd.runtime.backbones import BACKBONE_IMAGE_SIZE, backbone_spec, is_cached, modality_backbones
 from fedafd.runtime.data.features import backbone_features, compute_features, feature_cache_path
 from fedafd.runtime.data.prepared import SPLITS, ImageClassData, PairData, TextClassData
 from fedafd.runtime.data.sources.options import DataOptions, load_options
@@ -24,11 +24,12 @@ __all__ = ["RAW", "ModalData", "load_public_data", "load_task_data"]
 
 
 def from_image_classes(data: ImageClassData) -> ModalData:
-    return ModalData({"image": (data.images,)}, data.labels, tuple(data.class_names))
+    return ModalData({"image": (data.images,)}, data.labels, tuple(data.class_names), pictures=data.pictures)
 
 
 def from_text_classes(data: TextClassData) -> ModalData:
-    return ModalData({"text": (data.input_ids, data.attention_mask)}, data.labels, tuple(data.class_names))
+    return ModalData({"text": (data.input_ids, data.attention_mask)}, data.labels, tuple(data.class_names),
+                     texts=tuple(data.texts))
 
 
 def from_pairs(data: PairData) -> ModalData:
@@ -39,14 +40,17 @@ def from_pairs(data: PairData) -> ModalData:
         data.groups,
         tuple(data.group_names),
         image_ids=data.image_ids,
+        texts=tuple(data.captions),
+        pictures=data.pictures,
     )
 
 
 def read_only(data: ModalData) -> ModalData:
     """`data` with every array marked read-only: loaded once per process and shared by whoever asks (the
     server and every device of a simulation), so none of them may write into it."""
+    pictures = () if data.pictures is None else (*data.pictures.blobs, data.pictures.spans)
     for array in [*(a for arrays in data.inputs.values() for a in arrays), *data.features.values(), data.labels,
-                  data.image_ids]:
+                  data.image_ids, *pictures]:
         if array is not None:
             array.setflags(write=False)
     return data
@@ -129,8 +133,10 @@ def with_backbone_features(data: ModalData, dataset: str, backbones: tuple[str, 
         return data
     features = dict(data.features)
     for name in backbones:
-        features[name] = backbone_features(name, dataset, data)
-    return ModalData(data.inputs, data.labels, data.class_names, features, data.image_ids)
+        if is_cached(name):  # a finetune tower trains, so its features are never cached
+            features[name] = backbone_features(name, dataset, data)
+    return ModalData(data.inputs, data.labels, data.class_names, features, data.image_ids, texts=data.texts,
+                     pictures=data.pictures)
 
 
 # --- every cache the federation uses -----------------------------------------------------------

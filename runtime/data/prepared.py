@@ -3,16 +3,18 @@ texts, image-caption pairs), row subsets, the fixed stratified train/test split,
 arrays that every parser (fashion_mnist.py, wordnet.py, emoji.py, tuxpaint.py) loads through.
 
 The first load of a bundled data set builds both splits and writes them to
-`cache_dir()/prepared/<name>-<split>-v1.npz` (atomically, no pickle: strings are fixed-width unicode arrays);
+`cache_dir()/prepared/<name>-<split>-v2.npz` (atomically, no pickle: strings are fixed-width unicode arrays;
+the encoded pictures, pictures.py, in `<name>-<split>-v2.picture_bytes.npy` beside it, memory-mapped when read);
 later loads read those files. Splits other than Fashion-MNIST's own are stratified by label and drawn with a
 fixed seed from numpy's legacy RandomState, whose stream numpy keeps stable across versions, so the split
 never changes.
 
 A source of any size (sources/registry.py) is kept differently, so that it never has to fit in memory: each
 split as one uncompressed .npy per array (`<stem>.<field>.npy`, the pictures written row by row as they are
-decoded, `NpyRows`) and its strings as JSON (`<stem>.strings.json`), opened back memory-mapped and read-only
-(`load_split`). Whoever streams over such an array (a digest, a feature extraction) goes through
-`row_blocks`, which hands each block's pages back to the page cache when it is done with them, so the
+decoded, `NpyRows`; their encoded originals as `<stem>.picture_bytes.npy` and `<stem>.picture_spans.npy`) and
+its strings as JSON (`<stem>.strings.json`), opened back memory-mapped and read-only (`load_split`). Whoever
+streams over such an array (a digest, a feature extraction) goes through `row_blocks` (the pictures' bytes:
+`picture_blocks`), which hands each block's pages back to the page cache when it is done with them, so the
 process's resident memory stays flat however large the file.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import mmap
@@ -35,11 +38,12 @@ from typing import ClassVar, TypeVar
 import numpy as np
 
 from fedafd.runtime.data.fetch import DataMissingError, cache_dir
+from fedafd.runtime.data.pictures import Pictures, concat_pictures
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 """Bumped whenever what a prepared file holds changes, so stale caches are never read."""
 TEST_FRACTION = 0.2
 """Share of every label's rows that goes to "test" (WordNet topics, emoji, Tux Paint)."""
@@ -58,6 +62,8 @@ class ImageClassData:
     class_names: tuple[str, ...]
     natural_ids: tuple[str, ...] = ()
     """Each row's natural id (the data config's natural_id_column) for the `natural` partitioner; () if none."""
+    pictures: Pictures | None = None
+    """Each row's picture as its source encodes it (pictures.py); None where the data set keeps none."""
 
     ROWS: ClassVar[tuple[str, ...]] = ("images", "labels", "natural_ids")
 
@@ -110,6 +116,8 @@ class PairData:
     """int64 (N,): rows with one id show one picture (each of its captions is a row; COCO and Flickr30k have
     five). None: every row its own picture (0..N-1)."""
     natural_ids: tuple[str, ...] = ()
+    pictures: Pictures | None = None
+    """Each row's picture as its source encodes it (pictures.py; a picture's rows share its bytes); None: none kept."""
 
     ROWS: ClassVar[tuple[str, ...]] = ("images", "input_ids", "attention_mask", "captions", "groups", "image_ids",
                                        "natural_ids")
@@ -147,6 +155,9 @@ OPTIONAL_ROWS = ("natural_ids",)
 def _check_rows(data: ImageClassData | TextClassData | PairData) -> None:
     lengths = {name: len(getattr(data, name)) for name in data.ROWS
                if not (name in OPTIONAL_ROWS and len(getattr(data, name)) == 0)}
+    pictures = getattr(data, "pictures", None)
+    if pictures is not None:
+        lengths["pictures"] = len(pictures)
     if len(set(lengths.values())) > 1:
         raise ValueError(f"{type(data).__name__}: fields have different numbers of rows: {lengths}")
 
@@ -163,6 +174,8 @@ def subset(data: Data, indices: np.ndarray) -> Data:
         if name in OPTIONAL_ROWS and len(value) == 0:
             continue
         changes[name] = tuple(value[i] for i in indices) if isinstance(value, tuple) else value[indices]
+    if getattr(data, "pictures", None) is not None:
+        changes["pictures"] = data.pictures.select(indices)
     return dataclasses.replace(data, **changes)
 
 
@@ -188,6 +201,9 @@ def concat(parts: list[Data]) -> Data:
             changes[name] = tuple(x for v in values for x in v)
         else:
             changes[name] = np.concatenate(values)
+    if hasattr(first, "pictures"):  # kept only where every part has them
+        pictures = [p.pictures for p in parts]
+        changes["pictures"] = None if any(p is None for p in pictures) else concat_pictures(pictures)
     return dataclasses.replace(first, **changes)
 
 
@@ -200,12 +216,24 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
+def picture_bytes_path(path: Path) -> Path:
+    """Where the encoded pictures of the prepared file at `path` are kept (memory-mapped when read)."""
+    return path.with_name(f"{path.stem}.picture_bytes.npy")
+
+
 def write_prepared(path: Path, data: ImageClassData | TextClassData | PairData) -> None:
-    """`data` as one .npz at `path`, atomically, without pickle (strings as fixed-width unicode)."""
+    """`data` as one .npz at `path`, atomically, without pickle (strings as fixed-width unicode); its pictures'
+    bytes first, in their own .npy beside it, their spans in the .npz."""
     arrays = {}
     for field in dataclasses.fields(data):
         value = getattr(data, field.name)
         if value is None:
+            continue
+        if isinstance(value, Pictures):
+            def write_bytes(tmp: Path, pictures: Pictures = value) -> None:
+                arrays["picture_spans"] = write_picture_bytes(tmp, pictures)
+
+            atomic_write(picture_bytes_path(path), write_bytes)
             continue
         if isinstance(value, tuple):  # strings: fixed-width unicode, never object arrays
             value = np.array(value, dtype=str) if value else np.zeros(0, dtype="<U1")
@@ -225,6 +253,9 @@ def read_prepared(path: Path, cls: type[Data]) -> Data | None:
         with np.load(path, allow_pickle=False) as stored:
             values = {}
             for field in dataclasses.fields(cls):
+                if field.name == "pictures" and "picture_spans" in stored.files:
+                    values["pictures"] = Pictures((open_npy(picture_bytes_path(path)),), stored["picture_spans"])
+                    continue
                 if field.name not in stored.files and field.default is not dataclasses.MISSING:
                     continue  # an optional field written by an older build: its default
                 array = stored[field.name]
@@ -384,15 +415,62 @@ def row_blocks(array: np.ndarray, block_bytes: int = BLOCK_BYTES) -> Iterator[np
         release_pages(block)
 
 
+def picture_blocks(pictures: Pictures, spans: np.ndarray, block_bytes: int = BLOCK_BYTES) -> Iterator[np.ndarray]:
+    """The bytes `spans` (int64 (P, 2)) cover, in their order, as uint8 blocks of at most `block_bytes` (spans
+    that follow one another read as one run); a memory-mapped blob's pages are released (release_pages) once
+    the consumer has moved on to the next block."""
+    if len(spans) == 0:
+        return
+    breaks = np.flatnonzero(spans[1:, 0] != spans[:-1, 1]) + 1  # where a run of adjacent spans ends
+    run_starts = spans[np.concatenate([[0], breaks]), 0]
+    run_ends = spans[np.concatenate([breaks - 1, [len(spans) - 1]]), 1]
+    for start, end in zip(run_starts.tolist(), run_ends.tolist()):
+        for low in range(start, end, block_bytes):
+            for piece in pictures.pieces(low, min(end, low + block_bytes)):
+                yield piece
+                release_pages(piece)
+
+
+def pictures_sha256(pictures: Pictures) -> str:
+    """sha256 of the pictures as the rows show them: which picture each row shows, each picture's length, then
+    every picture's bytes once, in the order the rows first show them, streamed a block at a time. Where the bytes
+    lie does not count: the same rows cut out of a larger set, or joined from two splits, give the same value."""
+    which, spans = pictures.distinct()
+    digest = hashlib.sha256(f"{len(which)} rows, {len(spans)} pictures;".encode())
+    digest.update(which.astype("<i8").tobytes())
+    digest.update((spans[:, 1] - spans[:, 0]).astype("<i8").tobytes())
+    for block in picture_blocks(pictures, spans):
+        digest.update(memoryview(np.ascontiguousarray(block)).cast("B"))
+    return digest.hexdigest()
+
+
+def write_picture_bytes(path: Path, pictures: Pictures) -> np.ndarray:
+    """The bytes of `pictures`' rows as one uint8 .npy at `path`, each picture once in the order the rows first
+    show it (a subset keeps only its own pictures); returns the rows' spans int64 (N, 2) into that file."""
+    which, spans = pictures.distinct()
+    lengths = spans[:, 1] - spans[:, 0]
+    ends = np.cumsum(lengths)
+    writer = NpyRows(path, np.uint8, (), int(ends[-1]) if len(ends) else 0)
+    for block in picture_blocks(pictures, spans):
+        writer.extend(block)
+    writer.close()
+    return np.stack([ends - lengths, ends], axis=1)[which]  # (N, 2)
+
+
 def split_file(folder: Path, stem: str, field: str) -> Path:
     """Where save_split keeps one array of a split."""
     return folder / f"{stem}.{field}.npy"
 
 
+PICTURE_FILES = ("picture_bytes", "picture_spans")
+"""The files (split_file's fields) of a split's `pictures`: the encoded bytes and each row's span into them."""
+
+
 def save_split(folder: Path, stem: str, data: ImageClassData | TextClassData | PairData,
                written: Sequence[str] = ()) -> None:
-    """Every field of `data` into `folder`: arrays as `<stem>.<field>.npy`, strings as `<stem>.strings.json`;
-    the fields in `written` are already there (build.py streams the pictures straight into their file)."""
+    """Every field of `data` into `folder`: arrays as `<stem>.<field>.npy`, the pictures as `<stem>.picture_bytes.npy`
+    and `<stem>.picture_spans.npy`, strings as `<stem>.strings.json`; the fields (or picture files) in `written`
+    are already there (build.py streams the pictures straight into their files)."""
     strings = {}
     for field in dataclasses.fields(data):
         value = getattr(data, field.name)
@@ -401,11 +479,21 @@ def save_split(folder: Path, stem: str, data: ImageClassData | TextClassData | P
         if isinstance(value, tuple):
             strings[field.name] = list(value)
             continue
-        writer = NpyRows(split_file(folder, stem, field.name), value.dtype, value.shape[1:], len(value))
-        for block in row_blocks(value):
-            writer.extend(block)
-        writer.close()
+        if isinstance(value, Pictures):
+            spans = value.spans
+            if "picture_bytes" not in written:
+                spans = write_picture_bytes(split_file(folder, stem, "picture_bytes"), value)
+            _save_array(split_file(folder, stem, "picture_spans"), spans)
+            continue
+        _save_array(split_file(folder, stem, field.name), value)
     (folder / f"{stem}.strings.json").write_text(json.dumps(strings))
+
+
+def _save_array(path: Path, value: np.ndarray) -> None:
+    writer = NpyRows(path, value.dtype, value.shape[1:], len(value))
+    for block in row_blocks(value):
+        writer.extend(block)
+    writer.close()
 
 
 def load_split(folder: Path, stem: str, cls: type[Data]) -> Data:
@@ -416,6 +504,11 @@ def load_split(folder: Path, stem: str, cls: type[Data]) -> Data:
     for field in dataclasses.fields(cls):
         if field.name in strings:
             values[field.name] = tuple(strings[field.name])
+            continue
+        if field.name == "pictures":
+            blob, spans = (split_file(folder, stem, name) for name in PICTURE_FILES)
+            if spans.exists():
+                values["pictures"] = Pictures((open_npy(blob),), open_npy(spans))
             continue
         path = split_file(folder, stem, field.name)
         if not path.exists() and field.default is not dataclasses.MISSING:

@@ -8,7 +8,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from fedafd.runtime.data.pictures import Pictures
 
+
+INPUTS_PREFIX = "inputs:"
+"""`inputs:NAME`: the view of an encoder that runs the user tower NAME itself (a finetune tower): its own inputs."""
 RAW = "raw"
 """The input view of encoders trained from scratch: pixels or token ids (the other views are backbones)."""
 
@@ -24,6 +28,10 @@ class ModalData:
     class_names: tuple[str, ...] = ()
     features: dict[str, np.ndarray] = field(default_factory=dict)
     image_ids: np.ndarray | None = None
+    texts: tuple[str, ...] | None = None
+    """Row i's raw text (a text class's text, a pair's caption), for towers with their own tokenizer; None: none."""
+    pictures: Pictures | None = None
+    """Row i's picture at source resolution (pictures.py), for towers with their own input size; None: none kept."""
 
     def __len__(self) -> int:
         first = next(iter(self.inputs.values()))
@@ -37,9 +45,11 @@ class ModalData:
             class_names=self.class_names,
             features={name: array[indices] for name, array in self.features.items()},
             image_ids=None if self.image_ids is None else self.image_ids[indices],
+            texts=None if self.texts is None else tuple(self.texts[i] for i in indices),
+            pictures=None if self.pictures is None else self.pictures.select(indices),
         )
 
-    def pictures(self) -> np.ndarray:
+    def picture_ids(self) -> np.ndarray:
         """Each row's picture id (pairs: rows of one picture share it; otherwise every row its own)."""
         return np.arange(len(self)) if self.image_ids is None else self.image_ids
 

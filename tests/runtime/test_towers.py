@@ -16,7 +16,8 @@ from torch import nn
 
 from fedafd.runtime import towers
 from fedafd.runtime.errors import FedafdError
-from fedafd.runtime.towers import (TowerError, TowerSpec, check_keys, describe_builtin, fit_image, load_tower,
+from fedafd.runtime.backbones import describe_builtin
+from fedafd.runtime.towers import (TowerError, TowerSpec, check_keys, fit_image, load_tower,
                                    load_tower_tokenizer, parse_tower, read_weights, tower_digest, tower_dim)
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -373,3 +374,55 @@ def test_fit_image_resizes_and_crops_or_pads_as_the_spec_says(resnet_dir: Path) 
     assert abs(padded[:, 8:24].mean() - pixels.mean() / 255) < 0.05
     assert fit_image(wide, dataclasses.replace(spec, resize="stretch", crop="none")).shape == (3, 32, 32)
     assert towers.RESIZES == ("shorter", "longer", "stretch")
+
+
+# --- finetune towers ---------------------------------------------------------------------------------
+
+
+def test_a_finetune_tower_trains_its_last_blocks_and_its_state_holds_only_what_trains(bert_dir: Path) -> None:
+    from fedafd.cloud_server.stages import GlobalModel, build_optimizers
+    from fedafd.runtime.backbones import register_tower
+    from fedafd.runtime.models import TowerEncoder, build_encoder, encoder_backbone, input_view, resolve_arch
+    from fedafd.runtime.towers import tower_blocks
+
+    table = {"source": "hf", "path": str(bert_dir), "train": "finetune", "finetune_blocks": 1, "lr": 1e-5}
+    arch = resolve_arch("text", "minilm_linear", json.dumps(table))
+    name = register_tower(parse_tower(table, "text_tower"))
+    assert arch == f"tower_linear@{name}" and name.endswith("-ft1")
+    assert name != register_tower(parse_tower(f"hf:{bert_dir}", "text_tower"))  # the frozen one is another model
+    torch.manual_seed(0)
+    encoder = build_encoder("text", arch, 8)
+    assert isinstance(encoder, TowerEncoder) and input_view(encoder) == f"inputs:{name}"
+    assert encoder_backbone(encoder) == name
+    # Trainable: the adapter and the last of BERT's 2 layers, nothing else.
+    blocks = tower_blocks(encoder.tower.net)
+    assert len(blocks) == 2 and all(p.requires_grad for p in blocks[1].parameters())
+    assert not any(p.requires_grad for p in blocks[0].parameters())
+    assert not encoder.tower.net.embeddings.word_embeddings.weight.requires_grad
+    # Its state: the adapter and layer 1's parameters only; it loads strictly into a fresh encoder.
+    state = encoder.state_dict()
+    tower_keys = {k for k in state if k.startswith("tower.")}
+    assert tower_keys and all(k.startswith("tower.net.encoder.layer.1.") for k in tower_keys)
+    assert any(k.startswith("adapter.") for k in state)
+    with torch.no_grad():
+        next(blocks[1].parameters()).add_(0.5)  # as if trained
+    fresh = build_encoder("text", arch, 8)
+    fresh.load_state_dict(encoder.state_dict(), strict=True)
+    ids, mask = _tokens(parse_tower(table, "text_tower"))
+    encoder.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.allclose(encoder(ids, mask), fresh(ids, mask), atol=1e-6)
+    # The tower stays in eval mode in training (no dropout draws), its own lr in both of the server's optimisers.
+    encoder.train()
+    assert encoder.adapter.training and not encoder.tower.training
+    model = GlobalModel("cnn_small", arch, 8, "infonce")
+    for optimizer in build_optimizers(model, 1e-3, 1e-3):
+        rates = sorted(group["lr"] for group in optimizer.param_groups)
+        assert rates == [1e-5, 1e-3]
+    assert set(model.tower_state(("text",))) == {f"text.{k}" for k in encoder.state_dict()}
+
+
+def test_finetune_blocks_beyond_the_models_are_refused(bert_dir: Path) -> None:
+    table = {"source": "hf", "path": str(bert_dir), "train": "finetune", "finetune_blocks": 3}
+    with pytest.raises(TowerError, match="finetune_blocks = 3, but the model has 2 blocks"):
+        load_tower(parse_tower(table, "text_tower"))

@@ -30,6 +30,12 @@ def _png(folder: Path, name: str, image: np.ndarray) -> str:
     return name
 
 
+def _picture(folder: Path, name: str, data, row: int) -> str:
+    """Row `row`'s picture as its own bytes (the bundled sets keep them beside the 32 px arrays)."""
+    (folder / name).write_bytes(data.pictures.encoded(row))
+    return name
+
+
 def _toml(path: Path, **values: object) -> str:
     path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()))
     return str(path)
@@ -51,7 +57,7 @@ def write_sources(root: Path, demo: dict) -> dict[str, str]:
             writer.writerows((t, data.class_names[y]) for t, y in zip(data.texts, data.labels))
     # retrieval pool: Karpathy's split JSON, its pictures beside it, categories as a field of each image
     (root / "stamps").mkdir()
-    images = [{"filename": _png(root / "stamps", f"{split}-{row}.png", data.images[row]), "split": split,
+    images = [{"filename": _picture(root / "stamps", f"{split}-{row}.png", data, row), "split": split,
                "category": data.group_names[data.groups[row]], "sentences": [{"raw": data.captions[row]}]}
               for split, data in pairs.items() for row in range(len(data))]
     (root / "stamps" / "dataset_stamps.json").write_text(json.dumps({"dataset": "stamps", "images": images}))
@@ -61,7 +67,7 @@ def write_sources(root: Path, demo: dict) -> dict[str, str]:
         folder.mkdir(parents=True)
         with open(folder / "metadata.jsonl", "w") as metadata:
             for row in range(len(data)):
-                metadata.write(json.dumps({"file_name": _png(folder, f"{row}.png", data.images[row]),
+                metadata.write(json.dumps({"file_name": _picture(folder, f"{row}.png", data, row),
                                            "text": data.captions[row],
                                            "group": data.group_names[data.groups[row]]}) + "\n")
     return {

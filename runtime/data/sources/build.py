@@ -2,9 +2,10 @@
 the one image format, texts tokenized, labels resolved to class indices once for every split of a source.
 
 Built into a folder (a cached source), every decoded picture is written straight into its split's .npy file
-and dropped (pairs: one picture row per caption row, as training reads them), texts are tokenized a chunk at a
-time, and the arrays come back memory-mapped: a data set larger than memory builds in constant memory but for
-its labels and strings. Without a folder the same rows go into preallocated arrays in memory.
+and dropped (pairs: one picture row per caption row, as training reads them), its encoded original (pictures.py)
+appended once to the split's picture bytes, texts are tokenized a chunk at a time, and the arrays come back
+memory-mapped: a data set larger than memory builds in constant memory but for its labels, picture spans (16
+bytes a row) and strings. Without a folder the same rows go into preallocated arrays in memory.
 
 Each bad row (a picture that does not open, an empty text, a label outside [0, K)) goes to `Problems`,
 named by its file and row; with on_bad_sample=skip the row is left out and counted.
@@ -20,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from fedafd.runtime.data.images import IMAGE_SIZE, from_pil
+from fedafd.runtime.data.pictures import Pictures, cap_picture, png_bytes, source_bytes
 from fedafd.runtime.data.prepared import (
     ImageClassData, MemoryRows, NpyRows, PairData, TextClassData, load_split, save_split, split_file,
 )
@@ -33,6 +35,9 @@ Data = ImageClassData | TextClassData | PairData
 
 TOKENIZE_CHUNK = 4096
 """Texts tokenized per call (and written per block) when a split is built."""
+BLOB_CAPACITY = 1 << 48
+"""Bytes announced in the header of a split's picture bytes while they are written (their total is known only
+at the end, when NpyRows.close writes it)."""
 
 
 class PictureSizes:
@@ -50,20 +55,25 @@ class PictureSizes:
         return len(self.widths)
 
 
-def decode_image(record: ImageRecord | PairRecord, problems: Problems,
-                 sizes: PictureSizes | None = None) -> np.ndarray | None:
-    """The record's picture as uint8 (3, 32, 32), or None (reported) when it cannot be read. `sizes` gets the
-    picture's own size (before any decoding at a reduced scale)."""
+def decode_picture(record: ImageRecord | PairRecord, problems: Problems, max_side: int = 0,
+                   sizes: PictureSizes | None = None) -> tuple[np.ndarray, bytes, tuple[int, int]] | None:
+    """The record's picture as uint8 (3, 32, 32), as the encoded bytes kept beside it (the file's own, or PNG
+    for a picture made in memory; PNG at most `max_side` px where it is larger, 0: no cap) and its own size, or
+    None (reported) when it cannot be read. `sizes` gets that size too (before any decoding at a reduced scale)."""
     try:
         img = record.image() if record.image is not None else Image.open(record.where.file)
         with img:
             size = img.size
+            encoded = source_bytes(img)  # before decoding: a BytesIO is let go once the pixels are loaded
+            if encoded is None:
+                encoded = png_bytes(img)
             # from_pil loads the pixels (a truncated file fails there), after asking a JPEG to decode at 1/2-1/8
             # scale: loading it here first would decode every JPEG at full size for a 32 px picture.
             image = from_pil(img)
+        encoded = cap_picture(encoded, max_side)
         if sizes is not None:
             sizes.add(size)
-        return image
+        return image, encoded, size
     except FileNotFoundError as err:
         problems.bad(record.where, f"image file not found: {err.filename or err}")
     except DataFormatError:
@@ -130,6 +140,48 @@ def label_index(label: int | str, names: tuple[str, ...], options: DataOptions) 
     return names.index(label) if isinstance(label, str) else int(label) - options.label_offset
 
 
+class PictureWriter:
+    """A split's encoded pictures while it is built: each picture's bytes appended once (to `path`, a .npy written
+    as it grows, like NpyRows' rows; or memory), each row's span kept (16 bytes a row)."""
+
+    def __init__(self, path: Path | None, capacity: int) -> None:
+        self._file = None if path is None else NpyRows(path, np.uint8, (), BLOB_CAPACITY)
+        self._memory = bytearray()
+        self._spans = np.empty((capacity, 2), dtype=np.int64)
+        self._end = 0
+        self._all_native = True
+        self.rows = 0
+
+    def add(self, encoded: bytes, size: tuple[int, int]) -> tuple[int, int]:
+        """One picture's bytes and its own size; returns its span, for every row that shows it (`row`)."""
+        self._all_native &= tuple(size) == (IMAGE_SIZE, IMAGE_SIZE)
+        if self._file is None:
+            self._memory += encoded
+        else:
+            self._file.extend(np.frombuffer(encoded, dtype=np.uint8))
+        span = (self._end, self._end + len(encoded))
+        self._end = span[1]
+        return span
+
+    def row(self, span: tuple[int, int]) -> None:
+        """The next row shows the picture at `span`."""
+        self._spans[self.rows] = span
+        self.rows += 1
+
+    def close(self) -> Pictures | None:
+        """The pictures; None when every one is 32x32 (CIFAR, Fashion-MNIST): the 32 px array is the picture
+        itself, so there is nothing more to keep (and the same rows read from arrays or the bundled set agree)."""
+        if self._all_native:
+            self.abort()
+            return None
+        blob = np.frombuffer(self._memory, dtype=np.uint8) if self._file is None else self._file.close()
+        return Pictures((blob,), self._spans[:self.rows].copy())
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.abort()
+
+
 class SplitStore:
     """Where one split's arrays go while it is built: `<stem>.<field>.npy` files in `folder` (a cached source;
     the rows come back memory-mapped), or memory (folder None)."""
@@ -138,7 +190,7 @@ class SplitStore:
         self.folder = folder
         self.stem = stem
         self._streamed: list[str] = []
-        self._open: list[NpyRows | MemoryRows] = []
+        self._open: list[NpyRows | MemoryRows | PictureWriter] = []
 
     def rows(self, field: str, dtype: type, row_shape: tuple[int, ...], capacity: int) -> NpyRows | MemoryRows:
         """A writer of the field's rows, one row or block at a time, at most `capacity` of them."""
@@ -147,6 +199,15 @@ class SplitStore:
         else:
             writer = NpyRows(split_file(self.folder, self.stem, field), dtype, row_shape, capacity)
             self._streamed.append(field)
+        self._open.append(writer)
+        return writer
+
+    def pictures(self, capacity: int) -> PictureWriter:
+        """A writer of the split's encoded pictures, for at most `capacity` rows."""
+        path = None if self.folder is None else split_file(self.folder, self.stem, "picture_bytes")
+        if path is not None:
+            self._streamed.append("picture_bytes")
+        writer = PictureWriter(path, capacity)
         self._open.append(writer)
         return writer
 
@@ -169,17 +230,20 @@ def build_images(records: Iterable[ImageRecord], names: tuple[str, ...], options
     store = store or SplitStore(None, "")
     records = records if hasattr(records, "__len__") else list(records)
     images = store.rows("images", np.uint8, (3, IMAGE_SIZE, IMAGE_SIZE), len(records))
+    pictures = store.pictures(len(records))
     labels = np.empty(len(records), dtype=np.int64)
     natural = []
     for record in records:
-        image = decode_image(record, problems, sizes)
-        if image is None:
+        decoded = decode_picture(record, problems, options.max_picture_side, sizes)
+        if decoded is None:
             continue
         labels[images.rows] = label_index(record.label, names, options)
-        images.append(image)
+        images.append(decoded[0])
+        pictures.row(pictures.add(decoded[1], decoded[2]))
         natural.append(record.natural_id)
     kept = images.rows
-    return store.finish(ImageClassData(images.close(), labels[:kept].copy(), names, _natural(natural, options)))
+    return store.finish(ImageClassData(images.close(), labels[:kept].copy(), names, _natural(natural, options),
+                                       pictures.close()))
 
 
 def _tokenized(texts: list[str], store: SplitStore) -> tuple[np.ndarray, np.ndarray]:
@@ -216,13 +280,14 @@ def build_pairs(records: Iterable[PairRecord], options: DataOptions, problems: P
                 group_names: tuple[str, ...] | None = None, store: SplitStore | None = None,
                 sizes: PictureSizes | None = None) -> PairData:
     """One row per caption; the rows of one picture share its image id (and its decoded picture, written once
-    per caption row)."""
+    per caption row, and its encoded bytes, kept once)."""
     store = store or SplitStore(None, "")
     records = records if hasattr(records, "__len__") else list(records)
     groups_seen = group_names or tuple(sorted({str(r.group) for r in records}))
     group_index = {name: i for i, name in enumerate(groups_seen)}
     capacity = sum(len(r.captions) for r in records)
     images = store.rows("images", np.uint8, (3, IMAGE_SIZE, IMAGE_SIZE), capacity)
+    originals = store.pictures(capacity)
     groups = np.empty(capacity, dtype=np.int64)
     image_ids = np.empty(capacity, dtype=np.int64)
     captions, natural, pictures = [], [], 0
@@ -235,9 +300,10 @@ def build_pairs(records: Iterable[PairRecord], options: DataOptions, problems: P
             problems.bad(record.where, f"group {record.group!r} of image {record.image_key!r} is not one of the "
                                        f"data config's group_names {list(groups_seen)[:10]}")
             continue
-        image = decode_image(record, problems, sizes)
-        if image is None:
+        decoded = decode_picture(record, problems, options.max_picture_side, sizes)
+        if decoded is None:
             continue
+        image, span = decoded[0], originals.add(decoded[1], decoded[2])
         for index, text in enumerate(texts):
             if not text:
                 problems.bad(record.where, f"caption {index + 1} of image {record.image_key!r} is empty")
@@ -245,6 +311,7 @@ def build_pairs(records: Iterable[PairRecord], options: DataOptions, problems: P
             groups[images.rows] = group_index[str(record.group)]
             image_ids[images.rows] = pictures
             images.append(image)
+            originals.row(span)
             captions.append(text)
             natural.append(record.natural_id)
         pictures += 1
@@ -252,7 +319,8 @@ def build_pairs(records: Iterable[PairRecord], options: DataOptions, problems: P
     pixels = images.close()
     input_ids, attention_mask = _tokenized(captions, store)
     return store.finish(PairData(pixels, input_ids, attention_mask, tuple(captions), groups[:rows].copy(),
-                                 groups_seen, image_ids[:rows].copy(), _natural(natural, options)))
+                                 groups_seen, image_ids[:rows].copy(), _natural(natural, options),
+                                 originals.close()))
 
 
 def _natural(ids: list[str], options: DataOptions) -> tuple[str, ...]:

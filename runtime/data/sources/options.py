@@ -66,6 +66,14 @@ class DataOptions:
     """Column holding each row's natural id (a writer, a user, a site): the `natural` partitioner's key."""
     image_root: str = ""
     """Folder that image paths are relative to ("": the manifest's own folder; COCO: its images folder)."""
+    max_picture_side: int = 0
+    """Longest side of the pictures kept at source resolution beside the 32 px ones (for towers with their own
+    input size): a larger picture is kept downscaled, aspect ratio kept (Lanczos), as PNG; 0: as the source has it."""
+
+    def __post_init__(self) -> None:
+        if self.max_picture_side < 0:
+            raise DataFormatError(f"data config: max_picture_side must be 0 (no cap) or a side in pixels, got "
+                                  f"{self.max_picture_side}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "data config") -> "DataOptions":

@@ -21,9 +21,10 @@ A read source is cached under `cache_dir()/prepared/sources/<fingerprint>/` (the
 format, the data config and the path, size and modification time of every file it may read: see
 `source_fingerprint`), so a second load only maps arrays back. The folder holds, per split, one uncompressed
 .npy per array (the pictures written as they are decoded, so a data set larger than memory builds and loads in
-constant memory) and its strings as JSON, then `source.json` (written last); no pickle. It is built in a
-temporary folder beside it and renamed into place. Its `digest` (sha256 over every split's arrays, class
-names and texts, streamed a block at a time) names it in feature caches and in the public-set check at join.
+constant memory; their encoded originals beside them, pictures.py) and its strings as JSON, then `source.json`
+(written last); no pickle. It is built in a temporary folder beside it and renamed into place. Its `digest`
+(sha256 over every split's arrays, encoded pictures, class names and texts, streamed a block at a time) names it
+in feature caches and in the public-set check at join.
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ from pathlib import Path
 import numpy as np
 
 from fedafd.runtime.data.fetch import cache_dir
+from fedafd.runtime.data.pictures import Pictures
 from fedafd.runtime.data.prepared import (
-    ImageClassData, PairData, TextClassData, atomic_write, concat, file_lock, load_split, row_blocks, stratified_split,
-    subset,
+    ImageClassData, PairData, TextClassData, atomic_write, concat, file_lock, load_split, pictures_sha256, row_blocks,
+    stratified_split, subset,
 )
 from fedafd.runtime.data.sources.build import Data, PictureSizes, build_splits, split_stem
 from fedafd.runtime.data.sources.options import DataOptions
@@ -57,7 +59,7 @@ from fedafd.runtime.data.sources.records import DataFormatError, Problems
 if TYPE_CHECKING:
     from fedafd.runtime.data.partition import PartitionerSpec
 
-SOURCE_FORMAT = 2
+SOURCE_FORMAT = 3
 """Bumped whenever what a cached source holds changes, so stale caches are never read."""
 DEMO = "demo:"
 PUBLIC = "public"
@@ -97,7 +99,8 @@ class Source:
     format: str
     splits: dict[str, Data]
     digest: str
-    """sha256 over every split's rows (equal for the same rows read through two formats)."""
+    """sha256 over every split's rows (equal for the same rows read through two formats that hold the same
+    encoded pictures)."""
     skipped: int = 0
     """Rows left out with on_bad_sample=skip."""
     problems: tuple[str, ...] = ()
@@ -361,8 +364,9 @@ STRINGS_CHUNK = 8192
 
 
 def data_digest(splits: dict[str, Data]) -> str:
-    """sha256 over every split's name, arrays, class names and texts, in order; arrays are streamed a block
-    at a time (memory-mapped ones released as it goes), so the value is the same in memory or on disk."""
+    """sha256 over every split's name, arrays, encoded pictures (pictures_sha256: each row's picture, wherever
+    its bytes lie), class names and texts, in order; arrays are streamed a block at a time (memory-mapped ones
+    released as it goes), so the value is the same in memory or on disk."""
     digest = hashlib.sha256()
     for split in sorted(splits):
         data = splits[split]
@@ -373,6 +377,8 @@ def data_digest(splits: dict[str, Data]) -> str:
                 digest.update(f"{field.name}{value.dtype.str}{value.shape};".encode())
                 for block in row_blocks(value) if value.ndim else [np.ascontiguousarray(value)]:
                     digest.update(memoryview(block).cast("B"))
+            elif isinstance(value, Pictures):
+                digest.update(f"{field.name}{pictures_sha256(value)};".encode())
             elif value is not None:
                 digest.update(field.name.encode())
                 _digest_strings(digest, list(value))

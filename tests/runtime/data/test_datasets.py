@@ -12,6 +12,7 @@ import pytest
 from fedafd.runtime.data import datasets, fashion_mnist
 from fedafd.runtime.data.emoji import load_emoji_pairs
 from fedafd.runtime.data.fashion_mnist import load_fashion_mnist
+from fedafd.runtime.data.pictures import Pictures
 from fedafd.runtime.data.prepared import ImageClassData, PairData, TextClassData, prepared_path, stratified_split, subset
 from fedafd.runtime.data.tuxpaint import load_tuxpaint_pairs
 from fedafd.runtime.data.wordnet import load_wordnet_topics
@@ -126,12 +127,16 @@ def test_cached_loads_are_fast_and_identical(emoji, tuxpaint, wordnet):
         assert time.perf_counter() - start < 1.0
         for field in dataclasses.fields(first):
             a, b = getattr(first, field.name), getattr(again, field.name)
-            assert np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b
+            if isinstance(a, Pictures):  # the same bytes under the same spans
+                assert np.array_equal(a.spans, b.spans) and np.array_equal(a.blob, b.blob)
+            else:
+                assert np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b
 
 
 def test_prepared_files_hold_no_objects(emoji):
     path = prepared_path("emoji", "train")
-    assert path.name == "emoji-train-v1.npz" and path.parent == cache_dir() / "prepared"
+    assert path.name == "emoji-train-v2.npz" and path.parent == cache_dir() / "prepared"
+    assert (path.parent / "emoji-train-v2.picture_bytes.npy").is_file()  # the pictures' bytes, memory-mapped
     with np.load(path, allow_pickle=False) as stored:
         assert {stored[name].dtype.kind for name in stored.files} <= {"u", "i", "U"}
         assert stored["captions"].dtype.kind == "U"

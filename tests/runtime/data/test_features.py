@@ -278,7 +278,7 @@ def test_damaged_onnx_graph_is_exported_again(feature_home, shared_onnx, torch_b
     graph.write_bytes(good[: len(good) // 3])
     feature_cache_path("efficientnet_lite0", "emoji-slice").unlink()
     exports = []
-    monkeypatch.setattr(features, "_export", lambda module, modality, path: exports.append(path) or path.write_bytes(good))
+    monkeypatch.setattr(features, "_export", lambda module, modality, path, inputs: exports.append(path) or path.write_bytes(good))
     # Execute
     with caplog.at_level(logging.WARNING, logger=features.__name__):
         got = backbone_features("efficientnet_lite0", "emoji-slice", public_rows, progress=False)

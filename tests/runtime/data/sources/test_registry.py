@@ -106,7 +106,8 @@ def test_pairs_cut_out_of_a_larger_set_number_their_pictures_from_zero_so_the_sa
     assert canonical_ids(np.array([5, 5, 2, 9, 2, 7])).tolist() == [0, 0, 1, 2, 1, 3]
     pairs = open_source("multimodal", "demo:tuxpaint").splits["test"]
     cut = subset(pairs, np.arange(0, 40, 2))  # image ids 0, 2, 4, ... before numbering
-    fresh = PairData(cut.images, cut.input_ids, cut.attention_mask, cut.captions, cut.groups, cut.group_names)
+    fresh = PairData(cut.images, cut.input_ids, cut.attention_mask, cut.captions, cut.groups, cut.group_names,
+                     pictures=cut.pictures)
     assert cut.image_ids.tolist() == list(range(20))
     assert data_digest({"test": cut}) == data_digest({"test": fresh})
 
