@@ -26,7 +26,7 @@ def from_grayscale_28(batch: np.ndarray) -> np.ndarray:
     return np.repeat(padded[:, None], 3, axis=1)  # (N, 3, 32, 32)
 
 
-def _on_white(img: Image.Image) -> Image.Image:
+def on_white(img: Image.Image) -> Image.Image:
     """RGB; pictures with transparency (RGBA, LA, P with a transparent index) composited on white."""
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         rgba = img.convert("RGBA")
@@ -42,7 +42,7 @@ def from_pil(img: Image.Image) -> np.ndarray:
     if img.width < 1 or img.height < 1:
         raise ValueError(f"empty image {img.size}")
     img.draft("RGB", (IMAGE_SIZE, IMAGE_SIZE))  # JPEG: decode at a reduced scale; other formats: no-op
-    rgb = _on_white(img)
+    rgb = on_white(img)
     scale = IMAGE_SIZE / max(rgb.width, rgb.height)
     size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
     if size != rgb.size:
@@ -74,7 +74,7 @@ def fit_picture(img: Image.Image, size: int, resize: str, mean: tuple[float, ...
         raise ValueError(f"resize must be one of {', '.join(FIT_RESIZES)}, got {resize!r}")
     if img.width < 1 or img.height < 1:
         raise ValueError(f"empty image {img.size}")
-    rgb = _on_white(img)
+    rgb = on_white(img)
     w, h = rgb.size
     bilinear = Image.Resampling.BILINEAR
     if resize == "stretch":

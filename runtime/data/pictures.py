@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fedafd.runtime.data.images import _on_white  # the 32 px array's compositing, so both agree
+from fedafd.runtime.data.images import on_white  # the 32 px array's compositing, so both agree
 
 PNG_MODES = ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA")
 """Modes PNG stores as they are; a picture in any other mode is stored as RGB(A)."""
@@ -82,7 +82,7 @@ class Pictures:
         """Row i's picture, decoded: RGB at its stored size, transparency composited on white as the 32 px
         array's is (images.from_pil)."""
         with Image.open(io.BytesIO(self.encoded(i))) as img:
-            return _on_white(img)
+            return on_white(img)
 
     def distinct(self) -> tuple[np.ndarray, np.ndarray]:
         """(which int64 (N,), spans int64 (P, 2)): each picture once, numbered in the order rows first show
@@ -154,5 +154,5 @@ def cap_picture(encoded: bytes, max_side: int) -> bytes:
         scale = max_side / max(img.size)
         size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
         img.draft("RGB", size)  # JPEG: decode at the smallest scale still at least `size`
-        rgb = _on_white(img)
+        rgb = on_white(img)
         return png_bytes(rgb.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0))

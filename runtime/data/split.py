@@ -3,9 +3,12 @@ written as a folder fedafd's readers read back, and `split.json` saying what was
 
     OUT/split.json              source, digest, partitioner, seed; per device its rows, class counts, rows digest
     OUT/<kind>-<i>/data.toml    the device's data config (pass it as data_config; it keeps the class names)
-    image:       train/<class>/<row>.png, test/<class>/<row>.png         (ImageFolder; lossless PNG of 32x32 RGB)
+    image:       train/<class>/<row>.jpg|png, test/<class>/<row>...      (ImageFolder; each picture's own bytes)
     text:        train.jsonl, test.jsonl                                  (fields text, label: the class name)
-    multimodal:  train/metadata.jsonl + train/<row>.png, test/...         (a line per caption: file_name, text, group)
+    multimodal:  train/metadata.jsonl + train/<row>.jpg|png, test/...     (a line per caption: file_name, text, group)
+
+A picture is written as its source encodes it (a JPEG stays that JPEG, so a tower of its own reads it at full size);
+one a source made in memory is PNG, and a source of 32x32 pictures (CIFAR, Fashion-MNIST) gives 32x32 PNGs.
 
 Every device gets the pool's whole test rows. Pairs are split by picture (all captions of a picture go to one
 device). `<row>` is the row's index among the pool's train (or test) rows, zero-padded. A class name that is no
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
@@ -243,17 +247,32 @@ def _toml(values: dict[str, Any]) -> str:
         f"{key} = {value(v)}\n" for key, v in values.items())
 
 
-def _png(path: Path, image: np.ndarray) -> None:
+_SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif", "PPM": ".ppm"}
+
+
+def _write_picture(stem: Path, data: ImageClassData | PairData, i: int) -> str:
+    """Row i's picture as `stem` + its suffix: its source's own bytes when the data keeps them (a tower of its own
+    reads it at full size), else the 32 px array, which is then the whole picture, as lossless PNG. Returns the
+    file's name."""
     from PIL import Image
 
-    Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0)), "RGB").save(path, format="PNG")  # (3,H,W)->(H,W,3)
+    if data.pictures is None:
+        path = stem.with_suffix(".png")
+        Image.fromarray(np.ascontiguousarray(data.images[i].transpose(1, 2, 0)), "RGB").save(path, format="PNG")
+        return path.name
+    encoded = data.pictures.encoded(i)
+    with Image.open(io.BytesIO(encoded)) as img:
+        suffix = _SUFFIXES.get(img.format or "", ".png")
+    path = stem.with_suffix(suffix)
+    path.write_bytes(encoded)
+    return path.name
 
 
 def _write_images(root: Path, data: ImageClassData, rows: np.ndarray, width: int, folders: tuple[str, ...]) -> None:
     for label in np.unique(data.labels):
         (root / folders[label]).mkdir(parents=True)
     for i, row in enumerate(rows):
-        _png(root / folders[data.labels[i]] / f"{int(row):0{width}d}.png", data.images[i])
+        _write_picture(root / folders[data.labels[i]] / f"{int(row):0{width}d}", data, i)
 
 
 def _write_texts(path: Path, data: TextClassData) -> None:
@@ -278,8 +297,7 @@ def _write_pairs(root: Path, data: PairData, rows: np.ndarray, width: int) -> No
         for i, row in enumerate(rows):
             picture = int(data.image_ids[i])
             if picture not in files:
-                files[picture] = f"{int(row):0{width}d}.png"
-                _png(root / files[picture], data.images[i])
+                files[picture] = _write_picture(root / f"{int(row):0{width}d}", data, i)
             handle.write(json.dumps({"file_name": files[picture], "text": data.captions[i],
                                      "group": data.group_names[data.groups[i]]}, ensure_ascii=False) + "\n")
 

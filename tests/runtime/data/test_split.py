@@ -257,3 +257,25 @@ def test_a_class_name_with_a_slash_reads_back_by_its_name(tmp_path: Path) -> Non
     mine, _ = read_device("image", out / "image-0")
 
     assert mine.class_names[0] == "T-shirt/top"
+
+
+def test_a_split_keeps_each_picture_as_its_source_encodes_it(tmp_path: Path) -> None:
+    # Prepare: an ImageFolder pool of JPEGs and PNGs larger than 32 px (what a tower of its own reads at full size).
+    rng = np.random.default_rng(3)
+    src = tmp_path / "pool"
+    for split, count in (("train", 12), ("test", 4)):
+        for i in range(count):
+            cls = ("cat", "dog")[i % 2]
+            (src / split / cls).mkdir(parents=True, exist_ok=True)
+            picture = Image.fromarray(rng.integers(0, 256, size=(40 + i, 64, 3), dtype=np.uint8))
+            picture.save(src / split / cls / f"{i:02d}.{'jpg' if i % 3 else 'png'}")
+    # Execute
+    code, output = run_split(src, "image", tmp_path / "out", "--partitioner", "iid", "--num-partitions", "2")
+    # Assert: every device file holds the bytes of a pool file, suffix kept; read back, the pictures are the pool's.
+    assert code == 0, output
+    pool_files = {p.read_bytes(): p.suffix for p in src.rglob("*.*")}
+    written = [p for p in (tmp_path / "out").rglob("*") if p.suffix in (".jpg", ".png")]
+    assert len(written) == 12 + 2 * 4  # each device its train share and the whole test split
+    assert all(pool_files.get(p.read_bytes()) == p.suffix for p in written)
+    mine, _ = read_device("image", tmp_path / "out" / "image-0")
+    assert mine.pictures is not None and {mine.pictures.open(i).size for i in range(len(mine))} <= {(64, 40 + i) for i in range(12)}
