@@ -18,7 +18,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from fedafd.cloud_server.checkpoint import load_server_checkpoint
 from fedafd.cloud_server.fleet import read_fleet_toml
+from fedafd.cloud_server.stages import GlobalModel, build_optimizers
 from fedafd.export.graphs import ExportError
 from fedafd.export.onnx_export import ExportOptions, export_client, export_server
 from fedafd.runtime.backbones import backbone_spec, register_tower
@@ -178,6 +180,10 @@ def test_the_servers_bert_and_resnet_export_as_a_retrieval_model_run_torch_free(
     assert manifest["graphs"]["text"]["inputs"][0]["max_len"] == 64  # BERT's positions, its own tokenizer
     assert manifest["preprocessing"]["text"]["padding"] == "longest"
     assert all(_worst(manifest["graphs"][m]) <= 1e-4 for m in ("image", "text"))
+    for modality, tower in (("image", "resnet"), ("text", "bert")):  # int8, the towers quantised per channel
+        int8 = manifest["graphs"][modality]["int8"]
+        assert int8["per_channel"] and int8["int8_backbones"] == [_name(f"hf:{federation['root'] / tower}")]
+        assert int8["mean_cosine"] > 0.9, (modality, int8["mean_cosine"])
     out = _infer(tmp_path / "server", str(_png(tmp_path / "a.png", np.random.default_rng(2))), "a red car", "two dogs")
     assert {r["text"] for r in out["rankings"][0]["ranking"]} == {"a red car", "two dogs"}
 
@@ -212,5 +218,15 @@ def test_a_finetune_tower_on_the_server_trains_its_last_block_and_keeps_only_tha
     assert tower and all(k.startswith("encoder.layer.1.") for k in tower)
     moved = [k for k, v in tower.items() if not torch.equal(v, original[k])]
     assert moved, "the finetuned layer did not train"
+    # Resumable: a fresh server model of the same config takes the checkpoint strictly (the frozen rest from the
+    # files), its optimisers too, and gives the trained layer back.
+    tensors, _ = load_server_checkpoint(tmp_path / "run")
+    archs = encoder_archs(config)
+    model = GlobalModel(archs["image"], archs["text"], config.feature_dim, config.contrastive_loss)
+    model.load_state_dict(tensors["model"], strict=True)
+    optimizer, distill = build_optimizers(model, config.lr, config.distill_lr)
+    optimizer.load_state_dict(tensors["optimizer"]), distill.load_state_dict(tensors["distill_optimizer"])
+    layer = model.encoders["text"].tower.net.encoder.layer[1].attention.self.query.weight
+    assert torch.equal(layer, tower["encoder.layer.1.attention.self.query.weight"])
     manifest = export_server(tmp_path / "run", tmp_path / "server", ExportOptions(eval_samples=16, parity_samples=8))
     assert _worst(manifest["graphs"]["text"]) <= 1e-4
