@@ -308,7 +308,7 @@ def _bytes(value: float | None) -> str:
 def main(
     quick: Annotated[bool, typer.Option(help="10 rounds of 5 local epochs (the README's table); without it the paper's 40 x 5.")] = False,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; mean and standard deviation over them.")] = "0",
-    out: Annotated[Path, typer.Option(help="Where the runs and the tables go.")] = Path("benchmarks/results/accuracy"),
+    out: Annotated[Path, typer.Option(help="Where the runs and the tables go.")] = Path("runs/bench/accuracy"),
     variants: Annotated[str, typer.Option(help="paper (the FedAFD paper's comparison), or a comma-separated subset of: "
                                                + ", ".join(KNOWN_VARIANTS))] = ",".join(VARIANTS),
     overrides: Annotated[list[str], typer.Option("-c", "--set", help="Extra key=value for every run.")] = [],

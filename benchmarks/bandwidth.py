@@ -133,7 +133,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(
-    out: Annotated[Path, typer.Option(help="Where the runs and the table go.")] = Path("benchmarks/results/bandwidth"),
+    out: Annotated[Path, typer.Option(help="Where the runs and the table go.")] = Path("runs/bench/bandwidth"),
     codecs: Annotated[str, typer.Option(help="Comma-separated feature codecs, one federation each.")] = "fp32,fp16,int8_row",
     kind: Annotated[str, typer.Option(help="Kind of every device (multimodal sends two feature matrices).")] = "multimodal",
     profiles: Annotated[str, typer.Option(help="Comma-separated device profiles, one device each.")] = ",".join(shipped_profiles()),

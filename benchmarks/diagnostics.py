@@ -71,7 +71,7 @@ def side_by_side(runs: dict[str, list[dict]]) -> tuple[str, dict]:
 def main(
     seed: Annotated[int, typer.Option(help="The federations' seed.")] = 0,
     out: Annotated[Path, typer.Option(help="Where the runs, DIAGNOSTICS.md and diagnostics.json go.")] =
-        Path("benchmarks/results/diagnostics"),
+        Path("runs/bench/diagnostics"),
     runs: Annotated[Optional[str], typer.Option(help="NAME=RUN_DIR,... of finished runs to read instead.")] = None,
 ) -> None:
     if runs:

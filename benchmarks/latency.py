@@ -209,7 +209,7 @@ def markdown(report: dict) -> str:
 
 
 def main(
-    out: Annotated[Path, typer.Option(help="Folder for latency.json, latency.md, states and models.")] = Path("benchmarks/results/latency"),
+    out: Annotated[Path, typer.Option(help="Folder for latency.json, latency.md, states and models.")] = Path("runs/bench/latency"),
     state: Annotated[Optional[list[Path]], typer.Option(help="Trained client state folders (default: train those of --clients).")] = None,
     clients: Annotated[Optional[list[str]], typer.Option(help=f"Clients to train and measure, of: {', '.join(CLIENTS)} (default: all).")] = None,
     runs: Annotated[int, typer.Option(help="Timed calls at batch 1 (batch 32: runs/8, at least 10).")] = 200,

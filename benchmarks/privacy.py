@@ -248,7 +248,7 @@ def main(
     epochs: Annotated[int, typer.Option(help="Local epochs each shadow trains alone.")] = 10,
     samples: Annotated[int, typer.Option(help="Private samples of each shadow (the devices' max_private).")] = 100,
     seed: Annotated[int, typer.Option(help="The attacker's seed.")] = 0,
-    out: Annotated[Path, typer.Option(help="JSON of the results.")] = Path("benchmarks/results/privacy/attack.json"),
+    out: Annotated[Path, typer.Option(help="JSON of the results.")] = Path("runs/bench/privacy/attack.json"),
 ) -> None:
     public_size = len(load_public_data("train"))
     probe = probe_rows(public_size, seed)

@@ -111,7 +111,7 @@ def main(
     epsilons: Annotated[str, typer.Option(help="Comma-separated DP budgets (epsilon at delta 1e-5).")] = "8,2",
     upload_noise: Annotated[float, typer.Option(help="Std of the upload-noise arm (0: no such arm).")] = 0.05,
     shadows: Annotated[int, typer.Option(help="Shadow devices per kind for the attack.")] = 20,
-    out: Annotated[Path, typer.Option(help="Where the runs, JSON, table and plot go.")] = Path("benchmarks/results/privacy"),
+    out: Annotated[Path, typer.Option(help="Where the runs, JSON, table and plot go.")] = Path("runs/bench/privacy"),
     overrides: Annotated[list[str], typer.Option("-c", "--set", help="key=value for every federation.")] = [],
 ) -> None:
     base = {**BASE, **dict(item.split("=", 1) for item in overrides)}

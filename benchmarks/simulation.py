@@ -2,7 +2,7 @@
 
     python -m fedafd.benchmarks.simulation speed --out benchmarks/results/simulation/speed.json
     python -m fedafd.benchmarks.simulation memory --devices 10,100,300 \\
-        --out benchmarks/results/simulation/memory.json --plot benchmarks/results/simulation/memory.png
+        --out benchmarks/results/simulation/memory.json --plot docs/img/simulation-memory.png
 
 speed: the accuracy benchmark's quick setting, the paper's fleet, FedAFD, one seed, run once as
 `fedafd-cloud serve --local` (a process per device) and once as `fedafd-cloud simulate`, one after the other
@@ -71,7 +71,7 @@ def speed(
     seed: Annotated[int, typer.Option(help="The federation's seed (the same for both engines).")] = 0,
     rounds: Annotated[int, typer.Option(help="Rounds (the quick setting's 10).")] = 10,
     workers: Annotated[int, typer.Option(help="simulate --workers.")] = 2,
-    out: Annotated[Path, typer.Option(help="JSON of the results.")] = Path("benchmarks/results/simulation/speed.json"),
+    out: Annotated[Path, typer.Option(help="JSON of the results.")] = Path("runs/bench/simulation/speed.json"),
 ) -> None:
     """serve --local against simulate, the same federation, one after the other."""
     runs = {}
@@ -131,9 +131,9 @@ def memory_one(devices: int, workers: int = 2) -> None:
 def memory(
     devices: Annotated[str, typer.Option(help="Comma-separated device counts.")] = "10,100,300",
     workers: Annotated[int, typer.Option(help="simulate --workers.")] = 2,
-    out: Annotated[Path, typer.Option(help="JSON of the results.")] = Path("benchmarks/results/simulation/memory.json"),
+    out: Annotated[Path, typer.Option(help="JSON of the results.")] = Path("runs/bench/simulation/memory.json"),
     plot_path: Annotated[Path, typer.Option("--plot", help="PNG of peak RSS against devices.")] =
-        Path("benchmarks/results/simulation/memory.png"),
+        Path("runs/bench/simulation/memory.png"),
 ) -> None:
     """Peak RSS of simulate against the number of devices, each count in a fresh process."""
     results = []

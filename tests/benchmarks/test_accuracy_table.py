@@ -73,8 +73,8 @@ def test_a_finished_federation_with_the_same_command_is_read_back_and_nothing_el
 
     from fedafd.benchmarks import accuracy
 
-    # Prepare: a real finished run (the committed LOCAL seed 0 of the paper regime) and the settings it ran with.
-    source = Path(__file__).parents[2] / "benchmarks/results/gain/paper/quick/seed0/LOCAL"
+    # Prepare: a real finished run (LOCAL seed 0 of the paper regime, kept as a fixture) and the settings it ran with.
+    source = Path(__file__).parent / "fixtures" / "paper-quick-seed0-LOCAL"
     settings = {**accuracy.SETTINGS["quick"], "strategy": "local", "device_regime": "paper", "seed": "0"}
     run_dir = tmp_path / "LOCAL"
     shutil.copytree(source, run_dir, ignore=shutil.ignore_patterns("clients"))
