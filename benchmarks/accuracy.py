@@ -1,7 +1,7 @@
 """Accuracy benchmark: LOCAL, LOCAL + backbone, FedAFD and its ablations and codecs, each a whole
 federation, over several seeds.
 
-    python -m fedafd.benchmarks.accuracy --quick --seeds 0,1,2       # the README's table
+    python -m fedafd.benchmarks.accuracy --quick --seeds 0,1,2       # docs/results.md's table
     python -m fedafd.benchmarks.accuracy --seeds 0                   # the paper's protocol: 40 rounds x 5 local epochs
     python -m fedafd.benchmarks.accuracy --quick --format json > results.json   # JSON on stdout, progress on stderr
     python -m fedafd.benchmarks.accuracy --quick --variants paper --seeds 0,1,2 # the paper's comparison table
@@ -81,7 +81,7 @@ NOT_RUN = {
     "FedDFA": "not pinned down: its adversarial sample weighting runs PGD on the inputs, which is unspecified for "
               "text, and how FedAFD adapted it to retrieval is not public",
 }
-"""Rows of the paper's table this runtime leaves empty, and why (README: what is missing)."""
+"""Rows of the paper's table this runtime leaves empty, and why (docs/results.md: what is missing)."""
 KNOWN_VARIANTS = {**VARIANTS, **SENSITIVITY, **PAPER}
 
 SETTINGS: dict[str, dict[str, str]] = {
@@ -306,7 +306,7 @@ def _bytes(value: float | None) -> str:
 
 
 def main(
-    quick: Annotated[bool, typer.Option(help="10 rounds of 5 local epochs (the README's table); without it the paper's 40 x 5.")] = False,
+    quick: Annotated[bool, typer.Option(help="10 rounds of 5 local epochs (docs/results.md's table); without it the paper's 40 x 5.")] = False,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; mean and standard deviation over them.")] = "0",
     out: Annotated[Path, typer.Option(help="Where the runs and the tables go.")] = Path("runs/bench/accuracy"),
     variants: Annotated[str, typer.Option(help="paper (the FedAFD paper's comparison), or a comma-separated subset of: "

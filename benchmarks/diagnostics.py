@@ -1,4 +1,4 @@
-"""The learning diagnostics of a FedAFD run and a LOCAL run side by side (the README's table).
+"""The learning diagnostics of a FedAFD run and a LOCAL run side by side (docs/results.md's table).
 
     python -m fedafd.benchmarks.diagnostics --seed 0 --out benchmarks/results/diagnostics
 

@@ -22,7 +22,7 @@ holding k classes, the share of its k best-scored classes it holds; chance k / C
 
 A membership test is not made: the uploads are features of the public set, computed by a model that never
 takes a private sample as input at upload time, so "was x in the private set" has no per-sample signal to test
-in an upload beyond what the label set already says (see README, Security).
+in an upload beyond what the label set already says (see docs/operations.md, Security).
 """
 
 from __future__ import annotations

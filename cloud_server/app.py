@@ -1,5 +1,5 @@
 """The cloud server process: its lifecycle (set up, wait for devices, rounds, goodbye) and the round loop,
-one call per stage of method.md's round: stage 1, downlink, collect (the devices' stage 2 and uplink),
+one call per stage of docs/method.md's round: stage 1, downlink, collect (the devices' stage 2 and uplink),
 stage 3, evaluate; then the round's record and checkpoint. Who may join and which uploads count is
 admission.py, the record round_record.py, the run folder's files persistence.py; the learning maths lives
 in stages.py and the strategies in strategies.py."""
@@ -222,7 +222,7 @@ class ServerApp:
 
     # -- one round -------------------------------------------------------------------------------
     def _run_round(self, round_: int) -> dict:
-        """method.md's round, one call per stage; then the record, metrics first, then the checkpoint."""
+        """docs/method.md's round, one call per stage; then the record, metrics first, then the checkpoint."""
         c = self.config
         generator = self._begin_round(round_)
         settings = self.strategy.settings()
@@ -318,7 +318,7 @@ class ServerApp:
         return teachers, sed_mean_weights
 
     def _diagnose_stage3(self, live: _LiveRound, teachers: dict[str, torch.Tensor]) -> dict:
-        """The server's learning diagnostics (README "Learning diagnostics"), per modality with a teacher: the
+        """The server's learning diagnostics (docs/implementation.md "Learning diagnostics"), per modality with a teacher: the
         normalised entropy of the SED weights (`sed_entropy`; left out with one client, where it is undefined)
         and the mean cosine between the teacher and the server's stage-1 G of the same rows (`teacher_cos`);
         and, when stage 3 is about to distil, the server's R@1 sum before it (`r1_sum_before_stage3`: one more

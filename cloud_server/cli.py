@@ -42,8 +42,7 @@ def serve(
                                                            "(e.g. -c rounds=5 -c device=cuda); `fedafd-cloud config` "
                                                            "lists every key, its type, default and meaning.")] = None,
     local: Annotated[Optional[str], typer.Option(help="Also start clients on this machine, e.g. "
-                                                      "image=3,text=3,multimodal=4, or a fleet TOML (README \"Your "
-                                                      "own data\").")] = None,
+                                                      "image=3,text=3,multimodal=4, or a fleet TOML (docs/data.md).")] = None,
     local_set: Annotated[Optional[list[str]], typer.Option("--local-set", help="KEY=VALUE of ClientConfig for every "
                                                            "--local device (e.g. disc_lr=1e-4), repeatable; "
                                                            "`fedafd-edge config` lists every key.")] = None,
@@ -300,7 +299,7 @@ def data_info(fmt: Annotated[Format, typer.Option("--format")] = Format.text) ->
 
 @data_app.command("split")
 def data_split(
-    src: Annotated[str, typer.Argument(help="The pool to split: a path fedafd reads (README: Your own data) or "
+    src: Annotated[str, typer.Argument(help="The pool to split: a path fedafd reads (docs/data.md) or "
                                             "demo:NAME.")],
     kind: Annotated[str, typer.Option(help="What the rows are: image, text or multimodal (pairs).")],
     partitioner: Annotated[str, typer.Option(help="iid, dirichlet, shard, pathological, natural (Flower Datasets' "
@@ -324,8 +323,7 @@ def data_split(
                                                                       "deterministic or first-deterministic.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the partitioner (and of the test rows drawn with "
                                            "--test-fraction); 42 is Flower's.")] = 42,
-    data_config: Annotated[Optional[Path], typer.Option(help="Data config TOML of SRC (README: Your own "
-                                                             "data).")] = None,
+    data_config: Annotated[Optional[Path], typer.Option(help="Data config TOML of SRC (docs/data.md).")] = None,
     test_fraction: Annotated[float, typer.Option(help="Share of the rows held out as every device's test rows "
                                                       "when SRC has no test split.")] = 0.2,
 ) -> None:

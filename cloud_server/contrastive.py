@@ -1,4 +1,4 @@
-"""Stage-1 image-text losses for the global encoders (method.md round step 1).
+"""Stage-1 image-text losses for the global encoders (docs/method.md round step 1).
 
 Both losses take a batch of paired features ``(image (B, d), text (B, d))`` where row ``i`` of one
 matches row ``i`` of the other, L2-normalise them, and return a scalar loss. Their temperature-like
@@ -43,7 +43,7 @@ class PcmeSoftContrastive(nn.Module):
     over all B^2 pairs would let the negatives outweigh the positives (B-1):1 and push every pair
     apart; balancing the two halves trains the matched pairs as hard as the unmatched ones.
 
-    ``a`` and ``b`` are unconstrained learnable scalars, both initialised to 15 (method.md).
+    ``a`` and ``b`` are unconstrained learnable scalars, both initialised to 15 (docs/method.md).
     """
 
     def __init__(self, init_a: float = 15.0, init_b: float = 15.0) -> None:

@@ -1,4 +1,4 @@
-"""Similarity-guided ensemble distillation (SED), method.md round step 5.
+"""Similarity-guided ensemble distillation (SED), docs/method.md round step 5.
 
 One modality at a time; the caller skips a modality that no client sent (these raise on ``C == 0``
 rather than guess). Uploads are folded into the teacher as they arrive (TeacherFold).
@@ -10,7 +10,7 @@ feature of the same modality, both L2-normalised::
     w_ck = softmax_c(s_ck)                               # per sample, over clients
     t_k  = sum_c w_ck * v_ck                             # the aggregated teacher
 
-method.md writes no temperature; ``temperature`` (config ``sed_temperature``, 1: the method's form) divides
+docs/method.md writes no temperature; ``temperature`` (config ``sed_temperature``, 1: the method's form) divides
 the similarities, ``s_ck = <v_ck, g_k>/T - log sum_j exp(<v_ck, g_j>/T)``: cosines in [-1, 1] over P samples
 at T = 1 leave every client's log-probability near -log P and the weights near uniform.
 """
@@ -49,7 +49,7 @@ def sed_scores(client_features: Tensor, server_features: Tensor, chunk_size: int
         server_features: (P, d) global features of the same modality. Need not be normalised.
         chunk_size: rows of ``P`` scored at once; peak extra memory is (chunk_size, P) per client,
             never (P, P).
-        temperature: divides the cosine similarities (1: method.md's form).
+        temperature: divides the cosine similarities (1: docs/method.md's form).
 
     Returns:
         (C, P) float tensor, ``s_ck = <v_ck, g_k>/T - logsumexp_j <v_ck, g_j>/T`` on L2-normalised

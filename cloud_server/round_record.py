@@ -88,7 +88,7 @@ def round_record(round_: int, strategy: str, outcome: RoundOutcome, clients: dic
     its task loss as `task_loss`); the server's retrieval and losses (`server`) and its learning diagnostics
     (`diagnostics.server`); stage 3's mean SED weight per modality and client; who was selected, dropped (with
     the reason's text) and refused; the bytes of the round by message type and by what they carried; each
-    client's link times; the server's stage timings. README "Learning diagnostics" lists the diagnostics."""
+    client's link times; the server's stage timings. docs/implementation.md "Learning diagnostics" lists the diagnostics."""
     return {
         "round": round_,
         "strategy": strategy,

@@ -101,7 +101,7 @@ def distill_epoch(model: GlobalModel, optimizer: torch.optim.Optimizer, public: 
     """Stage 3: gamma * MSE between each global encoder's output and its modality's teacher, over P.
     Modalities without a teacher (no client sent them this round) are skipped. Per sample, so each rank
     needs only its shard (weighted by its share of the batch). `target` (runtime.losses.DISTILL_TARGETS):
-    features (method.md) or relations (the cosine similarities within each rank's shard of the batch)."""
+    features (docs/method.md) or relations (the cosine similarities within each rank's shard of the batch)."""
     if not teachers:
         return 0.0
     model.train()

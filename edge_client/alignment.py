@@ -1,10 +1,10 @@
-"""Bi-level adversarial alignment (BAA), method.md round step 3.
+"""Bi-level adversarial alignment (BAA), docs/method.md round step 3.
 
 Two discriminators push a client's local features of the public set toward the server's global
 features: ``D_in`` (intra-modal) takes the global feature of the same modality as "real", ``D_cr``
 (cross-modal) the global feature of the other modality; the local feature is "fake" for both.
 Discriminators return *logits*, scored with BCE-with-logits (the research code applied a sigmoid
-twice; method.md "Where we deliberately differ").
+twice; docs/method.md "Where we deliberately differ").
 
 For a multimodal client, call the losses once per modality (image local feature with
 ``global_same=G_img, global_other=G_txt``; text local feature with the two swapped) and add them.
@@ -73,7 +73,7 @@ def discriminator_loss(
 
     ``f = local.detach()`` and the global features are detached too, so only the discriminators
     receive gradients. Each BCE is a mean over the batch. All inputs are (B, d). ``real_label`` below 1
-    is one-sided label smoothing (a stabiliser; method.md's loss is 1.0). ``tally`` (diagnostics), when
+    is one-sided label smoothing (a stabiliser; docs/method.md's loss is 1.0). ``tally`` (diagnostics), when
     given, counts the discriminators' right calls on these very logits.
     """
     logits = discriminator_logits(d_intra, d_cross, local.detach(), global_same.detach(), global_other.detach())
@@ -87,7 +87,7 @@ def generator_loss(d_intra: nn.Module, d_cross: nn.Module, local: Tensor, beta: 
 
     Gradients flow into ``local`` (and, as a side effect, into the discriminators' ``.grad``;
     `discriminator_step` clears those before it steps). The device adds it to its task loss and takes
-    one step on the sum (method.md: client loss = L_task + beta * L_adv).
+    one step on the sum (docs/method.md: client loss = L_task + beta * L_adv).
     """
     return beta * (_bce(d_intra(local), 1.0) + _bce(d_cross(local), 1.0))
 

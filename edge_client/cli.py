@@ -119,10 +119,9 @@ def _curve_keys(key: Optional[Path], server_key: Optional[str], insecure: bool):
 def data_check(
     kind: Annotated[Kind, typer.Option(help="What the device does with the rows: image and text classify, "
                                             "multimodal retrieves (image-text pairs).")],
-    data: Annotated[str, typer.Option(help="The data to check: a folder or file (README: Your own data) or "
+    data: Annotated[str, typer.Option(help="The data to check: a folder or file (docs/data.md) or "
                                            "demo:NAME.")],
-    data_config: Annotated[Optional[Path], typer.Option(help="Data config TOML of --data (README: Your own "
-                                                             "data).")] = None,
+    data_config: Annotated[Optional[Path], typer.Option(help="Data config TOML of --data (docs/data.md).")] = None,
     data_format: Annotated[Optional[str], typer.Option(help="The format, if not told from the path (imagefolder, "
                                                             "csv, tsv, jsonl, cifar, npz, coco, karpathy, parquet, "
                                                             "hf_disk).")] = None,

@@ -1,5 +1,5 @@
-"""What a device measures about its own learning in a round, on tensors it computes anyway (README "Learning
-diagnostics"): how well BAA's discriminators tell G from its local features, how GFF's gates blend f_l and f_g,
+"""What a device measures about its own learning in a round, on tensors it computes anyway (docs/implementation.md,
+"Learning diagnostics"): how well BAA's discriminators tell G from its local features, how GFF's gates blend f_l and f_g,
 how large its head's logits are. Each part also counts the seconds it costs, so a run shows that the
 diagnostics stay cheap. No sockets here; edge_client/app.py sends the result inside the upload's metrics
 (runtime.diagnostics.diagnostics_to_metrics)."""

@@ -1,4 +1,4 @@
-"""Granularity-aware feature fusion (GFF), method.md round step 3.
+"""Granularity-aware feature fusion (GFF), docs/method.md round step 3.
 
 ``M(x) = sigmoid(T1(x) + T2(x))`` with T1, T2 two parallel bottlenecks ``d -> d/4 -> d``
 (Linear, BatchNorm1d, ReLU, Linear, BatchNorm1d; LayerNorm in place of BatchNorm on differentially private
@@ -7,7 +7,7 @@ devices, whose per-sample gradients BatchNorm's batch statistics would mix)::
     h = M(f_l + f_g) * f_l + (1 - M(f_l + f_g)) * f_g      # first level
     z = M'(h) * f_l + (1 - M'(h)) * f_g                    # second level, its own gate
 
-The module is meant to persist across rounds together with its optimiser state (method.md "Where we
+The module is meant to persist across rounds together with its optimiser state (docs/method.md "Where we
 deliberately differ"). BatchNorm1d in training mode needs batches of at least two rows.
 """
 
@@ -22,7 +22,7 @@ __all__ = ["FUSION_NORMS", "bottleneck", "AttentionGate", "GranularityFusion", "
 
 
 FUSION_NORMS = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm}
-"""The bottlenecks' normalisation: batch (method.md's) or layer (DP-SGD: one sample's output depends on it alone)."""
+"""The bottlenecks' normalisation: batch (docs/method.md's) or layer (DP-SGD: one sample's output depends on it alone)."""
 
 
 def bottleneck(dim: int, reduction: int = 4, norm: str = "batch") -> nn.Sequential:

@@ -98,7 +98,7 @@ def evaluation_mode(module: torch.nn.Module) -> Iterator[None]:
 @dataclass
 class DeviceRound:
     """What one round of local training works on: the device's model and data, the server's settings and the
-    tensors it sent (or that were computed from what it sent). Names as in method.md."""
+    tensors it sent (or that were computed from what it sent). Names as in docs/method.md."""
 
     round: int
     local_epochs: int

@@ -1,6 +1,6 @@
 """The deployable paths as torch modules, and their export to ONNX.
 
-Graph layout (method.md "Inference on a device"): one graph per input modality, holding the whole
+Graph layout (docs/method.md "Inference on a device"): one graph per input modality, holding the whole
 deployable path of that modality from raw inputs: the frozen backbone(s) + local encoder + frozen global
 tower + GFF + head, rather than graphs chained by the manifest. One ONNX Runtime call per input costs
 less at batch 1, ORT optimises across the boundaries, and there is one file per modality to verify.

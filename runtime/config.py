@@ -96,9 +96,9 @@ class ServerConfig(PartitionKeys):
     text_arch: str = "minilm_linear"
     """Server's global text tower (runtime.models.TEXT_ARCHS; default: an adapter over frozen all-MiniLM-L6-v2)."""
     image_tower: str = ""
-    """A pretrained image model of your own under the server's image adapter, instead of EfficientNet-Lite0: hf:FOLDER, torchvision:ARCH:WEIGHTS, timm:ARCH:WEIGHTS, or a TOML table (README "Your own towers")."""
+    """A pretrained image model of your own under the server's image adapter, instead of EfficientNet-Lite0: hf:FOLDER, torchvision:ARCH:WEIGHTS, timm:ARCH:WEIGHTS, or a TOML table (docs/towers.md)."""
     text_tower: str = ""
-    """A pretrained text model of your own under the server's text adapter, instead of all-MiniLM-L6-v2: hf:FOLDER or a TOML table (README "Your own towers")."""
+    """A pretrained text model of your own under the server's text adapter, instead of all-MiniLM-L6-v2: hf:FOLDER or a TOML table (docs/towers.md)."""
     adapter_dropout: float = 0.5
     """Dropout on the backbone features the server's adapters read (training only)."""
     contrastive_loss: str = "infonce"
@@ -110,7 +110,7 @@ class ServerConfig(PartitionKeys):
     gamma: float = 0.4
     """Weight of the distillation MSE (paper: 0.4)."""
     distill_target: str = "features"
-    """What stage 3 distils: features (the teacher's own, MSE; method.md) or relations (the teacher's cosine similarities within each batch, MSE)."""
+    """What stage 3 distils: features (the teacher's own, MSE; docs/method.md) or relations (the teacher's cosine similarities within each batch, MSE)."""
     batch_size: int = 64
     """Server batch size for stage 1, stage 3 and feature extraction."""
     lr: float = 1e-3
@@ -120,7 +120,7 @@ class ServerConfig(PartitionKeys):
     sed_chunk: int = 512
     """Rows per chunk when computing SED scores (memory O(chunk x P))."""
     sed_temperature: float = 0.1
-    """Temperature dividing SED's cosine similarities (1: method.md's form; 0.1 measured best: docs/learning.md H4)."""
+    """Temperature dividing SED's cosine similarities (1: docs/method.md's form; 0.1 measured best: docs/learning.md H4)."""
     strategy: str = "fedafd"
     """The method: fedafd, local (no federation), fedmd, creamfl, fedgems, fedet or fedcmi (docs/strategies.md)."""
     baa: bool = False
@@ -146,7 +146,7 @@ class ServerConfig(PartitionKeys):
     public_data: str = ""
     """The public image-text set P that the server trains on and every device holds: a path (COCO or Karpathy JSON, metadata.jsonl folder, CSV/JSONL table, parquet, save_to_disk) or demo:NAME ("": demo:emoji). Devices must hold the same (checked by digest at join)."""
     public_data_config: str = ""
-    """Data config TOML of public_data (column mapping, format, splits: README "Your own data")."""
+    """Data config TOML of public_data (column mapping, format, splits: docs/data.md)."""
     public_subset: str = ""
     """File of row ids (one per line, or a JSON list) of public_data's train rows that make P (like the paper's 10k COCO subset; "": every row)."""
     eval_data: str = ""
@@ -236,9 +236,9 @@ class ClientConfig(PartitionKeys):
     data: str = ""
     """This device's own data: a path (ImageFolder, CSV/TSV/JSONL, CIFAR binary, .npz, COCO/Karpathy JSON, metadata.jsonl folder, parquet, save_to_disk) or demo:NAME; it holds exactly those rows (with num_partitions > 1: its share of them as a pool). "": its kind's bundled set, shared among num_partitions devices."""
     data_format: str = "auto"
-    """The format of data (auto: told from the path; README "Your own data" lists them)."""
+    """The format of data (auto: told from the path; docs/data.md lists them)."""
     data_config: str = ""
-    """Data config TOML of data: column and label mapping, splits (README "Your own data")."""
+    """Data config TOML of data: column and label mapping, splits (docs/data.md)."""
     test_data: str = ""
     """This device's test rows, when data has no test split ("": test_fraction of data)."""
     test_fraction: float = 0.2
@@ -260,7 +260,7 @@ class ClientConfig(PartitionKeys):
     text_arch: str = "minilm_linear"
     """Local text encoder (text and multimodal devices; runtime.models.TEXT_ARCHS)."""
     image_tower: str = ""
-    """A pretrained image model of this device's own under its image adapter, instead of EfficientNet-Lite0: hf:FOLDER, torchvision:ARCH:WEIGHTS, timm:ARCH:WEIGHTS or a TOML table (README "Your own towers")."""
+    """A pretrained image model of this device's own under its image adapter, instead of EfficientNet-Lite0: hf:FOLDER, torchvision:ARCH:WEIGHTS, timm:ARCH:WEIGHTS or a TOML table (docs/towers.md)."""
     text_tower: str = ""
     """A pretrained text model of this device's own under its text adapter, instead of all-MiniLM-L6-v2: hf:FOLDER or a TOML table."""
     server_image_tower: str = ""

@@ -3,7 +3,7 @@ diagnostics travel inside its FeatureUpload's `metrics` map (no wire change) and
 
 On the wire a device-wide diagnostic is `diag_<name>` and one of a modality `diag_<modality>.<name>`; in the
 round record they become the client's own `diagnostics` dict, `{name: value, modality: {name: value}}`, so
-nothing that averages `metrics` by kind sees them. README "Learning diagnostics" says what each one means.
+nothing that averages `metrics` by kind sees them. docs/implementation.md "Learning diagnostics" says what each one means.
 """
 
 from __future__ import annotations

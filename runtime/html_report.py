@@ -153,7 +153,7 @@ def sed_figure(records: list[dict], kinds: dict[str, str]):
     return figure
 
 
-# -- learning diagnostics (README "Learning diagnostics"); each figure is None when the run has no such data --
+# -- learning diagnostics (docs/implementation.md "Learning diagnostics"); each figure is None when the run has no such data --
 def _diag(container: dict, path: tuple[str, ...]) -> float:
     """container["diagnostics"][path...], nan where absent (a round without it leaves a gap in the line)."""
     value = container.get("diagnostics", {})
@@ -380,7 +380,7 @@ def html_page(records: list[dict], config: dict, title: str) -> str:
         "</section>",
 
         '<section id="diagnostics"><h2>Learning diagnostics</h2>',
-        '<p class="note">What each part of the method does, round by round; the README\'s "Learning diagnostics" '
+        '<p class="note">What each part of the method does, round by round; the "Learning diagnostics" of docs/implementation.md '
         "says what a healthy value looks like. Device lines: dashed is a multimodal device's text side.</p>",
         _maybe_image(discriminator_figure(records, kinds), "plot-diag-disc", "discriminator accuracy per device",
                      "No discriminator accuracy: BAA did not run (strategy local, baa off, or a baseline)."),
@@ -401,7 +401,7 @@ def html_page(records: list[dict], config: dict, title: str) -> str:
             '<section id="privacy"><h2>Differential privacy</h2>',
             '<p class="note">DP-SGD devices: the (epsilon, delta) each has spent, by Opacus\'s RDP accountant, on the '
             "private steps only (public passes spend nothing); uploads inherit it by post-processing. The evaluation "
-            "metrics a device reports are outside the guarantee (README, Security).</p>",
+            "metrics a device reports are outside the guarantee (docs/operations.md, Security).</p>",
             _image(privacy, "plot-privacy", "epsilon spent per device and the privacy-utility trace"),
             _table(["device", "epsilon spent", "budget", "delta", "still trains"], privacy_rows(records[-1]),
                    "privacy-table", {0, 4}), "</section>"]),

@@ -39,4 +39,4 @@ def relation_loss(student: Tensor, teacher: Tensor, gamma: float) -> Tensor:
 
 
 DISTILL_TARGETS = {"features": distillation_loss, "relations": relation_loss}
-"""Stage 3's targets: the teacher's features (method.md's MSE) or its within-batch relations."""
+"""Stage 3's targets: the teacher's features (docs/method.md's MSE) or its within-batch relations."""

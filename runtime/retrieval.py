@@ -1,4 +1,4 @@
-"""Evaluation metrics shared by the server and the clients (method.md "Metrics").
+"""Evaluation metrics shared by the server and the clients (docs/method.md "Metrics").
 
 Retrieval scores are dot products of L2-normalised features. For each query the rank of its best
 ground truth is counted *pessimistically*: the number of wrong candidates scoring greater than or
@@ -129,7 +129,7 @@ def top1_accuracy(logits: Tensor, labels: Tensor) -> float:
 
 def personalised_accuracy(predictions: Tensor, labels: Tensor, train_labels: Tensor, num_classes: int
                           ) -> dict[str, float]:
-    """method.md "Personalised metric", as percentages: `top1` on the whole test split; `pers_top1` =
+    """docs/method.md "Personalised metric", as percentages: `top1` on the whole test split; `pers_top1` =
     sum over classes y of p_train(y) * acc(y), the test accuracy weighted to the device's own label
     distribution; `top1_bound` = the share of test samples in classes the device holds, the most its
     full-test top-1 can reach. predictions, labels: (N,) class ids; train_labels: (T,) private labels."""

@@ -20,8 +20,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False)
 @app.command()
 def simulate(
     fleet: Annotated[str, typer.Option(help="The devices, e.g. image=3,text=3,multimodal=4, or a fleet TOML (each "
-                                            "kind's count, pool and partitioner, each device's own data: README "
-                                            "\"Your own data\"); the same devices, architectures, partitions and "
+                                            "kind's count, pool and partitioner, each device's own data: docs/data.md"
+                                            "); the same devices, architectures, partitions and "
                                             "data as serve --local.")],
     out: Annotated[Optional[Path], typer.Option(help="Run folder (metrics.jsonl, checkpoint, config, device states). "
                                                      "Default: runs/<timestamp>.")] = None,

@@ -32,7 +32,7 @@ class Downlink:
 
 class Strategy:
     """The shared defaults: no federated part switched on, the plain mean as the teacher, stage 1 and stage 3
-    as method.md has them, no state across rounds."""
+    as docs/method.md has them, no state across rounds."""
 
     name = ""
 

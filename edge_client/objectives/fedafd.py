@@ -1,4 +1,4 @@
-"""FedAFD on the device (method.md, stage 2): bi-level adversarial alignment (BAA) and the task through
+"""FedAFD on the device (docs/method.md, stage 2): bi-level adversarial alignment (BAA) and the task through
 granularity-aware fusion (GFF: the model fuses f_l and f_g whenever the round's f_g is there). The switches baa
 and gff turn each part off.
 

@@ -48,7 +48,7 @@ CATALOGUE = (
     DataSet("emoji", load_emoji_pairs, PUBLIC),  # for MS-COCO, the public set P
     DataSet("tuxpaint", load_tuxpaint_pairs, "multimodal"),  # for Flickr30k
 )
-"""Every data set, the one place that says which serves what (README: Data)."""
+"""Every data set, the one place that says which serves what (docs/data.md)."""
 LOADERS = {dataset.name: dataset.load for dataset in CATALOGUE}
 
 

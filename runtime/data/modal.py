@@ -68,7 +68,7 @@ def as_modal(data: ImageClassData | TextClassData | PairData) -> ModalData:
 @functools.lru_cache(maxsize=None)
 def load_task_data(kind: str, split: str, backbones: tuple[str, ...] = ()) -> ModalData:
     """A device kind's bundled task data set (the demo's devices take their shares): what stands in for the
-    paper's data sets is in the README's data section. Fashion-MNIST and WordNet are cut to their TASK_POOL
+    paper's data sets is in docs/data.md. Fashion-MNIST and WordNet are cut to their TASK_POOL
     rows. Loaded once per process and shared read-only."""
     source = open_source(kind, DEMO_DEFAULTS[kind])
     return rows_view(source.splits[split], split, backbones)

@@ -1,4 +1,4 @@
-"""SED maths (method.md step 5) against hand-computed numbers, and the streaming fold of the teacher
+"""SED maths (docs/method.md step 5) against hand-computed numbers, and the streaming fold of the teacher
 against the whole-batch formula in any arrival order."""
 
 import itertools

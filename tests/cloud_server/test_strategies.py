@@ -35,7 +35,7 @@ def test_fedafd_weighs_by_sed_against_the_same_modality() -> None:
     # Prepare: two image devices; the server's image features equal device a's.
     server = {"image": unit([[1.0, 0.0], [0.0, 1.0]]), "text": unit([[0.0, 1.0], [1.0, 0.0]])}
     uploads = {"a": {"image": server["image"].clone()}, "b": {"image": unit([[0.0, 1.0], [1.0, 0.0]])}}
-    # Execute: method.md's form (temperature 1) and the default temperature 0.1.
+    # Execute: docs/method.md's form (temperature 1) and the default temperature 0.1.
     folds = teacher_of("fedafd", uploads, server, sed_temperature=1.0)
     sharp = teacher_of("fedafd", uploads, server)
     # Assert: by hand, s_a = 1 - log(e + 1), s_b = 0 - log(1 + e) for both samples, so

@@ -78,7 +78,7 @@ FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
     "parquet": ("hf", ("image", "text", "multimodal")),
     "hf_disk": ("hf", ("image", "text", "multimodal")),
 }
-"""Every file format, the one place that says which reader reads it (README: Your own data)."""
+"""Every file format, the one place that says which reader reads it (docs/data.md)."""
 
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".bin.pkl")
 PICKLE_FOLDERS = {
