@@ -30,22 +30,35 @@ INSECURE_WARNING = ("warning: --insecure: plain-text transport without authentic
                     "the address can join and read what is sent. Use it on loopback only.")
 
 
+# The options `serve` and `simulate` share, defined once so their help cannot drift. (Square brackets are escaped:
+# typer's rich markup would take `[tensorboard]` for a style and print "(needs fedafd)".)
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="TOML file of ServerConfig values "
+                                                                       "(keys: `fedafd-cloud config`).")]
+OverridesOption = Annotated[Optional[list[str]], typer.Option("-c", "--set", help="KEY=VALUE of ServerConfig, repeatable "
+                                                              "(e.g. -c rounds=5 -c strategy=local); `fedafd-cloud "
+                                                              "config` lists every key, its type, default and meaning.")]
+LocalSetOption = Annotated[Optional[list[str]], typer.Option("--local-set", help="KEY=VALUE of ClientConfig for every "
+                                                             "local or simulated device (e.g. disc_lr=1e-4), repeatable; "
+                                                             "`fedafd-edge config` lists every key.")]
+TensorboardOption = Annotated[Optional[Path], typer.Option(help="Also write every round to TensorBoard event files in "
+                                                                "DIR/<run folder name> (needs fedafd\\[tensorboard]).")]
+MlflowOption = Annotated[Optional[str], typer.Option(help="Also log to an MLflow run at this tracking URI, e.g. "
+                                                          "sqlite:///mlruns.db, a folder, or http://host:5000 "
+                                                          "(needs fedafd\\[mlflow]).")]
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Log every message event.")]
+
+
 @app.command()
 def serve(
     bind: Annotated[Optional[str], typer.Option(help="ZeroMQ address to bind, e.g. tcp://0.0.0.0:5555 "
                                                      "(default tcp://127.0.0.1:5555; with --local a free loopback port).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (metrics.jsonl, checkpoint, config, client states). "
                                                      "Default: runs/<timestamp>.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of ServerConfig values "
-                                                                     "(keys: `fedafd-cloud config`).")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Option("-c", "--set", help="KEY=VALUE of ServerConfig, repeatable "
-                                                           "(e.g. -c rounds=5 -c device=cuda); `fedafd-cloud config` "
-                                                           "lists every key, its type, default and meaning.")] = None,
+    config: ConfigOption = None,
+    overrides: OverridesOption = None,
     local: Annotated[Optional[str], typer.Option(help="Also start clients on this machine, e.g. "
                                                       "image=3,text=3,multimodal=4, or a fleet TOML (docs/data.md).")] = None,
-    local_set: Annotated[Optional[list[str]], typer.Option("--local-set", help="KEY=VALUE of ClientConfig for every "
-                                                           "--local device (e.g. disc_lr=1e-4), repeatable; "
-                                                           "`fedafd-edge config` lists every key.")] = None,
+    local_set: LocalSetOption = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last finished round (same run id, "
                                               "so devices continue their states; the config may change only in "
                                               "rounds, timeouts, client counts, quorum, device, threads, sed_chunk).")] = False,
@@ -54,15 +67,12 @@ def serve(
                                                       "allow-listed devices only. Default with --local: "
                                                       "RUN_DIR/keys, generated.")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Plain text, no authentication (prints a warning).")] = False,
-    tensorboard: Annotated[Optional[Path], typer.Option(help="Also write every round to TensorBoard event files in "
-                                                             "DIR/<run folder name> (needs fedafd[tensorboard]).")] = None,
-    mlflow: Annotated[Optional[str], typer.Option(help="Also log to an MLflow run at this tracking URI, e.g. "
-                                                       "sqlite:///mlruns.db, a folder, or http://host:5000 "
-                                                       "(needs fedafd[mlflow]).")] = None,
+    tensorboard: TensorboardOption = None,
+    mlflow: MlflowOption = None,
     workers: Annotated[int, typer.Option(help="Server processes that run stage 1, stage 3 and evaluation data-parallel "
                                               "(torch DDP; this command re-runs itself under torchrun). Rank 0 alone "
                                               "talks to the devices. Or start it with torchrun yourself.")] = 1,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every message event.")] = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Run a federation: wait for clients, then stage 1, downlink, collect, stage 3, evaluate, every round."""
     setup_logging(verbose)

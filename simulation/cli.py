@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from fedafd.cloud_server.cli import (ConfigOption, LocalSetOption, MlflowOption, OverridesOption, TensorboardOption,
+                                     VerboseOption)
 from fedafd.cloud_server.cli import app as server_app
 from fedafd.runtime.cli_support import cli_errors, live_status, setup_logging
 from fedafd.runtime.config import ServerConfig, config_to_dict, load_config, write_config
@@ -25,21 +27,15 @@ def simulate(
                                             "data as serve --local.")],
     out: Annotated[Optional[Path], typer.Option(help="Run folder (metrics.jsonl, checkpoint, config, device states). "
                                                      "Default: runs/<timestamp>.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of ServerConfig values "
-                                                                     "(keys: `fedafd-cloud config`).")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Option("-c", "--set", help="KEY=VALUE of ServerConfig, repeatable "
-                                                           "(e.g. -c rounds=5 -c strategy=local).")] = None,
-    local_set: Annotated[Optional[list[str]], typer.Option("--local-set", help="KEY=VALUE of ClientConfig for every "
-                                                           "device (e.g. disc_lr=1e-4), repeatable; `fedafd-edge "
-                                                           "config` lists every key.")] = None,
+    config: ConfigOption = None,
+    overrides: OverridesOption = None,
+    local_set: LocalSetOption = None,
     workers: Annotated[int, typer.Option(help="Devices that train at the same time (threads; each draws its own "
                                               "random numbers and uploads arrive in the fleet's order, so the "
                                               "numbers do not depend on it). About the machine's cores.")] = 2,
-    tensorboard: Annotated[Optional[Path], typer.Option(help="Also write every round to TensorBoard event files in "
-                                                             "DIR/<run folder name> (needs fedafd[tensorboard]).")] = None,
-    mlflow: Annotated[Optional[str], typer.Option(help="Also log to an MLflow run at this tracking URI "
-                                                       "(needs fedafd[mlflow]).")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every message event.")] = False,
+    tensorboard: TensorboardOption = None,
+    mlflow: MlflowOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Run a whole federation in this process: the server and every device, one computing at a time, through
     the real wire encode/decode on an in-process hub. Same seed, same metrics.jsonl (but for timings); the run

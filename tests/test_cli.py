@@ -127,3 +127,17 @@ def test_join_warns_a_device_holding_the_whole_data_set_and_writes_nothing_when_
     assert any("num_partitions is 1: this device holds the whole text data set" in m for m in warned)
     assert not caplog.records
     assert not (tmp_path / "state").exists()
+
+
+def test_serve_and_simulate_share_their_options_and_name_the_extras_to_install() -> None:
+    from fedafd.simulation.cli import fedafd_cloud
+
+    helps = {}
+    for command in ("serve", "simulate"):
+        result = runner.invoke(fedafd_cloud, [command, "--help"], env={"COLUMNS": "300"}, terminal_width=300)
+        assert result.exit_code == 0, result.output
+        helps[command] = flat(result.output)
+        assert "(needs fedafd[tensorboard])" in helps[command] and "(needs fedafd[mlflow])" in helps[command]
+    for phrase in ("TOML file of ServerConfig values", "KEY=VALUE of ServerConfig, repeatable",
+                   "KEY=VALUE of ClientConfig for every local or simulated device", "Log every message event"):
+        assert phrase in helps["serve"] and phrase in helps["simulate"], phrase
