@@ -2,7 +2,7 @@
 one call per stage of docs/method.md's round: stage 1, downlink, collect (the devices' stage 2 and uplink),
 stage 3, evaluate; then the round's record and checkpoint. Who may join and which uploads count is
 admission.py, the record round_record.py, the run folder's files persistence.py; the learning maths lives
-in stages.py and the strategies in strategies.py."""
+in stages.py and each method's server side in strategies/<name>.py."""
 
 from __future__ import annotations
 

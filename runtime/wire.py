@@ -2,7 +2,7 @@
 
 A message is a list of frames:
 
-    frame 0   MAGIC + one version byte                      b"FAFD\\x01"
+    frame 0   MAGIC + one version byte                      b"FAFD" + bytes([PROTOCOL_VERSION])
     frame 1   msgpack header: {"type", "msg_id", "fields", "tensors"}
               "fields"  plain msgpack values (the dataclass's non-tensor fields)
               "tensors" [{"name", "dtype", "shape", "codec"}, ...]
