@@ -27,7 +27,7 @@ from fedafd.edge_client.training import encode_all
 from fedafd.runtime.backbones import modality_backbones
 from fedafd.runtime.checkpoint import load_checkpoint
 from fedafd.runtime.retrieval import personalised_accuracy
-from fedafd.runtime.wire import MODALITIES_OF_KIND
+from fedafd.runtime.vocabulary import MODALITIES_OF_KIND
 
 CPU = torch.device("cpu")
 

@@ -50,7 +50,7 @@ from fedafd.runtime.config import ClientConfig, build_config
 from fedafd.runtime.data.modal import load_public_data, load_task_data
 from fedafd.runtime.methods import MethodSettings
 from fedafd.runtime.torch_utils import device_seed, seeded_generator
-from fedafd.runtime.wire import MODALITIES, MODALITIES_OF_KIND
+from fedafd.runtime.vocabulary import MODALITIES, MODALITIES_OF_KIND
 
 PROBE_ROWS = 48
 """Public rows whose pairwise cosines form a device's fingerprint (48 rows: 1,128 numbers)."""

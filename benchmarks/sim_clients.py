@@ -16,9 +16,8 @@ import zmq
 
 from fedafd.runtime.backbones import BACKBONES, backbone_digest
 from fedafd.runtime.data.modal import public_source
-from fedafd.runtime.wire import (
-    MODALITIES_OF_KIND, Bye, Error, FeatureUpload, Join, RoundStart, Welcome, WireError, decode, encode,
-)
+from fedafd.runtime.vocabulary import MODALITIES_OF_KIND
+from fedafd.runtime.wire import Bye, Error, FeatureUpload, Join, RoundStart, Welcome, WireError, decode, encode
 
 
 @dataclass

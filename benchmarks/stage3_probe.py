@@ -37,7 +37,7 @@ from fedafd.runtime.diagnostics import mean_cosine
 from fedafd.runtime.models import backbone_of
 from fedafd.runtime.retrieval import retrieval_metrics
 from fedafd.runtime.torch_utils import seeded_generator
-from fedafd.runtime.wire import MODALITIES
+from fedafd.runtime.vocabulary import MODALITIES
 
 CPU = torch.device("cpu")
 

@@ -19,9 +19,8 @@ from typing import Callable
 
 from fedafd.runtime.backbones import backbone_fix
 from fedafd.runtime.messaging import Received
-from fedafd.runtime.wire import (
-    MODALITIES_OF_KIND, Bye, Error, ErrorCode, FeatureUpload, Heartbeat, Join, Message, Welcome,
-)
+from fedafd.runtime.vocabulary import MODALITIES_OF_KIND
+from fedafd.runtime.wire import Bye, Error, ErrorCode, FeatureUpload, Heartbeat, Join, Message, Welcome
 
 log = logging.getLogger("fedafd.cloud")
 

@@ -42,7 +42,8 @@ from fedafd.runtime.torch_utils import (
 )
 from fedafd.runtime.turns import FREE_TURNS, SERVER, Turns
 from fedafd.runtime.transport import PeerGone, ServerTransport
-from fedafd.runtime.wire import MODALITIES, Ack, Bye, FeatureUpload, Join, Message, RoundStart, new_msg_id, new_run_id
+from fedafd.runtime.vocabulary import MODALITIES
+from fedafd.runtime.wire import Ack, Bye, FeatureUpload, Join, Message, RoundStart, new_msg_id, new_run_id
 
 if TYPE_CHECKING:
     from fedafd.cloud_server.tracking import RoundSink

@@ -11,7 +11,7 @@ from typing import Sequence
 from fedafd.runtime.config import (TOWER_KEYS, ClientConfig, ConfigError, ServerConfig, load_config, relative_to,
                                    tower_setting)
 from fedafd.runtime.tomlfile import read_toml
-from fedafd.runtime.wire import CLIENT_KINDS
+from fedafd.runtime.vocabulary import CLIENT_KINDS
 
 # Device regimes (ServerConfig.device_regime): the architectures a fleet's devices take turns through, per
 # modality. Devices differ in architecture on purpose (that is what FedAFD is for).

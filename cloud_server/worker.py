@@ -20,7 +20,7 @@ from fedafd.runtime.config import ServerConfig, build_config, encoder_archs
 from fedafd.cloud_server.public_data import server_data
 from fedafd.runtime.data.modal import ModalData
 from fedafd.runtime.torch_utils import configure_threads, rank_seed
-from fedafd.runtime.wire import MODALITIES
+from fedafd.runtime.vocabulary import MODALITIES
 
 log = logging.getLogger("fedafd.cloud.worker")
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedafd.edge_client.diagnostics import DiscriminatorTally
-from fedafd.runtime.wire import other_modality
+from fedafd.runtime.vocabulary import other_modality
 
 __all__ = ["Discriminator", "discriminator_logits", "discriminator_loss", "generator_loss", "discriminator_step"]
 

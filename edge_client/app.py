@@ -39,8 +39,9 @@ from fedafd.runtime.torch_utils import (
 )
 from fedafd.runtime.turns import FREE_TURNS, JOINING, Turns
 from fedafd.runtime.transport import ClientTransport, TransportError
+from fedafd.runtime.vocabulary import MODALITIES, MODALITIES_OF_KIND
 from fedafd.runtime.wire import (
-    MODALITIES, MODALITIES_OF_KIND, Ack, Bye, Error, ErrorCode, FeatureUpload, Heartbeat, Join, RoundStart, Welcome, new_msg_id,
+    Ack, Bye, Error, ErrorCode, FeatureUpload, Heartbeat, Join, RoundStart, Welcome, new_msg_id,
 )
 
 log = logging.getLogger("fedafd.edge")

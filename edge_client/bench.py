@@ -19,7 +19,7 @@ from fedafd.runtime.config import ClientConfig, ServerConfig, encoder_archs
 from fedafd.runtime.methods import MethodSettings
 from fedafd.runtime.data.modal import load_public_data
 from fedafd.runtime.models import backbone_of, build_encoder, count_parameters, resolve_arch
-from fedafd.runtime.wire import MODALITIES_OF_KIND
+from fedafd.runtime.vocabulary import MODALITIES_OF_KIND
 from fedafd.runtime.shaping import load_profile, profile_to_toml
 from fedafd.runtime.timing import time_per_call
 from fedafd.runtime.torch_utils import configure_threads, resolve_device

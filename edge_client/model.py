@@ -12,7 +12,7 @@ from fedafd.edge_client.fusion import GranularityFusion
 from fedafd.runtime.config import CLASSIFIER_HEADS
 from fedafd.runtime.data.modal import ModalData
 from fedafd.runtime.models import ADAPTER_DROPOUT, build_encoder, encode_rows, input_view, l2_normalise, lr_groups
-from fedafd.runtime.wire import MODALITIES_OF_KIND
+from fedafd.runtime.vocabulary import MODALITIES_OF_KIND
 
 
 MAX_HEAD_SCALE = 100.0

@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 import typer
 
 from fedafd.runtime.config import describe_config
-from fedafd.runtime.wire import CLIENT_KINDS
+from fedafd.runtime.vocabulary import CLIENT_KINDS
 
 
 class Format(enum.StrEnum):

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, TypeVar
 from fedafd.runtime.codecs import FEATURE_CODECS
 from fedafd.runtime.methods import BAA_SCHEDULES, LOCAL_INITS, STRATEGIES
 from fedafd.runtime.tomlfile import read_toml
-from fedafd.runtime.wire import CLIENT_KINDS
+from fedafd.runtime.vocabulary import CLIENT_KINDS
 
 CONTRASTIVE_LOSSES = ("pcme", "infonce")
 CLASSIFIER_HEADS = ("cosine", "linear")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fedafd.runtime.wire import MODALITIES
+from fedafd.runtime.vocabulary import MODALITIES
 
 __all__ = ["DIAG_PREFIX", "mean_cosine", "diagnostics_to_metrics", "split_diagnostics"]
 

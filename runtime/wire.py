@@ -33,6 +33,7 @@ import msgpack
 import numpy as np
 
 from . import codecs as _codecs
+from .vocabulary import CLIENT_KINDS, MODALITIES
 from .methods import MethodSettings, SettingsError
 
 MAGIC = b"FAFD"
@@ -53,17 +54,6 @@ MAX_NDIM = 8
 ALLOWED_DTYPES = ("float32", "float16", "int64", "int32", "uint8")
 CODECS = _codecs.CODECS
 """How a tensor frame may store its data (runtime.codecs: raw, fp16, int8_row, int8_col)."""
-MODALITIES = ("image", "text")
-MODALITIES_OF_KIND: dict[str, tuple[str, ...]] = {
-    "image": ("image",), "text": ("text",), "multimodal": ("image", "text"),
-}
-"""Which modalities' features each kind of device sends (and which global towers it fuses with)."""
-CLIENT_KINDS = tuple(MODALITIES_OF_KIND)
-
-
-def other_modality(modality: str) -> str:
-    return "text" if modality == "image" else "image"
-
 RUN_ID_PATTERN = r"[0-9A-Za-z][0-9A-Za-z._-]{0,63}"
 """A run id is a folder name on the devices: no '/', never '.' or '..'."""
 

@@ -199,3 +199,29 @@ def test_the_method_switches_are_defined_once() -> None:
             for line, names in switch_lists(ast.parse(path.read_text(), filename=str(path)), switches):
                 found.append(f"{path.relative_to(ROOT)}:{line}: {names}")
     assert not found, "a second definition of the method switches:\n" + "\n".join(found)
+
+
+def test_export_reads_both_sides_models_and_neither_side_imports_export() -> None:
+    """The rule for export/: it turns the device's model (edge_client) and the server's towers (cloud_server) into
+    graphs, so it may import both; neither side, nor runtime, ever imports export (a device that trains does not
+    need the exporter, and the server none of it)."""
+    edges = package_imports()
+    assert ("export", "edge_client") in edges and ("export", "cloud_server") in edges  # the walk sees both
+    for side in ("runtime", "edge_client", "cloud_server"):
+        assert (side, "export") not in edges, f"{side} imports export at {edges[(side, 'export')]}"
+
+
+VOCABULARY = {"MODALITIES", "MODALITIES_OF_KIND", "CLIENT_KINDS", "other_modality"}
+
+
+def test_the_shared_vocabulary_is_imported_from_its_own_module_not_the_wire() -> None:
+    found = []
+    for name, folder in PACKAGE_DIRS.items():
+        if name.count(".") != 1:
+            continue
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if (isinstance(node, ast.ImportFrom) and node.module in ("fedafd.runtime.wire", "wire")
+                        and {a.name for a in node.names} & VOCABULARY):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not found, "the vocabulary imported from runtime.wire (use runtime.vocabulary):\n" + "\n".join(found)

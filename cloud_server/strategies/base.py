@@ -15,7 +15,7 @@ from fedafd.cloud_server.stages import GlobalModel, distill_epoch, train_contras
 from fedafd.runtime.config import ServerConfig
 from fedafd.runtime.data.modal import ModalData
 from fedafd.runtime.methods import MethodSettings
-from fedafd.runtime.wire import MODALITIES
+from fedafd.runtime.vocabulary import MODALITIES
 
 
 @dataclass(frozen=True)

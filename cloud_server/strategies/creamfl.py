@@ -8,7 +8,7 @@ from torch import Tensor
 
 from fedafd.cloud_server.distill import sed_scores
 from fedafd.cloud_server.strategies.base import Strategy
-from fedafd.runtime.wire import other_modality
+from fedafd.runtime.vocabulary import other_modality
 
 
 class CreamFl(Strategy):

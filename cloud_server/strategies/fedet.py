@@ -10,7 +10,7 @@ from torch import Tensor
 
 from fedafd.cloud_server.strategies.base import Strategy
 from fedafd.cloud_server.strategies.fedgems import CONFIDENCE_TEMPERATURE, retrieval_log_probs
-from fedafd.runtime.wire import other_modality
+from fedafd.runtime.vocabulary import other_modality
 
 
 class FedEt(Strategy):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fedafd.cloud_server.strategies.base import Strategy
-from fedafd.runtime.wire import other_modality
+from fedafd.runtime.vocabulary import other_modality
 
 CONFIDENCE_TEMPERATURE = 0.07
 """Temperature of the retrieval distributions FedGEMS and FedET judge confidence by (CLIP's initial one): at 1,

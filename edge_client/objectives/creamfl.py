@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from fedafd.edge_client.objectives.base import Objective
 from fedafd.edge_client.training import public_pass, uplink_features
-from fedafd.runtime.wire import other_modality
+from fedafd.runtime.vocabulary import other_modality
 
 
 def creamfl_regularisers(local: torch.Tensor, old_local: torch.Tensor, positions: torch.Tensor, modality: str,

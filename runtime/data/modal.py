@@ -18,7 +18,7 @@ from fedafd.runtime.data.sources.options import DataOptions, load_options
 from fedafd.runtime.data.sources.records import DataFormatError
 from fedafd.runtime.data.sources.registry import DEMO_DEFAULTS, PUBLIC, Source, data_digest, open_source
 from fedafd.runtime.data.views import RAW, ModalData
-from fedafd.runtime.wire import MODALITIES, MODALITIES_OF_KIND
+from fedafd.runtime.vocabulary import MODALITIES, MODALITIES_OF_KIND
 
 __all__ = ["RAW", "ModalData", "load_public_data", "load_task_data"]
 

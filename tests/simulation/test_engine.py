@@ -3,7 +3,6 @@ and devices that hold their state on disk between turns."""
 
 from __future__ import annotations
 
-import copy
 import json
 import threading
 import time
