@@ -31,7 +31,7 @@ from typing import Annotated, Callable, Iterator
 
 import typer
 
-from fedafd.runtime.report import METRICS_FILE, read_metrics, summarize_round
+from fedafd.cloud_server.reporting.report import METRICS_FILE, read_metrics, summarize_round
 
 FLEET = "image=3,text=3,multimodal=4"
 

@@ -27,8 +27,8 @@ from typing import Annotated
 
 import typer
 
-from fedafd.runtime.bandwidth import REFERENCE_MODELS, fedavg_bytes
-from fedafd.runtime.report import METRICS_FILE, read_metrics
+from fedafd.cloud_server.reporting.bandwidth import REFERENCE_MODELS, fedavg_bytes
+from fedafd.cloud_server.reporting.report import METRICS_FILE, read_metrics
 from fedafd.runtime.shaping import load_profile, shipped_profiles
 
 SETTING = {"rounds": "2", "local_epochs": "1", "public_size": "500", "feature_dim": "128", "image_arch": "cnn_small",

@@ -40,7 +40,7 @@ from statistics import median
 from fedafd.cloud_server.checkpoint import CHECKPOINT_FILE
 from fedafd.cloud_server.fleet import LocalFleet, client_ids, parse_fleet
 from fedafd.runtime.config import ServerConfig, load_config
-from fedafd.runtime.report import METRICS_FILE, read_metrics, summarize_round
+from fedafd.cloud_server.reporting.report import METRICS_FILE, read_metrics, summarize_round
 from fedafd.runtime.checkpoint import read_meta
 
 SERVER_SETTING = {"public_size": "64", "feature_dim": "32", "local_epochs": "1", "server_epochs": "1",

@@ -19,7 +19,7 @@ from typing import Annotated, Optional
 import typer
 
 from fedafd.benchmarks.accuracy import FLEET, SETTINGS
-from fedafd.runtime.report import METRICS_FILE, read_metrics
+from fedafd.cloud_server.reporting.report import METRICS_FILE, read_metrics
 
 DEVICE_KEYS = ("disc_acc_intra", "disc_acc_cross", "gate1_mean", "gate1_std", "gate2_mean", "upload_cos", "logit_norm",
                "task_loss")

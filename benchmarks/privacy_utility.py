@@ -26,7 +26,7 @@ from fedafd.benchmarks.accuracy import federation_progress, run_variant
 from fedafd.benchmarks.privacy import PROBE_ROWS, attack, probe_rows, real_devices
 from fedafd.edge_client.privacy import sample_rate, steps_per_epoch
 from fedafd.runtime.data.modal import load_public_data
-from fedafd.runtime.report import METRICS_FILE, read_metrics, summarize_round
+from fedafd.cloud_server.reporting.report import METRICS_FILE, read_metrics, summarize_round
 
 FLEET = "image=3,text=3"
 BASE = {"strategy": "fedafd", "baa": "false", "device_regime": "adapters", "rounds": "5", "local_epochs": "2",
@@ -166,7 +166,7 @@ def markdown_table(table: dict[str, dict], base: dict[str, str], seeds: list[int
 
 def plot(table: dict[str, dict], path: Path) -> None:
     """Utility (personalised top-1 per kind, server R@1 sum) and the attack's held-out AUC by arm."""
-    from fedafd.runtime.plots import new_figure, png_bytes
+    from fedafd.cloud_server.reporting.plots import new_figure, png_bytes
 
     names = list(table)
     figure, [[left, right]] = new_figure(1100, 420, 1, 2)

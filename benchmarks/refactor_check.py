@@ -21,7 +21,7 @@ from typing import Annotated
 
 import typer
 
-from fedafd.runtime.report import METRICS_FILE, without_timings
+from fedafd.cloud_server.reporting.report import METRICS_FILE, without_timings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 

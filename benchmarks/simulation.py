@@ -33,7 +33,7 @@ import typer
 
 from fedafd.benchmarks.accuracy import FLEET, SETTINGS
 from fedafd.benchmarks.load import fit_line
-from fedafd.runtime.report import METRICS_FILE, read_metrics, summarize_round
+from fedafd.cloud_server.reporting.report import METRICS_FILE, read_metrics, summarize_round
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n\n")[0])
 

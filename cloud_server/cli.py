@@ -16,7 +16,7 @@ from fedafd.runtime.cli_support import (
     Format, ProfileFormat, cli_errors, config_listing, live_status, raise_open_files_limit, setup_logging,
 )
 from fedafd.runtime.config import ServerConfig, config_to_dict, load_config, write_config
-from fedafd.runtime.report import CONFIG_FILE, METRICS_FILE
+from fedafd.cloud_server.reporting.report import CONFIG_FILE, METRICS_FILE
 
 app = typer.Typer(help="The fedafd cloud server.", no_args_is_help=True, add_completion=False)
 data_app = typer.Typer(help="The bundled real data sets (from Debian packages, offline at run time).",
@@ -91,7 +91,7 @@ def serve(
         from fedafd.cloud_server.limits import max_upload_bytes
         from fedafd.cloud_server.tracking import open_tracking, require_extras
         from fedafd.runtime.keys import ALLOW_LIST, SERVER_KEY, AllowList, generate_keypair, load_keypair
-        from fedafd.runtime.report import progress_line
+        from fedafd.cloud_server.reporting.report import progress_line
         from fedafd.runtime.transport import CurveServerKeys, ZmqServerTransport
 
         fleet_spec = parse_fleet(local) if local else None
@@ -384,7 +384,7 @@ def report(
     page of plots and tables (metrics, bytes against FedAvg, stage timings, SED weights, drops, rejections);
     with --against, the last round beside another run's, with the differences."""
     with cli_errors():
-        from fedafd.runtime.report import compare_runs, read_metrics, read_run, summarize_round
+        from fedafd.cloud_server.reporting.report import compare_runs, read_metrics, read_run, summarize_round
 
         for folder in (run_dir, against) if against is not None else (run_dir,):
             if not (folder / METRICS_FILE).exists():
@@ -398,7 +398,7 @@ def report(
         path = run_dir / METRICS_FILE
         rows = [summarize_round(record) for record in read_metrics(path)]
         if html:
-            from fedafd.runtime.html_report import write_html_report
+            from fedafd.cloud_server.reporting.html_report import write_html_report
 
             typer.echo(f"written: {write_html_report(run_dir, out)}", err=True)
         if fmt == "json":
@@ -430,7 +430,7 @@ def profile(
     """Bytes per round and client kind by what they carry (public features, global features, global tower,
     control), beside FedAvg for the same model, the crossover model size, and a PNG of cumulative bytes."""
     with cli_errors():
-        from fedafd.runtime.bandwidth import profile_markdown, write_profile
+        from fedafd.cloud_server.reporting.bandwidth import profile_markdown, write_profile
 
         if not (run_dir / METRICS_FILE).exists():
             raise typer.BadParameter(f"no {METRICS_FILE} in {run_dir}")

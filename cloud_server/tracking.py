@@ -279,8 +279,8 @@ class MlflowSink:
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in scalars.items()])
 
     def close(self, status: str) -> None:
-        from fedafd.runtime.bandwidth import write_profile
-        from fedafd.runtime.report import CONFIG_FILE, METRICS_FILE, read_metrics, summarize_round
+        from fedafd.cloud_server.reporting.bandwidth import write_profile
+        from fedafd.cloud_server.reporting.report import CONFIG_FILE, METRICS_FILE, read_metrics, summarize_round
 
         for name in (METRICS_FILE, CONFIG_FILE):
             if (self.run_dir / name).exists():

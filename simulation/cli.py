@@ -14,7 +14,7 @@ from fedafd.cloud_server.cli import (ConfigOption, LocalSetOption, MlflowOption,
 from fedafd.cloud_server.cli import app as server_app
 from fedafd.runtime.cli_support import cli_errors, live_status, setup_logging
 from fedafd.runtime.config import ServerConfig, config_to_dict, load_config, write_config
-from fedafd.runtime.report import CONFIG_FILE, METRICS_FILE
+from fedafd.cloud_server.reporting.report import CONFIG_FILE, METRICS_FILE
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 
@@ -45,7 +45,7 @@ def simulate(
         from fedafd.cloud_server.checkpoint import check_fresh
         from fedafd.cloud_server.fleet import parse_fleet
         from fedafd.cloud_server.tracking import open_tracking, require_extras
-        from fedafd.runtime.report import progress_line
+        from fedafd.cloud_server.reporting.report import progress_line
         from fedafd.simulation.engine import device_configs, run_simulation, simulation_config
 
         if workers < 1:

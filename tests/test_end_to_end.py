@@ -14,7 +14,7 @@ import msgpack
 import pytest
 import zmq
 
-from fedafd.runtime.report import read_metrics
+from fedafd.cloud_server.reporting.report import read_metrics
 from fedafd.runtime.wire import MAGIC, PROTOCOL_VERSION, decode
 
 PUBLIC_SIZE = 96

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fedafd.runtime.report import read_metrics
+from fedafd.cloud_server.reporting.report import read_metrics
 
 SMALL_SERVER = ["-c", "public_size=96", "-c", "feature_dim=32", "-c", "image_arch=cnn_small", "-c", "text_arch=gru",
                 "-c", "join_timeout_s=120", "-c", "round_deadline_s=240"]

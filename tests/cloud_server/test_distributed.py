@@ -18,7 +18,7 @@ from fedafd.cloud_server.app import ServerApp
 from fedafd.cloud_server.distributed import RankFailed, Ranks
 from fedafd.cloud_server.stages import GlobalModel, train_contrastive_epoch
 from fedafd.runtime.config import ServerConfig, load_config
-from fedafd.runtime.report import read_metrics
+from fedafd.cloud_server.reporting.report import read_metrics
 from fedafd.runtime.torch_utils import seeded_generator
 from fedafd.runtime.transport import InprocHub
 

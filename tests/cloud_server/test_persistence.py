@@ -13,7 +13,7 @@ from fedafd.cloud_server.checkpoint import CHECKPOINT_FILE, CHECKPOINT_FORMAT, C
 from fedafd.cloud_server.persistence import keep_finished_records, restore_run, save_round, server_tensors
 from fedafd.runtime.checkpoint import read_meta
 from fedafd.runtime.config import ServerConfig, config_to_dict
-from fedafd.runtime.report import METRICS_FILE
+from fedafd.cloud_server.reporting.report import METRICS_FILE
 
 
 class Sink:

@@ -19,7 +19,7 @@ from fedafd.cloud_server.cli import app as cloud_cli
 from fedafd.edge_client.state import STATE_FILE
 from fedafd.runtime.checkpoint import load_checkpoint, read_meta
 from fedafd.runtime.config import ClientConfig, ServerConfig, build_config, config_to_dict
-from fedafd.runtime.report import read_metrics
+from fedafd.cloud_server.reporting.report import read_metrics
 from fedafd.runtime.transport import InprocHub
 
 SERVER = dict(expected_clients=2, min_clients=2, public_size=32, feature_dim=16, image_arch="cnn_small",

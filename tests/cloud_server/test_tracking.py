@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from fedafd.cloud_server.tracking import MLFLOW_RUN_FILE, Tracking, flatten_record, open_tracking
 from fedafd.runtime.config import ClientConfig, ServerConfig, build_config, config_to_dict
-from fedafd.runtime.report import read_metrics
+from fedafd.cloud_server.reporting.report import read_metrics
 
 KINDS = ("image", "text", "multimodal")
 ROUNDS = 2

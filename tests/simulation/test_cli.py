@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fedafd.runtime.report import METRICS_FILE, read_metrics
+from fedafd.cloud_server.reporting.report import METRICS_FILE, read_metrics
 
 TINY = ["-c", "rounds=2", "-c", "public_size=48", "-c", "feature_dim=16", "-c", "batch_size=16", "-c", "max_private=40",
         "-c", "max_test=32", "-c", "local_epochs=1", "-c", "alpha=1.0"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fedafd.runtime.config import ServerConfig, build_config
-from fedafd.runtime.report import METRICS_FILE, without_timings
+from fedafd.cloud_server.reporting.report import METRICS_FILE, without_timings
 from fedafd.runtime.torch_utils import OwnRandom
 from fedafd.runtime.turns import JOINING, SERVER
 from fedafd.simulation.engine import SequentialTurns, device_configs, run_simulation, simulation_config

@@ -18,7 +18,7 @@ from fedafd.runtime.data.modal import rows_name
 from fedafd.runtime.data.sources.options import load_options
 from fedafd.runtime.data.sources.records import DataFormatError
 from fedafd.runtime.data.sources.registry import DEMO_DEFAULTS, PUBLIC, open_source
-from fedafd.runtime.report import METRICS_FILE, without_timings
+from fedafd.cloud_server.reporting.report import METRICS_FILE, without_timings
 from fedafd.simulation.engine import run_simulation, simulation_config
 
 FLEET = {"image": 2, "text": 2, "multimodal": 2}

@@ -13,8 +13,8 @@ from opacus.accountants import RDPAccountant
 from fedafd.cloud_server.fleet import fleet_configs
 from fedafd.cloud_server.tracking import flatten_record
 from fedafd.runtime.config import ConfigError, ServerConfig, build_config
-from fedafd.runtime.html_report import write_html_report
-from fedafd.runtime.report import METRICS_FILE
+from fedafd.cloud_server.reporting.html_report import write_html_report
+from fedafd.cloud_server.reporting.report import METRICS_FILE
 from fedafd.simulation.engine import run_simulation, simulation_config
 
 FLEET = {"image": 1, "text": 1}

@@ -16,7 +16,7 @@ from itertools import accumulate
 from pathlib import Path
 from statistics import mean
 
-from .accounting import PARTS
+from fedafd.runtime.accounting import PARTS
 
 FEDAVG_BYTES_PER_PARAM = 4
 REFERENCE_MODELS = {"resnet18": 11_689_512, "vit_b16": 86_567_656}

@@ -12,7 +12,7 @@ from fedafd.runtime.config import ServerConfig
 from fedafd.runtime import wire
 from fedafd.runtime.accounting import PARTS, ByteCounter
 from fedafd.runtime.messaging import ClientMessenger, ServerMessenger
-from fedafd.runtime.bandwidth import profile_records
+from fedafd.cloud_server.reporting.bandwidth import profile_records
 from fedafd.runtime.transport import ZmqClientTransport, ZmqServerTransport
 
 P, D = 50, 16

@@ -10,9 +10,9 @@ from collections import Counter
 from html import escape
 from pathlib import Path
 
-from .accounting import PARTS
+from fedafd.runtime.accounting import PARTS
 from .bandwidth import cumulative_figure, profile_records
-from .errors import FedafdError
+from fedafd.runtime.errors import FedafdError
 from .plots import data_uri, device_colours, new_figure, per_round_axes, png_bytes
 from .report import read_run, summarize_round
 

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from fedafd.cloud_server.cli import app as cloud_cli
 from fedafd.runtime.config import ClientConfig, ServerConfig, build_config, write_config
-from fedafd.runtime.html_report import format_value, html_page
-from fedafd.runtime.report import read_metrics, summarize_round
+from fedafd.cloud_server.reporting.html_report import format_value, html_page
+from fedafd.cloud_server.reporting.report import read_metrics, summarize_round
 
 KINDS = ("image", "text", "multimodal")
 DIAGNOSTIC_PLOTS = {"plot-diag-disc", "plot-diag-gates", "plot-diag-upload-cos", "plot-diag-task", "plot-diag-sed",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedafd.runtime.report import progress_line, summarize_round
+from fedafd.cloud_server.reporting.report import progress_line, summarize_round
 
 
 def _record() -> dict:
