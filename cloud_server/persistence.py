@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from fedafd.cloud_server.checkpoint import check_resume, load_server_checkpoint, save_server_checkpoint
 from fedafd.runtime.config import ServerConfig
 from fedafd.cloud_server.reporting.report import METRICS_FILE
-from fedafd.runtime.torch_utils import atomic_write_bytes
+from fedafd.runtime.files import atomic_write_bytes
 
 if TYPE_CHECKING:
     import torch

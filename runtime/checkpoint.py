@@ -35,7 +35,7 @@ def save_checkpoint(path: Path, tree: dict[str, Any], meta: dict[str, Any]) -> N
     """Write `tree` (tensors and plain values) and `meta` (JSON values) to `path`, atomically."""
     from safetensors.torch import save
 
-    from fedafd.runtime.torch_utils import atomic_write_bytes
+    from fedafd.runtime.files import atomic_write_bytes
 
     tensors: dict[str, Any] = {}
     layout = _flatten(tree, "", tensors)

@@ -10,13 +10,12 @@ key alone (one line of z85, the thing to copy to the other side). The allow-list
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 
+from fedafd.runtime.files import atomic_write
 from fedafd.runtime.errors import FedafdError
 
 SERVER_KEY = "server.key"
@@ -37,19 +36,8 @@ class KeyPair:
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Atomic write with mode 0600 from the start (the temp file never exists with wider permissions)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mkstemp: 0600
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomic write with mode 0600 from the start (the temporary file never exists with wider permissions)."""
+    atomic_write(path, lambda tmp: tmp.write_text(text), durable=True, mode=0o600)
 
 
 def check_z85_key(key: str, what: str) -> str:

@@ -43,7 +43,8 @@ from PIL import Image
 
 from fedafd.runtime.backbones import (BACKBONE_IMAGE_SIZE, BackboneSpec, backbone_digest, backbone_spec,
                                       build_backbone, user_tower)
-from fedafd.runtime.data.prepared import (NpyRows, atomic_write, file_lock, open_npy, pictures_sha256, release_pages,
+from fedafd.runtime.files import atomic_write
+from fedafd.runtime.data.prepared import (NpyRows, file_lock, open_npy, pictures_sha256, release_pages,
                                          row_blocks)
 from fedafd.runtime.data.fetch import cache_dir
 from fedafd.runtime.data.views import ModalData

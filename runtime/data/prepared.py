@@ -26,9 +26,7 @@ import hashlib
 import json
 import logging
 import mmap
-import os
 import struct
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ from typing import ClassVar, TypeVar
 
 import numpy as np
 
+from fedafd.runtime.files import atomic_write
 from fedafd.runtime.data.fetch import DataMissingError, cache_dir
 from fedafd.runtime.data.pictures import Pictures, concat_pictures
 
@@ -515,25 +514,6 @@ def load_split(folder: Path, stem: str, cls: type[Data]) -> Data:
             continue
         values[field.name] = open_npy(path)
     return cls(**values)
-
-
-def atomic_write(path: Path, write: Callable[[Path], object], durable: bool = False) -> None:
-    """`write(tmp)` fills a temporary file beside `path`, which then replaces `path` in one step (readable by all:
-    caches are shared). `durable`: the file's bytes reach the disk before the rename (a record that must survive a
-    crash, such as split.json)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        if durable:
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @contextlib.contextmanager

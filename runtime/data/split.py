@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 
 from fedafd.runtime.data.partition import PartitionerSpec
-from fedafd.runtime.data.prepared import ImageClassData, PairData, TextClassData, atomic_write, subset
+from fedafd.runtime.data.prepared import ImageClassData, PairData, TextClassData, subset
+from fedafd.runtime.files import atomic_write
 from fedafd.runtime.data.sources.build import Data
 from fedafd.runtime.data.sources.imagefolder import folder_name
 from fedafd.runtime.data.sources.options import load_options

@@ -48,8 +48,9 @@ import numpy as np
 
 from fedafd.runtime.data.fetch import cache_dir
 from fedafd.runtime.data.pictures import Pictures
+from fedafd.runtime.files import atomic_write
 from fedafd.runtime.data.prepared import (
-    ImageClassData, PairData, TextClassData, atomic_write, concat, file_lock, load_split, pictures_sha256, row_blocks,
+    ImageClassData, PairData, TextClassData, concat, file_lock, load_split, pictures_sha256, row_blocks,
     stratified_split, subset,
 )
 from fedafd.runtime.data.sources.build import Data, PictureSizes, build_splits, split_stem
