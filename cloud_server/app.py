@@ -23,7 +23,8 @@ from fedafd.cloud_server.distill import TeacherFold
 from fedafd.cloud_server.distributed import ONE_PROCESS, Ranks
 from fedafd.cloud_server.public_data import candidate_rows, server_data
 from fedafd.cloud_server.persistence import restore_run, save_round, server_tensors
-from fedafd.cloud_server.round_record import Drop, DropReason, RoundOutcome, quorum_met, round_record, timed
+from fedafd.cloud_server.round_record import (Drop, DropReason, RoundFacts, RoundOutcome, quorum_met, round_record,
+                                             timed)
 from fedafd.cloud_server.stages import (
     GlobalModel, build_optimizers, evaluate_retrieval, extract_features,
 )
@@ -250,11 +251,13 @@ class ServerApp:
         if "r1_sum_before_stage3" in diagnostics:  # stage 3 ran: the eval above is its "after"
             diagnostics["r1_sum_after_stage3"] = server_metrics["r1_sum"]
             diagnostics["stage3_r1_sum_delta"] = server_metrics["r1_sum"] - diagnostics["r1_sum_before_stage3"]
-        record = round_record(round_, c.strategy, outcome, self.clients, live.selected,
-                              dict(server_metrics, stage1_loss=stage1_loss, distill_loss=distill_loss),
-                              sed_mean_weights, self.admission.take_rejected(), quorum, len(self.public), self.counter,
-                              {"features": c.feature_codec, "tower": c.tower_codec}, timings,
-                              server_diagnostics=diagnostics)
+        record = round_record(RoundFacts(
+            round=round_, strategy=c.strategy, outcome=outcome, clients=self.clients, selected=live.selected,
+            server=dict(server_metrics, stage1_loss=stage1_loss, distill_loss=distill_loss),
+            sed_mean_weights=sed_mean_weights, rejected=self.admission.take_rejected(), quorum=quorum,
+            public_size=len(self.public), counter=self.counter,
+            codecs={"features": c.feature_codec, "tower": c.tower_codec}, timings=timings,
+            server_diagnostics=diagnostics))
         save_round(self.run_dir, record, self._checkpoint_tensors(), c, self.run_id, self.sinks)
         self.admission.round_in_progress = -1
         return record

@@ -79,35 +79,57 @@ def link_times(outcome: RoundOutcome, clients: dict[str, ClientRecord]) -> dict[
     return out
 
 
-def round_record(round_: int, strategy: str, outcome: RoundOutcome, clients: dict[str, ClientRecord],
-                 selected: list[str], server: dict[str, float], sed_mean_weights: dict[str, dict[str, float]],
-                 rejected: list[dict], quorum: bool, public_size: int, counter: ByteCounter,
-                 codecs: dict[str, str], timings: dict[str, float], server_diagnostics: dict | None = None) -> dict:
+@dataclass
+class RoundFacts:
+    """What one round produced, gathered by the round loop for its record (one typed argument, not fourteen)."""
+
+    round: int
+    strategy: str
+    outcome: RoundOutcome
+    """The uploads, drops and duplicates the collect stage ended with."""
+    clients: dict[str, ClientRecord]
+    """The joined devices (their kinds and link times)."""
+    selected: list[str]
+    server: dict[str, float]
+    """The server's retrieval metrics and losses."""
+    sed_mean_weights: dict[str, dict[str, float]]
+    rejected: list[dict]
+    quorum: bool
+    public_size: int
+    counter: ByteCounter
+    codecs: dict[str, str]
+    timings: dict[str, float]
+    server_diagnostics: dict = field(default_factory=dict)
+
+
+def round_record(facts: RoundFacts) -> dict:
     """The round's line of metrics.jsonl: per uploading client its kind, metrics, losses and learning
     diagnostics (the upload's `diag_` metrics, filed apart so means of metrics by kind never see them, plus
     its task loss as `task_loss`); the server's retrieval and losses (`server`) and its learning diagnostics
     (`diagnostics.server`); stage 3's mean SED weight per modality and client; who was selected, dropped (with
     the reason's text) and refused; the bytes of the round by message type and by what they carried; each
-    client's link times; the server's stage timings. docs/implementation.md "Learning diagnostics" lists the diagnostics."""
+    client's link times; the server's stage timings. docs/implementation.md "Learning diagnostics" lists the
+    diagnostics."""
+    f, round_, outcome, clients = facts, facts.round, facts.outcome, facts.clients
     return {
         "round": round_,
-        "strategy": strategy,
+        "strategy": f.strategy,
         "clients": {cid: _client_entry(clients[cid].kind if cid in clients else "?", u)
                     for cid, u in outcome.uploads.items()},
-        "server": server,
-        "diagnostics": {"server": dict(server_diagnostics or {})},
-        "sed_mean_weights": sed_mean_weights,
-        "selected": selected,
+        "server": f.server,
+        "diagnostics": {"server": dict(f.server_diagnostics)},
+        "sed_mean_weights": f.sed_mean_weights,
+        "selected": f.selected,
         "dropped": {cid: drop.text for cid, drop in outcome.dropped.items()},
-        "rejected": rejected,
-        "quorum_met": quorum,
+        "rejected": f.rejected,
+        "quorum_met": f.quorum,
         "duplicates": outcome.duplicates,
-        "public_size": public_size,
-        "bytes": counter.for_round(round_),
-        "bytes_by_part": counter.parts_for_round(round_),
-        "codecs": codecs,
+        "public_size": f.public_size,
+        "bytes": f.counter.for_round(round_),
+        "bytes_by_part": f.counter.parts_for_round(round_),
+        "codecs": f.codecs,
         "link": link_times(outcome, clients),
-        "timings": timings,
+        "timings": f.timings,
     }
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from fedafd.cloud_server.admission import ClientRecord
 from fedafd.cloud_server.round_record import (
-    Drop, DropReason, RoundOutcome, link_times, quorum_met, round_record, timed,
+    Drop, DropReason, RoundFacts, RoundOutcome, link_times, quorum_met, round_record, timed,
 )
 from fedafd.runtime.accounting import ByteCounter
 from fedafd.runtime.wire import FeatureUpload
@@ -65,10 +65,11 @@ def test_the_record_holds_every_field_of_the_round_and_only_its_bytes() -> None:
     counter.add(1, "a", "up", "feature_upload", 55)
     rejected = [{"peer": "x", "code": "unknown_client", "reason": "..."}]
     # Execute
-    record = round_record(2, "fedafd", outcome, {"a": _client("a", "image", 10.0)}, ["a", "c"],
-                          {"r1_sum": 3.0, "stage1_loss": 1.5, "distill_loss": 0.25}, {"image": {"a": 1.0}},
-                          rejected, True, 64, counter, {"features": "fp16", "tower": "fp32"}, {"stage1": 0.5},
-                          server_diagnostics={"image": {"sed_entropy": 0.5}, "r1_sum_before_stage3": 2.0})
+    record = round_record(RoundFacts(
+        round=2, strategy="fedafd", outcome=outcome, clients={"a": _client("a", "image", 10.0)}, selected=["a", "c"],
+        server={"r1_sum": 3.0, "stage1_loss": 1.5, "distill_loss": 0.25}, sed_mean_weights={"image": {"a": 1.0}},
+        rejected=rejected, quorum=True, public_size=64, counter=counter, codecs={"features": "fp16", "tower": "fp32"},
+        timings={"stage1": 0.5}, server_diagnostics={"image": {"sed_entropy": 0.5}, "r1_sum_before_stage3": 2.0}))
     # Assert
     assert record == {
         "round": 2, "strategy": "fedafd",
