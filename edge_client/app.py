@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -327,7 +328,9 @@ class EdgeApp:
 
     def _train(self, start: RoundStart, start_id: str) -> float:
         """Stage 2 and what follows on the device: train, evaluate, save the state, and make the upload
-        (kept in self._last_upload for the caller to send). Returns the training's seconds."""
+        (kept in self._last_upload for the caller to send). Returns the training's seconds. The glue: each
+        part is a method below (what the downlink brings, training under a privacy budget, the metrics, the
+        uplink); the learning itself is training.py's."""
         c = self.config
         if self.state is None:  # it waited on disk since the last round (the rebuilt model's init draws
             self.state = self._load_state()  # from torch's global stream, which no device's round reads)
@@ -335,23 +338,7 @@ class EdgeApp:
         log.info("%s round %d: training", c.client_id, start.round)
         self.messenger.current_round = start.round
         settings = start.settings
-        if start.tower:
-            self._check_backbones(start.backbones)
-            state.towers.load(start.tower_version, dict(start.tower_arch),
-                              {name: torch.from_numpy(np.array(t)) for name, t in start.tower.items()})
-        if settings.local_init == "global" and state.last_round < 0:
-            copied = state.model.start_from(state.towers, self.archs)
-            log.info("%s: local encoder(s) %s start from the server's towers", c.client_id, list(copied) or "none")
-        rows = torch.from_numpy(np.array(start.public_indices, dtype=np.int64))
-        needs = settings.needs()
-        # G of a modality the server did not send is computed here from its tower (cheaper on the wire).
-        G = {m: torch.from_numpy(np.array(f, dtype=np.float32)) for m, f in start.global_features.items()}
-        missing = tuple(m for m in MODALITIES if needs.global_features and m not in G and state.towers.has(m))
-        G.update(G_from_towers(state.towers, self.public, rows, missing, self.device))
-        if needs.global_features and set(G) != set(MODALITIES):
-            raise EdgeError(f"the server's {settings.strategy} needs the global features of both modalities, "
-                            f"RoundStart gave {sorted(G)}")
-        consensus = {m: torch.from_numpy(np.array(f, dtype=np.float32)) for m, f in start.consensus.items()}
+        rows, G, consensus = self._downlink(start, state)
         last_beat = [time.monotonic()]
 
         def heartbeat() -> None:
@@ -366,23 +353,7 @@ class EdgeApp:
                                start.local_epochs, c.batch_size, seed, self.device,
                                self.public, rows, G, consensus, diagnostics, c.local_task_weight)
         objective = objective_for(round_)
-        budget = self._privacy_budget(state) if c.dp else None
-        trains = True
-        if budget is None:
-            losses = train_round(objective, heartbeat)
-        else:
-            steps = start.local_epochs * steps_per_epoch(len(self.private.train), c.batch_size)
-            rate = sample_rate(len(self.private.train), c.batch_size)
-            trains = budget.affords(steps, rate)
-            if trains:
-                losses = train_private_round(objective, budget, c.lr, round_seed(seed, start.round), heartbeat, c.fusion_lr)
-                state.dp_history = budget.history
-            else:
-                log.warning("%s round %d: privacy budget: this round's %d DP-SGD steps would take epsilon from %.3g "
-                            "to %.3g, past dp_epsilon=%g (delta %g); the device no longer trains, it still evaluates "
-                            "and uploads", c.client_id, start.round, steps, budget.spent(),
-                            budget.epsilon_after(steps, rate), budget.epsilon, budget.delta)
-                losses = {}
+        losses, privacy = self._train_objective(objective, start, state, seed, heartbeat)
         train_seconds = time.perf_counter() - started
         metrics = evaluate(state.model, state.towers, self.private.test, settings.gff, self.device,
                            torch.from_numpy(np.array(self.private.train.labels)), diagnostics)
@@ -390,16 +361,8 @@ class EdgeApp:
         metrics["num_params"] = float(count_parameters(state.model))
         if c.on_bad_sample == "skip":  # the bad rows left out of its data, so the run says what it trained without
             metrics["skipped_rows"] = float(self.private.skipped)
-        uplink = objective.uplink()
-        if c.upload_noise > 0:
-            uplink = noisy_upload(uplink, c.upload_clip, c.upload_noise, upload_noise_generator(seed, start.round))
-        if budget is not None:  # what it has spent so far, and whether it still trains
-            metrics.update(dp_epsilon=budget.spent(), dp_budget=budget.epsilon, dp_delta=budget.delta,
-                           dp_training=float(trains))
-        with diagnostics.timing():  # how close what goes up is to the server's G of the same rows, when held
-            for modality, features in uplink.items():
-                if modality in G:
-                    diagnostics.put("upload_cos", mean_cosine(features, G[modality]), modality)
+        uplink = self._uplink(objective, seed, start.round, G, diagnostics)
+        metrics.update(privacy)  # what it has spent so far, and whether it still trains
         # Diagnostics ride in the metrics under diag_ keys (no wire change); the server files them apart.
         metrics.update(diagnostics_to_metrics(diagnostics.result()))
         # Training + evaluation + feature extraction: what the server subtracts from the round trip to
@@ -414,6 +377,68 @@ class EdgeApp:
         )
         self._last_upload = SentUpload(start_id, upload, new_msg_id(), {"features": self._uplink_codec(settings)})
         return train_seconds
+
+    def _downlink(self, start: RoundStart, state: ClientState
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """What the RoundStart brings, made ready: the server's towers (when sent; the local encoders copy them
+        once with local_init=global), the round's public rows, G of both modalities (a modality the server did
+        not send computed here from its tower, which is cheaper on the wire) and the consensus."""
+        c, settings = self.config, start.settings
+        if start.tower:
+            self._check_backbones(start.backbones)
+            state.towers.load(start.tower_version, dict(start.tower_arch),
+                              {name: torch.from_numpy(np.array(t)) for name, t in start.tower.items()})
+        if settings.local_init == "global" and state.last_round < 0:
+            copied = state.model.start_from(state.towers, self.archs)
+            log.info("%s: local encoder(s) %s start from the server's towers", c.client_id, list(copied) or "none")
+        rows = torch.from_numpy(np.array(start.public_indices, dtype=np.int64))
+        needs = settings.needs()
+        G = {m: torch.from_numpy(np.array(f, dtype=np.float32)) for m, f in start.global_features.items()}
+        missing = tuple(m for m in MODALITIES if needs.global_features and m not in G and state.towers.has(m))
+        G.update(G_from_towers(state.towers, self.public, rows, missing, self.device))
+        if needs.global_features and set(G) != set(MODALITIES):
+            raise EdgeError(f"the server's {settings.strategy} needs the global features of both modalities, "
+                            f"RoundStart gave {sorted(G)}")
+        consensus = {m: torch.from_numpy(np.array(f, dtype=np.float32)) for m, f in start.consensus.items()}
+        return rows, G, consensus
+
+    def _train_objective(self, objective, start: RoundStart, state: ClientState, seed: int,
+                         heartbeat: Callable[[], None]) -> tuple[dict[str, float], dict[str, float]]:
+        """The round's training: plain, or DP-SGD while the privacy budget affords the round's steps (past it the
+        device no longer trains, and still evaluates and uploads). Returns (the mean loss parts, the privacy
+        metrics: spent and budget epsilon, delta, whether it trained; {} without dp)."""
+        c = self.config
+        if not c.dp:
+            return train_round(objective, heartbeat), {}
+        budget = self._privacy_budget(state)
+        steps = start.local_epochs * steps_per_epoch(len(self.private.train), c.batch_size)
+        rate = sample_rate(len(self.private.train), c.batch_size)
+        trains = budget.affords(steps, rate)
+        losses: dict[str, float] = {}
+        if trains:
+            losses = train_private_round(objective, budget, c.lr, round_seed(seed, start.round), heartbeat, c.fusion_lr)
+            state.dp_history = budget.history
+        else:
+            log.warning("%s round %d: privacy budget: this round's %d DP-SGD steps would take epsilon from %.3g "
+                        "to %.3g, past dp_epsilon=%g (delta %g); the device no longer trains, it still evaluates "
+                        "and uploads", c.client_id, start.round, steps, budget.spent(),
+                        budget.epsilon_after(steps, rate), budget.epsilon, budget.delta)
+        return losses, {"dp_epsilon": budget.spent(), "dp_budget": budget.epsilon, "dp_delta": budget.delta,
+                        "dp_training": float(trains)}
+
+    def _uplink(self, objective, seed: int, round_: int, G: dict[str, torch.Tensor],
+                diagnostics: DeviceDiagnostics) -> dict[str, torch.Tensor]:
+        """The features that go up (with upload_noise, clipped and noised), and how close they are to the server's
+        G of the same rows, where held (a diagnostic)."""
+        c = self.config
+        uplink = objective.uplink()
+        if c.upload_noise > 0:
+            uplink = noisy_upload(uplink, c.upload_clip, c.upload_noise, upload_noise_generator(seed, round_))
+        with diagnostics.timing():
+            for modality, features in uplink.items():
+                if modality in G:
+                    diagnostics.put("upload_cos", mean_cosine(features, G[modality]), modality)
+        return uplink
 
     def _privacy_budget(self, state: ClientState) -> PrivacyBudget:
         c = self.config
