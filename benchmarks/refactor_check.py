@@ -22,16 +22,16 @@ from typing import Annotated
 import typer
 
 from fedafd.cloud_server.reporting.report import METRICS_FILE, without_timings
+from fedafd.runtime.methods import STRATEGIES
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 SETTINGS = ["-c", "rounds=3", "-c", "public_size=96", "-c", "max_private=40", "-c", "max_test=40", "-c", "local_epochs=1",
             "-c", "batch_size=16", "-c", "alpha=1.0", "-c", "threads=1", "-c", "seed=5", "--local-set", "batch_size=16"]
 VARIANTS = {
-    "fedafd": [], "local": ["strategy=local"], "no_baa": ["baa=false"], "no_gff": ["gff=false"], "no_sed": ["sed=false"],
-    "fedmd": ["strategy=fedmd"], "creamfl": ["strategy=creamfl"], "fedgems": ["strategy=fedgems"],
-    "fedet": ["strategy=fedet"], "fedcmi": ["strategy=fedcmi"], "init_global": ["local_init=global"],
-    "int8": ["feature_codec=int8_row"],
+    "fedafd": [], "no_baa": ["baa=false"], "no_gff": ["gff=false"], "no_sed": ["sed=false"],
+    **{name: [f"strategy={name}"] for name in STRATEGIES if name != "fedafd"},  # every method, a new one too
+    "init_global": ["local_init=global"], "int8": ["feature_codec=int8_row"],
 }
 def first_difference(a, b, path: str = "") -> str:
     """Where two records first differ ("" when they are equal)."""

@@ -122,7 +122,7 @@ class ServerConfig(PartitionKeys):
     sed_temperature: float = 0.1
     """Temperature dividing SED's cosine similarities (1: docs/method.md's form; 0.1 measured best: docs/learning.md H4)."""
     strategy: str = "fedafd"
-    """The method: fedafd, local (no federation), fedmd, creamfl, fedgems, fedet or fedcmi (docs/strategies.md)."""
+    """The method: fedafd, local (no federation) or one of the paper's baselines; runtime.methods.STRATEGIES lists them all (docs/strategies.md)."""
     baa: bool = False
     """Bi-level adversarial alignment on the clients: the paper's method has it on; off measured better on every device kind here (docs/learning.md H3, H7)."""
     gff: bool = True
