@@ -391,16 +391,16 @@ def report(
                 raise typer.BadParameter(f"no {METRICS_FILE} in {folder}")
         if out is not None and not html:
             raise typer.BadParameter("--out is where the --html page goes; pass --html too")
+        if html:  # the run's page, with --against too (it was once silently left out)
+            from fedafd.cloud_server.reporting.html_report import write_html_report
+
+            typer.echo(f"written: {write_html_report(run_dir, out)}", err=True)
         if against is not None:
             comparison = compare_runs(read_run(run_dir), read_run(against))
             typer.echo(json.dumps(comparison, indent=2) if fmt == "json" else comparison_text(comparison, run_dir, against))
             return
         path = run_dir / METRICS_FILE
         rows = [summarize_round(record) for record in read_metrics(path)]
-        if html:
-            from fedafd.cloud_server.reporting.html_report import write_html_report
-
-            typer.echo(f"written: {write_html_report(run_dir, out)}", err=True)
         if fmt == "json":
             typer.echo(json.dumps(rows, indent=2))
             return

@@ -69,3 +69,24 @@ def test_report_against_puts_the_last_rounds_side_by_side_with_their_differences
     assert text.exit_code == 0 and "differ in: strategy" in text.output and "+5.00" in text.output
     missing = CliRunner().invoke(cloud_cli, ["report", str(tmp_path / "fedafd"), "--against", str(tmp_path)])
     assert missing.exit_code != 0 and "no metrics.jsonl" in missing.output
+
+
+def test_report_against_with_html_writes_the_runs_page_too() -> None:
+    # A real run (the committed fixture) against itself: the comparison prints and the page is written, where
+    # --html once went silently unheeded beside --against.
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from fedafd.cloud_server.cli import app as cloud_cli
+
+    fixture = Path(__file__).parents[1] / "benchmarks" / "fixtures" / "paper-quick-seed0-LOCAL"
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        shutil.copytree(fixture, run)
+        result = CliRunner().invoke(cloud_cli, ["report", str(run), "--against", str(fixture), "--html"])
+        assert result.exit_code == 0, result.output
+        assert "difference" in result.output and (run / "report.html").is_file()
+        assert (run / "report.html").read_text().startswith("<!DOCTYPE html>")
