@@ -367,7 +367,8 @@ def main(
                 + ", ".join(f"{k}={v}" for k, v in {**SETTINGS[setting], **extra}.items())
                 + "\n\nFinal-round means over the devices of a kind, then mean ± standard deviation over seeds (top-1 %, "
                   "R@1 %); pers. = personalised (weighted to each device's own label distribution); server R@1 sum = "
-                  "i2t R@1 + t2i R@1 on the 374 held-out emoji, rsum = R@1+R@5+R@10 both ways.\n\n"
+                  "i2t R@1 + t2i R@1 on the server's held-out pairs (eval_data; by default the 374 held-out emoji), "
+                  "rsum = R@1+R@5+R@10 both ways.\n\n"
                 + markdown_table(table)
                 + "\n\nPaired by seed (a seed gives every method the same private partitions), "
                   "then mean ± standard deviation over seeds, and (seeds ahead of LOCAL / seeds):\n\n"
