@@ -45,12 +45,15 @@ def _hash(pixels: np.ndarray) -> str:
 
 
 def _write_pairs(folder: Path, data, rows: np.ndarray) -> None:
-    """A metadata.jsonl folder of `rows` of `data` (a picture per row, its caption and its emoji group)."""
+    """A metadata.jsonl folder of `rows` of `data` (a picture per row, its caption and its emoji group). Each
+    picture is written at its source resolution (a tower of its own reads it at full size; its 32 px array is
+    the bundled one again), or as its 32 px array where the data keeps no original."""
     folder.mkdir(parents=True)
     with open(folder / "metadata.jsonl", "w") as metadata:
         for row in rows.tolist():
             name = f"{row:05d}.png"
-            (folder / name).write_bytes(_png(data.images[row]))
+            encoded = data.pictures.encoded(row) if data.pictures is not None else _png(data.images[row])
+            (folder / name).write_bytes(encoded)
             metadata.write(json.dumps({"file_name": name, "text": data.captions[row],
                                        "group": data.group_names[int(data.groups[row])]}) + "\n")
 
