@@ -126,36 +126,32 @@ def open_session(path: Path, threads: int = 0, expected_sha256: str | None = Non
 
 # -- preprocessing (the same conventions as training: runtime/data/images.py and runtime/data/text.py) --
 
-def load_image(path: Path) -> np.ndarray:
-    """A picture file -> (3, 32, 32) uint8, exactly as the training data were prepared."""
+def _open_picture(path: Path, convert: Any) -> np.ndarray:
+    """`convert(PIL image)` of a picture file; a missing or unreadable file is an InputError naming it."""
     from PIL import Image, UnidentifiedImageError
-
-    from fedafd.runtime.data.images import from_pil
 
     try:
         with Image.open(path) as img:
             img.load()
-            return from_pil(img)
+            return convert(img)
     except FileNotFoundError:
         raise InputError(f"no such image file: {path}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise InputError(f"cannot read image {path}: {err}") from None
+
+
+def load_image(path: Path) -> np.ndarray:
+    """A picture file -> (3, 32, 32) uint8, exactly as the training data were prepared."""
+    from fedafd.runtime.data.images import from_pil
+
+    return _open_picture(path, from_pil)
 
 
 def load_fitted_image(path: Path, size: int, fit: str, pad_colour: tuple[float, ...]) -> np.ndarray:
     """A picture file -> float32 (3, size, size) in [0, 1], as a user tower's feature cache prepared its pictures."""
-    from PIL import Image, UnidentifiedImageError
-
     from fedafd.runtime.data.images import fit_picture
 
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return fit_picture(img, size, fit, pad_colour)
-    except FileNotFoundError:
-        raise InputError(f"no such image file: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise InputError(f"cannot read image {path}: {err}") from None
+    return _open_picture(path, lambda img: fit_picture(img, size, fit, pad_colour))
 
 
 def load_image_array(path: Path) -> np.ndarray:
@@ -262,10 +258,8 @@ class OnnxModel:
         spec = self.manifest.data["preprocessing"].get("image", {})
         if "tower" not in spec:
             return read_images(paths)
-        batches = [load_image_array(p) if p.suffix.lower() == ".npy"
-                   else load_fitted_image(p, spec["size"], spec["fit"], tuple(spec["pad_colour"]))[None] for p in paths]
-        size = spec["size"]
-        return np.concatenate(batches).astype(np.float32) if batches else np.zeros((0, 3, size, size), np.float32)
+        return read_images(paths, lambda p: load_fitted_image(p, spec["size"], spec["fit"], tuple(spec["pad_colour"])),
+                           spec["size"])
 
 
 def _check_input(spec: dict[str, Any], array: np.ndarray) -> np.ndarray:
@@ -304,13 +298,14 @@ def split_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
     return images, texts
 
 
-def read_images(paths: list[Path]) -> np.ndarray:
-    """(N, 3, 32, 32) uint8 or float from picture files and .npy arrays."""
-    batches = [load_image_array(p) if p.suffix.lower() == ".npy" else load_image(p)[None] for p in paths]
+def read_images(paths: list[Path], load: Any = load_image, size: int = 32) -> np.ndarray:
+    """(N, 3, size, size) uint8 or float from picture files (each through `load`: 32 px by default) and .npy
+    arrays; uint8 and float inputs are not mixed (OnnxModel.images scales uint8 to [0, 1])."""
+    batches = [load_image_array(p) if p.suffix.lower() == ".npy" else load(p)[None] for p in paths]
     dtypes = {b.dtype for b in batches}
     if len(dtypes) > 1:
         raise InputError("mix of uint8 and float image inputs; give one kind")
-    return np.concatenate(batches) if batches else np.zeros((0, 3, 32, 32), np.uint8)
+    return np.concatenate(batches) if batches else np.zeros((0, 3, size, size), np.uint8)
 
 
 def predict(model: OnnxModel, inputs: list[str], top_k: int = 3) -> dict[str, Any]:

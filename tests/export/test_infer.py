@@ -209,3 +209,20 @@ def test_unreadable_image_is_a_clear_error(exported, tmp_path: Path) -> None:
     assert "cannot read image" in result.output and "broken.png" in result.output
     result = runner.invoke(app, ["infer", str(exported["image"][1]), "no such file.png"])
     assert result.exit_code == 2 and "error:" in result.output
+
+
+def test_a_tower_models_pictures_are_fitted_to_its_size_and_never_mixed_with_uint8_arrays(tmp_path: Path) -> None:
+    # Prepare: a model folder whose image graph reads a 24 px tower (stretch), and a 40 x 20 picture.
+    manifest = {"format": 1, "kind": "image", "graphs": {},
+                "preprocessing": {"image": {"tower": "hf-x", "size": 24, "fit": "stretch", "pad_colour": [0.5] * 3}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    Image.new("RGB", (40, 20), (255, 0, 0)).save(tmp_path / "red.png")
+    np.save(tmp_path / "raw.npy", np.zeros((1, 3, 24, 24), np.uint8))
+    model = OnnxModel(tmp_path)
+    # Execute / Assert: float (1, 3, 24, 24) in [0, 1] as fit_picture makes it; uint8 arrays beside it are refused,
+    # not cast to floats of 0-255.
+    pictures = model.read_images([tmp_path / "red.png"])
+    assert pictures.shape == (1, 3, 24, 24) and pictures.dtype == np.float32
+    assert np.allclose(pictures[0, 0], 1.0) and np.allclose(pictures[0, 1:], 0.0)
+    with pytest.raises(InputError, match="mix of uint8 and float"):
+        model.read_images([tmp_path / "red.png", tmp_path / "raw.npy"])
