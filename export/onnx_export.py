@@ -245,9 +245,9 @@ def _write_folder(out: Path, plans: list[_Plan], manifest: dict[str, Any], optio
 
 def _save_tower_tokenizer(tower: Any, stage: Path) -> None:
     """A user text tower's tokenizer as the one tokenizer.json torch-free `infer` reads (a fast tokenizer's file)."""
-    from fedafd.runtime.towers import load_tower_tokenizer
+    from fedafd.runtime.data.features import tower_tokenizer
 
-    tokenizer = load_tower_tokenizer(tower)
+    tokenizer = tower_tokenizer(tower)
     if not getattr(tokenizer, "is_fast", False):
         raise ExportError(f"the tokenizer in {tower.tokenizer or tower.path} has no fast (tokenizer.json) form, which "
                           "torch-free infer reads; save it with AutoTokenizer.from_pretrained(..., use_fast=True)")

@@ -29,7 +29,7 @@ from torch import nn
 from fedafd.runtime.data.fetch import DataMissingError
 from fedafd.runtime.errors import FedafdError
 from fedafd.runtime.hashing import file_sha256
-from fedafd.runtime.towers import TowerSpec, load_tower, parse_tower, tower_digest, tower_dim
+from fedafd.runtime.towers import TowerError, TowerSpec, load_tower, parse_tower, tower_digest, tower_dim
 
 BACKBONE_IMAGE_SIZE = 112
 """Side the 32 px images are upsampled to for EfficientNet-Lite0 (224 is its native size; 112 costs a quarter)."""
@@ -108,8 +108,6 @@ def tower_tables(names) -> dict[str, dict]:
 def register_tables(tables: dict[str, dict]) -> None:
     """Register the towers a state or checkpoint names (tower_tables), refusing any whose files changed since:
     the name is the digest of the weights, tokenizer and preprocessing the model was trained on."""
-    from fedafd.runtime.towers import TowerError, parse_tower
-
     for name, table in tables.items():
         registered = register_tower(parse_tower(table, f"tower {name}"))
         if registered != name:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedafd.runtime.backbones import BACKBONES, backbone_spec, masked_mean, register_tower, user_tower
+from fedafd.runtime.backbones import BACKBONES, backbone_spec, is_cached, masked_mean, register_tower, user_tower
 from fedafd.runtime.data.modal import RAW, ModalData
 from fedafd.runtime.data.views import INPUTS_PREFIX
 from fedafd.runtime.data.text import MAX_TEXT_LEN, PAD_ID, VOCAB_SIZE
@@ -308,7 +308,7 @@ def build_encoder(modality: str, arch: str, feature_dim: int, dropout: float = A
             raise ValueError(f"unknown tower adapter {base!r} in {arch!r}; choose one of {', '.join(TOWER_ADAPTERS)}")
         if backbone_spec(tower).modality != modality:
             raise ValueError(f"{arch} reads a {backbone_spec(tower).modality} tower, not {modality}")
-        if user_tower(tower) is not None and user_tower(tower).train == "finetune":
+        if not is_cached(tower):  # a finetune tower runs inside its encoder
             return TowerEncoder(tower, feature_dim, hidden=TOWER_ADAPTERS[base], dropout=dropout)
         return BackboneAdapter(tower, feature_dim, hidden=TOWER_ADAPTERS[base], dropout=dropout)
     zoo = ENCODERS[modality]

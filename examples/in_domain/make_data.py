@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import shutil
 from pathlib import Path
@@ -35,9 +34,9 @@ def _png(pixels: np.ndarray) -> bytes:
     """A (3, H, W) uint8 array as PNG bytes (the 32 px picture every fedafd tower reads back unchanged)."""
     from PIL import Image
 
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0))).save(buffer, format="PNG", optimize=False)
-    return buffer.getvalue()
+    from fedafd.runtime.data.pictures import png_bytes
+
+    return png_bytes(Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0))))
 
 
 def _hash(pixels: np.ndarray) -> str:

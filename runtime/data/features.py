@@ -269,8 +269,14 @@ def tower_batch(backbone: str, data: ModalData, rows: slice | np.ndarray) -> tup
         size = tower.image_size
         return (torch.from_numpy(np.stack(fitted)) if fitted else torch.zeros(0, 3, size, size),)
     texts = _texts(data)
-    tokens = tower_tokenizer(tower)([texts[int(i)] for i in indices], padding="longest", truncation=True,
-                               max_length=tower.max_tokens, return_tensors="np")
+    return tower_tokens(tower, [texts[int(i)] for i in indices])
+
+
+def tower_tokens(tower: Any, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) int64 (B, L) of `texts` by a text tower's own tokenizer: padded to the
+    batch's longest, truncated at its max_tokens (what its cache, its trace and its training read)."""
+    tokens = tower_tokenizer(tower)(texts, padding="longest", truncation=True, max_length=tower.max_tokens,
+                                    return_tensors="np")
     return (torch.from_numpy(tokens["input_ids"].astype(np.int64)),
             torch.from_numpy(tokens["attention_mask"].astype(np.int64)))
 
@@ -293,10 +299,8 @@ def example_inputs(modality: str, backbone: str = "") -> tuple[torch.Tensor, ...
     if tower is not None and modality == "image":
         size = tower.image_size
         return (torch.linspace(0.0, 1.0, 2 * 3 * size * size).reshape(2, 3, size, size),)
-    if tower is not None:
-        tokens = tower_tokenizer(tower)(["a dog runs on the grass near two trees", "a dog"], padding="longest",
-                                   truncation=True, max_length=tower.max_tokens, return_tensors="pt")
-        return tokens["input_ids"].to(torch.int64), tokens["attention_mask"].to(torch.int64)
+    if tower is not None:  # the second row ends in padding, as below
+        return tower_tokens(tower, ["a dog runs on the grass near two trees", "a dog"])
     if modality == "image":
         return (torch.linspace(0.0, 1.0, 2 * 3 * 32 * 32).reshape(2, 3, 32, 32),)
     input_ids = torch.full((2, MAX_TEXT_LEN), PAD_ID, dtype=torch.int64)

@@ -43,6 +43,7 @@ import numpy as np
 
 from fedafd.runtime.data.partition import PartitionerSpec
 from fedafd.runtime.data.prepared import ImageClassData, PairData, TextClassData, subset
+from fedafd.runtime.data.pictures import png_bytes
 from fedafd.runtime.files import atomic_write
 from fedafd.runtime.data.sources.build import Data
 from fedafd.runtime.data.sources.imagefolder import folder_name
@@ -259,7 +260,7 @@ def _write_picture(stem: Path, data: ImageClassData | PairData, i: int) -> str:
 
     if data.pictures is None:
         path = stem.with_suffix(".png")
-        Image.fromarray(np.ascontiguousarray(data.images[i].transpose(1, 2, 0)), "RGB").save(path, format="PNG")
+        path.write_bytes(png_bytes(Image.fromarray(np.ascontiguousarray(data.images[i].transpose(1, 2, 0)), "RGB")))
         return path.name
     encoded = data.pictures.encoded(i)
     with Image.open(io.BytesIO(encoded)) as img:
