@@ -455,11 +455,13 @@ def _load_hf(spec: TowerSpec) -> nn.Module:
         from transformers import AutoModel
     except ImportError:
         raise TowerError("hf towers need transformers: pip install 'transformers>=4.40'") from None
+    from safetensors import SafetensorError
+
     with _quiet_hf():
         try:
             model, info = AutoModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
                                                     output_loading_info=True)
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError, KeyError, SafetensorError) as err:  # SafetensorError: a damaged weights file
             raise TowerError(f"{folder} does not load ({_first_line(err)})") from None
     # Missing keys would keep their random initial values: refused (a pooler the spec does not read aside).
     # Unexpected keys are allowed: a checkpoint saved from a task class (BertForMaskedLM) carries its head.

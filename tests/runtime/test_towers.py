@@ -234,6 +234,17 @@ def test_describe_builtin_gives_efficientnet_as_a_builtin_image_spec() -> None:
     assert tower_dim(effnet) == 1280 and len(tower_digest(effnet)) == 64
 
 
+def test_a_truncated_weights_file_is_an_error_naming_the_folder(bert_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "bert"
+    shutil.copytree(bert_dir, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])  # a copy cut short
+    with pytest.raises(TowerError, match=f"{folder} does not load"):
+        load_tower(parse_tower(f"hf:{folder}", "text_tower"))
+
+
 def test_a_pickle_only_hf_folder_is_refused_before_loading_with_the_conversion(bert_dir: Path, tmp_path: Path,
                                                                                monkeypatch) -> None:
     from transformers import AutoModel, BertModel
@@ -426,3 +437,23 @@ def test_finetune_blocks_beyond_the_models_are_refused(bert_dir: Path) -> None:
     table = {"source": "hf", "path": str(bert_dir), "train": "finetune", "finetune_blocks": 3}
     with pytest.raises(TowerError, match="finetune_blocks = 3, but the model has 2 blocks"):
         load_tower(parse_tower(table, "text_tower"))
+
+
+def test_a_towers_cached_features_are_keyed_by_the_full_pictures_not_their_32px_copy(resnet_dir: Path) -> None:
+    # Two data sets whose 32 px arrays are equal but whose source pictures differ by one pixel: a tower of its own
+    # reads the pictures, so its cache key differs; a shipped backbone reads the 32 px arrays, so its does not.
+    from PIL import Image
+
+    from fedafd.runtime.backbones import register_tower
+    from fedafd.runtime.data.features import tower_inputs_sha256
+    from fedafd.runtime.data.pictures import from_encoded, png_bytes
+    from fedafd.runtime.data.views import ModalData
+
+    name = register_tower(parse_tower(f"hf:{resnet_dir}", "image_tower"))
+    one = Image.new("RGB", (64, 64), (10, 10, 10))
+    other = one.copy()
+    other.putpixel((0, 0), (11, 10, 10))
+    images = np.zeros((1, 3, 32, 32), np.uint8)
+    first, second = (ModalData({"image": (images,)}, pictures=from_encoded([png_bytes(p)])) for p in (one, other))
+    assert tower_inputs_sha256(name, first) != tower_inputs_sha256(name, second)
+    assert tower_inputs_sha256("efficientnet_lite0", first) == tower_inputs_sha256("efficientnet_lite0", second)
